@@ -1,0 +1,120 @@
+"""The ``unclip`` command. ``main(argv)`` is callable from tests and returns an exit code.
+
+Subcommands are registered in ``COMMANDS`` as they land; each has a ``--help``. Errors a user
+can fix (bad config, missing file, refused weights) are printed as one line naming the file or
+field, with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import unclip
+
+# Training stages: name -> "module:function" taking (args) and returning an exit code.
+TRAIN_STAGES: dict[str, tuple[str, str]] = {}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from unclip.config import ConfigError
+    from unclip.hub import HubError
+    from unclip.train.checkpoint import CheckpointError
+    from unclip.train.loop import TrainingDiverged
+
+    return (
+        ConfigError,
+        HubError,
+        CheckpointError,
+        TrainingDiverged,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+    )
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a stage (CLIP, prior, decoder, upsampler) with the one training loop",
+        description=(
+            "Train one stage of the pipeline. A run folder gets checkpoints/step-N/ folders "
+            "(each a loadable model folder), checkpoints/latest and metrics.jsonl; --resume "
+            "continues bit-for-bit from the newest whole checkpoint."
+        ),
+    )
+    stages = p.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (help_text, _target) in sorted(TRAIN_STAGES.items()):
+        s = stages.add_parser(name, help=help_text, description=help_text)
+        add_common_train_args(s)
+    p.set_defaults(func=_run_train, parser=p)
+
+
+def add_common_train_args(p: argparse.ArgumentParser) -> None:
+    """Flags every ``unclip train STAGE`` shares; the rest lives in the ``--config`` file."""
+    p.add_argument(
+        "--config", required=True, help="JSON run config (model, diffusion, train, data)"
+    )
+    p.add_argument("--run-dir", required=True, help="folder for checkpoints and metrics.jsonl")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest whole checkpoint"
+    )
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if not args.stage:
+        if not TRAIN_STAGES:
+            print(
+                "unclip train: no training stages are available in this version yet",
+                file=sys.stderr,
+            )
+            return 2
+        args.parser.print_help()
+        return 2
+    import importlib
+
+    module_name, _, attr = TRAIN_STAGES[args.stage][1].partition(":")
+    fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), attr)
+    return fn(args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unclip",
+        description="unclip: DALL·E 2 (unCLIP) — text to image, variations, edits, and training.",
+    )
+    parser.add_argument("--version", action="version", version=f"unclip {unclip.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("unclip: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"unclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

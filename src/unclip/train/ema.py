@@ -1,0 +1,58 @@
+"""Exponential moving average of a model's weights (the weights diffusion models sample with)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """A float32 shadow copy of ``model``'s parameters and buffers.
+
+    ``update`` moves the shadow towards the model: ``ema = decay_t * ema + (1 - decay_t) * w``
+    with ``decay_t = min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on (n = updates so
+    far), so early weights are forgotten quickly. Buffers (e.g. norm statistics) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+            for k, v in model.state_dict().items()
+        }
+        self._param_names = {name for name, _ in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if k in self._param_names and s.is_floating_point():
+                s.lerp_(v.detach().float(), 1.0 - decay)
+            else:
+                s.copy_(v.detach())
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], num_updates: int) -> None:
+        for k, s in self.shadow.items():
+            s.copy_(state[k])
+        self.num_updates = num_updates
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model`` (cast to its dtypes)."""
+        for k, v in model.state_dict().items():
+            v.copy_(self.shadow[k].to(v.dtype))

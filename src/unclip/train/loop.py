@@ -1,0 +1,296 @@
+"""The one training loop every stage uses (CLIP, prior, decoder, upsampler).
+
+A stage supplies a model, a loss function ``loss_fn(model, batch) -> loss`` (or
+``(loss, {"name": value, ...})``) and its data; the loop does the rest: AdamW with decoupled
+weight decay on matrices only, linear warm-up + cosine LR, gradient accumulation, gradient
+clipping, EMA, bf16 autocast, a tqdm bar, a JSONL metrics log, atomic checkpoints and
+bit-identical ``resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from unclip.config import Config, TrainConfig, write_text_atomic
+from unclip.train.batches import BatchSource, EpochBatches
+from unclip.train.checkpoint import (
+    clean_partial,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from unclip.train.ema import EMA
+from unclip.train.schedule import lr_at
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU or CUDA; a no-op when disabled or unsupported."""
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weights with 2+ dimensions, none on biases, norms and embeddings' 1-D."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+class Trainer:
+    """Train ``model`` on ``data`` with ``loss_fn`` under ``config``, writing into ``run_dir``.
+
+    ``data`` is a map-style ``Dataset`` (wrapped in :class:`EpochBatches`) or any
+    :class:`BatchSource` yielding micro-batches of ``batch_size // grad_accum`` samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Dataset | BatchSource,
+        config: TrainConfig,
+        run_dir: str | os.PathLike,
+        *,
+        collate_fn: Callable | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        extra_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.micro_batch = config.batch_size // config.grad_accum
+        if isinstance(data, Dataset) and not hasattr(data, "state_dict"):
+            data = EpochBatches(
+                data,
+                self.micro_batch,
+                seed=config.seed,
+                collate_fn=collate_fn,
+                num_workers=config.num_workers,
+            )
+        self.batches: BatchSource = data
+        self.optimizer = build_optimizer(self.model, config)
+        self.ema = (
+            EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
+        )
+        self.progress = progress
+        self.extra_state = extra_state or {}
+        self.step = 0
+        self.bf16 = config.bf16
+        if self.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            warnings.warn("this GPU has no bf16; training in float32", stacklevel=2)
+            self.bf16 = False
+
+    # --- state --------------------------------------------------------------------------
+
+    def _model_config_doc(self) -> dict[str, Any] | None:
+        config = getattr(self.model, "config", None)
+        if isinstance(config, Config) and config.type_name:
+            from unclip.hub import config_document
+
+            return config_document(config)
+        return None
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.state_dict() if self.ema else None,
+            optimizer_state=self.optimizer.state_dict(),
+            trainer_state={
+                "data": self.batches.state_dict(),
+                "rng": rng_state(),
+                "ema_updates": self.ema.num_updates if self.ema else 0,
+                "train_config": self.config.to_dict(),
+                "extra": self.extra_state,
+            },
+            model_config=self._model_config_doc(),
+            keep=self.config.keep_checkpoints,
+        )
+
+    def resume(self) -> Path | None:
+        """Restore everything from the newest whole checkpoint; returns it (None: start fresh)."""
+        clean_partial(self.run_dir)
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return None
+        ckpt = load_checkpoint(folder)
+        from unclip.hub import load_weights_into
+
+        load_weights_into(self.model, ckpt.model, folder / "model.safetensors")
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.ema is not None:
+            if ckpt.ema is None:
+                raise RuntimeError(f"{folder}: the run uses EMA but the checkpoint has none")
+            self.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
+        self.batches.load_state_dict(ckpt.state["data"])
+        set_rng_state(ckpt.state["rng"])
+        self.extra_state = ckpt.state.get("extra", {})
+        self.step = ckpt.step
+        self._truncate_metrics(self.step)
+        return folder
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines a killed run wrote after its last checkpoint."""
+        path = self.run_dir / METRICS_NAME
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+        write_text_atomic(path, "".join(k + "\n" for k in kept))
+
+    # --- loop ---------------------------------------------------------------------------
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        with autocast_context(self.device, self.bf16):
+            out = self.loss_fn(self.model, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return loss.float(), metrics
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train until ``config.steps``; with ``resume``, continue from the latest checkpoint."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        else:
+            clean_partial(self.run_dir)
+            if latest_checkpoint(self.run_dir) is not None:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass resume=True (--resume) to "
+                    "continue, or choose another run folder"
+                )
+            torch.manual_seed(cfg.seed)
+        last_ckpt: Path | None = None
+        if self.step >= cfg.steps:
+            return TrainResult(self.step, latest_checkpoint(self.run_dir))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        batches: Iterator[Any] = iter(self.batches)
+        self.model.train()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        metrics_file = open(self.run_dir / METRICS_NAME, "a", encoding="utf-8")
+        window_t, window_samples = time.perf_counter(), 0
+        last: dict[str, float] = {}
+        try:
+            while self.step < cfg.steps:
+                lr = lr_at(
+                    self.step,
+                    lr=cfg.lr,
+                    total_steps=cfg.steps,
+                    warmup_steps=cfg.warmup_steps,
+                    min_lr_ratio=cfg.min_lr_ratio,
+                )
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                total_loss = 0.0
+                sums: dict[str, float] = {}
+                for _ in range(cfg.grad_accum):
+                    batch = move_to(next(batches), self.device)
+                    loss, extra = self._loss(batch)
+                    if not torch.isfinite(loss):
+                        where = latest_checkpoint(self.run_dir)
+                        raise TrainingDiverged(
+                            f"loss is {loss.item()} at step {self.step + 1}; training stopped. "
+                            + (
+                                f"The last whole checkpoint is {where}."
+                                if where
+                                else "No checkpoint was written yet."
+                            )
+                        )
+                    (loss / cfg.grad_accum).backward()
+                    total_loss += loss.item() / cfg.grad_accum
+                    for k, v in extra.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                self.step += 1
+                window_samples += cfg.batch_size
+                bar.update(1)
+                last = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), **sums}
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - window_t, 1e-9)
+                    window_t, window_samples = now, 0
+                    record = {"step": self.step, **last, "samples_per_s": rate, "time": time.time()}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{total_loss:.4f}", samples_s=f"{rate:.1f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    last_ckpt = self.save()
+        finally:
+            metrics_file.close()
+            bar.close()
+        return TrainResult(self.step, last_ckpt, last)
