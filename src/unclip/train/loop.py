@@ -33,6 +33,7 @@ from unclip.train.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 from unclip.train.ema import EMA
@@ -213,16 +214,15 @@ class Trainer:
         """Train until ``config.steps``; with ``resume``, continue from the latest checkpoint."""
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
-        else:
+        if not resume:
             clean_partial(self.run_dir)
             if latest_checkpoint(self.run_dir) is not None:
                 raise FileExistsError(
                     f"{self.run_dir} already holds checkpoints; pass resume=True (--resume) to "
                     "continue, or choose another run folder"
                 )
-            torch.manual_seed(cfg.seed)
+        if not resume or self.resume() is None:
+            seed_everything(cfg.seed)
         last_ckpt: Path | None = None
         if self.step >= cfg.steps:
             return TrainResult(self.step, latest_checkpoint(self.run_dir))

@@ -1,0 +1,209 @@
+"""The training loop: bit-exact resume after a kill, atomic checkpoints, schedule, divergence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toy import ToyConfig, ToyData, ToyModel, toy_loss
+from unclip.config import TrainConfig
+from unclip.hub import from_pretrained
+from unclip.train import Trainer, TrainingDiverged
+from unclip.train.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from unclip.train.schedule import lr_at
+
+SCRIPT = Path(__file__).parent / "train_toy.py"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(run_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def run(run_dir: Path, *args: str) -> str:
+    proc = start(run_dir, *args)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stdout.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("timed out waiting for the trainer")
+        time.sleep(0.02)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    for name in CHECKPOINT_FILES:
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs"
+    sa = json.loads((a / "trainer_state.json").read_text())
+    sb = json.loads((b / "trainer_state.json").read_text())
+    for key in ("step", "data", "ema_updates", "optimizer"):
+        assert sa[key] == sb[key], key
+    ra, rb = load_file(a / "rng.safetensors"), load_file(b / "rng.safetensors")
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight")
+    run(run_dir, "--steps", "20")
+    return run_dir
+
+
+def test_kill_and_resume_is_bit_identical(straight_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = start(run_dir, "--steps", "20", "--step-sleep", "0.2")
+    wait_for(lambda: latest_checkpoint(run_dir) is not None, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-10"]
+    run(run_dir, "--steps", "20", "--resume")
+    assert_same_checkpoint(
+        straight_run / "checkpoints" / "step-20", run_dir / "checkpoints" / "step-20"
+    )
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 21)), "metrics of the killed steps must be dropped on resume"
+
+
+def test_half_written_checkpoint_is_never_used(straight_run, tmp_path):
+    run_dir = tmp_path / "half"
+    proc = start(run_dir, "--steps", "20", "--slow-checkpoint-at", "20")
+    root = checkpoint_dir(run_dir)
+    wait_for(lambda: any(p.name.startswith(".tmp-step-20") for p in root.glob(".tmp-*")), proc)
+    # the slow writer sleeps after its first file: the folder is now half-written
+    wait_for(lambda: any(root.glob(".tmp-step-20-*/model.safetensors")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(run_dir) == root / "step-10"
+    assert (root / "latest").read_text().strip() == "step-10"
+    # a step folder without its trainer state (as a copy cut short would leave) is not whole
+    fake = root / "step-30"
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(run_dir) == root / "step-10"
+    out = run(run_dir, "--steps", "20", "--resume")
+    assert "DONE" in out
+    assert not list(root.glob(".tmp-*")), "the partial folder is cleaned on resume"
+    assert_same_checkpoint(straight_run / "checkpoints" / "step-20", root / "step-20")
+
+
+def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_noop(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, seed=3, ema_decay=0.5)
+    trainer = Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False)
+    result = trainer.fit(resume=True)
+    assert result.step == 4 and result.checkpoint == checkpoint_dir(tmp_path) / "step-4"
+    again = Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False)
+    assert again.fit(resume=True).step == 4
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.state["train_config"]["steps"] == 4
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=8, checkpoint_every=2)
+    Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()
+    with pytest.raises(Exception, match="resume"):
+        Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()
+
+
+def test_checkpoint_folder_rebuilds_the_model(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=8, checkpoint_every=3, ema_decay=0.9)
+    model = ToyModel(ToyConfig(hidden=16))
+    Trainer(model, toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()
+    folder = checkpoint_dir(tmp_path) / "step-3"
+    rebuilt = from_pretrained(folder, weights="model")
+    assert rebuilt.config.hidden == 16
+    model.eval()
+    x = torch.randn(4, 8)
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=1, keep_checkpoints=2)
+    Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-5", "step-6"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=10, batch_size=8, checkpoint_every=2)
+
+    def loss_fn(model, batch):
+        loss, metrics = toy_loss(model, batch)
+        return (loss * math.nan if trainer.step >= 3 else loss), metrics
+
+    trainer = Trainer(ToyModel(ToyConfig()), loss_fn, ToyData(), cfg, tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged, match="step 4.*step-2"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path) / "step-2"
+    load_checkpoint(latest_checkpoint(tmp_path))
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    """Two micro-batches of 8 give the same update as one batch of 16 (dropout off)."""
+    results = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = ToyModel(ToyConfig(dropout=0.0))
+        cfg = TrainConfig(
+            steps=1, batch_size=16, grad_accum=accum, ema_decay=0.0, warmup_steps=0, seed=1
+        )
+
+        def loss_fn(model, batch):
+            x, y = batch
+            return ((model(x) - y) ** 2).mean()
+
+        Trainer(model, loss_fn, ToyData(), cfg, tmp_path / str(accum), progress=False).fit()
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_are_logged(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, log_every=2, checkpoint_every=4)
+    Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert {"loss", "lr", "grad_norm", "mse", "samples_per_s"} <= r.keys()
+        assert math.isfinite(r["loss"])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[-1] >= 0.1 and lrs[-1] == pytest.approx(0.1, abs=1e-3)
