@@ -207,3 +207,20 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] >= 0.1 and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        x, y = batch
+        out = model(x)
+        seen.append(out.dtype)
+        return ((out.float() - y) ** 2).mean()
+
+    cfg = TrainConfig(steps=2, batch_size=8, bf16=True, checkpoint_every=2)
+    model = ToyModel(ToyConfig())
+    result = Trainer(model, loss_fn, ToyData(), cfg, tmp_path, progress=False).fit()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert math.isfinite(result.last_metrics["loss"])
