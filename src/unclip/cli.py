@@ -8,13 +8,20 @@ field, with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
 import unclip
 
-# Training stages: name -> "module:function" taking (args) and returning an exit code.
+# Training stages: name -> (help, "module:run"). The module's ``run(args) -> int`` trains the
+# stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. Modules
+# are imported only when their stage is chosen or its --help is built, so keep them light.
 TRAIN_STAGES: dict[str, tuple[str, str]] = {}
+
+# Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
+# registers one or more commands and keeps heavy imports inside the function it runs.
+COMMAND_MODULES: list[str] = []
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -47,9 +54,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ),
     )
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (help_text, _target) in sorted(TRAIN_STAGES.items()):
+    for name, (help_text, target) in sorted(TRAIN_STAGES.items()):
         s = stages.add_parser(name, help=help_text, description=help_text)
         add_common_train_args(s)
+        module = importlib.import_module(target.partition(":")[0])
+        if hasattr(module, "add_args"):
+            module.add_args(s)
     p.set_defaults(func=_run_train, parser=p)
 
 
@@ -78,8 +88,6 @@ def _run_train(args: argparse.Namespace) -> int:
             return 2
         args.parser.print_help()
         return 2
-    import importlib
-
     module_name, _, attr = TRAIN_STAGES[args.stage][1].partition(":")
     fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), attr)
     return fn(args)
@@ -97,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Subcommands of the ``unclip`` command, one module per family (see ``unclip.cli``)."""
