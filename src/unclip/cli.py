@@ -21,7 +21,7 @@ TRAIN_STAGES: dict[str, tuple[str, str]] = {}
 
 # Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
 # registers one or more commands and keeps heavy imports inside the function it runs.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["unclip.commands.data"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

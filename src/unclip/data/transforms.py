@@ -1,0 +1,158 @@
+"""Image transforms shared by every data set: decode safely, RGBA onto white, resize, crop, scale.
+
+Images enter the models as float tensors ``[3, H, W]`` in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "BadImageError",
+    "center_crop_resize",
+    "from_tensor",
+    "load_image",
+    "onto_white",
+    "pad_square",
+    "rasterize_svg",
+    "to_tensor",
+]
+
+# Refuse decompression bombs: an image that declares more pixels than this is not decoded.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class BadImageError(ValueError):
+    """A file that is not a decodable image (empty, truncated, unknown format, or too large)."""
+
+
+def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode a PNG/JPEG/WebP/GIF/SVG file (or its bytes) fully; raise :class:`BadImageError`.
+
+    SVG is rasterised at its own size (see :func:`rasterize_svg`). ``name`` is used in messages.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        data, label = bytes(source), name or "<bytes>"
+    else:
+        label = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise BadImageError(f"{label}: cannot read ({e.strerror})") from None
+    if not data:
+        raise BadImageError(f"{label}: empty file")
+    head = data[:512].lstrip()
+    if head.startswith(b"<?xml") or head.startswith(b"<svg") or label.lower().endswith(".svg"):
+        return rasterize_svg(data.decode("utf-8", errors="replace"), name=label)
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise BadImageError(
+                f"{label}: {w}×{h} pixels is more than the limit of {MAX_IMAGE_PIXELS:,}"
+            )
+        img.load()
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"{label}: not a readable image ({e})") from None
+    return img
+
+
+def rasterize_svg(svg: str, size: int | None = None, name: str = "<svg>") -> Image.Image:
+    """Render SVG markup to RGBA with resvg at 96 dpi (so mm/pt/in units mean what they say).
+
+    With ``size``, the larger side is rendered at exactly ``size`` pixels (aspect kept).
+    """
+    try:
+        import resvg_py
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "rendering SVG needs resvg-py: pip install 'unclip[data]' (or resvg-py)"
+        ) from e
+    try:
+        png = bytes(resvg_py.svg_to_bytes(svg_string=svg, dpi=96))
+        img = Image.open(io.BytesIO(png))
+        if size is not None and max(img.size) != size:
+            zoom = size / max(img.size)
+            png = bytes(resvg_py.svg_to_bytes(svg_string=svg, dpi=96, zoom=zoom))
+            img = Image.open(io.BytesIO(png))
+        img.load()
+    except (ValueError, OSError) as e:
+        raise BadImageError(f"{name}: not a renderable SVG ({e})") from None
+    return img.convert("RGBA")
+
+
+def pad_square(img: Image.Image) -> Image.Image:
+    """Centre ``img`` on a transparent square canvas of its larger side."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    canvas.paste(img.convert("RGBA"), ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def onto_white(img: Image.Image) -> Image.Image:
+    """Composite any mode (RGBA, LA, P with transparency, L, CMYK…) onto white; returns RGB."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if img.size == size:
+        return img
+    if img.mode == "RGBA":  # resize premultiplied, so transparent pixels do not bleed colour
+        return img.convert("RGBa").resize(size, Image.Resampling.LANCZOS).convert("RGBA")
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """Scale so the larger side is ``size`` and pad to a transparent square (no crop): icons."""
+    img = img.convert("RGBA")
+    w, h = img.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return pad_square(_resize(img, new))
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` with antialiasing, then take the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    img = _resize(img, new)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 ``[3, H, W]`` in ``[-1, 1]``."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def from_tensor(x: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in ``[-1, 1]`` -> RGB PIL image (values clamped, rounded)."""
+    arr = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def prepare_image(img: Image.Image, size: int, mode: str = "crop") -> Image.Image:
+    """The standard path: onto white, then ``crop`` (photos) or ``pad`` (icons) to ``size``²."""
+    if mode == "pad":
+        return onto_white(fit_square(img, size))
+    return center_crop_resize(onto_white(img), size)
