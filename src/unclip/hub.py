@@ -37,7 +37,14 @@ EMA_NAME = "ema.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 # type name -> model class or "module:Class" (imported on first use).
-_MODEL_TYPES: dict[str, str | type[nn.Module]] = {}
+# The package's own model types, resolved lazily so a folder loads without importing its
+# package first; other types join with ``register_model_type``.
+_MODEL_TYPES: dict[str, str | type[nn.Module]] = {
+    "clip": "unclip.clip.model:CLIP",
+    "diffusion_prior": "unclip.prior.model:DiffusionPriorTransformer",
+    "decoder_unet": "unclip.decoder.unet:UNet",
+    "upsampler_unet": "unclip.decoder.upsampler:Upsampler",
+}
 
 
 class HubError(ValueError):

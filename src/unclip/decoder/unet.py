@@ -1,0 +1,577 @@
+"""The decoder UNet of DALL·E 2: the ADM/GLIDE UNet conditioned on a CLIP image embedding.
+
+Architecture of Dhariwal & Nichol 2021 ("ADM": residual blocks with scale-shift group norm
+from the timestep embedding, BigGAN-style resampling residual blocks, multi-head
+self-attention at chosen resolutions) with the text conditioning of GLIDE (Nichol et al.
+2021: attention layers also attend to projected context tokens, "encoder_kv").
+
+DALL·E 2 conditioning (Ramesh et al. 2022, §2.1): the CLIP image embedding z_i is projected
+and *added* to the timestep embedding, and projected into ``clip_tokens`` (4) extra context
+tokens concatenated to the caption's token features. For classifier-free guidance the model
+owns learned null conditions: in training it replaces z_i by a learned null embedding with
+probability ``image_emb_drop_prob`` (10%) and the caption by a learned null token with
+probability ``text_drop_prob`` (50%); at sampling, ``drop_image_emb`` / ``drop_text`` masks
+force the null condition per row, so one batch can hold conditional and unconditional rows.
+
+The same class serves the GLIDE inpainting variant (``inpaint=True``: the masked image and
+the mask as 4 extra input channels; :func:`widen_to_inpainting` converts a trained decoder)
+and the upsamplers (``low_res_cond=True``; see :mod:`unclip.decoder.upsampler`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import Config, ConfigError
+from unclip.nn import (
+    Attention,
+    TimestepEmbedder,
+    apply_null,
+    condition_drop_mask,
+    maybe_checkpoint,
+    normalization,
+    zero_module,
+)
+
+
+@dataclass
+class UNetConfig(Config):
+    """Size and conditioning of :class:`UNet`.
+
+    Architecture: ``model_channels`` base width, multiplied per resolution level by
+    ``channel_mult``; ``num_res_blocks`` residual blocks per level; self-attention at the
+    resolutions (in pixels, relative to ``image_size``) listed in ``attention_resolutions``
+    and, if ``attention_mid``, in the middle block; heads of ``num_head_channels`` channels
+    each (or ``num_heads`` heads when ``num_head_channels`` is 0); ``resblock_updown`` uses
+    BigGAN-style residual blocks to resample (else a strided conv / nearest+conv, or plain
+    pooling / nearest when ``conv_resample`` is false); ``use_scale_shift_norm`` makes the
+    timestep embedding a scale and shift of the group norm (else it is added).
+
+    Inputs: ``in_channels`` of the noised image; ``inpaint`` adds ``in_channels + 1`` input
+    channels (masked image and mask); ``low_res_cond`` adds ``in_channels`` (the low-resolution
+    image resized to the output size with ``low_res_mode``). Output: ``out_channels``, doubled
+    when ``learn_sigma`` (the learned-range variance of Improved DDPM).
+
+    Conditioning: ``clip_dim`` width of z_i (0 = none), projected to ``clip_tokens`` context
+    tokens; ``text_dim`` width of the CLIP text encoder's per-token features (0 = no caption).
+    Context tokens have width ``4 * model_channels`` (that of the timestep embedding).
+    """
+
+    type_name = "decoder_unet"
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 3)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    attention_mid: bool = True
+    num_heads: int = 4
+    num_head_channels: int = 32
+    dropout: float = 0.0
+    resblock_updown: bool = True
+    conv_resample: bool = True
+    use_scale_shift_norm: bool = True
+    norm_groups: int = 32
+    learn_sigma: bool = False
+    clip_dim: int = 512
+    clip_tokens: int = 4
+    text_dim: int = 512
+    image_emb_drop_prob: float = 0.1
+    text_drop_prob: float = 0.5
+    inpaint: bool = False
+    low_res_cond: bool = False
+    low_res_mode: Literal["bilinear", "bicubic"] = "bicubic"
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("image_size", "in_channels", "out_channels", "model_channels", "norm_groups"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("num_res_blocks", "clip_dim", "clip_tokens", "text_dim", "num_head_channels"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
+        if self.num_head_channels == 0 and self.num_heads < 1:
+            raise ConfigError("num_heads must be at least 1 when num_head_channels is 0")
+        for key in ("image_emb_drop_prob", "text_drop_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):
+            attends = self.image_size // 2**level in self.attention_resolutions or (
+                self.attention_mid and level == last
+            )
+            ch = mult * self.model_channels
+            if attends and self.num_head_channels and ch % self.num_head_channels:
+                raise ConfigError(
+                    f"level width {ch} is not divisible by num_head_channels={self.num_head_channels}"
+                )
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding and of the context tokens."""
+        return 4 * self.model_channels
+
+    @property
+    def input_channels(self) -> int:
+        """Channels entering the first conv: noised image, low-res image, masked image, mask."""
+        c = self.in_channels
+        if self.low_res_cond:
+            c += self.in_channels
+        if self.inpaint:
+            c += self.in_channels + 1
+        return c
+
+    @property
+    def output_channels(self) -> int:
+        """``out_channels``, doubled with ``learn_sigma`` (mean/eps first, variance second)."""
+        return self.out_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def has_context(self) -> bool:
+        return (self.clip_dim > 0 and self.clip_tokens > 0) or self.text_dim > 0
+
+    def heads_for(self, channels: int) -> int:
+        return channels // self.num_head_channels if self.num_head_channels else self.num_heads
+
+
+class Downsample(nn.Module):
+    """[N, C, H, W] -> [N, out, H/2, W/2]: a stride-2 3×3 conv, or 2×2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        elif out_channels == channels:
+            self.op = nn.AvgPool2d(2)
+        else:
+            raise ValueError("pooling cannot change the channel count")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """[N, C, H, W] -> [N, out, 2H, 2W]: nearest-neighbour ×2, then optionally a 3×3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError("upsampling without a conv cannot change the channel count")
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class ResBlock(nn.Module):
+    """ADM residual block. x: [N, C, H, W], emb: [N, E] -> [N, out, H', W'].
+
+    ``up``/``down`` resample inside the block (BigGAN, Brock et al. 2019): H' = 2H or H/2.
+    With ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second
+    group norm, ``norm(h) * (1 + scale) + shift``; otherwise it is added before it. The last
+    conv starts at zero, so a new block is the identity (on its skip path).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int | None = None,
+        *,
+        dropout: float = 0.0,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+        groups: int = 32,
+    ) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = normalization(channels, groups)
+        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.updown = up or down
+        if up:
+            self.h_upd: nn.Module = Upsample(channels, False)
+            self.x_upd: nn.Module = Upsample(channels, False)
+        elif down:
+            self.h_upd = Downsample(channels, False)
+            self.x_upd = Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_proj = nn.Linear(
+            emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels
+        )
+        self.out_norm = normalization(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.in_norm(x))
+        if self.updown:
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = self.in_conv(h)
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # [N, E', 1, 1]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
+        h = self.out_conv(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention that also attends to context tokens (GLIDE's encoder_kv).
+
+    x: [N, C, H, W]; context: [N, Lc, context_dim]; context_mask: [N, Lc] bool (True = real
+    token). Returns x + attention output, [N, C, H, W]. The output projection starts at zero.
+    """
+
+    def __init__(
+        self, channels: int, num_heads: int, context_dim: int | None = None, groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.norm = normalization(channels, groups)
+        self.attn = Attention(channels, num_heads, context_dim=context_dim)
+        zero_module(self.attn.proj)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n, c, h, w = x.shape
+        seq = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
+        if context is None:
+            context_mask = None
+        out = self.attn(seq, context=context, context_mask=context_mask)  # [N, HW, C]
+        return x + out.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
+
+
+class UNetStage(nn.ModuleList):
+    """A sequence of ResBlock / AttentionBlock / resampling layers applied in order."""
+
+    def forward(  # type: ignore[override]
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        use_checkpoint: bool = False,
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = maybe_checkpoint(layer, h, emb, enabled=use_checkpoint)
+            elif isinstance(layer, AttentionBlock):
+                h = maybe_checkpoint(layer, h, context, context_mask, enabled=use_checkpoint)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The DALL·E 2 decoder network (also the base of the inpainting decoder and upsamplers).
+
+    Call as ``model(x, t, *, image_emb=None, text_tokens=None, text_mask=None, low_res=None,
+    inpaint_image=None, inpaint_mask=None, drop_image_emb=None, drop_text=None)``:
+
+    - x: [N, in_channels, H, W] noised image; H, W divisible by 2^(len(channel_mult) - 1);
+    - t: [N] long timestep indices (a scalar is broadcast);
+    - image_emb: [N, clip_dim] CLIP image embedding z_i (unit norm, as CLIP returns it);
+      None = the learned null embedding for every row (needs ``clip_dim > 0``);
+    - text_tokens: [N, L, text_dim] CLIP text encoder per-token features; text_mask: [N, L]
+      bool, True for real tokens (None: all real); text_tokens None = the learned null token;
+    - low_res: [N, in_channels, h, w] (``low_res_cond`` models, required): the lower-resolution
+      image, resized to H×W with ``low_res_mode`` and concatenated to the input;
+    - inpaint_image: [N, in_channels, H, W] and inpaint_mask: [N, 1, H, W] with 1 = known pixel
+      (``inpaint`` models): the model sees ``inpaint_image * inpaint_mask`` and the mask;
+      None = nothing known (zeros), i.e. plain generation;
+    - drop_image_emb, drop_text: [N] bool, rows forced to the null condition (in training
+      mode rows are also dropped at random with the config's probabilities).
+
+    Returns [N, output_channels, H, W] (``2 * out_channels`` with ``learn_sigma``: the model
+    mean/eps prediction first, the variance interpolation values second).
+    """
+
+    config_class: type[UNetConfig] = UNetConfig
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}")
+        self.config = config
+        cfg = config
+        mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        self.time_embed = TimestepEmbedder(mc, ted)
+
+        if cfg.clip_dim:
+            self.null_image_emb = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
+            self.clip_emb_proj = nn.Linear(cfg.clip_dim, ted)
+            self.clip_tokens_proj = (
+                nn.Linear(cfg.clip_dim, cfg.clip_tokens * ted) if cfg.clip_tokens else None
+            )
+        if cfg.text_dim:
+            self.text_proj = nn.Linear(cfg.text_dim, ted)
+            self.null_text_token = nn.Parameter(torch.randn(ted) * 0.02)
+        self.context_norm = nn.LayerNorm(ted) if cfg.has_context else None
+        context_dim = ted if cfg.has_context else None
+
+        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+            return ResBlock(
+                ch_in,
+                ted,
+                ch_out,
+                dropout=cfg.dropout,
+                use_scale_shift_norm=cfg.use_scale_shift_norm,
+                groups=groups,
+                **kw,
+            )
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, cfg.heads_for(ch), context_dim, groups)
+
+        attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions if r > 0}
+        ch = mc * cfg.channel_mult[0]
+        self.input_conv = nn.Conv2d(cfg.input_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        skips = [ch]
+        ds = 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                self.down.append(UNetStage(layers))
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                if cfg.resblock_updown:
+                    sampler: nn.Module = res(ch, ch, down=True)
+                else:
+                    sampler = Downsample(ch, cfg.conv_resample)
+                self.down.append(UNetStage([sampler]))
+                skips.append(ch)
+                ds *= 2
+
+        mid: list[nn.Module] = [res(ch, ch)]
+        if cfg.attention_mid:
+            mid.append(attn(ch))
+        mid.append(res(ch, ch))
+        self.mid = UNetStage(mid)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    if cfg.resblock_updown:
+                        layers.append(res(ch, ch, up=True))
+                    else:
+                        layers.append(Upsample(ch, cfg.conv_resample))
+                    ds //= 2
+                self.up.append(UNetStage(layers))
+
+        self.out_norm = normalization(ch, groups)
+        self.out_conv = zero_module(nn.Conv2d(ch, cfg.output_channels, 3, padding=1))
+
+    def null_parameters(self) -> list[nn.Parameter]:
+        """The learned null-condition parameters (trained only on dropped rows)."""
+        out = []
+        if self.config.clip_dim:
+            out.append(self.null_image_emb)
+        if self.config.text_dim:
+            out.append(self.null_text_token)
+        return out
+
+    def condition(
+        self,
+        n: int,
+        t: torch.Tensor,
+        image_emb: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_image_emb: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(emb [N, E], context [N, Lc, E] or None, context_mask [N, Lc] or None), E = 4·model_channels.
+
+        Lc = clip_tokens + L (L = 1 for the null caption token alone). Arguments as in
+        :meth:`forward`.
+        """
+        cfg = self.config
+        device = t.device
+        emb = self.time_embed(t)  # [N, E]
+        tokens: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
+
+        if cfg.clip_dim:
+            drop = condition_drop_mask(
+                n, cfg.image_emb_drop_prob, drop_image_emb, training=self.training, device=device
+            )
+            if image_emb is None:
+                z = self.null_image_emb.expand(n, -1)
+            else:
+                if image_emb.shape != (n, cfg.clip_dim):
+                    raise ValueError(
+                        f"image_emb must be [N, {cfg.clip_dim}], got {tuple(image_emb.shape)}"
+                    )
+                z = apply_null(image_emb, self.null_image_emb, drop)  # [N, D]
+            clip_emb = self.clip_emb_proj(z)  # [N, E]
+            emb = emb.to(clip_emb.dtype) + clip_emb
+            if self.clip_tokens_proj is not None:
+                ct = self.clip_tokens_proj(z).reshape(n, cfg.clip_tokens, -1)  # [N, K, E]
+                tokens.append(ct)
+                masks.append(None)
+        elif image_emb is not None:
+            raise ValueError("image_emb given but this model has clip_dim=0")
+
+        if cfg.text_dim:
+            if text_tokens is None:
+                tokens.append(self.null_text_token.expand(n, 1, -1))  # [N, 1, E]
+                masks.append(None)
+            else:
+                if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
+                    raise ValueError(
+                        f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
+                    )
+                length = text_tokens.shape[1]
+                drop = condition_drop_mask(
+                    n, cfg.text_drop_prob, drop_text, training=self.training, device=device
+                )
+                tt = self.text_proj(text_tokens)  # [N, L, E]
+                keep = text_mask.bool() if text_mask is not None else None
+                if drop.any():
+                    # dropped rows: the null token first, the rest masked out
+                    first = torch.zeros(length, dtype=torch.bool, device=device)
+                    first[0] = True
+                    null_row = torch.where(
+                        first[:, None], self.null_text_token.to(tt.dtype), tt.new_zeros(())
+                    )  # [L, E]
+                    tt = apply_null(tt, null_row, drop)
+                    if keep is None:
+                        keep = torch.ones(n, length, dtype=torch.bool, device=device)
+                    keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
+                tokens.append(tt)
+                masks.append(keep)
+        elif text_tokens is not None:
+            raise ValueError("text_tokens given but this model has text_dim=0")
+
+        if not tokens:
+            return emb, None, None
+        dtype = tokens[0].dtype
+        context = self.context_norm(torch.cat([x.to(dtype) for x in tokens], dim=1))  # [N, Lc, E]
+        context_mask = None
+        if any(m is not None for m in masks):
+            context_mask = torch.cat(
+                [
+                    m
+                    if m is not None
+                    else torch.ones(n, x.shape[1], dtype=torch.bool, device=device)
+                    for m, x in zip(masks, tokens, strict=True)
+                ],
+                dim=1,
+            )  # [N, Lc]
+        return emb, context, context_mask
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        image_emb: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
+        drop_image_emb: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        n, c, height, width = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"x must have {cfg.in_channels} channels, got {c}")
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}×{width} is not divisible by {factor}")
+        t = t.reshape(1).expand(n) if t.ndim == 0 else t
+        emb, context, context_mask = self.condition(
+            n, t, image_emb, text_tokens, text_mask, drop_image_emb, drop_text
+        )
+
+        inputs = [x]
+        if cfg.low_res_cond:
+            if low_res is None:
+                raise ValueError(
+                    "this model is conditioned on a low-resolution image: pass low_res"
+                )
+            up = F.interpolate(
+                low_res.to(x.dtype),
+                size=(height, width),
+                mode=cfg.low_res_mode,
+                align_corners=False,
+            )  # [N, C, H, W]
+            inputs.append(up)
+        elif low_res is not None:
+            raise ValueError("low_res given but this model has low_res_cond=false")
+        if cfg.inpaint:
+            if inpaint_mask is None:
+                inpaint_mask = x.new_zeros(n, 1, height, width)
+            if inpaint_image is None:
+                inpaint_image = torch.zeros_like(x)
+            mask = inpaint_mask.to(x.dtype)
+            inputs += [inpaint_image.to(x.dtype) * mask, mask]
+        elif inpaint_image is not None or inpaint_mask is not None:
+            raise ValueError("inpaint inputs given but this model has inpaint=false")
+        h = torch.cat(inputs, dim=1) if len(inputs) > 1 else x  # [N, input_channels, H, W]
+
+        ckpt = cfg.use_checkpoint and self.training
+        h = self.input_conv(h)
+        hs = [h]
+        for stage in self.down:
+            h = stage(h, emb, context, context_mask, ckpt)
+            hs.append(h)
+        h = self.mid(h, emb, context, context_mask, ckpt)
+        for stage in self.up:
+            h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)  # [N, ch + skip_ch, H', W']
+            h = stage(h, emb, context, context_mask, ckpt)
+        return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def widen_to_inpainting(model: UNet) -> UNet:
+    """A copy of a trained decoder with ``inpaint=True``: its first conv gains the
+    ``in_channels + 1`` inputs (masked image, mask) with zero weights, so the new model
+    initially computes exactly what ``model`` does (GLIDE's inpainting fine-tuning start).
+    Device, dtype and train/eval mode follow ``model``."""
+    if model.config.inpaint:
+        raise ValueError("the model already takes inpainting inputs")
+    new = type(model)(model.config.replace(inpaint=True))
+    state = model.state_dict()
+    w = state["input_conv.weight"]  # [C0, C_in_old, 3, 3]
+    extra = w.new_zeros(w.shape[0], model.config.in_channels + 1, *w.shape[2:])
+    state["input_conv.weight"] = torch.cat([w, extra], dim=1)  # [C0, C_in_old + C + 1, 3, 3]
+    new.to(device=w.device, dtype=w.dtype)
+    new.load_state_dict(state)
+    return new.train(model.training)

@@ -1,0 +1,264 @@
+"""Layers shared by the diffusion prior and the decoder/upsampler UNets.
+
+Timestep embedding, multi-head attention on :func:`torch.nn.functional.scaled_dot_product_attention`
+(key padding masks, causal masks, extra context tokens), float32 group norm, zero init,
+classifier-free-guidance condition dropout and optional activation checkpointing.
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in Vaswani et al. 2017 §3.5.
+
+    t: [N] (int or float) -> [N, dim] float32, laid out as ``[cos(t·f_0..f_{h-1}),
+    sin(t·f_0..f_{h-1})]`` with ``h = dim // 2`` and ``f_k = max_period^(-k/h)`` (the
+    guided-diffusion layout); an odd ``dim`` gets a trailing zero column.
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D tensor [N], got shape {tuple(t.shape)}")
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )  # [h]
+    args = t.float()[:, None] * freqs[None]  # [N, h]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [N, 2h]
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # [N, dim]
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t: [N] -> [N, out_dim]: sinusoidal features of width ``freq_dim``, then Linear-SiLU-Linear."""
+
+    def __init__(self, freq_dim: int, out_dim: int, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.max_period))
+
+
+def zero_module(module: M) -> M:
+    """Set every parameter of ``module`` to zero and return it (for residual-branch outputs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (bf16/fp16 statistics are too
+    coarse), returned in the input's dtype. x: [N, C, ...] -> same shape and memory format."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = F.group_norm(
+                x.float(),
+                self.num_groups,
+                self.weight.float() if self.weight is not None else None,
+                self.bias.float() if self.bias is not None else None,
+                self.eps,
+            )
+        return y.to(x.dtype)
+
+
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    """A :class:`GroupNorm32` over ``channels`` with ``gcd(groups, channels)`` groups (so small
+    test models with, say, 16 or 48 channels still get a valid group count)."""
+    return GroupNorm32(math.gcd(groups, channels), channels)
+
+
+def attention_mask(
+    n: int,
+    lq: int,
+    lk: int,
+    *,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """The boolean mask (True = may attend) for :func:`attention`, or None when all keys are visible.
+
+    key_mask: [N, Lk] bool, True for real tokens, False for padding.
+    causal: query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)`` (bottom-right aligned, so a
+    prefix of ``Lk - Lq`` context keys is visible to every query).
+    A query whose keys are all masked would produce NaNs; it falls back to the keys the causal
+    rule allows (all keys when not causal). Its output is then meaningless but finite and, as
+    its own key is masked, never read by another token.
+    Returns: [N, 1, Lq, Lk] bool (broadcast over heads).
+    """
+    if key_mask is None and not causal:
+        return None
+    if lk < lq and causal:
+        raise ValueError(f"a causal mask needs at least as many keys ({lk}) as queries ({lq})")
+    if key_mask is not None:
+        device = key_mask.device
+        if key_mask.shape != (n, lk):
+            raise ValueError(f"key_mask must be [N, Lk] = [{n}, {lk}], got {tuple(key_mask.shape)}")
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)  # [Lq, Lk]
+    if causal:
+        allowed = allowed.tril(lk - lq)
+    mask = allowed[None].expand(n, lq, lk)  # [N, Lq, Lk]
+    if key_mask is not None:
+        mask = mask & key_mask.bool()[:, None, :]
+        empty = ~mask.any(dim=-1, keepdim=True)  # [N, Lq, 1]
+        mask = torch.where(empty, allowed[None], mask)
+    return mask[:, None]  # [N, 1, Lq, Lk]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    *,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on packed heads.
+
+    q: [N, Lq, C]; k, v: [N, Lk, C] with ``C`` divisible by ``num_heads``; key_mask: [N, Lk]
+    bool (True = real token); ``causal`` as in :func:`attention_mask`. Returns [N, Lq, C].
+    """
+    n, lq, c = q.shape
+    lk = k.shape[1]
+    if c % num_heads:
+        raise ValueError(f"width {c} is not divisible by num_heads={num_heads}")
+    hd = c // num_heads
+    q = q.reshape(n, lq, num_heads, hd).transpose(1, 2)  # [N, H, Lq, hd]
+    k = k.reshape(n, lk, num_heads, hd).transpose(1, 2)  # [N, H, Lk, hd]
+    v = v.reshape(n, lk, num_heads, hd).transpose(1, 2)  # [N, H, Lk, hd]
+    if v.dtype != q.dtype:  # e.g. a float32 context under autocast
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    if key_mask is None and causal and lq == lk:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        mask = attention_mask(n, lq, lk, key_mask=key_mask, causal=causal, device=q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(n, lq, c)  # [N, Lq, C]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over ``x``, optionally also attending to context tokens.
+
+    As in GLIDE, context tokens (e.g. projected CLIP and caption features) are projected to
+    extra keys/values that are prepended to the sequence's own, so every query sees them.
+
+    x: [N, L, dim]; context: [N, Lc, context_dim]; mask: [N, L] and context_mask: [N, Lc] bool
+    (True = real token). ``causal`` applies to the sequence's own keys only (the context is
+    a visible prefix). Returns [N, L, dim].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.context_kv = nn.Linear(context_dim, 2 * dim, bias=bias) if context_dim else None
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
+        key_mask = mask
+        if context is not None:
+            if self.context_kv is None:
+                raise ValueError("this attention layer was built without context_dim")
+            ck, cv = self.context_kv(context).chunk(2, dim=-1)  # 2 × [N, Lc, dim]
+            k = torch.cat([ck.to(k.dtype), k], dim=1)  # [N, Lc + L, dim]
+            v = torch.cat([cv.to(v.dtype), v], dim=1)
+            if mask is not None or context_mask is not None:
+                ones = torch.ones(n, 1, dtype=torch.bool, device=x.device)
+                cm = context_mask if context_mask is not None else ones.expand(n, ck.shape[1])
+                sm = mask if mask is not None else ones.expand(n, length)
+                key_mask = torch.cat([cm.bool(), sm.bool()], dim=1)  # [N, Lc + L]
+        out = attention(
+            q,
+            k,
+            v,
+            self.num_heads,
+            key_mask=key_mask,
+            causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(out)
+
+
+def condition_drop_mask(
+    batch: int,
+    prob: float,
+    force: torch.Tensor | None = None,
+    *,
+    training: bool,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Which rows get the null condition (classifier-free guidance, DiT ``token_drop`` style).
+
+    In training, each row is dropped with probability ``prob``; ``force`` ([N] bool, or None)
+    drops the rows where it is True in any mode (how a sampler batches cond and uncond).
+    Returns [N] bool.
+    """
+    if force is not None:
+        force = torch.as_tensor(force, device=device).bool().reshape(-1)
+        if force.shape[0] != batch:
+            raise ValueError(
+                f"a drop mask must have one entry per row ({batch}), got {force.shape[0]}"
+            )
+        drop = force.to(device)
+    else:
+        drop = torch.zeros(batch, dtype=torch.bool, device=device)
+    if training and prob > 0:
+        drop = drop | (torch.rand(batch, device=device) < prob)
+    return drop
+
+
+def apply_null(cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Rows of ``cond`` [N, ...] where ``drop`` [N] is True replaced by ``null`` (broadcast to
+    ``cond.shape[1:]``). Returns [N, ...] in the promoted dtype."""
+    shape = (drop.shape[0],) + (1,) * (cond.ndim - 1)
+    return torch.where(drop.reshape(shape), null.to(cond.dtype), cond)
+
+
+def maybe_checkpoint(fn: Callable[..., Any], *args: Any, enabled: bool) -> Any:
+    """``fn(*args)``, recomputed in the backward pass (activation checkpointing) when ``enabled``
+    and gradients are being recorded; keyword arguments are not supported (bind them first)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)

@@ -1,0 +1,277 @@
+"""The diffusion prior network of DALL·E 2 (Ramesh et al. 2022, §2.2).
+
+A decoder-only Transformer with a causal attention mask over the sequence
+
+    [caption tokens (CLIP text encoder per-token features, projected), z_t, timestep, noised z_i, query]
+
+whose output at the final (learned query) token predicts the *unnoised* image embedding z_i
+directly (the x₀ parameterisation, trained with MSE). The network never sees the diffusion
+schedule: the diffusion code calls it as ``model(x, t, **cond)``.
+
+Embedding scale: CLIP embeddings are unit vectors, so their coordinates have variance
+about ``1/D``, far below the unit-variance Gaussian the diffusion process noises them
+towards. The prior therefore works on embeddings rescaled to norm ``image_embed_scale``
+(default ``sqrt(D)``, the convention of the public DALLE2-pytorch prior), i.e. unit
+variance per coordinate: train on ``scale_embedding(z_i, s)`` and map a sample back with
+``unscale_embedding(x, s)``. The text embedding condition is rescaled the same way inside
+:meth:`DiffusionPriorTransformer.forward`, so callers pass CLIP's unit-norm ``z_t``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import Config, ConfigError
+from unclip.nn import (
+    Attention,
+    TimestepEmbedder,
+    apply_null,
+    condition_drop_mask,
+    maybe_checkpoint,
+)
+
+#: tokens after the caption: z_t, timestep, noised z_i, query
+NUM_EXTRA_TOKENS = 4
+
+
+@dataclass
+class PriorConfig(Config):
+    """Size and conditioning of :class:`DiffusionPriorTransformer`.
+
+    ``clip_dim``: CLIP joint embedding width D (z_t and z_i). ``text_dim``: width of the CLIP
+    text encoder's per-token features (0 = condition on z_t only). ``text_len``: the longest
+    caption in tokens. ``text_drop_prob``: training probability of replacing the caption
+    (z_t and tokens) by the learned null condition (DALL·E 2 uses 10%).
+    ``image_embed_scale``: the norm embeddings are scaled to (None = ``sqrt(clip_dim)``).
+    ``use_checkpoint``: recompute each block's activations in the backward pass.
+    """
+
+    type_name = "diffusion_prior"
+
+    clip_dim: int = 512
+    text_dim: int = 512
+    text_len: int = 77
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    text_drop_prob: float = 0.1
+    image_embed_scale: float | None = None
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("clip_dim", "text_len", "width", "layers", "heads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.text_dim < 0:
+            raise ConfigError(f"text_dim must be >= 0 (0 = no caption tokens), got {self.text_dim}")
+        if self.width % self.heads:
+            raise ConfigError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if not 0.0 <= self.text_drop_prob <= 1.0:
+            raise ConfigError(f"text_drop_prob must be in [0, 1], got {self.text_drop_prob}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.image_embed_scale is not None and self.image_embed_scale <= 0:
+            raise ConfigError(f"image_embed_scale must be positive, got {self.image_embed_scale}")
+
+    @property
+    def embed_scale(self) -> float:
+        """The norm the prior's embeddings are scaled to."""
+        if self.image_embed_scale is not None:
+            return float(self.image_embed_scale)
+        return math.sqrt(self.clip_dim)
+
+
+def scale_embedding(z: torch.Tensor, scale: float) -> torch.Tensor:
+    """CLIP embeddings z: [N, D] -> [N, D] L2-normalised then multiplied by ``scale``.
+
+    With ``scale = sqrt(D)`` each coordinate has unit variance on average, which matches the
+    N(0, I) endpoint of the diffusion process the prior is trained on.
+    """
+    return F.normalize(z.float(), dim=-1) * scale
+
+
+def unscale_embedding(x: torch.Tensor, scale: float, *, normalize: bool = True) -> torch.Tensor:
+    """Inverse of :func:`scale_embedding`: x: [N, D] -> x / scale, then (by default)
+    L2-normalised, giving a unit-norm CLIP image embedding for the decoder."""
+    z = x.float() / scale
+    return F.normalize(z, dim=-1) if normalize else z
+
+
+class PriorBlock(nn.Module):
+    """Pre-LayerNorm Transformer block with causal self-attention. h: [N, S, W] -> [N, S, W]."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout=dropout)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.drop(self.attn(self.ln_1(h), mask=key_mask, causal=True))
+        return h + self.drop(self.mlp(self.ln_2(h)))
+
+
+class DiffusionPriorTransformer(nn.Module):
+    """Predicts the clean (scaled) CLIP image embedding from a noised one and the caption.
+
+    Call as ``model(x, t, text_emb, text_tokens=None, text_mask=None, drop_text=None)``:
+
+    - x: [N, D] noised image embedding, in the scaled space (see :func:`scale_embedding`);
+    - t: [N] long timestep indices (a scalar is broadcast);
+    - text_emb: [N, D] CLIP text embedding z_t (any norm; rescaled inside);
+    - text_tokens: [N, L, text_dim] CLIP text encoder per-token features, L <= text_len
+      (None: the null token stands in when the config has ``text_dim > 0``);
+    - text_mask: [N, L] bool, True for real tokens, False for padding (None: all real);
+    - drop_text: [N] bool, rows that get the null caption condition (learned null z_t and a
+      single learned null token) whatever the inputs; in training mode, rows are also
+      dropped at random with probability ``config.text_drop_prob``.
+
+    Returns [N, D]: the predicted unnoised embedding, in the scaled space.
+    """
+
+    config_class = PriorConfig
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        w, d = config.width, config.clip_dim
+        self.text_proj = nn.Linear(config.text_dim, w) if config.text_dim else None
+        self.text_emb_proj = nn.Linear(d, w)
+        self.time_embed = TimestepEmbedder(w, w)
+        self.x_proj = nn.Linear(d, w)
+        self.query = nn.Parameter(torch.randn(w) * 0.02)
+        # positions: caption tokens 0..L-1, then the four fixed tokens at text_len..text_len+3,
+        # so the outputs do not depend on how far a caption was padded
+        self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS, w) * 0.02)
+        # null condition (classifier-free guidance): z_t in the scaled space, one caption token
+        self.null_text_emb = nn.Parameter(torch.randn(d) * (config.embed_scale / math.sqrt(d)))
+        self.null_text_token = nn.Parameter(torch.randn(w) * 0.02)
+        self.blocks = nn.ModuleList(
+            PriorBlock(w, config.heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.layers)
+        )
+        self.ln_out = nn.LayerNorm(w)
+        self.out = nn.Linear(w, d)
+
+    @property
+    def embed_scale(self) -> float:
+        """The norm the prior's embeddings are scaled to (``config.embed_scale``)."""
+        return self.config.embed_scale
+
+    def null_parameters(self) -> list[nn.Parameter]:
+        """The learned null-condition parameters (trained only on dropped rows)."""
+        return [self.null_text_emb, self.null_text_token]
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input sequence: (h [N, L + 4, W], key_mask [N, L + 4] bool or None).
+
+        Arguments as in :meth:`forward`. ``L`` is the caption length (1 for the null token
+        alone, 0 when ``text_dim == 0``).
+        """
+        cfg = self.config
+        n = x.shape[0]
+        if x.ndim != 2 or x.shape[1] != cfg.clip_dim:
+            raise ValueError(f"x must be [N, {cfg.clip_dim}], got {tuple(x.shape)}")
+        if text_emb.shape != x.shape:
+            raise ValueError(f"text_emb must be [N, {cfg.clip_dim}], got {tuple(text_emb.shape)}")
+        t = t.reshape(1).expand(n) if t.ndim == 0 else t
+        drop = condition_drop_mask(
+            n, cfg.text_drop_prob, drop_text, training=self.training, device=x.device
+        )
+
+        zt = apply_null(scale_embedding(text_emb, cfg.embed_scale), self.null_text_emb, drop)
+        parts = [self.text_emb_proj(zt), self.time_embed(t), self.x_proj(x)]  # 3 × [N, W]
+        parts.append(self.query.expand(n, -1))
+        dtype = parts[0].dtype  # the compute dtype (bf16 under autocast)
+        extra = torch.stack([p.to(dtype) for p in parts], dim=1)  # [N, 4, W]
+
+        text_keep: torch.Tensor | None = None
+        if self.text_proj is None:
+            if text_tokens is not None:
+                raise ValueError("text_tokens given but the config has text_dim=0")
+            tokens = extra[:, :0]  # [N, 0, W]
+        elif text_tokens is None:
+            tokens = self.null_text_token.expand(n, 1, -1).to(extra.dtype)  # [N, 1, W]
+        else:
+            if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
+                raise ValueError(
+                    f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
+                )
+            length = text_tokens.shape[1]
+            if not 1 <= length <= cfg.text_len:
+                raise ValueError(f"caption length {length} is outside 1..text_len={cfg.text_len}")
+            tokens = self.text_proj(text_tokens)  # [N, L, W]
+            if text_mask is not None:
+                text_keep = text_mask.bool()
+            if drop.any():
+                # dropped rows: the null token first, the rest masked out
+                first = torch.zeros(length, dtype=torch.bool, device=x.device)
+                first[0] = True
+                null_row = self.null_text_token.to(tokens.dtype).expand(length, -1)
+                null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))
+                tokens = apply_null(tokens, null_row, drop)
+                keep = text_keep if text_keep is not None else torch.ones_like(first).expand(n, -1)
+                text_keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
+
+        length = tokens.shape[1]
+        h = torch.cat([tokens.to(extra.dtype), extra], dim=1)  # [N, L + 4, W]
+        pos = torch.cat([self.pos_emb[:length], self.pos_emb[cfg.text_len :]], dim=0)
+        h = h + pos[None].to(h.dtype)
+        key_mask = None
+        if text_keep is not None:
+            ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=x.device)
+            key_mask = torch.cat([text_keep, ones], dim=1)  # [N, L + 4]
+        return h, key_mask
+
+    def transformer(self, h: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The causal blocks and final LayerNorm: h: [N, S, W], key_mask: [N, S] -> [N, S, W]."""
+        for block in self.blocks:
+            h = maybe_checkpoint(
+                block, h, key_mask, enabled=self.config.use_checkpoint and self.training
+            )
+        return self.ln_out(h)
+
+    def hidden_states(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Every token's final hidden state: [N, L + 4, W] (arguments as in :meth:`forward`)."""
+        h, key_mask = self.embed(x, t, text_emb, text_tokens, text_mask, drop_text)
+        return self.transformer(h, key_mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.hidden_states(x, t, text_emb, text_tokens, text_mask, drop_text)
+        return self.out(h[:, -1])  # [N, D], read at the query token
