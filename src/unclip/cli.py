@@ -16,12 +16,38 @@ import unclip
 
 # Training stages: name -> (help, "module:run"). The module's ``run(args) -> int`` trains the
 # stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. Modules
-# are imported only when their stage is chosen or its --help is built, so keep them light.
-TRAIN_STAGES: dict[str, tuple[str, str]] = {}
+# are imported when the parser is built, so keep them light; a module that sets
+# ``COMMON_TRAIN_ARGS = False`` does without --config/--run-dir/--resume (the tokenizer).
+TRAIN_STAGES: dict[str, tuple[str, str]] = {
+    "tokenizer": (
+        "learn a byte-level BPE vocabulary from a data set's captions",
+        "unclip.train.stages.tokenizer:run",
+    ),
+    "clip": (
+        "train CLIP (text and image encoders) with the contrastive loss",
+        "unclip.train.stages.clip:run",
+    ),
+    "prior": (
+        "train the diffusion prior (caption embedding -> CLIP image embedding)",
+        "unclip.train.stages.prior:run",
+    ),
+    "decoder": (
+        "train the diffusion decoder (CLIP image embedding -> image; inpainting optional)",
+        "unclip.train.stages.decoder:run",
+    ),
+    "upsampler": (
+        "train a diffusion upsampler (low-resolution image -> image)",
+        "unclip.train.stages.upsampler:run",
+    ),
+}
 
 # Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
 # registers one or more commands and keeps heavy imports inside the function it runs.
-COMMAND_MODULES: list[str] = ["unclip.commands.data"]
+COMMAND_MODULES: list[str] = [
+    "unclip.commands.data",
+    "unclip.commands.embed",
+    "unclip.commands.clip",
+]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -56,8 +82,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     for name, (help_text, target) in sorted(TRAIN_STAGES.items()):
         s = stages.add_parser(name, help=help_text, description=help_text)
-        add_common_train_args(s)
         module = importlib.import_module(target.partition(":")[0])
+        if getattr(module, "COMMON_TRAIN_ARGS", True):
+            add_common_train_args(s)
         if hasattr(module, "add_args"):
             module.add_args(s)
     p.set_defaults(func=_run_train, parser=p)
@@ -66,7 +93,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def add_common_train_args(p: argparse.ArgumentParser) -> None:
     """Flags every ``unclip train STAGE`` shares; the rest lives in the ``--config`` file."""
     p.add_argument(
-        "--config", required=True, help="JSON run config (model, diffusion, train, data)"
+        "--config", help="JSON run config (model, train, data…); on --resume, the run's own copy"
     )
     p.add_argument("--run-dir", required=True, help="folder for checkpoints and metrics.jsonl")
     p.add_argument(

@@ -194,6 +194,8 @@ class DiffusionConfig(Config):
     ``prediction`` is what the network outputs: ``eps`` (noise), ``x0`` (the clean sample, as
     the DALL·E 2 prior does) or ``v`` (Salimans & Ho 2022). ``learn_sigma`` doubles the output
     channels for the learned-range variance of Improved DDPM, trained with the ``hybrid`` loss.
+    ``clip_denoised`` clips predicted x₀ to [-1, 1] when sampling; ``dynamic_threshold`` > 0 (a
+    percentile such as 0.995) uses Imagen's dynamic thresholding instead; 0 turns it off.
     """
 
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -203,8 +205,11 @@ class DiffusionConfig(Config):
     loss: Literal["mse", "hybrid"] = "mse"
     vlb_weight: float = 0.001
     clip_denoised: bool = True
+    dynamic_threshold: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dynamic_threshold < 1.0:
+            raise ConfigError(f"dynamic_threshold must be in [0, 1), got {self.dynamic_threshold}")
         if self.timesteps < 1:
             raise ConfigError(f"timesteps must be at least 1, got {self.timesteps}")
         if self.loss == "hybrid" and not self.learn_sigma:
@@ -263,3 +268,33 @@ class TrainConfig(Config):
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class DataConfig(Config):
+    """Where a training stage reads its samples.
+
+    ``path``: a data set (shard folder, image folder, CSV/Parquet table; see
+    ``unclip.data.datasets.open_dataset``); ``split``: a split named in the shard folder's
+    ``manifest.jsonl`` (empty: all samples); ``image_size``: side in pixels the images are
+    resized to; ``mode``: ``crop``/``pad`` (empty: the manifest's choice); ``tokenizer``: a
+    tokenizer folder (stages that read captions); ``embeddings``: an ``unclip embed`` output
+    folder (the prior and the decoder train from precomputed CLIP embeddings).
+    """
+
+    path: str = ""
+    split: str = "train"
+    image_size: int = 64
+    mode: str = ""
+    tokenizer: str = ""
+    embeddings: str = ""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ConfigError(f"image_size must be positive, got {self.image_size}")
+        if self.mode not in ("", "crop", "pad"):
+            raise ConfigError(f"mode must be 'crop', 'pad' or empty, got {self.mode!r}")

@@ -421,4 +421,3 @@ def open_dataset(
 
 def read_split_keys(manifest: str | os.PathLike, split: str) -> list[str]:
     return [r["key"] for r in read_manifest(manifest) if r.get("split") == split]
-

@@ -117,7 +117,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
         self.micro_batch = config.batch_size // config.grad_accum
-        if isinstance(data, Dataset) and not hasattr(data, "state_dict"):
+        if not hasattr(data, "state_dict"):  # a map-style data set: shuffle it resumably
             data = EpochBatches(
                 data,
                 self.micro_batch,

@@ -1,0 +1,24 @@
+"""The CLIP stage: text and image encoders in one embedding space (Radford et al. 2021).
+
+``CLIP``/``CLIPConfig`` are the model, ``clip_loss`` its contrastive loss and ``load_clip``
+reads unclip, transformers and original OpenAI weights.
+"""
+
+from __future__ import annotations
+
+from unclip.clip.convert import load_clip, to_openai_state_dict
+from unclip.clip.loss import clip_loss, clip_training_loss, gather_features
+from unclip.clip.model import CLIP, CLIPConfig
+from unclip.hub import register_model_type
+
+register_model_type("clip", "unclip.clip.model:CLIP")
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "clip_loss",
+    "clip_training_loss",
+    "gather_features",
+    "load_clip",
+    "to_openai_state_dict",
+]

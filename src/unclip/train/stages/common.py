@@ -1,0 +1,100 @@
+"""What every training stage shares: the run config file, overrides, the final export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from unclip.config import Config, TrainConfig
+from unclip.hub import save_pretrained
+from unclip.train.loop import Trainer, TrainResult
+
+C = TypeVar("C", bound=Config)
+
+RUN_CONFIG_NAME = "run_config.json"
+FINAL_NAME = "final"
+
+
+def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
+    """Read ``--config`` (or, on ``--resume`` without it, the run folder's copy) and apply the
+    command-line overrides (``--steps``, ``--no-bf16``)."""
+    if not args.config and not args.resume:
+        raise FileNotFoundError("--config is required (except with --resume)")
+    path = Path(args.config) if args.config else Path(args.run_dir) / RUN_CONFIG_NAME
+    cfg = cls.load(path)
+    train: TrainConfig = cfg.train  # type: ignore[attr-defined]
+    changes = {}
+    if getattr(args, "steps", None):
+        changes["steps"] = args.steps
+    if getattr(args, "no_bf16", False):
+        changes["bf16"] = False
+    if changes:
+        cfg = cfg.replace(train=train.replace(**changes))
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    cfg.save(Path(args.run_dir) / RUN_CONFIG_NAME)
+    return cfg
+
+
+def export_final(trainer: Trainer, result: TrainResult, dtype: torch.dtype | None = None) -> Path:
+    """Write ``RUN_DIR/final``: a model folder with the trained (and EMA) weights."""
+    out = trainer.run_dir / FINAL_NAME
+    save_pretrained(
+        trainer.model, out, ema=trainer.ema.state_dict() if trainer.ema else None, dtype=dtype
+    )
+    loss = result.last_metrics.get("loss")
+    tail = f", last loss {loss:.4f}" if loss is not None else ""
+    print(f"unclip: trained to step {result.step}{tail}; model folder: {out}", file=sys.stderr)
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class FrozenTextEncoder:
+    """A trained CLIP's text side, frozen: captions -> (z_t [N, D], token features [N, L, W],
+    mask [N, L] bool with True for real tokens). Used inside the prior's and decoder's loss."""
+
+    def __init__(self, clip_dir: str | Path, device: torch.device | str | None = None) -> None:
+        from unclip.clip.convert import load_clip
+        from unclip.tokenizer import Tokenizer
+
+        self.model = load_clip(clip_dir).requires_grad_(False).eval()
+        if device is not None:
+            self.model.to(device)
+        self.tokenizer = Tokenizer.load(Path(clip_dir) / "tokenizer")
+        self.context_length = self.model.config.context_length
+
+    @property
+    def width(self) -> int:
+        return self.model.config.text_width
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, captions, device: torch.device | str | None = None):
+        tokens = self.tokenizer(list(captions), self.context_length)
+        param = next(self.model.parameters())
+        tokens = tokens.to(device or param.device)
+        if param.device != tokens.device:
+            self.model.to(tokens.device)
+        feats = self.model.encode_text_tokens(tokens)  # [N, L, W]
+        pos = self.model.eot_positions(tokens)
+        z_t = self.model.encode_text(tokens)  # [N, D]
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= pos[:, None]
+        return z_t, feats.float(), mask
+
+
+def save_diffusion_config(folder: Path, diffusion_config: Config) -> None:
+    """A diffusion stage's folder keeps the schedule it was trained with (``diffusion.json``)."""
+    diffusion_config.save(folder / DIFFUSION_NAME)
+
+
+DIFFUSION_NAME = "diffusion.json"

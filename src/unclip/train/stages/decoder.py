@@ -1,0 +1,140 @@
+"""``unclip train decoder``: the GLIDE-style decoder, from CLIP image embedding (+ caption) to
+pixels (DALL·E 2 §2.1), optionally with the inpainting inputs (GLIDE §4).
+
+Images come from the data set (``data.path``/``split`` at ``data.image_size``), their CLIP image
+embeddings from ``unclip embed`` shards of the same samples (joined by key), the caption's
+token features from the frozen CLIP text encoder (``clip``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+HELP = "train the diffusion decoder (CLIP image embedding -> image; inpainting optional)"
+
+
+class ImagesWithEmbeddings(Dataset):
+    """``(image [3, S, S], image_emb [D], caption)``: images joined with their embeddings by key."""
+
+    def __init__(self, images, shards) -> None:
+        self.images = images
+        self.shards = shards
+        missing = 0
+        for i in range(min(len(images), 64)):
+            if images.load(i)[0] not in shards._index:
+                missing += 1
+        if missing:
+            raise ValueError(
+                f"{shards.folder}: {missing} of the first 64 images have no embedding; run "
+                "`unclip embed` on the same data set and split"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        item = self.images[i]
+        row = self.shards[self.shards.index_of(item["key"])]
+        return item["image"], row["image_emb"], item["caption"]
+
+
+class DecoderLoss:
+    """Hybrid (or MSE) diffusion loss of the decoder on images [N, 3, S, S] in [-1, 1]."""
+
+    def __init__(self, diffusion, text=None, inpaint: bool = False, inpaint_prob: float = 0.5):
+        self.diffusion = diffusion
+        self.text = text
+        self.inpaint = inpaint
+        self.inpaint_prob = inpaint_prob
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        from unclip.data.masks import random_inpaint_mask
+
+        images, image_emb, captions = batch
+        n, device = images.shape[0], images.device
+        kwargs: dict[str, Any] = {"image_emb": image_emb}
+        if self.text is not None:
+            _z, feats, mask = self.text(captions, device)
+            kwargs.update(text_tokens=feats, text_mask=mask)
+        if self.inpaint:
+            keep = random_inpaint_mask(n, images.shape[-1]).to(device)
+            used = (torch.rand(n) < self.inpaint_prob).to(device).view(n, 1, 1, 1)
+            kwargs.update(inpaint_image=images, inpaint_mask=keep * used)
+        t = self.diffusion.sample_timesteps(n, device=device)
+        terms = self.diffusion.training_losses(model, images, t, kwargs)
+        metrics = {"mse": terms["mse"].mean().item()}
+        if "vlb" in terms:
+            metrics["vlb"] = terms["vlb"].mean().item()
+        return terms["loss"].mean(), metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from unclip.config import ConfigError
+    from unclip.data.datasets import open_dataset
+    from unclip.data.embeddings import EmbeddingShards
+    from unclip.decoder.unet import UNet
+    from unclip.diffusion import GaussianDiffusion
+    from unclip.train.loop import Trainer
+    from unclip.train.stages.common import (
+        FrozenTextEncoder,
+        count_parameters,
+        export_final,
+        load_run_config,
+        save_diffusion_config,
+    )
+    from unclip.train.stages.run_configs import DecoderRunConfig
+
+    cfg = load_run_config(DecoderRunConfig, args)
+    where = args.config or args.run_dir
+    if cfg.model.learn_sigma != cfg.diffusion.learn_sigma:
+        raise ConfigError(f"{where}: model.learn_sigma and diffusion.learn_sigma must agree")
+    if cfg.model.image_size != cfg.data.image_size:
+        raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
+    if not cfg.data.embeddings:
+        raise ConfigError(f"{where}: data.embeddings must name an `unclip embed` output folder")
+    shards = EmbeddingShards(cfg.data.embeddings)
+    if shards.dim != cfg.model.clip_dim:
+        raise ConfigError(
+            f"{where}: model.clip_dim is {cfg.model.clip_dim} but the embeddings have {shards.dim}"
+        )
+    text = None
+    if cfg.model.text_dim:
+        if not cfg.clip:
+            raise ConfigError(f"{where}: model.text_dim > 0 needs `clip` (a CLIP model folder)")
+        text = FrozenTextEncoder(cfg.clip)
+        if text.width != cfg.model.text_dim:
+            raise ConfigError(
+                f"{where}: model.text_dim {cfg.model.text_dim} must equal the CLIP text width "
+                f"{text.width}"
+            )
+    images = open_dataset(
+        cfg.data.path,
+        size=cfg.data.image_size,
+        mode=cfg.data.mode or None,
+        split=cfg.data.split or None,
+    )
+    data = ImagesWithEmbeddings(images, shards)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    model = UNet(cfg.model)
+    print(
+        f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
+    )
+    trainer = Trainer(
+        model,
+        DecoderLoss(diffusion, text, cfg.model.inpaint, cfg.inpaint_prob),
+        data,
+        cfg.train,
+        args.run_dir,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = trainer.fit(resume=args.resume)
+    out = export_final(trainer, result)
+    save_diffusion_config(out, cfg.diffusion)
+    if images.skips.total:
+        print(images.skips.summary())
+    return 0

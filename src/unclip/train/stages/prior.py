@@ -1,0 +1,104 @@
+"""``unclip train prior``: the diffusion prior, from caption (z_t + token features) to z_i.
+
+Trains from ``unclip embed`` shards (image and caption embeddings); the frozen CLIP text
+encoder (``clip`` in the run config) gives the per-token caption features in the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+HELP = "train the diffusion prior (caption embedding -> CLIP image embedding)"
+
+
+class PriorItems(Dataset):
+    """Embedding rows as ``(image_emb [D], text_emb [D], caption)``."""
+
+    def __init__(self, shards) -> None:
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        row = self.shards[i]
+        return row["image_emb"], row["text_emb"], row["caption"]
+
+
+class PriorLoss:
+    """x₀-prediction diffusion loss on the scaled image embedding (DALL·E 2 §2.2)."""
+
+    def __init__(self, diffusion, embed_scale: float, text=None) -> None:
+        self.diffusion = diffusion
+        self.embed_scale = embed_scale
+        self.text = text
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        from unclip.prior.model import scale_embedding
+
+        image_emb, text_emb, captions = batch
+        kwargs: dict[str, Any] = {"text_emb": text_emb}
+        if self.text is not None:
+            _z, feats, mask = self.text(captions, image_emb.device)
+            kwargs.update(text_tokens=feats, text_mask=mask)
+        x0 = scale_embedding(image_emb, self.embed_scale)
+        t = self.diffusion.sample_timesteps(len(x0), device=x0.device)
+        terms = self.diffusion.training_losses(model, x0, t, kwargs)
+        loss = terms["loss"].mean()
+        return loss, {"mse": terms["mse"].mean().item()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from unclip.config import ConfigError
+    from unclip.data.embeddings import EmbeddingShards
+    from unclip.diffusion import GaussianDiffusion
+    from unclip.prior.model import DiffusionPriorTransformer
+    from unclip.train.loop import Trainer
+    from unclip.train.stages.common import (
+        FrozenTextEncoder,
+        count_parameters,
+        export_final,
+        load_run_config,
+        save_diffusion_config,
+    )
+    from unclip.train.stages.run_configs import PriorRunConfig
+
+    cfg = load_run_config(PriorRunConfig, args)
+    where = args.config or args.run_dir
+    if not cfg.data.embeddings:
+        raise ConfigError(f"{where}: data.embeddings must name an `unclip embed` output folder")
+    shards = EmbeddingShards(cfg.data.embeddings)
+    if shards.dim != cfg.model.clip_dim:
+        raise ConfigError(
+            f"{where}: model.clip_dim is {cfg.model.clip_dim} but the embeddings have {shards.dim}"
+        )
+    text = None
+    if cfg.model.text_dim:
+        if not cfg.clip:
+            raise ConfigError(f"{where}: model.text_dim > 0 needs `clip` (a CLIP model folder)")
+        text = FrozenTextEncoder(cfg.clip)
+        if text.width != cfg.model.text_dim or text.context_length > cfg.model.text_len:
+            raise ConfigError(
+                f"{where}: model.text_dim/text_len ({cfg.model.text_dim}, {cfg.model.text_len}) "
+                f"must match the CLIP text encoder ({text.width}, {text.context_length})"
+            )
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    model = DiffusionPriorTransformer(cfg.model)
+    print(f"unclip: prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} rows")
+    trainer = Trainer(
+        model,
+        PriorLoss(diffusion, cfg.model.embed_scale, text),
+        PriorItems(shards),
+        cfg.train,
+        args.run_dir,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = trainer.fit(resume=args.resume)
+    out = export_final(trainer, result)
+    save_diffusion_config(out, cfg.diffusion)
+    return 0

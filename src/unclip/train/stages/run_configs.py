@@ -1,0 +1,60 @@
+"""The run configs of the training stages: a model config with its training and data configs.
+
+A run folder keeps its own copy (``run_config.json``), so ``--resume`` needs no ``--config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from unclip.clip.model import CLIPConfig
+from unclip.config import Config, DataConfig, DiffusionConfig, TrainConfig
+from unclip.decoder.unet import UNetConfig
+from unclip.decoder.upsampler import UpsamplerConfig
+from unclip.prior.model import PriorConfig
+
+
+@dataclasses.dataclass
+class ClipRunConfig(Config):
+    model: CLIPConfig = dataclasses.field(default_factory=CLIPConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+@dataclasses.dataclass
+class PriorRunConfig(Config):
+    """``clip``: the CLIP folder (with ``tokenizer/``) whose text encoder gives the caption's
+    per-token features; ``data.embeddings``: the ``unclip embed`` output to train on."""
+
+    model: PriorConfig = dataclasses.field(default_factory=PriorConfig)
+    diffusion: DiffusionConfig = dataclasses.field(
+        default_factory=lambda: DiffusionConfig(prediction="x0")
+    )
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    clip: str = ""
+
+
+@dataclasses.dataclass
+class DecoderRunConfig(Config):
+    """``inpaint_prob``: for an ``inpaint`` model, the fraction of samples trained with a
+    random mask (the rest see no known pixels and learn plain generation)."""
+
+    model: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = dataclasses.field(
+        default_factory=lambda: DiffusionConfig(learn_sigma=True, loss="hybrid")
+    )
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    clip: str = ""
+    inpaint_prob: float = 0.5
+
+
+@dataclasses.dataclass
+class UpsamplerRunConfig(Config):
+    model: UpsamplerConfig = dataclasses.field(default_factory=UpsamplerConfig)
+    diffusion: DiffusionConfig = dataclasses.field(
+        default_factory=lambda: DiffusionConfig(learn_sigma=True, loss="hybrid")
+    )
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)

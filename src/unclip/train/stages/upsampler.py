@@ -1,0 +1,84 @@
+"""``unclip train upsampler``: a diffusion upsampler conditioned on the low-resolution image
+(DALL·E 2 §2.1: no caption, conditioning augmentation by blur or BSR degradation)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+HELP = "train a diffusion upsampler (low-resolution image -> image)"
+
+
+class Images:
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[i]["image"]
+
+
+class UpsamplerLoss:
+    def __init__(self, diffusion, config) -> None:
+        self.diffusion = diffusion
+        self.config = config
+
+    def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        from unclip.decoder.upsampler import make_low_res
+
+        low = make_low_res(images, self.config)
+        t = self.diffusion.sample_timesteps(images.shape[0], device=images.device)
+        terms = self.diffusion.training_losses(model, images, t, {"low_res": low})
+        metrics = {"mse": terms["mse"].mean().item()}
+        if "vlb" in terms:
+            metrics["vlb"] = terms["vlb"].mean().item()
+        return terms["loss"].mean(), metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from unclip.config import ConfigError
+    from unclip.data.datasets import open_dataset
+    from unclip.decoder.upsampler import Upsampler
+    from unclip.diffusion import GaussianDiffusion
+    from unclip.train.loop import Trainer
+    from unclip.train.stages.common import (
+        count_parameters,
+        export_final,
+        load_run_config,
+        save_diffusion_config,
+    )
+    from unclip.train.stages.run_configs import UpsamplerRunConfig
+
+    cfg = load_run_config(UpsamplerRunConfig, args)
+    where = args.config or args.run_dir
+    if cfg.model.learn_sigma != cfg.diffusion.learn_sigma:
+        raise ConfigError(f"{where}: model.learn_sigma and diffusion.learn_sigma must agree")
+    if cfg.model.image_size != cfg.data.image_size:
+        raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
+    images = open_dataset(
+        cfg.data.path,
+        size=cfg.data.image_size,
+        mode=cfg.data.mode or None,
+        split=cfg.data.split or None,
+    )
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    model = Upsampler(cfg.model)
+    print(f"unclip: upsampler with {count_parameters(model) / 1e6:.1f}M parameters, "
+          f"{len(images)} images")  # fmt: skip
+    trainer = Trainer(
+        model,
+        UpsamplerLoss(diffusion, cfg.model),
+        Images(images),
+        cfg.train,
+        args.run_dir,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = trainer.fit(resume=args.resume)
+    out = export_final(trainer, result)
+    save_diffusion_config(out, cfg.diffusion)
+    return 0

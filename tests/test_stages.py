@@ -1,0 +1,220 @@
+"""``unclip train STAGE`` end to end on a tiny data set: tokenizer, CLIP (and resume)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from unclip.cli import main
+from unclip.data.shards import ShardWriter
+from unclip.hub import from_pretrained
+
+COLORS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 230), "black": (0, 0, 0)}
+SHAPES = ("square", "circle")
+
+
+def _image(color, shape: str) -> bytes:
+    img = Image.new("RGB", (16, 16), "white")
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    if shape == "square":
+        draw.rectangle((3, 3, 12, 12), fill=color)
+    else:
+        draw.ellipse((3, 3, 12, 12), fill=color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """64 captioned images of coloured shapes as shards with a manifest (train/val)."""
+    root = tmp_path_factory.mktemp("shapes")
+    records = []
+    with ShardWriter(root, "shapes", max_count=40) as w:
+        i = 0
+        for rep in range(8):
+            for name, color in COLORS.items():
+                for shape in SHAPES:
+                    key = f"{i:04d}"
+                    caption = f"a {name} {shape}"
+                    w.write(key, {"png": _image(color, shape), "txt": caption.encode()})
+                    records.append({"key": key, "caption": caption, "tags": [name, shape],
+                                    "split": "val" if rep == 0 else "train"})  # fmt: skip
+                    i += 1
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(shapes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    rc = main(["train", "tokenizer", str(shapes), "--out", str(out), "--vocab-size", "600",
+               "--context-length", "12"])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_tokenizer_stage_learns_the_captions(tokenizer_dir):
+    from unclip.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    assert tok.context_length == 12
+    assert 514 < tok.vocab_size <= 600
+    ids = tok.encode("a green circle")
+    assert len(ids) == 3  # each word became one token
+    assert tok.decode(tok(["a green circle"])[0]).strip() == "a green circle"
+
+
+def _clip_config(tmp_path: Path, shapes: Path, tokenizer_dir: Path, steps: int) -> Path:
+    cfg = {
+        "model": {"embed_dim": 16, "context_length": 12, "vocab_size": 600, "text_width": 32,
+                  "text_layers": 1, "text_heads": 2, "image_size": 16, "patch_size": 8,
+                  "vision_width": 32, "vision_layers": 1, "vision_heads": 2},
+        "train": {"steps": steps, "batch_size": 16, "lr": 0.003, "warmup_steps": 2,
+                  "checkpoint_every": 2, "log_every": 1, "ema_decay": 0.9},
+        "data": {"path": str(shapes), "split": "train", "image_size": 16,
+                 "tokenizer": str(tokenizer_dir)},
+    }  # fmt: skip
+    path = tmp_path / "clip.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_clip_stage_trains_resumes_and_exports(shapes, tokenizer_dir, tmp_path):
+    config = _clip_config(tmp_path, shapes, tokenizer_dir, steps=4)
+    run = tmp_path / "run"
+    args = ["train", "clip", "--config", str(config), "--run-dir", str(run), "--no-progress"]
+    assert main([*args, "--steps", "2"]) == 0
+    resume = ["train", "clip", "--run-dir", str(run), "--resume", "--no-progress", "--steps", "4"]
+    assert main(resume) == 0  # the run folder keeps its config: no --config needed
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    model = from_pretrained(run / "final")
+    assert model.config.embed_dim == 16
+    from unclip.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run / "final" / "tokenizer")
+    emb = model.encode_text(tok(["a red square"]))
+    assert emb.shape == (1, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_clip_stage_reports_config_errors(shapes, tokenizer_dir, tmp_path, capsys):
+    config = _clip_config(tmp_path, shapes, tokenizer_dir, steps=2)
+    doc = json.loads(config.read_text())
+    doc["model"]["vocab_size"] = 100
+    config.write_text(json.dumps(doc))
+    rc = main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")])
+    assert rc == 2
+    assert "vocab_size" in capsys.readouterr().err
+    doc["model"]["bogus"] = 1
+    config.write_text(json.dumps(doc))
+    assert main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+def test_embed_command_writes_aligned_shards_with_a_tiny_clip(shapes, tokenizer_dir, tmp_path):
+    from unclip.data.datasets import open_dataset
+    from unclip.data.embeddings import EmbeddingShards
+
+    config = _clip_config(tmp_path, shapes, tokenizer_dir, steps=2)
+    run = tmp_path / "run"
+    assert (
+        main(["train", "clip", "--config", str(config), "--run-dir", str(run), "--no-progress"])
+        == 0
+    )
+    out = tmp_path / "emb"
+    args = ["embed", str(shapes), "--clip", str(run / "final"), "--out", str(out), "--split",
+            "val", "--size", "16", "--batch-size", "5", "--shard-size", "6", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    emb = EmbeddingShards(out)
+    assert len(emb) == 8 and emb.dim == 16
+    model = from_pretrained(run / "final")
+    ds = open_dataset(shapes, size=16, split="val")
+    item = ds[3]
+    row = emb[emb.index_of(item["key"])]
+    expected = model.encode_image(model.preprocess(item["image"][None]))[0]
+    torch.testing.assert_close(row["image_emb"], expected, atol=3e-3, rtol=0)
+    assert row["caption"] == item["caption"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_and_embeddings(shapes, tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("clipemb")
+    config = _clip_config(root, shapes, tokenizer_dir, steps=2)
+    run = root / "clip"
+    assert (
+        main(["train", "clip", "--config", str(config), "--run-dir", str(run), "--no-progress"])
+        == 0
+    )
+    emb = root / "emb"
+    args = ["embed", str(shapes), "--clip", str(run / "final"), "--out", str(emb), "--split",
+            "train", "--size", "16", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    return run / "final", emb
+
+
+def _run_stage(stage: str, cfg: dict, tmp_path: Path) -> Path:
+    path = tmp_path / f"{stage}.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / stage
+    assert (
+        main(["train", stage, "--config", str(path), "--run-dir", str(run), "--no-progress"]) == 0
+    )
+    return run / "final"
+
+
+def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path):
+    clip_dir, emb = tiny_clip_and_embeddings
+    cfg = {
+        "model": {"clip_dim": 16, "text_dim": 32, "text_len": 12, "width": 32, "layers": 2,
+                  "heads": 2},
+        "diffusion": {"timesteps": 50, "prediction": "x0"},
+        "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3},
+        "data": {"embeddings": str(emb)},
+        "clip": str(clip_dir),
+    }  # fmt: skip
+    final = _run_stage("prior", cfg, tmp_path)
+    model = from_pretrained(final)
+    assert model.config.clip_dim == 16
+    assert json.loads((final / "diffusion.json").read_text())["timesteps"] == 50
+
+
+def test_decoder_stage_trains_with_inpainting_inputs(shapes, tiny_clip_and_embeddings, tmp_path):
+    clip_dir, emb = tiny_clip_and_embeddings
+    cfg = {
+        "model": {"image_size": 16, "model_channels": 16, "channel_mult": [1, 2],
+                  "num_res_blocks": 1, "attention_resolutions": [8], "num_head_channels": 8,
+                  "norm_groups": 8, "clip_dim": 16, "text_dim": 32, "learn_sigma": True,
+                  "inpaint": True},
+        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
+        "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+        "data": {"path": str(shapes), "split": "train", "image_size": 16,
+                 "embeddings": str(emb)},
+        "clip": str(clip_dir),
+    }  # fmt: skip
+    final = _run_stage("decoder", cfg, tmp_path)
+    assert from_pretrained(final).config.inpaint
+    metrics = [
+        json.loads(x) for x in (tmp_path / "decoder" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {"mse", "vlb"} <= metrics[-1].keys()
+
+
+def test_upsampler_stage_trains(shapes, tmp_path):
+    cfg = {
+        "model": {"image_size": 16, "low_res_size": 8, "model_channels": 16,
+                  "channel_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 8,
+                  "learn_sigma": True},
+        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
+        "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
+        "data": {"path": str(shapes), "split": "train", "image_size": 16},
+    }  # fmt: skip
+    final = _run_stage("upsampler", cfg, tmp_path)
+    assert from_pretrained(final).config.low_res_size == 8
