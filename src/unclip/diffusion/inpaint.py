@@ -1,0 +1,128 @@
+"""Training-free inpainting for any diffusion model: RePaint (Lugmayr et al. 2022).
+
+At every reverse step the *known* region of the sample is replaced by the known image noised
+to the same level, q(x_{t-1} | x₀_known), and the *unknown* region comes from the model's
+ancestral step (Algorithm 1). To let the two regions harmonise, the sampler repeatedly jumps
+back up by ``jump_length`` steps (re-noising with q(x_{t+j} | x_t)) and goes down again,
+``resample`` times in all (§4.2, Fig. 9 "resampling" with jumps).
+
+**Mask convention:** ``keep_mask`` is 1 where the known image is kept and 0 where new content
+is generated (the opposite of the user-facing "white = repaint" masks: the pipeline converts).
+It broadcasts against x ([N, 1, H, W] or [N, C, H, W] for images, [N, D] for vectors); values
+between 0 and 1 blend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .gaussian import GaussianDiffusion, ModelFn, randn_like
+from .samplers import ProgressFn, SampleStep, _emit, _full, initial_noise, sampling_timesteps
+from .schedules import Spacing
+
+
+def repaint_levels(steps: int, jump_length: int = 10, resample: int = 10) -> list[int]:
+    """The noise levels RePaint visits, from ``steps`` (pure noise) down to 0 (clean).
+
+    Level ℓ ≥ 1 is the ℓ-th sampling timestep counted from the clean end, level 0 is x₀. Each
+    consecutive pair is one move: down (ℓ → ℓ-1, a model call) or up (ℓ → ℓ+1, re-noising).
+    On reaching a level 1 + k·``jump_length`` (below ``steps - jump_length + 1``), it goes
+    back up ``jump_length`` levels, ``resample - 1`` times (the schedule of Lugmayr et al.,
+    App. B, "jump_n_sample"). ``resample=1`` is plain sampling: [steps, …, 1, 0].
+    """
+    if steps < 1 or jump_length < 1 or resample < 1:
+        raise ValueError("steps, jump_length and resample must all be at least 1")
+    jumps_left = {lvl: resample - 1 for lvl in range(1, steps - jump_length + 1, jump_length)}
+    level = steps
+    levels = [level]
+    while level > 0:
+        level -= 1
+        levels.append(level)
+        if jumps_left.get(level, 0) > 0:
+            jumps_left[level] -= 1
+            for _ in range(jump_length):
+                level += 1
+                levels.append(level)
+    return levels
+
+
+def repaint_sample(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape_or_noise: Sequence[int] | Tensor,
+    steps: int | None = None,
+    *,
+    x_known: Tensor,
+    keep_mask: Tensor,
+    jump_length: int = 10,
+    resample: int = 10,
+    timesteps: Sequence[int] | None = None,
+    spacing: Spacing = "trailing",
+    generator: torch.Generator | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    clip_denoised: bool | None = None,
+    dynamic_threshold: float | None = None,
+    progress: ProgressFn | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Iterator[SampleStep]:
+    """RePaint inpainting with the common sampler signature (see :mod:`.samplers`).
+
+    x_known: [N, ...] the image whose ``keep_mask == 1`` region is kept (in the model's data
+    range); keep_mask: broadcastable to x_known, 1 = keep, 0 = generate.
+    ``shape_or_noise`` is the starting noise or its shape (normally ``x_known.shape``).
+
+    Down moves are ancestral DDPM steps of the (respaced) diffusion with the known region
+    replaced; up moves draw x_{t+1} ~ N(√(1-β_{t+1}) x_t, β_{t+1} I) with the respaced β. One
+    :class:`SampleStep` is yielded per move (``total`` = number of moves); for up moves
+    ``timestep`` is the level reached and ``pred_x0`` the last prediction. The last move
+    returns the known region exactly.
+    """
+    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
+    d = diffusion.respace(ts)
+    levels = repaint_levels(d.num_timesteps, jump_length, resample)
+    x = initial_noise(shape_or_noise, generator, device, dtype)
+    if x_known.shape != x.shape:
+        raise ValueError(f"x_known {tuple(x_known.shape)} must match the sample {tuple(x.shape)}")
+    x_known = x_known.to(device=x.device, dtype=x.dtype)
+    keep_mask = keep_mask.to(device=x.device, dtype=x.dtype)
+    torch.broadcast_shapes(keep_mask.shape, x.shape)  # fail early on a wrong mask
+    return _repaint_loop(
+        d, model_fn, x, levels, x_known, keep_mask, generator, model_kwargs,
+        clip_denoised, dynamic_threshold, progress,
+    )  # fmt: skip
+
+
+def _repaint_loop(
+    d, model_fn, x, levels, x_known, keep, generator, model_kwargs, clip, threshold, progress
+):
+    s = d.schedule
+    total = len(levels) - 1
+    pred_x0 = torch.zeros_like(x)
+    for n, (cur, nxt) in enumerate(itertools.pairwise(levels)):
+        with torch.no_grad():
+            if nxt < cur:  # down: model step from index cur-1 to level cur-1
+                i = cur - 1
+                out = d.p_mean_variance(model_fn, x, _full(i, x), model_kwargs, clip, threshold)
+                pred_x0 = out["pred_x0"]
+                unknown = out["mean"]
+                if i > 0:
+                    unknown = unknown + torch.exp(0.5 * out["log_variance"]) * randn_like(
+                        x, generator
+                    )
+                    known = d.q_sample(x_known, _full(i - 1, x), randn_like(x, generator))
+                else:
+                    known = x_known
+                x = keep * known + (1.0 - keep) * unknown
+                timestep = int(s.timestep_map[i])
+            else:  # up: forward transition from level cur to cur+1 (respaced index cur)
+                beta = float(s.betas[cur])
+                x = math.sqrt(1.0 - beta) * x + math.sqrt(beta) * randn_like(x, generator)
+                timestep = int(s.timestep_map[cur])
+        yield _emit(SampleStep(n, total, timestep, x, pred_x0), progress)
