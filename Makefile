@@ -6,13 +6,14 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 PROMPT ?= a red apple, noto style
 
-.PHONY: demo test test-fast lint format clean help
+.PHONY: demo test test-fast lint format clean help train-default
 
 help:
 	@echo "make demo       create .venv, install, generate an image with the default model"
 	@echo "make test       create .venv, install with test extras, run the whole suite"
 	@echo "make test-fast  the suite without the slow training checks"
 	@echo "make lint       ruff check + format check"
+	@echo "make train-default  rebuild the emoji data and train every stage of emoji-small"
 
 # torch is installed first and pinned, so that the package's range (torch>=2.4)
 # is already satisfied and pip never pulls a CUDA build.
@@ -51,3 +52,33 @@ format: $(VENV)/.test
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+
+# --- the default model: data, tokenizer, CLIP, embeddings, prior, decoder, upsampler --------
+# Every step resumes: run it again after an interruption and it goes on where it stopped.
+RUN    ?= runs/emoji-small
+CONFIGS = configs/emoji-small
+UNCLIP := $(VENV)/bin/unclip
+SHIP   ?= src/unclip/weights/emoji-small
+
+$(VENV)/.data: $(VENV)/.torch pyproject.toml
+	$(PIP) install --quiet -e ".[data]"
+	@touch $@ $(VENV)/.core
+
+data/emoji/manifest.jsonl: | $(VENV)/.data
+	$(UNCLIP) data emoji --out data/emoji --sheet docs/emoji-contact-sheet.png
+
+$(RUN)/tokenizer/tokenizer.json: data/emoji/manifest.jsonl
+	$(UNCLIP) train tokenizer data/emoji --split train --out $(RUN)/tokenizer \
+		--vocab-size 4096 --context-length 32
+
+train-default: $(RUN)/tokenizer/tokenizer.json
+	$(UNCLIP) train clip --config $(CONFIGS)/clip.json --run-dir $(RUN)/clip --resume
+	for split in train val test; do \
+		$(UNCLIP) embed data/emoji --split $$split --clip $(RUN)/clip/final \
+			--out $(RUN)/embeddings/$$split || exit 1; \
+	done
+	$(UNCLIP) train prior --config $(CONFIGS)/prior.json --run-dir $(RUN)/prior --resume
+	$(UNCLIP) train decoder --config $(CONFIGS)/decoder.json --run-dir $(RUN)/decoder --resume
+	$(UNCLIP) train upsampler --config $(CONFIGS)/upsampler.json --run-dir $(RUN)/upsampler --resume
+	$(UNCLIP) train pipeline --clip $(RUN)/clip/final --prior $(RUN)/prior/final \
+		--decoder $(RUN)/decoder/final --upsampler $(RUN)/upsampler/final --out $(SHIP)

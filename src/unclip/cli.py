@@ -47,6 +47,7 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.data",
     "unclip.commands.embed",
     "unclip.commands.clip",
+    "unclip.commands.evaluate",
 ]
 
 

@@ -12,23 +12,49 @@ of its caption, for caption variety.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 HELP = "train CLIP (text and image encoders) with the contrastive loss"
 
 
-class CaptionedImages:
-    """Wrap an image data set: items become ``(image [3, S, S] in [-1, 1], caption)``."""
+def caption_variants(record: dict[str, Any]) -> list[str]:
+    """Other true descriptions of a manifest record: with its group, its tags, group + style."""
+    style = f"{record['style']} style" if record.get("style") else ""
+    out = []
+    if record.get("group"):
+        out.append(f"{record['caption']}, {record['group']}")
+    if record.get("tags"):
+        out.append(", ".join([*record["tags"][:4], style]).strip(", "))
+    if record.get("group") and style:
+        out.append(f"{record['group']}, {style}")
+    return out
 
-    def __init__(self, dataset) -> None:
+
+class CaptionedImages:
+    """Wrap an image data set: items become ``(image [3, S, S] in [-1, 1], caption)``.
+
+    With ``variants`` (key -> other captions) and ``p`` > 0, a variant replaces the caption
+    with probability ``p`` (drawn from torch's global RNG, so a resumed run draws the same).
+    """
+
+    def __init__(self, dataset, variants: dict[str, list[str]] | None = None, p: float = 0.0):
         self.dataset = dataset
+        self.variants = variants or {}
+        self.p = p
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple[Any, str]:
+        import torch
+
         item = self.dataset[i]
-        return item["image"], item["caption"]
+        caption = item["caption"]
+        options = self.variants.get(item["key"])
+        if self.p > 0 and options and float(torch.rand(())) < self.p:
+            caption = options[int(torch.randint(len(options), ()))]
+        return item["image"], caption
 
 
 class Collate:
@@ -62,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from unclip.clip.model import CLIP
     from unclip.config import ConfigError
     from unclip.data.datasets import open_dataset
+    from unclip.data.shards import read_manifest
     from unclip.tokenizer import Tokenizer
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import count_parameters, export_final, load_run_config
@@ -84,12 +111,20 @@ def run(args: argparse.Namespace) -> int:
         mode=cfg.data.mode or None,
         split=cfg.data.split or None,
     )
+    variants = None
+    manifest = Path(cfg.data.path) / "manifest.jsonl"
+    if cfg.caption_variants > 0:
+        if not manifest.exists():
+            raise ConfigError(
+                f"{args.config}: caption_variants needs a manifest.jsonl in data.path"
+            )
+        variants = {r["key"]: caption_variants(r) for r in read_manifest(manifest)}
     model = CLIP(cfg.model)
     print(f"unclip: CLIP with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} samples")
     trainer = Trainer(
         model,
         clip_stage_loss,
-        CaptionedImages(data),
+        CaptionedImages(data, variants, cfg.caption_variants),
         cfg.train,
         args.run_dir,
         collate_fn=Collate(tokenizer, cfg.model.context_length),

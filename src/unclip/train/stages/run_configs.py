@@ -16,9 +16,14 @@ from unclip.prior.model import PriorConfig
 
 @dataclasses.dataclass
 class ClipRunConfig(Config):
+    """``caption_variants``: probability of training a sample on a variant of its caption built
+    from the manifest (tags, group: "cherry blossom, noto style, animals & nature", "flower,
+    plant, noto style", "animals & nature, noto style") instead of the caption itself."""
+
     model: CLIPConfig = dataclasses.field(default_factory=CLIPConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    caption_variants: float = 0.0
 
 
 @dataclasses.dataclass

@@ -1,0 +1,1 @@
+"""Evaluation: CLIP retrieval and zero-shot accuracy, sample quality metrics, model statistics."""
