@@ -46,6 +46,7 @@ def shapes(tmp_path_factory) -> Path:
                     caption = f"a {name} {shape}"
                     w.write(key, {"png": _image(color, shape), "txt": caption.encode()})
                     records.append({"key": key, "caption": caption, "tags": [name, shape],
+                                    "style": name, "group": shape,
                                     "split": "val" if rep == 0 else "train"})  # fmt: skip
                     i += 1
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -218,3 +219,15 @@ def test_upsampler_stage_trains(shapes, tmp_path):
     }  # fmt: skip
     final = _run_stage("upsampler", cfg, tmp_path)
     assert from_pretrained(final).config.low_res_size == 8
+
+
+def test_eval_clip_command_reports_recall_and_zero_shot(tiny_clip_and_embeddings, shapes, capsys):
+    clip_dir, _ = tiny_clip_and_embeddings
+    rc = main(["eval", "clip", "--clip", str(clip_dir), "--data", str(shapes), "--split", "val",
+               "--json"])  # fmt: skip
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)["val"]
+    assert result["images"] == 8
+    for key in ("text_to_image_r@1", "image_to_text_r@5", "zero_shot_style", "zero_shot_group"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["text_to_image_r@10"] == 1.0  # 8 candidates: the match is always in the top 10
