@@ -7,6 +7,7 @@ usage: python tests/train_toy.py RUN_DIR --steps N [--resume] [--step-sleep S]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,14 @@ from unclip.config import TrainConfig
 from unclip.train import Trainer
 
 
+class IndexedToyData(ToyData):
+    """ToyData items with their index: (x, y, i)."""
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x, y, i
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir")
@@ -29,6 +38,12 @@ def main() -> None:
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--slow-checkpoint-at", type=int, default=-1)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--deterministic", action="store_true", help="no dropout, no input noise")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--log-samples", help="append the sample indices each rank trains on here")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -46,8 +61,10 @@ def main() -> None:
 
     cfg = TrainConfig(
         steps=args.steps,
-        batch_size=16,
-        grad_accum=2,
+        batch_size=args.batch_size,
+        bf16=not args.fp32,
+        eps=args.eps,
+        grad_accum=args.grad_accum,
         lr=args.lr,
         warmup_steps=3,
         ema_decay=0.9,
@@ -57,14 +74,22 @@ def main() -> None:
         seed=7,
     )
     torch.manual_seed(0)
-    model = ToyModel(ToyConfig())
+    model = ToyModel(ToyConfig(dropout=0.0 if args.deterministic else 0.1))
+    rank = int(os.environ.get("RANK", "0"))
 
     def loss_fn(model, batch):
+        x, y, index = batch
         if args.step_sleep:
             time.sleep(args.step_sleep / cfg.grad_accum)
-        return toy_loss(model, batch)
+        if args.log_samples:
+            with open(f"{args.log_samples}.rank{rank}", "a") as f:
+                f.write(" ".join(str(int(i)) for i in index) + "\n")
+        if args.deterministic:
+            return ((model(x) - y) ** 2).mean()
+        return toy_loss(model, (x, y))
 
-    Trainer(model, loss_fn, ToyData(), cfg, args.run_dir, device="cpu", progress=False).fit(
+    data = IndexedToyData()
+    Trainer(model, loss_fn, data, cfg, args.run_dir, device="cpu", progress=False).fit(
         resume=args.resume
     )
     print("DONE", flush=True)

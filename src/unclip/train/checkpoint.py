@@ -207,6 +207,8 @@ def save_checkpoint(
     state_tensors: dict[str, torch.Tensor] = {}
     state = dict(trainer_state, step=step, optimizer=opt_json)
     state["rng"] = flatten_state(state.pop("rng"), state_tensors)
+    if "rank_rng" in state:  # the other ranks' generators (multi-process runs)
+        state["rank_rng"] = flatten_state(state.pop("rank_rng"), state_tensors)
     save_state_dict(state_tensors, tmp / "rng.safetensors")
     write_text_atomic(tmp / STATE_NAME, json.dumps(state) + "\n")  # last: marks the folder whole
     _fsync_dir(tmp)
@@ -240,6 +242,8 @@ def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{folder}: cannot read checkpoint ({e})") from None
     optimizer = unflatten_state(state.pop("optimizer"), opt_tensors)
     state["rng"] = unflatten_state(state["rng"], rng_tensors)
+    if "rank_rng" in state:
+        state["rank_rng"] = unflatten_state(state["rank_rng"], rng_tensors)
     return Checkpoint(folder, int(state["step"]), model, ema, optimizer, state)
 
 

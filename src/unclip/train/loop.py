@@ -26,8 +26,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from unclip.config import Config, TrainConfig, write_text_atomic
+from unclip.train import distributed
 from unclip.train.batches import BatchSource, EpochBatches
 from unclip.train.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
     clean_partial,
     latest_checkpoint,
     load_checkpoint,
@@ -95,7 +98,15 @@ class Trainer:
     """Train ``model`` on ``data`` with ``loss_fn`` under ``config``, writing into ``run_dir``.
 
     ``data`` is a map-style ``Dataset`` (wrapped in :class:`EpochBatches`) or any
-    :class:`BatchSource` yielding micro-batches of ``batch_size // grad_accum`` samples.
+    :class:`BatchSource` yielding micro-batches of ``batch_size // (grad_accum · world)``
+    samples.
+
+    Under ``torchrun`` the trainer joins the process group, wraps the model in
+    DistributedDataParallel, gives each rank a disjoint slice of every global batch (so N ranks
+    with global batch B take the same steps as one process with batch B), seeds each rank's
+    RNG differently, and lets rank 0 write checkpoints (with every rank's RNG state) and logs.
+    ``loss_fn`` receives the DDP-wrapped model; reach the module's own attributes with
+    ``getattr(model, "module", model)``.
     """
 
     def __init__(
@@ -114,9 +125,18 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = torch.device(device) if device is not None else default_device()
+        self.dist = distributed.setup(self.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
-        self.micro_batch = config.batch_size // config.grad_accum
+        per_rank = config.batch_size // config.grad_accum
+        if per_rank % self.dist.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} / grad_accum {config.grad_accum} is not "
+                f"divisible by the {self.dist.world_size} processes"
+            )
+        self.micro_batch = per_rank // self.dist.world_size
         if not hasattr(data, "state_dict"):  # a map-style data set: shuffle it resumably
             data = EpochBatches(
                 data,
@@ -124,9 +144,17 @@ class Trainer:
                 seed=config.seed,
                 collate_fn=collate_fn,
                 num_workers=config.num_workers,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
             )
         self.batches: BatchSource = data
         self.optimizer = build_optimizer(self.model, config)
+        self.ddp: nn.Module | None = None
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         self.ema = (
             EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         )
@@ -149,30 +177,46 @@ class Trainer:
         return None
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            model_state=self.model.state_dict(),
-            ema_state=self.ema.state_dict() if self.ema else None,
-            optimizer_state=self.optimizer.state_dict(),
-            trainer_state={
-                "data": self.batches.state_dict(),
-                "rng": rng_state(),
-                "ema_updates": self.ema.num_updates if self.ema else 0,
-                "train_config": self.config.to_dict(),
-                "extra": self.extra_state,
-            },
-            model_config=self._model_config_doc(),
-            keep=self.config.keep_checkpoints,
-        )
+        """Write a checkpoint (rank 0; every rank's RNG state goes into it). Collective."""
+        rngs = distributed.all_gather_objects(rng_state())
+        folder = checkpoint_dir(self.run_dir) / f"step-{self.step}"
+        if self.dist.is_main:
+            folder = save_checkpoint(
+                self.run_dir,
+                self.step,
+                model_state=self.model.state_dict(),
+                ema_state=self.ema.state_dict() if self.ema else None,
+                optimizer_state=self.optimizer.state_dict(),
+                trainer_state={
+                    "data": self.batches.state_dict(),
+                    "rng": rngs[0],
+                    "rank_rng": rngs[1:],
+                    "ema_updates": self.ema.num_updates if self.ema else 0,
+                    "train_config": self.config.to_dict(),
+                    "world_size": self.dist.world_size,
+                    "extra": self.extra_state,
+                },
+                model_config=self._model_config_doc(),
+                keep=self.config.keep_checkpoints,
+            )
+        distributed.barrier()
+        return folder
 
     def resume(self) -> Path | None:
         """Restore everything from the newest whole checkpoint; returns it (None: start fresh)."""
-        clean_partial(self.run_dir)
+        if self.dist.is_main:
+            clean_partial(self.run_dir)
+        distributed.barrier()
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
             return None
         ckpt = load_checkpoint(folder)
+        saved_world = int(ckpt.state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"{folder}: written by {saved_world} processes, resumed with "
+                f"{self.dist.world_size}; relaunch with the same number of processes"
+            )
         from unclip.hub import load_weights_into
 
         load_weights_into(self.model, ckpt.model, folder / "model.safetensors")
@@ -182,10 +226,12 @@ class Trainer:
                 raise RuntimeError(f"{folder}: the run uses EMA but the checkpoint has none")
             self.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
         self.batches.load_state_dict(ckpt.state["data"])
-        set_rng_state(ckpt.state["rng"])
+        rank_rngs = [ckpt.state["rng"], *ckpt.state.get("rank_rng", [])]
+        set_rng_state(rank_rngs[self.dist.rank])
         self.extra_state = ckpt.state.get("extra", {})
         self.step = ckpt.step
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
         return folder
 
     def _truncate_metrics(self, step: int) -> None:
@@ -206,7 +252,7 @@ class Trainer:
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast_context(self.device, self.bf16):
-            out = self.loss_fn(self.model, batch)
+            out = self.loss_fn(self.ddp if self.ddp is not None else self.model, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         return loss.float(), metrics
 
@@ -215,14 +261,16 @@ class Trainer:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            clean_partial(self.run_dir)
+            if self.dist.is_main:
+                clean_partial(self.run_dir)
+            distributed.barrier()
             if latest_checkpoint(self.run_dir) is not None:
                 raise FileExistsError(
                     f"{self.run_dir} already holds checkpoints; pass resume=True (--resume) to "
                     "continue, or choose another run folder"
                 )
         if not resume or self.resume() is None:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.seed + self.dist.rank)
         last_ckpt: Path | None = None
         if self.step >= cfg.steps:
             return TrainResult(self.step, latest_checkpoint(self.run_dir))
@@ -232,12 +280,14 @@ class Trainer:
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
-            disable=not self.progress,
+            disable=not self.progress or not self.dist.is_main,
             desc="train",
             unit="step",
             dynamic_ncols=True,
         )
-        metrics_file = open(self.run_dir / METRICS_NAME, "a", encoding="utf-8")
+        metrics_file = (
+            open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") if self.dist.is_main else None
+        )
         window_t, window_samples = time.perf_counter(), 0
         last: dict[str, float] = {}
         try:
@@ -253,20 +303,27 @@ class Trainer:
                     group["lr"] = lr
                 total_loss = 0.0
                 sums: dict[str, float] = {}
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch = move_to(next(batches), self.device)
-                    loss, extra = self._loss(batch)
-                    if not torch.isfinite(loss):
+                    last_micro = micro == cfg.grad_accum - 1
+                    # DDP: synchronise gradients once per optimizer step, not per micro-batch
+                    sync = nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync()
+                    with sync:
+                        loss, extra = self._loss(batch)
+                        finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
+                        if finite:
+                            (loss / cfg.grad_accum).backward()
+                    if not finite:
                         where = latest_checkpoint(self.run_dir)
                         raise TrainingDiverged(
-                            f"loss is {loss.item()} at step {self.step + 1}; training stopped. "
+                            f"loss is {loss.item()} at step {self.step + 1} (on some process); "
+                            "training stopped. "
                             + (
                                 f"The last whole checkpoint is {where}."
                                 if where
                                 else "No checkpoint was written yet."
                             )
                         )
-                    (loss / cfg.grad_accum).backward()
                     total_loss += loss.item() / cfg.grad_accum
                     for k, v in extra.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
@@ -281,16 +338,20 @@ class Trainer:
                 bar.update(1)
                 last = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), **sums}
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    for k in ("loss", *sums):  # the mean over ranks (a collective)
+                        last[k] = distributed.mean_over_ranks(last[k], self.device)
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_t, 1e-9)
                     window_t, window_samples = now, 0
                     record = {"step": self.step, **last, "samples_per_s": rate, "time": time.time()}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{total_loss:.4f}", samples_s=f"{rate:.1f}")
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     last_ckpt = self.save()
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             bar.close()
         return TrainResult(self.step, last_ckpt, last)

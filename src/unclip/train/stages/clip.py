@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     )
     result = trainer.fit(resume=args.resume)
     export_final(trainer, result)
-    tokenizer.save(trainer.run_dir / "final" / "tokenizer")
+    if trainer.dist.is_main:
+        tokenizer.save(trainer.run_dir / "final" / "tokenizer")
     if data.skips.total:
         print(data.skips.summary())
     return 0

@@ -43,6 +43,8 @@ def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
 def export_final(trainer: Trainer, result: TrainResult, dtype: torch.dtype | None = None) -> Path:
     """Write ``RUN_DIR/final``: a model folder with the trained (and EMA) weights."""
     out = trainer.run_dir / FINAL_NAME
+    if not trainer.dist.is_main:  # under torchrun, rank 0 writes
+        return out
     save_pretrained(
         trainer.model, out, ema=trainer.ema.state_dict() if trainer.ema else None, dtype=dtype
     )

@@ -100,5 +100,6 @@ def run(args: argparse.Namespace) -> int:
     )
     result = trainer.fit(resume=args.resume)
     out = export_final(trainer, result)
-    save_diffusion_config(out, cfg.diffusion)
+    if trainer.dist.is_main:
+        save_diffusion_config(out, cfg.diffusion)
     return 0

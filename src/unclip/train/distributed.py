@@ -1,0 +1,89 @@
+"""Multi-process training on PyTorch's own engine: ``torchrun`` + DistributedDataParallel.
+
+Nothing here is needed for one process. Under ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and the rendezvous variables) :func:`setup` joins the process group — gloo on
+CPU, nccl on CUDA — and every ``unclip train STAGE`` runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "barrier",
+    "is_distributed",
+    "mean_over_ranks",
+    "setup",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def setup(device: torch.device | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment (idempotent).
+
+    Returns rank 0 of 1 when not launched by torchrun. ``device``: where this rank trains
+    (CUDA: ``cuda:LOCAL_RANK`` is selected here and nccl is used; otherwise gloo).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a per-rank number over all ranks (the number itself in one process)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (a collective: call it on all ranks)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
