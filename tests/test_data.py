@@ -418,3 +418,16 @@ def test_embeddings_are_aligned_and_resumable(tmp_path):
     (out / "metadata" / "metadata_0002.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         EmbeddingShards(out)
+
+
+def test_embeddings_split_across_ranks(tmp_path):
+    write_shards(tmp_path / "shards", 10, 4)
+    ds = open_dataset(tmp_path / "shards", size=4)
+    enc = TinyEncoder()
+    out = tmp_path / "emb"
+    kw = dict(batch_size=4, shard_size=3, progress=False, world_size=2)
+    assert compute_embeddings(ds, enc.encode_image, enc.encode_text, out, rank=1, **kw) == 2
+    assert not (out / "info.json").exists()  # rank 0 writes it
+    assert compute_embeddings(ds, enc.encode_image, enc.encode_text, out, rank=0, **kw) == 2
+    emb = EmbeddingShards(out)
+    assert sorted(emb.keys) == [f"{i:05d}" for i in range(10)]

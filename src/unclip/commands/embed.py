@@ -36,8 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from unclip.data.datasets import open_dataset
     from unclip.data.embeddings import compute_embeddings
     from unclip.tokenizer import Tokenizer
+    from unclip.train import distributed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = distributed.setup(device)  # under torchrun each process embeds its own shards
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
     model = load_clip(args.clip).to(device).eval()
     tok_dir = Path(args.tokenizer) if args.tokenizer else Path(args.clip) / "tokenizer"
     tokenizer = Tokenizer.load(tok_dir)
@@ -57,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress and dist.is_main,
+        rank=dist.rank,
+        world_size=dist.world_size,
         info={"clip": str(args.clip), "data": str(args.data), "split": args.split},
     )
     print(f"unclip: {len(data)} samples embedded into {args.out} ({written} new shards)",

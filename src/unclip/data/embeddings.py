@@ -67,12 +67,16 @@ def compute_embeddings(
     num_workers: int = 0,
     progress: bool = True,
     info: dict[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> int:
     """Embed every sample of ``dataset`` (items ``{"key", "image", "caption"}``) into shards.
 
     ``encode_image``: images ``[B, 3, H, W]`` in [-1, 1] -> ``[B, D]``; ``encode_text``: list of
     captions -> ``[B, D]`` (both L2-normalised). Returns the number of shards written now
-    (whole shards already present are kept: the run resumes).
+    (whole shards already present are kept: the run resumes). Under ``torchrun`` give each
+    process its ``rank``/``world_size``: shard ``i`` is computed by rank ``i % world_size``, and
+    rank 0 writes ``info.json`` once every shard is whole.
     """
     from tqdm import tqdm
 
@@ -87,6 +91,8 @@ def compute_embeddings(
     for i in range(n_shards):
         paths = _shard_paths(out, i)
         lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+        if i % world_size != rank:
+            continue
         if all(p.exists() for p in paths.values()):
             bar.update(hi - lo)
             continue
@@ -114,6 +120,13 @@ def compute_embeddings(
         write_text_atomic(paths["meta"], lines)
         written += 1
     bar.close()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if rank != 0:
+            return written
     if dim is None and n_shards:
         dim = int(np.load(_shard_paths(out, 0)["img"], mmap_mode="r").shape[1])
     doc = {"count": n, "shards": n_shards, "dim": dim, **(info or {})}
