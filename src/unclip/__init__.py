@@ -16,7 +16,30 @@ __all__ = [
     "ConfigError",
     "DiffusionConfig",
     "TrainConfig",
+    "UnclipPipeline",
     "__version__",
     "from_pretrained",
+    "load_pipeline",
     "save_pretrained",
 ]
+
+# Imported on first use, so ``import unclip`` does not load every model package.
+_LAZY = {
+    "load_pipeline": "unclip.pipeline",
+    "UnclipPipeline": "unclip.pipeline",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unclip' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

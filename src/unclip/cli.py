@@ -39,6 +39,10 @@ TRAIN_STAGES: dict[str, tuple[str, str]] = {
         "train a diffusion upsampler (low-resolution image -> image)",
         "unclip.train.stages.upsampler:run",
     ),
+    "pipeline": (
+        "assemble trained stages (CLIP, prior, decoder, upsamplers) into a pipeline folder",
+        "unclip.train.stages.pipeline:run",
+    ),
 }
 
 # Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
@@ -48,6 +52,7 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.embed",
     "unclip.commands.clip",
     "unclip.commands.evaluate",
+    "unclip.commands.generate",
 ]
 
 
@@ -67,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         NotADirectoryError,
         PermissionError,
         ValueError,
+        OSError,
     )
 
 

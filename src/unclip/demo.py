@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from unclip.cli import main as cli_main
 
-    return cli_main(["generate", prompt, "--out", "demo.png"])
+    return cli_main(["generate", prompt, "--out", "demo", "--seed", "0"])
 
 
 if __name__ == "__main__":

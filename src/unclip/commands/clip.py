@@ -33,11 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_model() -> Path:
-    root = Path(__file__).resolve().parents[1] / "weights"
-    for candidate in (root / "default", root):
-        if (candidate / "clip").is_dir() or (candidate / "config.json").is_file():
-            return candidate
-    raise ValueError("no default model is installed with this unclip; pass --model PATH")
+    """The CLIP of the shipped default pipeline (emoji-small)."""
+    from unclip.pipeline.core import resolve_pipeline
+
+    try:
+        return resolve_pipeline("emoji-small")
+    except FileNotFoundError:
+        raise ValueError("no default model is installed with this unclip; pass --model PATH") from None
 
 
 def find_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:

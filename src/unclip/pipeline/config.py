@@ -1,0 +1,150 @@
+"""``pipeline.json``: which stage lives in which subfolder, and the default sampling settings.
+
+A pipeline folder looks like::
+
+    pipeline.json       {"type": "unclip_pipeline", "format_version": 1, "name": ...,
+                         "stages": {...}, "sampling": {...}}
+    tokenizer/          a tokenizer folder (unclip.tokenizer)
+    clip/               a CLIP model folder
+    prior/              a diffusion prior model folder + diffusion.json
+    decoder/            a decoder UNet model folder + diffusion.json
+    inpaint_decoder/    optional: a decoder trained with the GLIDE inpainting inputs
+    upsampler/ …        zero or more upsampler folders, lowest resolution first
+
+Stage paths are relative to the pipeline folder and may not leave it. Parsing is strict
+(unknown keys and wrong types are errors that name the field), as for every unclip config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Literal
+
+from unclip.config import Config, ConfigError
+
+PIPELINE_TYPE = "unclip_pipeline"
+PIPELINE_FORMAT_VERSION = 1
+PIPELINE_FILE = "pipeline.json"
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+
+
+@dataclasses.dataclass
+class PriorSampling(Config):
+    """Default sampling of the prior: ``candidates`` z_i are drawn per image and the one with
+    the highest dot product with z_t is kept (DALL·E 2 §2.2); ``guidance`` is the
+    classifier-free guidance scale (1 = none; Karlo/diffusers use 4)."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 25
+    guidance: float = 4.0
+    candidates: int = 2
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self.steps, self.eta)
+        _check_guidance(self.guidance)
+        if self.candidates < 1:
+            raise ConfigError(f"candidates must be at least 1, got {self.candidates}")
+
+
+@dataclasses.dataclass
+class DecoderSampling(Config):
+    """Default sampling of the decoder (and the inpainting decoder); ``eta`` is DDIM's η."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 25
+    guidance: float = 8.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self.steps, self.eta)
+        _check_guidance(self.guidance)
+
+
+@dataclasses.dataclass
+class UpsamplerSampling(Config):
+    """Default sampling of every upsampler (no guidance: they see no caption or embedding)."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 7
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_common(self.steps, self.eta)
+
+
+@dataclasses.dataclass
+class SamplingConfig(Config):
+    """Per-stage default sampling settings (the public defaults of Karlo/diffusers)."""
+
+    prior: PriorSampling = dataclasses.field(default_factory=PriorSampling)
+    decoder: DecoderSampling = dataclasses.field(default_factory=DecoderSampling)
+    upsampler: UpsamplerSampling = dataclasses.field(default_factory=UpsamplerSampling)
+
+
+@dataclasses.dataclass
+class StagesConfig(Config):
+    """Subfolders of the pipeline folder. ``prior`` may be null (the decoder is then fed the
+    text embedding z_t, the paper's §5.1 baseline); ``inpaint_decoder`` null means inpainting
+    uses RePaint with the plain decoder; ``upsamplers`` run in order, lowest resolution first."""
+
+    tokenizer: str = "tokenizer"
+    clip: str = "clip"
+    prior: str | None = "prior"
+    decoder: str = "decoder"
+    inpaint_decoder: str | None = None
+    upsamplers: list[str] = dataclasses.field(default_factory=lambda: ["upsampler"])
+
+    def __post_init__(self) -> None:
+        for key in ("tokenizer", "clip", "prior", "decoder", "inpaint_decoder"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_relative(key, value)
+        for i, value in enumerate(self.upsamplers):
+            _check_relative(f"upsamplers[{i}]", value)
+
+
+@dataclasses.dataclass
+class PipelineConfig(Config):
+    """The document in ``pipeline.json``."""
+
+    type: str = PIPELINE_TYPE
+    format_version: int = PIPELINE_FORMAT_VERSION
+    name: str = ""
+    stages: StagesConfig = dataclasses.field(default_factory=StagesConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.type != PIPELINE_TYPE:
+            raise ConfigError(f"type must be {PIPELINE_TYPE!r}, got {self.type!r}")
+        if self.format_version < 1:
+            raise ConfigError(f"format_version must be at least 1, got {self.format_version}")
+        if self.format_version > PIPELINE_FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version {self.format_version} was written by a newer unclip (this one "
+                f"reads up to {PIPELINE_FORMAT_VERSION}); upgrade unclip"
+            )
+
+
+def _check_common(steps: int, eta: float) -> None:
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"eta must be in [0, 1], got {eta}")
+
+
+def _check_guidance(guidance: float) -> None:
+    if not 0.0 <= guidance <= 100.0:
+        raise ConfigError(f"guidance must be in [0, 100], got {guidance}")
+
+
+def _check_relative(key: str, value: str) -> None:
+    """A stage path must be a relative path inside the pipeline folder."""
+    if not value:
+        raise ConfigError(f"{key}: empty stage path")
+    for flavour in (PurePosixPath, PureWindowsPath):
+        p = flavour(value)
+        if p.is_absolute() or p.anchor or ".." in p.parts:
+            raise ConfigError(f"{key}: {value!r} must be a folder inside the pipeline folder")

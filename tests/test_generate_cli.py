@@ -1,0 +1,340 @@
+"""The generation commands end to end on a tiny random pipeline: outputs, metadata, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_pipeline import OUT, write_stages, write_tiny_pipeline
+from unclip import cli
+
+COMMANDS = ("generate", "vary", "interpolate", "textdiff", "edit", "outpaint", "rank")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    """The commands as cli.py registers them (added here if this tree does not yet)."""
+    if "unclip.commands.generate" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(
+            cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "unclip.commands.generate"]
+        )
+    if "pipeline" not in cli.TRAIN_STAGES:
+        from unclip.train.stages import pipeline as stage
+
+        stages = dict(cli.TRAIN_STAGES, pipeline=(stage.HELP, "unclip.train.stages.pipeline:run"))
+        monkeypatch.setattr(cli, "TRAIN_STAGES", stages)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory) -> Path:
+    return write_tiny_pipeline(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name in ("a", "b"):
+        arr = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)  # not square: gets cropped
+        paths[name] = root / f"{name}.png"
+        Image.fromarray(arr, "RGB").save(paths[name])
+    mask = Image.new("L", (32, 24), 0)
+    mask.paste(255, (10, 6, 22, 18))
+    paths["mask"] = root / "mask.png"
+    mask.save(paths["mask"])
+    paths["small_mask"] = root / "small.png"
+    Image.new("L", (8, 8), 255).save(paths["small_mask"])
+    pal = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "RGB").convert("P")
+    pal.info["transparency"] = 0
+    paths["palette"] = root / "palette.png"
+    pal.save(paths["palette"], transparency=0)
+    paths["text"] = root / "notes.png"
+    paths["text"].write_text("this is not an image")
+    return paths
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = cli.main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def common(pipeline_dir: Path, out: Path, seed: int = 3) -> list[str]:
+    return ["--pipeline", str(pipeline_dir), "--out", str(out), "--seed", str(seed),
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def read_png(path: Path) -> tuple[Image.Image, dict[str, str]]:
+    img = Image.open(path)
+    img.load()
+    assert img.format == "PNG"
+    return img, dict(img.text)
+
+
+def test_generate_writes_pngs_with_metadata_json_and_grid(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    grid = tmp_path / "sheet.png"
+    rc, stdout, err = run(["generate", "a red square", "-n", "2", "--json", "--grid", str(grid),
+                           *common(pipeline_dir, out)], capsys)  # fmt: skip
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    paths = [Path(i["path"]) for i in doc["images"]]
+    assert paths == [out / "generate-3-0.png", out / "generate-3-1.png"]
+    assert [i["seed"] for i in doc["images"]] == [3, 4]
+    assert doc["images"][0]["steps"] == {"prior": 2, "decoder": 2, "upsampler": 2}
+    img, text = read_png(paths[0])
+    assert img.size == (OUT, OUT)
+    assert text["prompt"] == "a red square" and text["seed"] == "3" and text["model"] == "tiny"
+    assert json.loads(text["guidance"]) == {"prior": 4.0, "decoder": 8.0}
+    assert json.loads(text["steps"])["decoder"] == 2
+    assert Image.open(grid).size[0] > OUT
+    assert sorted(p.name for p in out.iterdir()) == ["generate-3-0.png", "generate-3-1.png"]
+
+
+def test_same_seed_same_bytes_other_seed_other_image(pipeline_dir, tmp_path, capsys):
+    files = []
+    for name, seed in (("one", 5), ("two", 5), ("three", 6)):
+        rc, stdout, _ = run(
+            ["generate", "a green circle", *common(pipeline_dir, tmp_path / name, seed)], capsys
+        )
+        assert rc == 0
+        files.append(Path(stdout.split()[0]))
+    assert files[0].read_bytes() == files[1].read_bytes()
+    a, b = (np.asarray(Image.open(f)) for f in (files[0], files[2]))
+    assert not np.array_equal(a, b)
+    # the batch image with seed 6 (second of -n 2 from seed 5) is the single image of seed 6
+    rc, stdout, _ = run(
+        ["generate", "a green circle", "-n", "2", *common(pipeline_dir, tmp_path / "batch", 5)],
+        capsys,
+    )
+    batch = Path(stdout.split()[1])
+    assert np.array_equal(np.asarray(Image.open(batch)), b)
+
+
+def test_generate_with_reranking_and_overrides(pipeline_dir, tmp_path, capsys):
+    rc, stdout, err = run(["generate", "a red square", "--candidates", "3", "--keep", "2", "--json",
+                           "--decoder-steps", "3", "--sampler", "ddpm", "--prior-guidance", "1",
+                           *common(pipeline_dir, tmp_path)], capsys)  # fmt: skip
+    assert rc == 0, err
+    items = json.loads(stdout)["images"]
+    assert len(items) == 2 and items[0]["clip_score"] >= items[1]["clip_score"]
+    assert items[0]["steps"]["decoder"] == 3 and items[0]["sampler"]["prior"] == "ddpm"
+    assert items[0]["guidance"]["prior"] == 1.0
+
+
+def test_progress_bar_goes_to_stderr(pipeline_dir, tmp_path, capsys):
+    args = common(pipeline_dir, tmp_path)
+    args.remove("--no-progress")
+    rc, stdout, err = run(["generate", "a red square", *args], capsys)
+    assert rc == 0 and "upsampler" in err and "image 1/1" in err
+    assert stdout.strip() == str(tmp_path / "generate-3-0.png")
+
+
+@pytest.mark.parametrize(
+    ("argv", "names", "size"),
+    [
+        (["vary", "{a}", "-n", "2"], ["vary-3-0.png", "vary-3-1.png"], (OUT, OUT)),
+        (["vary", "{palette}", "-n", "1", "--invert", "--eta", "0.3"], ["vary-3-0.png"], (OUT, OUT)),
+        (["interpolate", "{a}", "{b}", "--frames", "3"],
+         [f"interpolate-3-{i}.png" for i in range(3)], (OUT, OUT)),
+        (["textdiff", "{a}", "--from", "a red square", "--to", "a blue square", "--frames", "2"],
+         ["textdiff-3-0.png", "textdiff-3-1.png"], (OUT, OUT)),
+        (["edit", "{a}", "a green circle", "--mask", "{mask}", "-n", "2"],
+         ["edit-3-0.png", "edit-3-1.png"], (OUT, OUT)),
+        (["edit", "{a}", "a green circle", "--mask", "{mask}", "--repaint", "--resample", "2"],
+         ["edit-3-0.png"], (OUT, OUT)),
+        (["outpaint", "{a}", "a red square", "--right", "8"], ["outpaint-3-0.png"], (16, 10)),
+    ],
+)  # fmt: skip
+def test_every_image_command_writes_pngs_with_metadata(
+    pipeline_dir, images, tmp_path, capsys, argv, names, size
+):
+    argv = [a.format(**{k: str(v) for k, v in images.items()}) for a in argv]
+    rc, stdout, err = run([*argv, *common(pipeline_dir, tmp_path / "out")], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    assert stdout.split() == [str(tmp_path / "out" / n) for n in names]
+    per_frame = argv[0] in ("interpolate", "textdiff")  # frames share the seed
+    for i, name in enumerate(names):
+        img, text = read_png(tmp_path / "out" / name)
+        assert img.size == size
+        assert text["seed"] == str(3 if per_frame else 3 + i)
+        assert text["model"] == "tiny" and "steps" in text and "guidance" in text
+        assert text["software"].startswith("unclip ")
+    if argv[0] in ("edit", "outpaint"):
+        assert text["prompt"] == argv[2]
+
+
+def test_rank_prints_best_first(pipeline_dir, images, tmp_path, capsys):
+    paths = [str(images["a"]), str(images["b"]), str(images["palette"])]
+    rc, stdout, err = run(["rank", "a red square", *paths, "--pipeline", str(pipeline_dir),
+                           "--device", "cpu", "--json", "--grid", str(tmp_path / "g.png")], capsys)  # fmt: skip
+    assert rc == 0, err
+    ranking = json.loads(stdout)["ranking"]
+    assert sorted(r["path"] for r in ranking) == sorted(paths)
+    scores = [r["score"] for r in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert (tmp_path / "g.png").is_file()
+    rc, stdout, _ = run(["rank", "a red square", *paths, "-k", "1", "--pipeline",
+                         str(pipeline_dir), "--device", "cpu"], capsys)  # fmt: skip
+    score, path = stdout.strip().split("\t")
+    assert path == ranking[0]["path"] and float(score) == pytest.approx(scores[0], abs=1e-4)
+
+
+def test_train_pipeline_assembles_from_run_folders(tmp_path, capsys):
+    stages = write_stages(tmp_path / "stages")
+    run_dir = tmp_path / "decoder-run"  # a training run folder: its final/ is the model
+    run_dir.mkdir()
+    stages["decoder"].rename(run_dir / "final")
+    out = tmp_path / "assembled"
+    args = ["train", "pipeline", "--clip", str(stages["clip"]), "--prior", str(stages["prior"]),
+            "--decoder", str(run_dir), "--upsampler", str(stages["upsampler"]),
+            "--inpaint-decoder", str(stages["inpaint_decoder"]), "--out", str(out),
+            "--name", "mine"]  # fmt: skip
+    rc, _, err = run(args, capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "pipeline.json").read_text())
+    assert doc["name"] == "mine" and doc["stages"]["inpaint_decoder"] == "inpaint_decoder"
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run([*args, "--overwrite"], capsys)
+    assert rc == 0, err
+
+
+def test_unknown_pipeline_name_is_one_line(tmp_path, capsys, monkeypatch):
+    from unclip.pipeline import core
+
+    monkeypatch.setattr(core, "WEIGHTS_DIR", tmp_path / "none")
+    rc, _, err = run(["generate", "a red square", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2
+    assert err.strip() == (
+        "unclip generate: error: no pipeline 'emoji-small': not a folder, nor a pipeline shipped "
+        "with unclip (shipped: none in this version); pass the path of a pipeline folder "
+        "(`unclip train pipeline` assembles one)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", ""], "the prompt is empty"),
+        (["generate", "   "], "the prompt is empty"),
+        (["generate", LONG], "the prompt is 10,000 characters long; the limit is 1,000"),
+        (["generate", "a cat", "--decoder-steps", "-3"], "--decoder-steps must be between 1 and 1,000, got -3"),
+        (["generate", "a cat", "--prior-steps", "0"], "--prior-steps must be between 1"),
+        (["generate", "a cat", "--upsampler-steps", "1000000000"], "--upsampler-steps must be between 1 and 1,000"),
+        (["generate", "a cat", "--decoder-steps", "60"], "decoder_steps=60 is more than the decoder's 50 diffusion timesteps"),
+        (["generate", "a cat", "--decoder-guidance", "inf"], "--decoder-guidance must be between 0 and 100"),
+        (["generate", "a cat", "-n", "0"], "-n must be between 1"),
+        (["generate", "a cat", "--keep", "2"], "--keep needs --candidates"),
+        (["vary", "{missing}"], "{missing}: no such image file"),
+        (["vary", "{text}"], "{text}: not a readable image"),
+        (["vary", "{a}", "--eta", "3"], "--eta must be between 0 and 1"),
+        (["interpolate", "{a}", "{missing}"], "{missing}: no such image file"),
+        (["interpolate", "{a}", "{b}", "--frames", "1"], "--frames must be between 2"),
+        (["textdiff", "{a}", "--from", "", "--to", "a dog"], "the --from caption is empty"),
+        (["textdiff", "{a}", "--from", "a cat", "--to", "a dog", "--max-theta", "0"], "--max-theta must be in (0, 1]"),
+        (["edit", "{a}", "a cat", "--mask", "{small_mask}"], "the mask is 8×8 but"),
+        (["edit", "{a}", "a cat", "--mask", "{text}"], "{text}: not a readable image"),
+        (["edit", "{a}", "a cat"], "no --mask given and the image has no transparent pixels"),
+        (["edit", "{a}", LONG, "--mask", "{mask}"], "the limit is 1,000"),
+        (["edit", "{a}", "a cat", "--mask", "{mask}", "--resample", "-1"], "--resample must be between 1 and 100"),
+        (["outpaint", "{a}", "a cat"], "outpaint needs a margin"),
+        (["outpaint", "{a}", "a cat", "--left", "-5"], "--left must be between 0 and 128, got -5"),
+        (["outpaint", "{a}", "a cat", "--top", "99999"], "--top must be between 0 and 128"),
+        (["rank", "", "{a}"], "the prompt is empty"),
+        (["rank", "a cat", "{a}", "-k", "2"], "-k must be between 1 and 1"),
+        (["rank", "a cat", "{missing}"], "no such image file"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    pipeline_dir, images, tmp_path, capsys, argv, message
+):
+    names = {k: str(v) for k, v in images.items()} | {"missing": str(tmp_path / "nope.png")}
+    argv = [a.format(**names) for a in argv]
+    out = tmp_path / "out"
+    extra = ["--pipeline", str(pipeline_dir), "--device", "cpu", "--no-progress"]
+    if argv[0] != "rank":
+        extra += ["--out", str(out), "--seed", "1"]
+    rc, stdout, err = run([*argv, *extra, "--grid", str(tmp_path / "grid.png")], capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"unclip {argv[0]}: error: ")
+    assert message.format(**names) in lines[0]
+    assert stdout == ""
+    assert not out.exists() and not (tmp_path / "grid.png").exists()
+
+
+def test_a_failure_while_writing_leaves_no_partial_files(
+    pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    saved = []
+    original = Image.Image.save
+
+    def flaky_save(self, fp, *args, **kwargs):
+        if len(saved) == 2:
+            raise OSError("disk full")
+        saved.append(fp)
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", flaky_save)
+    out = tmp_path / "out"
+    rc = cli.main(["generate", "a red square", "-n", "3", *common(pipeline_dir, out)])
+    assert rc == 2 and "disk full" in capsys.readouterr().err  # one line, no traceback
+    assert len(saved) == 2 and list(out.iterdir()) == []  # two written, both removed
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_documents_every_option(command, capsys):
+    parser = _subparsers(cli.build_parser())[command]
+    for action in parser._actions:
+        assert action.help and len(action.help) > 5, (command, action.dest)
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser._actions:
+        for flag in action.option_strings:
+            assert flag in text
+    if command != "generate":
+        assert "centre square is cropped" in text  # the resize policy
+    if command == "edit":
+        assert "white or transparent = repaint" in text
+    if command != "rank":
+        assert "OUT/COMMAND-SEED-I.png" in text
+
+
+def test_train_pipeline_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "pipeline", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--clip", "--prior", "--decoder", "--upsampler", "--inpaint-decoder", "--out"):
+        assert flag in text
+    assert "EMA weights" in text
