@@ -216,6 +216,7 @@ def test_upsampler_stage_trains(shapes, tmp_path):
         "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
         "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2},
         "data": {"path": str(shapes), "split": "train", "image_size": 16},
+        "crop_size": 8,
     }  # fmt: skip
     final = _run_stage("upsampler", cfg, tmp_path)
     assert from_pretrained(final).config.low_res_size == 8
@@ -231,3 +232,17 @@ def test_eval_clip_command_reports_recall_and_zero_shot(tiny_clip_and_embeddings
     for key in ("text_to_image_r@1", "image_to_text_r@5", "zero_shot_style", "zero_shot_group"):
         assert 0.0 <= result[key] <= 1.0
     assert result["text_to_image_r@10"] == 1.0  # 8 candidates: the match is always in the top 10
+
+
+def test_random_crop_takes_square_windows_of_the_images():
+    from unclip.train.stages.upsampler import random_crop
+
+    images = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    crops = random_crop(images, 4)
+    assert crops.shape == (2, 1, 4, 4)
+    for img, crop in zip(images, crops, strict=True):
+        found = any(
+            torch.equal(img[:, y : y + 4, x : x + 4], crop) for y in range(3) for x in range(3)
+        )
+        assert found
+    assert random_crop(images, 0) is images

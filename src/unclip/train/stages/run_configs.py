@@ -57,9 +57,13 @@ class DecoderRunConfig(Config):
 
 @dataclasses.dataclass
 class UpsamplerRunConfig(Config):
+    """``crop_size`` > 0 trains on random square crops of that side (the paper trains its
+    upsamplers on quarter-size crops; a convolutional network samples at full size later)."""
+
     model: UpsamplerConfig = dataclasses.field(default_factory=UpsamplerConfig)
     diffusion: DiffusionConfig = dataclasses.field(
         default_factory=lambda: DiffusionConfig(learn_sigma=True, loss="hybrid")
     )
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    crop_size: int = 0

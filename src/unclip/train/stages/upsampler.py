@@ -22,14 +22,31 @@ class Images:
         return self.dataset[i]["image"]
 
 
+def random_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """One random ``size``² crop per image (torch's global RNG): [N, C, H, W] -> [N, C, s, s]."""
+    n, _, h, w = images.shape
+    if size <= 0 or (size >= h and size >= w):
+        return images
+    top = torch.randint(0, h - size + 1, (n,)).tolist()
+    left = torch.randint(0, w - size + 1, (n,)).tolist()
+    return torch.stack(
+        [img[:, y : y + size, x : x + size] for img, y, x in zip(images, top, left, strict=True)]
+    )
+
+
 class UpsamplerLoss:
-    def __init__(self, diffusion, config) -> None:
+    """The diffusion loss of an upsampler on (optionally cropped) images and their degraded
+    low-resolution versions."""
+
+    def __init__(self, diffusion, config, crop_size: int = 0) -> None:
         self.diffusion = diffusion
         self.config = config
+        self.crop_size = crop_size
 
     def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         from unclip.decoder.upsampler import make_low_res
 
+        images = random_crop(images, self.crop_size)
         low = make_low_res(images, self.config)
         t = self.diffusion.sample_timesteps(images.shape[0], device=images.device)
         terms = self.diffusion.training_losses(model, images, t, {"low_res": low})
@@ -71,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(images)} images")  # fmt: skip
     trainer = Trainer(
         model,
-        UpsamplerLoss(diffusion, cfg.model),
+        UpsamplerLoss(diffusion, cfg.model, cfg.crop_size),
         Images(images),
         cfg.train,
         args.run_dir,
