@@ -38,3 +38,15 @@ def test_zero_shot_accuracy_overall_and_per_class():
     acc = zero_shot_accuracy(image_emb, truth, class_emb, classes)
     assert acc["accuracy"] == 0.75
     assert acc["mean_per_class"] == 0.75
+
+
+def test_linear_map_recovers_a_linear_relation():
+    from unclip.eval.prior_eval import fit_linear_map, linear_map_predict
+
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.nn.functional.normalize(torch.randn(200, 6, generator=g), dim=-1)
+    a = torch.randn(6, 6, generator=g)
+    z_i = torch.nn.functional.normalize(z_t @ a + 0.1, dim=-1)
+    w = fit_linear_map(z_t, z_t @ a + 0.1, ridge=1e-6)
+    pred = linear_map_predict(w, z_t)
+    assert (pred * z_i).sum(-1).mean() > 0.999

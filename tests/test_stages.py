@@ -171,7 +171,7 @@ def _run_stage(stage: str, cfg: dict, tmp_path: Path) -> Path:
     return run / "final"
 
 
-def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path):
+def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path, capsys):
     clip_dir, emb = tiny_clip_and_embeddings
     cfg = {
         "model": {"clip_dim": 16, "text_dim": 32, "text_len": 12, "width": 32, "layers": 2,
@@ -185,6 +185,14 @@ def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path):
     model = from_pretrained(final)
     assert model.config.clip_dim == 16
     assert json.loads((final / "diffusion.json").read_text())["timesteps"] == 50
+    args = ["eval", "prior", "--prior", str(final), "--clip", str(clip_dir), "--train-embeddings",
+            str(emb), "--embeddings", str(emb), "--steps", "3", "--guidance", "2", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)["emb"]
+    assert result["captions"] == 56
+    for key in ("cos_text_embedding", "cos_linear_regression", "cos_prior"):
+        assert -1.0 <= result[key] <= 1.0
 
 
 def test_decoder_stage_trains_with_inpainting_inputs(shapes, tiny_clip_and_embeddings, tmp_path):

@@ -39,6 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=_eval_clip)
 
+    pr = stages.add_parser(
+        "prior",
+        help="cosine similarity of the prior's samples to the true CLIP image embeddings",
+        description="For every caption of the given embedding folders, compare three guesses "
+        "of its image's CLIP embedding by mean cosine similarity to the true one: the caption "
+        "embedding z_t itself, a linear regression z_t -> z_i fitted on --train-embeddings, "
+        "and samples of the diffusion prior (DDIM).",
+    )
+    pr.add_argument("--prior", required=True, help="prior model folder (with diffusion.json)")
+    pr.add_argument("--clip", required=True, help="the CLIP folder the prior was trained with")
+    pr.add_argument("--train-embeddings", required=True, help="`unclip embed` output of train")
+    pr.add_argument("--embeddings", action="append", required=True, metavar="DIR",
+                    help="`unclip embed` output of a split to measure (repeatable)")  # fmt: skip
+    pr.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    pr.add_argument("--guidance", type=float, default=1.0, help="guidance scale (default 1)")
+    pr.add_argument("--candidates", type=int, default=2, help="samples per caption (default 2)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.set_defaults(func=_eval_prior)
+
 
 def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str],
                   batch_size: int = 256, tokenizer: str | None = None) -> dict[str, float]:  # fmt: skip
@@ -105,4 +124,57 @@ def _eval_clip(args: argparse.Namespace) -> int:
         )
         print(name.ljust(36) + row)
     print(f"(CLIP: {args.clip}; data: {args.data})", file=sys.stderr)
+    return 0
+
+
+def _eval_prior(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from unclip.config import DiffusionConfig
+    from unclip.data.embeddings import EmbeddingShards
+    from unclip.diffusion import GaussianDiffusion
+    from unclip.eval.prior_eval import (
+        fit_linear_map,
+        linear_map_predict,
+        sample_prior_embeddings,
+    )
+    from unclip.hub import from_pretrained
+    from unclip.train.stages.common import FrozenTextEncoder
+
+    if args.steps < 1 or args.candidates < 1:
+        raise ValueError("--steps and --candidates must be at least 1")
+    prior = from_pretrained(args.prior)
+    diffusion = GaussianDiffusion.from_config(
+        DiffusionConfig.load(Path(args.prior) / "diffusion.json")
+    )
+    text = FrozenTextEncoder(args.clip)
+    train = EmbeddingShards(args.train_embeddings)
+    w = fit_linear_map(
+        torch.as_tensor(train.text_emb).float(), torch.as_tensor(train.image_emb).float()
+    )
+    results = {}
+    for folder in args.embeddings:
+        shards = EmbeddingShards(folder)
+        z_t = F.normalize(torch.as_tensor(shards.text_emb).float(), dim=-1)
+        z_i = F.normalize(torch.as_tensor(shards.image_emb).float(), dim=-1)
+        sampled = sample_prior_embeddings(
+            prior, diffusion, text, shards.captions, z_t, steps=args.steps,
+            guidance=args.guidance, candidates=args.candidates,
+        )  # fmt: skip
+        results[Path(folder).name] = {
+            "captions": len(shards),
+            "cos_text_embedding": (z_t * z_i).sum(-1).mean().item(),
+            "cos_linear_regression": (linear_map_predict(w, z_t) * z_i).sum(-1).mean().item(),
+            "cos_prior": (sampled * z_i).sum(-1).mean().item(),
+        }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print("split".ljust(12) + "captions".rjust(10) + "z_t".rjust(10) + "linear".rjust(10)
+          + "prior".rjust(10))  # fmt: skip
+    for name, r in results.items():
+        print(name.ljust(12) + str(r["captions"]).rjust(10)
+              + "".join(f"{r[k]:.4f}".rjust(10) for k in ("cos_text_embedding",
+                        "cos_linear_regression", "cos_prior")))  # fmt: skip
     return 0
