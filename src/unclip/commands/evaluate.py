@@ -128,6 +128,7 @@ def _eval_clip(args: argparse.Namespace) -> int:
 
 
 def _eval_prior(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -151,13 +152,14 @@ def _eval_prior(args: argparse.Namespace) -> int:
     text = FrozenTextEncoder(args.clip)
     train = EmbeddingShards(args.train_embeddings)
     w = fit_linear_map(
-        torch.as_tensor(train.text_emb).float(), torch.as_tensor(train.image_emb).float()
+        torch.from_numpy(np.asarray(train.text_emb, dtype=np.float32)),
+        torch.from_numpy(np.asarray(train.image_emb, dtype=np.float32)),
     )
     results = {}
     for folder in args.embeddings:
         shards = EmbeddingShards(folder)
-        z_t = F.normalize(torch.as_tensor(shards.text_emb).float(), dim=-1)
-        z_i = F.normalize(torch.as_tensor(shards.image_emb).float(), dim=-1)
+        z_t = F.normalize(torch.from_numpy(np.asarray(shards.text_emb, dtype=np.float32)), dim=-1)
+        z_i = F.normalize(torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)), dim=-1)
         sampled = sample_prior_embeddings(
             prior, diffusion, text, shards.captions, z_t, steps=args.steps,
             guidance=args.guidance, candidates=args.candidates,
