@@ -50,3 +50,32 @@ def test_linear_map_recovers_a_linear_relation():
     w = fit_linear_map(z_t, z_t @ a + 0.1, ridge=1e-6)
     pred = linear_map_predict(w, z_t)
     assert (pred * z_i).sum(-1).mean() > 0.999
+
+
+def test_frechet_distance_closed_form_and_identity():
+    from unclip.eval.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(x, x) < 1e-6
+    # N(0, I) vs N(m, 4I): |m|² + 3 + 12 - 2·tr(2I) = |m|² + 3
+    y = 2 * torch.randn(4000, 3, generator=g) + torch.tensor([1.0, 0.0, 0.0])
+    assert abs(frechet_distance(x, y) - 4.0) < 0.3
+
+
+def test_kernel_distance_near_zero_for_same_distribution():
+    from unclip.eval.metrics import kernel_distance
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g)
+    z = torch.randn(500, 4, generator=g) + 1.0
+    same, different = kernel_distance(x, y), kernel_distance(x, z)
+    assert abs(same) < 0.05 and different > 10 * abs(same) and different > 0.1
+
+
+def test_clip_score_is_mean_cosine():
+    from unclip.eval.metrics import clip_score
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert abs(clip_score(a, b) - (2**-0.5 + 1) / 2) < 1e-9

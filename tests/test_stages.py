@@ -254,3 +254,20 @@ def test_random_crop_takes_square_windows_of_the_images():
         )
         assert found
     assert random_crop(images, 0) is images
+
+
+def test_eval_pipeline_command_reports_quality_metrics(shapes, tmp_path, capsys):
+    from tiny_pipeline import write_tiny_pipeline
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    grid = tmp_path / "grid.png"
+    args = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "6", "--no-prior-baseline", "--grid", str(grid), "--json", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"val/unclip", "val/no_prior"}
+    for metrics in results.values():
+        assert metrics["images"] == 6
+        assert -1 <= metrics["clip_score"] <= 1 and metrics["fd_clip"] >= 0
+        assert 0 <= metrics["retrieval_r@1"] <= metrics["retrieval_r@5"] <= 1
+    assert Image.open(grid).size[0] > 100
