@@ -100,3 +100,72 @@ def save_diffusion_config(folder: Path, diffusion_config: Config) -> None:
 
 
 DIFFUSION_NAME = "diffusion.json"
+
+
+def diffusion_metrics(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(loss, metrics)`` of :meth:`GaussianDiffusion.training_losses`' per-sample terms."""
+    metrics = {k: terms[k].mean().item() for k in ("mse", "vlb") if k in terms}
+    return terms["loss"].mean(), metrics
+
+
+def embedding_shards(cfg: Config, where: str):
+    """The run's ``data.embeddings`` shards, checked against ``model.clip_dim``."""
+    from unclip.config import ConfigError
+    from unclip.data.embeddings import EmbeddingShards
+
+    if not cfg.data.embeddings:  # type: ignore[attr-defined]
+        raise ConfigError(f"{where}: data.embeddings must name an `unclip embed` output folder")
+    shards = EmbeddingShards(cfg.data.embeddings)  # type: ignore[attr-defined]
+    clip_dim = cfg.model.clip_dim  # type: ignore[attr-defined]
+    if shards.dim != clip_dim:
+        raise ConfigError(
+            f"{where}: model.clip_dim is {clip_dim} but the embeddings have {shards.dim}"
+        )
+    return shards
+
+
+def text_encoder_for(cfg: Config, where: str, max_len: int | None = None):
+    """The frozen CLIP text encoder named by ``cfg.clip`` when ``model.text_dim`` > 0."""
+    from unclip.config import ConfigError
+
+    text_dim = cfg.model.text_dim  # type: ignore[attr-defined]
+    if not text_dim:
+        return None
+    if not cfg.clip:  # type: ignore[attr-defined]
+        raise ConfigError(f"{where}: model.text_dim > 0 needs `clip` (a CLIP model folder)")
+    text = FrozenTextEncoder(cfg.clip)  # type: ignore[attr-defined]
+    if text.width != text_dim or (max_len is not None and text.context_length > max_len):
+        raise ConfigError(
+            f"{where}: model.text_dim {text_dim} (and text length {max_len}) must match the CLIP "
+            f"text encoder (width {text.width}, context {text.context_length})"
+        )
+    return text
+
+
+def check_pixel_stage(cfg: Config, where: str) -> None:
+    """A decoder/upsampler run: the model and its diffusion and data settings must agree."""
+    from unclip.config import ConfigError
+
+    if cfg.model.learn_sigma != cfg.diffusion.learn_sigma:  # type: ignore[attr-defined]
+        raise ConfigError(f"{where}: model.learn_sigma and diffusion.learn_sigma must agree")
+    if cfg.model.image_size != cfg.data.image_size:  # type: ignore[attr-defined]
+        raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
+
+
+def open_images(cfg: Config):
+    """The image data set of ``cfg.data``."""
+    from unclip.data.datasets import open_dataset
+
+    data = cfg.data  # type: ignore[attr-defined]
+    return open_dataset(
+        data.path, size=data.image_size, mode=data.mode or None, split=data.split or None
+    )
+
+
+def fit_and_export(trainer: Trainer, resume: bool, diffusion_config: Config | None = None) -> Path:
+    """Train (resuming if asked), then write ``final/`` (+ its ``diffusion.json``)."""
+    result = trainer.fit(resume=resume)
+    out = export_final(trainer, result)
+    if diffusion_config is not None and trainer.dist.is_main:
+        save_diffusion_config(out, diffusion_config)
+    return out

@@ -53,6 +53,7 @@ class DecoderLoss:
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, dict[str, Any]]:
         from unclip.data.masks import random_inpaint_mask
+        from unclip.train.stages.common import diffusion_metrics
 
         images, image_emb, captions = batch
         n, device = images.shape[0], images.device
@@ -65,77 +66,47 @@ class DecoderLoss:
             used = (torch.rand(n) < self.inpaint_prob).to(device).view(n, 1, 1, 1)
             kwargs.update(inpaint_image=images, inpaint_mask=keep * used)
         t = self.diffusion.sample_timesteps(n, device=device)
-        terms = self.diffusion.training_losses(model, images, t, kwargs)
-        metrics = {"mse": terms["mse"].mean().item()}
-        if "vlb" in terms:
-            metrics["vlb"] = terms["vlb"].mean().item()
-        return terms["loss"].mean(), metrics
+        return diffusion_metrics(self.diffusion.training_losses(model, images, t, kwargs))
 
 
 def run(args: argparse.Namespace) -> int:
-    from unclip.config import ConfigError
-    from unclip.data.datasets import open_dataset
-    from unclip.data.embeddings import EmbeddingShards
     from unclip.decoder.unet import UNet
     from unclip.diffusion import GaussianDiffusion
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
-        FrozenTextEncoder,
+        check_pixel_stage,
         count_parameters,
-        export_final,
+        embedding_shards,
+        fit_and_export,
         load_run_config,
-        save_diffusion_config,
+        open_images,
+        text_encoder_for,
     )
     from unclip.train.stages.run_configs import DecoderRunConfig
 
     cfg = load_run_config(DecoderRunConfig, args)
     where = args.config or args.run_dir
-    if cfg.model.learn_sigma != cfg.diffusion.learn_sigma:
-        raise ConfigError(f"{where}: model.learn_sigma and diffusion.learn_sigma must agree")
-    if cfg.model.image_size != cfg.data.image_size:
-        raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
-    if not cfg.data.embeddings:
-        raise ConfigError(f"{where}: data.embeddings must name an `unclip embed` output folder")
-    shards = EmbeddingShards(cfg.data.embeddings)
-    if shards.dim != cfg.model.clip_dim:
-        raise ConfigError(
-            f"{where}: model.clip_dim is {cfg.model.clip_dim} but the embeddings have {shards.dim}"
-        )
-    text = None
-    if cfg.model.text_dim:
-        if not cfg.clip:
-            raise ConfigError(f"{where}: model.text_dim > 0 needs `clip` (a CLIP model folder)")
-        text = FrozenTextEncoder(cfg.clip)
-        if text.width != cfg.model.text_dim:
-            raise ConfigError(
-                f"{where}: model.text_dim {cfg.model.text_dim} must equal the CLIP text width "
-                f"{text.width}"
-            )
-    images = open_dataset(
-        cfg.data.path,
-        size=cfg.data.image_size,
-        mode=cfg.data.mode or None,
-        split=cfg.data.split or None,
-    )
+    check_pixel_stage(cfg, where)
+    shards = embedding_shards(cfg, where)
+    text = text_encoder_for(cfg, where)
+    images = open_images(cfg)
     data = ImagesWithEmbeddings(images, shards)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     model = UNet(cfg.model)
     print(
         f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
     )
     trainer = Trainer(
         model,
-        DecoderLoss(diffusion, text, cfg.model.inpaint, cfg.inpaint_prob),
+        DecoderLoss(
+            GaussianDiffusion.from_config(cfg.diffusion), text, cfg.model.inpaint, cfg.inpaint_prob
+        ),
         data,
         cfg.train,
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
     )
-    result = trainer.fit(resume=args.resume)
-    out = export_final(trainer, result)
-    if trainer.dist.is_main:
-        save_diffusion_config(out, cfg.diffusion)
+    fit_and_export(trainer, args.resume, cfg.diffusion)
     if images.skips.total:
         print(images.skips.summary())
     return 0

@@ -53,53 +53,32 @@ class PriorLoss:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unclip.config import ConfigError
-    from unclip.data.embeddings import EmbeddingShards
     from unclip.diffusion import GaussianDiffusion
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
-        FrozenTextEncoder,
         count_parameters,
-        export_final,
+        embedding_shards,
+        fit_and_export,
         load_run_config,
-        save_diffusion_config,
+        text_encoder_for,
     )
     from unclip.train.stages.run_configs import PriorRunConfig
 
     cfg = load_run_config(PriorRunConfig, args)
     where = args.config or args.run_dir
-    if not cfg.data.embeddings:
-        raise ConfigError(f"{where}: data.embeddings must name an `unclip embed` output folder")
-    shards = EmbeddingShards(cfg.data.embeddings)
-    if shards.dim != cfg.model.clip_dim:
-        raise ConfigError(
-            f"{where}: model.clip_dim is {cfg.model.clip_dim} but the embeddings have {shards.dim}"
-        )
-    text = None
-    if cfg.model.text_dim:
-        if not cfg.clip:
-            raise ConfigError(f"{where}: model.text_dim > 0 needs `clip` (a CLIP model folder)")
-        text = FrozenTextEncoder(cfg.clip)
-        if text.width != cfg.model.text_dim or text.context_length > cfg.model.text_len:
-            raise ConfigError(
-                f"{where}: model.text_dim/text_len ({cfg.model.text_dim}, {cfg.model.text_len}) "
-                f"must match the CLIP text encoder ({text.width}, {text.context_length})"
-            )
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    shards = embedding_shards(cfg, where)
+    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len)
     model = DiffusionPriorTransformer(cfg.model)
     print(f"unclip: prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} rows")
     trainer = Trainer(
         model,
-        PriorLoss(diffusion, cfg.model.embed_scale, text),
+        PriorLoss(GaussianDiffusion.from_config(cfg.diffusion), cfg.model.embed_scale, text),
         PriorItems(shards),
         cfg.train,
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
     )
-    result = trainer.fit(resume=args.resume)
-    out = export_final(trainer, result)
-    if trainer.dist.is_main:
-        save_diffusion_config(out, cfg.diffusion)
+    fit_and_export(trainer, args.resume, cfg.diffusion)
     return 0

@@ -45,58 +45,41 @@ class UpsamplerLoss:
 
     def __call__(self, model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         from unclip.decoder.upsampler import make_low_res
+        from unclip.train.stages.common import diffusion_metrics
 
         images = random_crop(images, self.crop_size)
         low = make_low_res(images, self.config)
         t = self.diffusion.sample_timesteps(images.shape[0], device=images.device)
-        terms = self.diffusion.training_losses(model, images, t, {"low_res": low})
-        metrics = {"mse": terms["mse"].mean().item()}
-        if "vlb" in terms:
-            metrics["vlb"] = terms["vlb"].mean().item()
-        return terms["loss"].mean(), metrics
+        return diffusion_metrics(self.diffusion.training_losses(model, images, t, {"low_res": low}))
 
 
 def run(args: argparse.Namespace) -> int:
-    from unclip.config import ConfigError
-    from unclip.data.datasets import open_dataset
     from unclip.decoder.upsampler import Upsampler
     from unclip.diffusion import GaussianDiffusion
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
+        check_pixel_stage,
         count_parameters,
-        export_final,
+        fit_and_export,
         load_run_config,
-        save_diffusion_config,
+        open_images,
     )
     from unclip.train.stages.run_configs import UpsamplerRunConfig
 
     cfg = load_run_config(UpsamplerRunConfig, args)
-    where = args.config or args.run_dir
-    if cfg.model.learn_sigma != cfg.diffusion.learn_sigma:
-        raise ConfigError(f"{where}: model.learn_sigma and diffusion.learn_sigma must agree")
-    if cfg.model.image_size != cfg.data.image_size:
-        raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
-    images = open_dataset(
-        cfg.data.path,
-        size=cfg.data.image_size,
-        mode=cfg.data.mode or None,
-        split=cfg.data.split or None,
-    )
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    check_pixel_stage(cfg, args.config or args.run_dir)
+    images = open_images(cfg)
     model = Upsampler(cfg.model)
     print(f"unclip: upsampler with {count_parameters(model) / 1e6:.1f}M parameters, "
           f"{len(images)} images")  # fmt: skip
     trainer = Trainer(
         model,
-        UpsamplerLoss(diffusion, cfg.model, cfg.crop_size),
+        UpsamplerLoss(GaussianDiffusion.from_config(cfg.diffusion), cfg.model, cfg.crop_size),
         Images(images),
         cfg.train,
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
     )
-    result = trainer.fit(resume=args.resume)
-    out = export_final(trainer, result)
-    if trainer.dist.is_main:
-        save_diffusion_config(out, cfg.diffusion)
+    fit_and_export(trainer, args.resume, cfg.diffusion)
     return 0
