@@ -1,4 +1,4 @@
-"""``unclip info``: parameter counts and forward FLOPs of model configs (unclip.eval.model_stats)."""
+"""``unclip info``: parameter counts and forward FLOPs of model configs (``eval.model_stats``)."""
 
 from __future__ import annotations
 
@@ -173,6 +173,20 @@ def test_run_configs_are_told_apart(tmp_path):
         run_config_stage({"model": {"no_such_key": 1}}, tmp_path / "x.json")
     with pytest.raises(ConfigError, match="cannot tell"):
         run_config_stage({"model": {}}, tmp_path / "x.json")
+
+
+def test_decoder_caption_length_comes_from_the_clip_beside_it(tmp_path):
+    """A run config's ``clip`` folder may not exist before CLIP is trained: the ``clip.json``
+    run config in the same folder gives the context length instead."""
+    unet = {"image_size": 32, "model_channels": 32, "channel_mult": [1, 2], "text_dim": 32}
+    decoder = _write_run_config(tmp_path / "decoder.json", unet, clip="runs/not-yet/clip")
+    assert load_models(decoder)[0].text_len == 77  # no CLIP anywhere: the default
+    _write_run_config(tmp_path / "clip.json", TINY_CLIP.to_dict())
+    assert load_models(decoder)[0].text_len == TINY_CLIP.context_length
+    assert load_models(decoder, text_len=5)[0].text_len == 5
+    assert model_stats(load_models(decoder)[0].config, text_len=12).inputs["text_tokens"] == [
+        1, 12, 32,
+    ]  # fmt: skip
 
 
 def test_model_folder_and_pipeline_folder(tmp_path):

@@ -3,7 +3,7 @@ samples, reproduces them when sampled. They prove the models, losses and sampler
 together (issues 6 and 7), in about a minute and a half on two CPU cores.
 
 - prior: 64 (z_t, z_i) pairs; DDIM samples of z_i from z_t reach cosine similarity > 0.95;
-- decoder: 8 images 16×16 with distinct embeddings; 50-step samples within MSE 0.01 each;
+- decoder: 8 images 16×16 with distinct embeddings; 50-step samples within MSE 0.02 each;
 - upsampler: the same images from 8×8; its samples beat bicubic upsampling in PSNR.
 
 The decoder and upsampler use v-prediction (``DiffusionConfig(prediction="v")``) with the
@@ -98,7 +98,7 @@ def test_images_are_distinct():
     images = overfit_images()
     cross = ((images[:, None] - images[None]) ** 2).flatten(2).mean(2)  # [8, 8]
     off_diagonal = cross[~torch.eye(8, dtype=torch.bool)]
-    assert off_diagonal.min() > 0.3  # 30× the decoder's per-image error bound below
+    assert off_diagonal.min() > 0.3  # 15× the decoder's per-image error bound below
 
 
 def test_prior_overfits_64_embedding_pairs(tmp_path: Path):
@@ -123,8 +123,8 @@ def test_prior_overfits_64_embedding_pairs(tmp_path: Path):
         DiffusionConfig(prediction="x0", clip_denoised=False)  # the scaled space is not [-1, 1]
     )
     loss = PriorLoss(diffusion, config.embed_scale)
-    trainer = Trainer(model, loss, PriorItems(rows), train_config(400, 64, 1e-3), tmp_path, progress=False)  # fmt: skip
-    result = trainer.fit()
+    data = PriorItems(rows)
+    result = Trainer(model, loss, data, train_config(400, 64, 1e-3), tmp_path, progress=False).fit()
     trained = time.perf_counter() - start
 
     model.eval()
@@ -150,15 +150,19 @@ def test_prior_overfits_64_embedding_pairs(tmp_path: Path):
 
 def test_decoder_reproduces_8_images_and_upsampler_beats_bicubic(tmp_path: Path):
     """Decoder: a 0.23M-parameter UNet (16×16, z_i conditioning through the timestep
-    embedding and 4 context tokens, no text, the paper's 10% z_i dropout) trained 1500 steps
-    on 8 images, each with its own random unit embedding. Sampled from those embeddings with
-    50 steps (DDIM η = 0, and ancestral DDPM with the learned variance), every image is
-    reproduced with MSE < 0.01 in [-1, 1] units, i.e. PSNR > 26 dB (measured: max ≈ 0.006),
-    while distinct images are ≥ 0.3 apart; permuting the embeddings permutes the images.
+    embedding and 4 context tokens, no text, the paper's 10% z_i dropout) trained 1000 steps
+    on 8 images, each with its own random unit embedding (batches of 16: every image twice,
+    at two noise levels). Sampled from those embeddings with 50 steps (DDIM η = 0, and
+    ancestral DDPM with the learned variance), every image is reproduced with MSE < 0.02 in
+    [-1, 1] units, i.e. PSNR > 23 dB, and the mean over images is < 0.01 (measured over
+    three seeds: max 0.005–0.009, mean 0.003–0.004), while distinct images are ≥ 0.3 apart:
+    each sample is 15× closer to its own image than any other image is. Permuting the
+    embeddings permutes the images.
 
     Upsampler: 8×8 -> 16×16 on the same images (trained on blurred low-res inputs, the
     paper's augmentation, and sampled from them with 25 DDIM steps): every image's PSNR
-    beats bicubic upsampling of the clean 8×8 image, by at least 2 dB (measured: ≥ 5 dB).
+    beats bicubic upsampling of the clean 8×8 image by more than 2 dB (measured: mean
+    29.4 dB against 20.3 dB, smallest gain 3.8 dB).
     """
     images = overfit_images(16)
 
@@ -168,16 +172,16 @@ def test_decoder_reproduces_8_images_and_upsampler_beats_bicubic(tmp_path: Path)
     emb = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     config = UNetConfig(
         image_size=16, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-        attention_resolutions=(8,), num_head_channels=32, norm_groups=8, learn_sigma=True,
+        attention_resolutions=(8,), num_head_channels=16, norm_groups=8, learn_sigma=True,
         clip_dim=16, clip_tokens=4, text_dim=0, image_emb_drop_prob=0.1,
     )  # fmt: skip
     model = UNet(config)
     diffusion = GaussianDiffusion.from_config(
         DiffusionConfig(prediction="v", learn_sigma=True, loss="hybrid")
     )
-    data = [(images[k], emb[k], "") for k in range(8)]
+    data = [(images[k], emb[k], "") for k in range(8)] * 2
     Trainer(
-        model, DecoderLoss(diffusion), data, train_config(1500, 8, 3e-3), tmp_path / "decoder",
+        model, DecoderLoss(diffusion), data, train_config(1000, 16, 5e-3), tmp_path / "decoder",
         progress=False,
     ).fit()  # fmt: skip
     trained = time.perf_counter() - start
@@ -201,14 +205,13 @@ def test_decoder_reproduces_8_images_and_upsampler_beats_bicubic(tmp_path: Path)
     )  # fmt: skip
     permuted = ((x - images[perm]) ** 2).flatten(1).mean(1)
     print(
-        f"\ndecoder overfit: {sum(p.numel() for p in model.parameters())} params, 1500 steps "
+        f"\ndecoder overfit: {sum(p.numel() for p in model.parameters())} params, 1000 steps "
         f"in {trained:.1f}s, total {time.perf_counter() - start:.1f}s; per-image MSE "
         + "; ".join(f"{k} max {v.max():.4f} mean {v.mean():.4f}" for k, v in errors.items())
         + f"; permuted max {permuted.max():.4f}"
     )
-    for name, mse in errors.items():
-        assert (mse < 0.01).all(), f"{name}: per-image MSE {mse.tolist()}"
-    assert (permuted < 0.01).all(), permuted.tolist()
+    for name, mse in [*errors.items(), ("permuted", permuted)]:
+        assert (mse < 0.02).all() and mse.mean() < 0.01, f"{name}: per-image MSE {mse.tolist()}"
 
     # --- upsampler -------------------------------------------------------------------------
     start = time.perf_counter()

@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="FIELD=TEMPLATE",
-        help="manifest field to classify and its prompt template "
-        "(default: style='{} style' and group='{}')",
+        help="manifest field to classify and its prompt template(s), '|'-separated and "
+        "averaged; {style} expands to every style of the data set "
+        "(default: style='{} style|{group}, {} style' and group='{}, {style} style')",
     )
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -82,10 +83,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=_eval_pipeline)
 
 
+def expand_templates(template: str, records) -> list[str]:
+    """Prompt ensembling (CLIP §3.1.4): ``|`` separates templates, and ``{FIELD}`` expands a
+    template into one per value of that manifest field (``"{}, {style} style"`` -> one per
+    style); ``{}`` stays for the class name. The class embedding is the mean over them."""
+    import re
+
+    records = list(records)
+    out: list[str] = []
+    for t in template.split("|"):
+        expanded = [t]
+        for field in re.findall(r"\{(\w+)\}", t):
+            values = sorted({str(r[field]) for r in records if r.get(field)})
+            if not values:
+                raise ValueError(f"template {t!r}: the manifest has no field {field!r}")
+            expanded = [e.replace("{" + field + "}", v) for e in expanded for v in values]
+        out += expanded
+    return out
+
+
 def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str],
                   batch_size: int = 256, tokenizer: str | None = None) -> dict[str, float]:  # fmt: skip
 
     import torch
+    import torch.nn.functional as F
 
     from unclip.clip.convert import load_clip
     from unclip.data.datasets import open_dataset
@@ -111,7 +132,16 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
         for field, template in zero_shot.items():
             truth = [str(records[k][field]) for k in keys]
             classes = sorted({str(r[field]) for r in records.values() if r.get(field)})
-            class_emb = model.encode_text(tok([template.format(c) for c in classes], ctx))
+            templates = expand_templates(template, records.values())
+            class_emb = torch.stack(
+                [
+                    F.normalize(
+                        model.encode_text(tok([t.format(c) for t in templates], ctx)).mean(0),
+                        dim=-1,
+                    )
+                    for c in classes
+                ]
+            )
             acc = zero_shot_accuracy(image_emb, truth, class_emb, classes)
             out[f"zero_shot_{field}"] = acc["accuracy"]
             out[f"zero_shot_{field}_mean_per_class"] = acc["mean_per_class"]
@@ -119,7 +149,7 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
 
 
 def _eval_clip(args: argparse.Namespace) -> int:
-    zero_shot = {"style": "{} style", "group": "{}"}
+    zero_shot = {"style": "{} style|{group}, {} style", "group": "{}, {style} style"}
     if args.zero_shot:
         zero_shot = {}
         for item in args.zero_shot:

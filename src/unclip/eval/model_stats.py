@@ -45,7 +45,7 @@ from unclip.prior.model import DiffusionPriorTransformer, PriorConfig
 #: caption length assumed for a decoder's text tokens when no CLIP config says otherwise
 DEFAULT_TEXT_LEN = 77
 
-#: stage name -> model config class, in the order ambiguous run configs are resolved
+#: stage name -> model config class, in the order a run config's model section is tried
 STAGE_CONFIGS: dict[str, type[Config]] = {
     "clip": CLIPConfig,
     "prior": PriorConfig,
@@ -298,11 +298,24 @@ def _run_config_source(path: Path, doc: dict[str, Any], stage: str | None) -> Mo
     }[name]
     run = run_cls.from_dict(doc, where=str(path))
     text_len = DEFAULT_TEXT_LEN
-    clip_dir = getattr(run, "clip", "")
-    if clip_dir:
-        found = _clip_context(Path(clip_dir))
-        text_len = found if found is not None else text_len
+    if getattr(run, "clip", ""):
+        text_len = _run_clip_context(path, run.clip) or text_len  # type: ignore[attr-defined]
     return ModelSource(str(path), run.model, text_len)  # type: ignore[attr-defined]
+
+
+def _run_clip_context(path: Path, clip_dir: str) -> int | None:
+    """The caption length of a run config's CLIP: its ``clip`` model folder where it exists
+    yet, else the ``clip.json`` run config beside ``path`` (``configs/<name>/clip.json``)."""
+    found = _clip_context(Path(clip_dir))
+    if found is None and path.name != "clip.json" and (path.parent / "clip.json").is_file():
+        sibling = _read_json(path.parent / "clip.json")
+        model = sibling.get("model") if isinstance(sibling, dict) else None
+        if isinstance(model, dict):
+            try:
+                found = CLIPConfig.from_dict(model).context_length
+            except ConfigError:
+                found = None
+    return found
 
 
 def _pipeline_sources(folder: Path) -> list[ModelSource]:
