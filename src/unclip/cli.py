@@ -53,6 +53,8 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.clip",
     "unclip.commands.evaluate",
     "unclip.commands.generate",
+    "unclip.commands.info",
+    "unclip.commands.serve",
 ]
 
 
