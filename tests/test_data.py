@@ -431,3 +431,13 @@ def test_embeddings_split_across_ranks(tmp_path):
     assert compute_embeddings(ds, enc.encode_image, enc.encode_text, out, rank=0, **kw) == 2
     emb = EmbeddingShards(out)
     assert sorted(emb.keys) == [f"{i:05d}" for i in range(10)]
+
+
+def test_svg_declaring_a_huge_size_is_refused_without_rendering():
+    huge = '<svg xmlns="http://www.w3.org/2000/svg" width="100000" height="100000"><rect/></svg>'
+    with pytest.raises(BadImageError, match="limit"):
+        load_image(huge.encode(), name="huge.svg")
+    # the same drawing asked for at a fixed size renders fine
+    assert rasterize_svg(huge, size=32).size == (32, 32)
+    with pytest.raises(BadImageError, match="bad.svg"):
+        load_image(b"<svg", name="bad.svg")

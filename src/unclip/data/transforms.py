@@ -66,10 +66,61 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     return img
 
 
+_SVG_UNITS = {"": 1.0, "px": 1.0, "pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54,
+              "in": 96.0, "em": 16.0, "ex": 8.0}  # fmt: skip
+
+
+def _svg_length(value: str | None) -> float | None:
+    import re
+
+    if not value:
+        return None
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-z]*)\s*", value)
+    if not m or m.group(2) not in _SVG_UNITS:
+        return None  # percentages and the like: the viewBox decides
+    try:
+        return float(m.group(1)) * _SVG_UNITS[m.group(2)]
+    except ValueError:
+        return None
+
+
+def svg_declared_size(svg: str) -> tuple[float, float] | None:
+    """The size in pixels (96 dpi) the root ``<svg>`` declares (width/height, else viewBox).
+
+    Only the root element is read, so a hostile file cannot make this slow.
+    """
+    import io as _io
+    import xml.etree.ElementTree as ET
+
+    try:
+        for _event, elem in ET.iterparse(_io.StringIO(svg), events=("start",)):
+            w, h = _svg_length(elem.get("width")), _svg_length(elem.get("height"))
+            box = (elem.get("viewBox") or "").replace(",", " ").split()
+            if len(box) == 4:
+                try:
+                    bw, bh = float(box[2]), float(box[3])
+                except ValueError:
+                    bw = bh = 0.0
+                if bw > 0 and bh > 0:
+                    if w is None and h is None:
+                        w, h = bw, bh
+                    elif w is None:
+                        w = h * bw / bh  # type: ignore[operator]
+                    elif h is None:
+                        h = w * bh / bw
+            if w is None or h is None:
+                w, h = w or 100.0, h or 100.0  # the SVG default when nothing is said
+            return w, h
+    except ET.ParseError:
+        return None
+    return None
+
+
 def rasterize_svg(svg: str, size: int | None = None, name: str = "<svg>") -> Image.Image:
     """Render SVG markup to RGBA with resvg at 96 dpi (so mm/pt/in units mean what they say).
 
     With ``size``, the larger side is rendered at exactly ``size`` pixels (aspect kept).
+    A file that declares more than :data:`MAX_IMAGE_PIXELS` is refused without rendering.
     """
     try:
         import resvg_py
@@ -77,16 +128,31 @@ def rasterize_svg(svg: str, size: int | None = None, name: str = "<svg>") -> Ima
         raise ImportError(
             "rendering SVG needs resvg-py: pip install 'unclip[data]' (or resvg-py)"
         ) from e
+    declared = svg_declared_size(svg)
+    if declared is None:
+        raise BadImageError(f"{name}: not a readable SVG")
+    w, h = declared
+    if not (w > 0 and h > 0):
+        raise BadImageError(f"{name}: the SVG declares an empty size")
+    zoom = 1.0 if size is None else size / max(w, h)
+    if w * h * zoom * zoom > MAX_IMAGE_PIXELS:
+        raise BadImageError(
+            f"{name}: {w:.0f}×{h:.0f} pixels is more than the limit of {MAX_IMAGE_PIXELS:,}"
+        )
     try:
-        png = bytes(resvg_py.svg_to_bytes(svg_string=svg, dpi=96))
+        png = bytes(resvg_py.svg_to_bytes(svg_string=svg, dpi=96, zoom=zoom))
         img = Image.open(io.BytesIO(png))
-        if size is not None and max(img.size) != size:
-            zoom = size / max(img.size)
-            png = bytes(resvg_py.svg_to_bytes(svg_string=svg, dpi=96, zoom=zoom))
-            img = Image.open(io.BytesIO(png))
         img.load()
     except (ValueError, OSError) as e:
         raise BadImageError(f"{name}: not a renderable SVG ({e})") from None
+    if size is not None and max(img.size) != size:  # rounding: fix the last pixel
+        img = img.resize(
+            (
+                max(1, round(img.width * size / max(img.size))),
+                max(1, round(img.height * size / max(img.size))),
+            ),
+            Image.Resampling.LANCZOS,
+        )
     return img.convert("RGBA")
 
 
