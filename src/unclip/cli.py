@@ -55,6 +55,7 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.generate",
     "unclip.commands.info",
     "unclip.commands.serve",
+    "unclip.commands.bench",
 ]
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -163,7 +163,12 @@ def load_config(path: str | os.PathLike) -> Config:
             f"{file}: format_version {version} was written by a newer unclip "
             f"(this one reads up to {FORMAT_VERSION}); upgrade unclip"
         )
-    cls = model_class(doc["type"])
+    if not isinstance(doc["type"], str):
+        raise HubError(f"{file}: 'type' must be a string, got {doc['type']!r}")
+    try:
+        cls = model_class(doc["type"])
+    except HubError as e:
+        raise HubError(f"{file}: {e}") from None
     try:
         return cls.config_class.from_dict(doc["config"], where=f"{file}: config")
     except ConfigError as e:
@@ -212,11 +217,35 @@ def load_state_dict(
         raise HubError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def load_weights_into(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a ``.safetensors`` file declares, as meta tensors of the declared shapes and
+    dtypes; only the header is read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            declared = [(k, f.get_slice(k)) for k in f.keys()]  # noqa: SIM118 (not a dict)
+            entries = [(k, part.get_dtype(), part.get_shape()) for k, part in declared]
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HubError(f"{path}: not a valid safetensors file ({e})") from None
+    out = {}
+    for key, dtype, shape in entries:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise HubError(f"{path}: tensor {key!r} has dtype {dtype}, which unclip does not read")
+        out[key] = torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+    return out
+
+
+def check_weights(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str | os.PathLike
 ) -> None:
-    """Copy ``state`` into ``model`` after checking names and shapes; errors name ``source``."""
-    own = model.state_dict()
+    """Raise :class:`HubError` (naming ``source``) unless ``state`` has exactly the tensors of
+    ``own``, with the same shapes and float-ness. Either side may hold meta tensors."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -234,6 +263,14 @@ def load_weights_into(
             )
         if v.is_floating_point() != w.is_floating_point():
             raise HubError(f"{source}: tensor {k!r} has dtype {w.dtype}, the model needs {v.dtype}")
+
+
+def load_weights_into(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike
+) -> None:
+    """Copy ``state`` into ``model`` after checking names and shapes; errors name ``source``."""
+    own = model.state_dict()
+    check_weights(own, state, source)
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k].to(v.dtype))
@@ -259,7 +296,7 @@ def from_pretrained(
     if not path.is_dir():
         raise HubError(f"{path}: not a model folder (expected a directory with {CONFIG_NAME})")
     config = load_config(path)
-    model = model_class(config.type_name)(config)
+    cls = model_class(config.type_name)
     file = path / WEIGHTS_NAME
     if weights in ("auto", "ema") and (path / EMA_NAME).exists():
         file = path / EMA_NAME
@@ -273,6 +310,20 @@ def from_pretrained(
             load_state_dict(legacy[0])  # raises UnsafeWeightsError
         else:
             raise HubError(f"{path}: no {WEIGHTS_NAME} in this folder")
+    # Build the model on the meta device first (no memory) and check it against the weights
+    # file's header, so that a config.json declaring a huge model fails here with a message
+    # instead of allocating (and perhaps exhausting) memory before the weights are compared.
+    try:
+        with torch.device("meta"):
+            skeleton = cls(config)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+        raise HubError(
+            f"{path / CONFIG_NAME}: the config does not describe a model ({e})"
+        ) from None
+    if file.suffix.lower() == ".safetensors":
+        check_weights(skeleton.state_dict(), _header_tensors(file), file)
+    del skeleton
+    model = cls(config)
     load_weights_into(model, load_state_dict(file, allow_legacy=allow_legacy), file)
     if dtype is not None:
         model.to(dtype)

@@ -165,9 +165,12 @@ class InterpolationRequest(_Base):
     invert_noise: bool = False
 
 
-def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def _validate(model: type[BaseModel], data: dict[str, Any], *, strict: bool = False) -> Any:
+    """``data`` as ``model``. JSON bodies are read strictly (``true`` is not a step count,
+    ``"2"`` is not a number: the types the OpenAPI document gives); multipart fields are
+    text, so they are converted (``"2"`` -> 2)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
@@ -672,6 +675,30 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _ERRORS[202] = {"description": "with `Prefer: respond-async`: the queued job"}
 
 
+class _PNGResponse(Response):
+    """A PNG answer (so that the OpenAPI document says ``image/png``)."""
+
+    media_type = "image/png"
+
+
+def _error_docs(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+        for status, text in codes
+    }
+
+
+#: what any /v1 route may answer besides its own results (the API key, the Host/Origin
+#: checks and the body limit apply to every route), and what a lookup by id may answer
+_V1_ERRORS = _error_docs(
+    (400, "invalid request (bad parameter, bad Host header)"),
+    (401, "missing or wrong API key"),
+    (403, "a state-changing request from another site (Origin)"),
+    (413, "request body too large"),
+)
+_NOT_FOUND = _error_docs((404, "no such job, gallery image or file (or no gallery)"))
+
+
 def _json_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
@@ -811,7 +838,7 @@ def create_app(
                 401, "Incorrect API key provided.", code="invalid_api_key", headers=headers
             )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)], responses=_V1_ERRORS)
 
     # -- Images API --------------------------------------------------------------------------
 
@@ -823,7 +850,9 @@ def create_app(
         openapi_extra=_json_doc(GenerationRequest),
     )
     async def generations(request: Request) -> Response:
-        req: GenerationRequest = _validate(GenerationRequest, await _json_body(request))
+        req: GenerationRequest = _validate(
+            GenerationRequest, await _json_body(request), strict=True
+        )
         _check_prompt(req.prompt, limits)
         _check_range(req.n, "n", 1, limits.max_n)
         size = _output_size(req.size, pipe.image_size)
@@ -961,11 +990,16 @@ def create_app(
             raise APIError(404, f"no job {job_id!r} (finished jobs are kept {JOB_TTL:.0f} s)")
         return job
 
-    @v1.get("/jobs/{job_id}", tags=["jobs"], summary="A job's state, progress and result")
+    @v1.get(
+        "/jobs/{job_id}",
+        tags=["jobs"],
+        summary="A job's state, progress and result",
+        responses=_NOT_FOUND,
+    )
     async def job_state(job_id: str) -> dict[str, Any]:
         return _job_view(get_job(job_id))
 
-    @v1.delete("/jobs/{job_id}", tags=["jobs"], summary="Cancel a job")
+    @v1.delete("/jobs/{job_id}", tags=["jobs"], summary="Cancel a job", responses=_NOT_FOUND)
     async def job_cancel(job_id: str) -> dict[str, Any]:
         job = get_job(job_id)
         job.cancel()
@@ -976,6 +1010,7 @@ def create_app(
         tags=["jobs"],
         summary="Server-sent events: queued, started, progress (per sampling step), done",
         response_class=StreamingResponse,
+        responses=_NOT_FOUND,
     )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
         job = get_job(job_id)
@@ -1007,7 +1042,9 @@ def create_app(
     def gallery_entry(request: Request, item: Any) -> dict[str, Any]:
         return {**item.to_dict(), "url": f"{request.base_url}files/{item.id}.png"}
 
-    @v1.get("/gallery", tags=["gallery"], summary="Gallery images, newest first")
+    @v1.get(
+        "/gallery", tags=["gallery"], summary="Gallery images, newest first", responses=_NOT_FOUND
+    )
     async def gallery_list(
         request: Request,
         limit: int = Query(50, ge=1, le=200),
@@ -1021,14 +1058,21 @@ def create_app(
             "has_more": len(items) > limit,
         }
 
-    @v1.get("/gallery/{image_id}", tags=["gallery"], summary="One gallery image")
+    @v1.get(
+        "/gallery/{image_id}", tags=["gallery"], summary="One gallery image", responses=_NOT_FOUND
+    )
     async def gallery_get(request: Request, image_id: str) -> dict[str, Any]:
         item = await run_in_threadpool(need_gallery().get, image_id)
         if item is None:
             raise APIError(404, f"no gallery image {image_id!r}", param="image_id")
         return gallery_entry(request, item)
 
-    @v1.delete("/gallery/{image_id}", tags=["gallery"], summary="Delete a gallery image")
+    @v1.delete(
+        "/gallery/{image_id}",
+        tags=["gallery"],
+        summary="Delete a gallery image",
+        responses=_NOT_FOUND,
+    )
     async def gallery_delete(image_id: str) -> dict[str, Any]:
         if not await run_in_threadpool(need_gallery().delete, image_id):
             raise APIError(404, f"no gallery image {image_id!r}", param="image_id")
@@ -1070,7 +1114,13 @@ def create_app(
 
     # -- files and the page --------------------------------------------------------------------
 
-    @app.get("/files/{name}", tags=["files"], summary="A result image (capability URL)")
+    @app.get(
+        "/files/{name}",
+        tags=["files"],
+        summary="A result image (capability URL)",
+        response_class=_PNGResponse,
+        responses={200: {"description": "the PNG, with its text metadata"}, **_NOT_FOUND},
+    )
     async def file(name: str) -> Response:
         image_id = name.removesuffix(".png")
         data = await run_in_threadpool(server.png, image_id)

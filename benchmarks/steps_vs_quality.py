@@ -1,0 +1,299 @@
+"""Sample quality against decoder steps: Fréchet distance in CLIP feature space per sampler.
+
+For each sampler (ddim, ddpm, dpmpp_2m) and decoder step count (5, 10, 25, 50, 100, 250),
+the pipeline draws one image per caption of a data split (seed = row index; the prior and
+upsamplers keep the pipeline's settings), and the Fréchet distance between the CLIP image
+embeddings of the samples and of the split's real images is measured
+(``unclip.eval.metrics.frechet_distance``, the FD of ``unclip eval pipeline``), together with
+the seconds per image. The "knee" of a sampler is the fewest steps whose FD is within
+``--tolerance`` (default 5%) of its best FD; the pipeline's default decoder setting should
+sit there.
+
+Writes a line plot (``docs/steps_vs_quality.svg``; drawn by hand, no plotting library
+needed), a Markdown section of docs/benchmarks.md, and JSON to stdout. FD from a few hundred
+samples in 256 dimensions is biased upwards; compare the rows with each other, not with
+other tables. The full run draws ``images × 6 × 3`` images (``--images 128``: about 2,300),
+so plan on an hour or more on a 2-core CPU.
+
+usage: python benchmarks/steps_vs_quality.py [--pipeline emoji-small] [--data data/emoji]
+       [--split test] [--images 128] [--steps 5,10,25,50,100,250]
+       [--samplers ddim,ddpm,dpmpp_2m] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import torch
+
+from unclip.commands.bench import machine_info, markdown_table, write_doc_section
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+PLOT = REPO / "docs" / "steps_vs_quality.svg"
+DEFAULT_STEPS = (5, 10, 25, 50, 100, 250)
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def real_set(pipe: Any, data: str, split: str | None, limit: int) -> tuple[list[str], Any]:
+    """(captions, CLIP image embeddings [N, D]) of the first ``limit`` items of the split."""
+    from unclip.data.datasets import open_dataset
+    from unclip.data.transforms import from_tensor
+
+    has_manifest = (Path(data) / "manifest.jsonl").is_file()
+    ds = open_dataset(data, size=pipe.image_size, split=split if has_manifest else None)
+    n = min(len(ds), limit)
+    if n < 2:
+        raise SystemExit(f"{data}: need at least 2 images, found {len(ds)}")
+    items = [ds[i] for i in range(n)]
+    real = pipe.encode_image([from_tensor(it["image"]) for it in items])
+    return [it["caption"] for it in items], real
+
+
+def measure(
+    pipe: Any, captions: list[str], real: Any, sampler: str, steps: int
+) -> dict[str, float]:
+    from unclip.eval.metrics import frechet_distance
+
+    t = time.perf_counter()
+    feats = []
+    for i, caption in enumerate(captions):
+        img = pipe.text_to_image(caption, seed=i, decoder_sampler=sampler, decoder_steps=steps)[0]
+        feats.append(pipe.encode_image(img))
+    seconds = (time.perf_counter() - t) / len(captions)
+    return {"fd": frechet_distance(torch.cat(feats), real), "s_per_image": seconds}
+
+
+def knee(points: list[tuple[int, float]], tolerance: float) -> int:
+    """The fewest steps whose FD is within ``tolerance`` (relative) of the best FD."""
+    best = min(fd for _, fd in points)
+    return min(s for s, fd in points if fd <= best * (1 + tolerance) + 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# A hand-drawn SVG line plot (matplotlib is not a dependency)
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    ticks = []
+    v = first
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def svg_line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    marker_x: float | None = None,
+    marker_label: str = "",
+    width: int = 640,
+    height: int = 400,
+) -> str:
+    """Lines (log-scale x, linear y) with point markers, axes, ticks, a legend and an optional
+    dashed vertical marker; returns the SVG document."""
+    left, right, top, bottom = 70, 150, 40, 55
+    pw, ph = width - left - right, height - top - bottom
+    xs = sorted(
+        {x for pts in series.values() for x, _ in pts} | ({marker_x} if marker_x else set())
+    )
+    ys = [y for pts in series.values() for _, y in pts]
+    lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
+    if lx1 == lx0:
+        lx0, lx1 = lx0 - 0.5, lx1 + 0.5
+    pad = 0.04 * (lx1 - lx0)  # keep the end points off the frame
+    lx0, lx1 = lx0 - pad, lx1 + pad
+    yticks = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
+    y0, y1 = yticks[0], yticks[-1]
+
+    def px(x: float) -> float:
+        return left + (math.log10(x) - lx0) / (lx1 - lx0) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left + pw / 2}" y="22" text-anchor="middle" font-size="15">'
+        f"{escape(title)}</text>",
+    ]
+    for y in yticks:
+        yy = py(y)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" '
+                   'stroke="#e5e5e5"/>')  # fmt: skip
+        out.append(f'<text x="{left - 8}" y="{yy + 4:.1f}" text-anchor="end">{y:g}</text>')
+    for x in xs:
+        xx = px(x)
+        out.append(f'<line x1="{xx:.1f}" y1="{top}" x2="{xx:.1f}" y2="{top + ph}" '
+                   'stroke="#f0f0f0"/>')  # fmt: skip
+        out.append(f'<text x="{xx:.1f}" y="{top + ph + 18}" text-anchor="middle">{x:g}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" '
+               'stroke="#333"/>')  # fmt: skip
+    out.append(f'<text x="{left + pw / 2}" y="{height - 12}" text-anchor="middle">'
+               f"{escape(xlabel)}</text>")  # fmt: skip
+    out.append(f'<text transform="translate(18 {top + ph / 2}) rotate(-90)" '
+               f'text-anchor="middle">{escape(ylabel)}</text>')  # fmt: skip
+    if marker_x:
+        xx = px(marker_x)
+        out.append(f'<line x1="{xx:.1f}" y1="{top}" x2="{xx:.1f}" y2="{top + ph}" '
+                   'stroke="#555" stroke-dasharray="5,4"/>')  # fmt: skip
+        out.append(f'<text x="{xx + 4:.1f}" y="{top + 14}" fill="#555">'
+                   f"{escape(marker_label)}</text>")  # fmt: skip
+    for k, (name, pts) in enumerate(series.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        pts = sorted(pts)
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}"/>')
+        ly = top + 10 + 20 * k
+        out.append(f'<line x1="{left + pw + 15}" y1="{ly}" x2="{left + pw + 40}" y2="{ly}" '
+                   f'stroke="{colour}" stroke-width="2"/>')  # fmt: skip
+        out.append(f'<text x="{left + pw + 46}" y="{ly + 4}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pipeline", default="emoji-small", help="pipeline name or folder")
+    p.add_argument("--data", default=str(REPO / "data" / "emoji"), help="data set of real images")
+    p.add_argument("--split", default="test", help="split (shard folders with a manifest)")
+    p.add_argument("--images", type=int, default=128, help="captions/images (default 128)")
+    p.add_argument("--steps", help="decoder step counts, comma-separated (default "
+                   + ",".join(map(str, DEFAULT_STEPS)) + ")")  # fmt: skip
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers, comma-separated")
+    p.add_argument("--tolerance", type=float, default=0.05, help="knee: FD within this of best")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="6 images, steps 2 and 4")
+    p.add_argument("--doc", help=f"Markdown file for the table (default in full mode: {DOC})")
+    p.add_argument("--plot", help=f"SVG plot to write (default in full mode: {PLOT})")
+    p.add_argument("--no-doc", action="store_true", help="write neither Markdown nor plot")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from unclip.pipeline import load_pipeline
+
+    if args.quick:
+        images, steps = min(args.images, 6), [2, 4]
+        doc, plot = args.doc, args.plot
+    else:
+        images, steps = args.images, list(DEFAULT_STEPS)
+        doc, plot = args.doc or str(DOC), args.plot or str(PLOT)
+    if args.steps:
+        steps = sorted({int(s) for s in args.steps.split(",")})
+    if args.no_doc:
+        doc = plot = None
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=dtype)
+    default = pipe.sampling_settings().decoder
+    captions, real = real_set(pipe, args.data, args.split, images)
+
+    rows: list[dict[str, Any]] = []
+    for sampler in samplers:
+        for k in steps:
+            r = measure(pipe, captions, real, sampler, k)
+            rows.append({"sampler": sampler, "steps": k, **r})
+            print(f"{sampler:9s} {k:4d} steps  FD {r['fd']:.4f}  {r['s_per_image']:.3f} s/img",
+                  file=sys.stderr)  # fmt: skip
+    knees = {
+        s: knee([(r["steps"], r["fd"]) for r in rows if r["sampler"] == s], args.tolerance)
+        for s in samplers
+    }
+    result = {
+        "pipeline": pipe.name,
+        "data": args.data,
+        "split": args.split,
+        "images": len(captions),
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "default": {"sampler": default.sampler, "steps": default.steps},
+        "tolerance": args.tolerance,
+        "knee_steps": knees,
+        "default_at_knee": knees.get(default.sampler) == default.steps,
+        "machine": machine_info(),
+        "results": rows,
+    }
+    if plot:
+        series = {s: [(r["steps"], r["fd"]) for r in rows if r["sampler"] == s] for s in samplers}
+        svg = svg_line_plot(
+            series,
+            title=f"FD (CLIP features) vs decoder steps — {pipe.name}, {len(captions)} images",
+            xlabel="decoder steps (log scale)",
+            ylabel="Fréchet distance, CLIP space (lower is better)",
+            marker_x=default.steps,
+            marker_label=f"default ({default.sampler}, {default.steps})",
+        )
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        Path(plot).write_text(svg, encoding="utf-8")
+        result["plot"] = str(plot)
+    if doc:
+        write_doc_section(doc, "steps-vs-quality", format_markdown(result, doc, plot))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
+    import os
+
+    samplers = list(r["knee_steps"])
+    steps = sorted({row["steps"] for row in r["results"]})
+    fd = {(row["sampler"], row["steps"]): row for row in r["results"]}
+    table = [
+        (k, *(f"{fd[(s, k)]['fd']:.4f} ({fd[(s, k)]['s_per_image']:.2f} s)" for s in samplers))
+        for k in steps
+    ]
+    d = r["default"]
+    lines = [
+        "## Decoder steps vs sample quality",
+        "",
+        f"`python benchmarks/steps_vs_quality.py` — pipeline {r['pipeline']}, {r['images']} "
+        f"captions of {r['data']} ({r['split']}), one sample each (seed = row), "
+        f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
+        + (" **Quick mode: not a measurement.**" if r["quick"] else ""),
+        "Cells: Fréchet distance to the real images in CLIP feature space (lower is better) "
+        "and seconds per image end to end.",
+        "",
+        markdown_table(["decoder steps", *samplers], table),
+        "",
+        "Knee (fewest steps within "
+        f"{100 * r['tolerance']:.0f}% of the sampler's best FD): "
+        + ", ".join(f"{s} {k}" for s, k in r["knee_steps"].items())
+        + f". Default: {d['sampler']} with {d['steps']} steps"
+        + (" — at the knee." if r["default_at_knee"] else " — not at the knee."),
+    ]
+    if plot:
+        rel = os.path.relpath(Path(plot).resolve(), Path(doc).resolve().parent)
+        lines += ["", f"![FD vs decoder steps]({rel})"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

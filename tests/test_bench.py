@@ -1,0 +1,208 @@
+"""``unclip bench`` and the scripts in ``benchmarks/``: they run (quick modes, tiny models) and
+write well-formed JSON, Markdown sections and plots. No timing is asserted here."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from unclip.commands import bench
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine is not oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_pipeline import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("bench") / "pipe", inpaint_decoder=False)
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_json(fn: Any, *args: Any) -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert fn(*args) == 0
+    return json.loads(out.getvalue())
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_write_doc_section_replaces_only_its_section(tmp_path: Path) -> None:
+    doc = tmp_path / "docs" / "b.md"
+    bench.write_doc_section(doc, "one", "first\n")
+    bench.write_doc_section(doc, "two", "second")
+    bench.write_doc_section(doc, "one", "third")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "first" not in text and text.count("<!-- one:start -->") == 1
+    assert text.index("third") < text.index("second")
+
+
+def test_markdown_table_and_timed() -> None:
+    table = bench.markdown_table(["a", "b"], [(1, 0.123456), ("x", None)])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x |  |"]
+    calls = []
+    t = bench.timed(lambda: calls.append(1), repeat=2)
+    assert len(calls) == 3 and t["runs"] == 2 and 0 <= t["best_s"] <= t["median_s"]
+
+
+def test_random_pipeline_from_configs_generates() -> None:
+    pipe = bench.random_pipeline(bench.tiny_stage_configs())
+    img = pipe.text_to_image("a red square", seed=0, prior_steps=1, decoder_steps=1,
+                             upsampler_steps=1)[0]  # fmt: skip
+    assert img.size == (pipe.image_size, pipe.image_size)
+    sc = bench.stage_configs_from_dir(REPO / "configs" / "emoji-small")
+    assert not sc.decoder.inpaint and sc.prior is not None and len(sc.upsamplers) == 1
+    assert sc.train_batch["decoder"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# unclip bench
+
+
+def test_bench_command_quick(tiny_pipe: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    args = bench_args(str(tiny_pipe), "--quick", "--json", "--peak-fp32", "100",
+                      "--peak-bf16", "400", "--doc", str(doc))  # fmt: skip
+    r = run_json(args.func, args)
+    assert r["peak_gflops"] == {"fp32": 100.0, "bf16": 400.0}
+    sampling = r["sampling"]
+    assert list(sampling) == ["text", "prior", "decoder", "upsampler", "end_to_end"]
+    dec = sampling["decoder"]
+    assert dec["steps"] == 2 and dec["gflops_per_call_sample"] > 0
+    # guidance doubles the rows: 2 steps × 2 × batch
+    assert dec["latency"]["rows_per_run"] == 4 and dec["batch2"]["rows_per_run"] == 8
+    for entry in (dec["latency"], dec["batch2"]):
+        assert entry["achieved_gflops"] > 0
+        assert entry["mfu_bf16"] == pytest.approx(entry["achieved_gflops"] / 400)
+    assert sampling["end_to_end"]["batch2"]["images"] == 2
+    assert set(r["training"]) == {"clip", "prior", "decoder", "upsampler"}
+    for row in r["training"].values():
+        assert row["batch"] == 2 and row["samples_per_s"] > 0
+    assert "mfu_fp32" in r["training"]["decoder"]
+    text = doc.read_text()
+    assert "<!-- unclip-bench:start -->" in text and "| decoder | 2 |" in text
+
+
+def test_bench_falls_back_to_configs_and_checks_args(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    with pytest.raises(ValueError, match="--batch"):
+        bench._bench(bench_args("--batch", "0"))
+    with pytest.raises(FileNotFoundError):
+        bench.open_pipeline("no-such-pipeline-name")
+    shutil.copytree(REPO / "configs" / "emoji-small", tmp_path / "not-installed")
+    monkeypatch.setattr(bench, "CONFIGS_ROOT", tmp_path)
+    pipe, sc, source = bench.open_pipeline("not-installed")
+    assert sc is not None and source.startswith("random weights")
+    assert pipe.base_size == sc.decoder.image_size and pipe.prior is not None
+
+
+def test_bench_in_cli() -> None:
+    from unclip import cli
+
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0 and "--quick" in out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/*.py
+
+
+def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
+    script = load_script("pipeline_vs_diffusers")
+    doc = tmp_path / "b.md"
+    r = run_json(script.main, ["--quick", "--doc", str(doc)])
+    assert r["quick"] and [g["batch"] for g in r["generation"]] == [1, 2]
+    for row in r["parameters"]:
+        assert 0.9 <= row["ratio"] <= 1.1
+    flops = r["decoder_forward_gflops"]
+    assert flops["unclip"] == pytest.approx(flops["diffusers"], rel=0.05)
+    for g in r["generation"]:
+        for side in ("unclip_s_per_image", "diffusers_s_per_image"):
+            assert set(g[side]) == {"text", "prior", "decoder", "upsampler", "other", "total"}
+            assert g[side]["total"] > 0
+        assert g["ratio"]["total"] > 0
+    assert r["decoder_training_step"]["ratio"] > 0
+    text = doc.read_text()
+    assert "<!-- pipeline-vs-diffusers:start -->" in text and "Quick mode" in text
+
+
+def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (colour, caption) in enumerate(
+        [("red", "a red square"), ("green", "a green circle"), ("blue", "a blue square")]
+    ):
+        Image.new("RGB", (16, 16), colour).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    script = load_script("steps_vs_quality")
+    doc, plot = tmp_path / "docs" / "b.md", tmp_path / "docs" / "plot.svg"
+    r = run_json(script.main, ["--quick", "--pipeline", str(tiny_pipe), "--data", str(data),
+                               "--samplers", "ddim,dpmpp_2m", "--steps", "1,2",
+                               "--doc", str(doc), "--plot", str(plot)])  # fmt: skip
+    assert r["images"] == 3
+    assert [(x["sampler"], x["steps"]) for x in r["results"]] == [
+        ("ddim", 1), ("ddim", 2), ("dpmpp_2m", 1), ("dpmpp_2m", 2)
+    ]  # fmt: skip
+    assert all(x["fd"] >= 0 and x["s_per_image"] > 0 for x in r["results"])
+    assert set(r["knee_steps"]) == {"ddim", "dpmpp_2m"}
+    root = ET.fromstring(plot.read_text())
+    assert root.tag.endswith("svg")
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+    text = doc.read_text()
+    assert "<!-- steps-vs-quality:start -->" in text and "](plot.svg)" in text
+
+
+def test_knee_and_plot_helpers() -> None:
+    script = load_script("steps_vs_quality")
+    assert script.knee([(5, 2.0), (10, 1.04), (25, 1.0), (50, 1.01)], 0.05) == 10
+    svg = script.svg_line_plot({"a": [(5, 1.0), (250, 0.5)]}, title="t <&>", xlabel="x",
+                               ylabel="y", marker_x=25, marker_label="default")  # fmt: skip
+    ET.fromstring(svg)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
