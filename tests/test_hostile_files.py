@@ -135,12 +135,23 @@ def test_integer_tensors_where_floats_belong(
     )
 
 
-def test_exotic_dtype_is_refused(pipe_dir: Path, tmp_path: Path, capsys) -> None:
-    def to_fp8(state: dict[str, torch.Tensor]) -> None:
-        state["out_conv.weight"] = state["out_conv.weight"].to(torch.float8_e4m3fn)
+def test_unknown_dtype_in_a_handwritten_header(pipe_dir: Path, tmp_path: Path, capsys) -> None:
+    header = json.dumps({"out_conv.weight": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})
+    raw = header.encode()
+    (pipe_dir / STAGE_WEIGHTS).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0\0")
+    refused_everywhere(pipe_dir, tmp_path, capsys, HubError, STAGE_WEIGHTS)
 
-    rewrite_weights(pipe_dir / STAGE_WEIGHTS, to_fp8)
-    refused_everywhere(pipe_dir, tmp_path, capsys, HubError, STAGE_WEIGHTS, "F8_E4M3")
+
+def test_low_precision_floats_still_load(pipe_dir: Path) -> None:
+    """Not hostile: float16/bfloat16/float8 weights are cast to the model's float32."""
+
+    def to_low(state: dict[str, torch.Tensor]) -> None:
+        state["out_conv.weight"] = state["out_conv.weight"].to(torch.float8_e4m3fn)
+        state["out_conv.bias"] = state["out_conv.bias"].to(torch.bfloat16)
+
+    rewrite_weights(pipe_dir / STAGE_WEIGHTS, to_low)
+    model = from_pretrained(pipe_dir / "decoder")
+    assert model.out_conv.weight.dtype == torch.float32
 
 
 def test_missing_and_extra_tensors(pipe_dir: Path, tmp_path: Path, capsys) -> None:

@@ -196,27 +196,32 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    if model_config is not None:
-        write_text_atomic(tmp / "config.json", json.dumps(model_config, indent=2) + "\n")
-    save_state_dict(model_state, tmp / "model.safetensors")
-    if ema_state is not None:
-        save_state_dict(ema_state, tmp / "ema.safetensors")
-    opt_tensors: dict[str, torch.Tensor] = {}
-    opt_json = flatten_state(optimizer_state, opt_tensors)
-    save_state_dict(opt_tensors, tmp / OPTIMIZER_NAME)
-    state_tensors: dict[str, torch.Tensor] = {}
-    state = dict(trainer_state, step=step, optimizer=opt_json)
-    state["rng"] = flatten_state(state.pop("rng"), state_tensors)
-    if "rank_rng" in state:  # the other ranks' generators (multi-process runs)
-        state["rank_rng"] = flatten_state(state.pop("rank_rng"), state_tensors)
-    save_state_dict(state_tensors, tmp / "rng.safetensors")
-    write_text_atomic(tmp / STATE_NAME, json.dumps(state) + "\n")  # last: marks the folder whole
-    _fsync_dir(tmp)
-    if final.exists():  # re-writing a step (a resumed run reaching it again)
-        trash = root / f".tmp-old-{final.name}-{os.getpid()}"
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        if model_config is not None:
+            write_text_atomic(tmp / "config.json", json.dumps(model_config, indent=2) + "\n")
+        save_state_dict(model_state, tmp / "model.safetensors")
+        if ema_state is not None:
+            save_state_dict(ema_state, tmp / "ema.safetensors")
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_json = flatten_state(optimizer_state, opt_tensors)
+        save_state_dict(opt_tensors, tmp / OPTIMIZER_NAME)
+        state_tensors: dict[str, torch.Tensor] = {}
+        state = dict(trainer_state, step=step, optimizer=opt_json)
+        state["rng"] = flatten_state(state.pop("rng"), state_tensors)
+        if "rank_rng" in state:  # the other ranks' generators (multi-process runs)
+            state["rank_rng"] = flatten_state(state.pop("rank_rng"), state_tensors)
+        save_state_dict(state_tensors, tmp / "rng.safetensors")
+        # last: marks the folder whole
+        write_text_atomic(tmp / STATE_NAME, json.dumps(state) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-writing a step (a resumed run reaching it again)
+            trash = root / f".tmp-old-{final.name}-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:  # a full disk, say: free what was written, keep the older checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_text_atomic(root / LATEST, final.name + "\n")
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:

@@ -181,26 +181,41 @@ class Trainer:
         rngs = distributed.all_gather_objects(rng_state())
         folder = checkpoint_dir(self.run_dir) / f"step-{self.step}"
         if self.dist.is_main:
-            folder = save_checkpoint(
-                self.run_dir,
-                self.step,
-                model_state=self.model.state_dict(),
-                ema_state=self.ema.state_dict() if self.ema else None,
-                optimizer_state=self.optimizer.state_dict(),
-                trainer_state={
-                    "data": self.batches.state_dict(),
-                    "rng": rngs[0],
-                    "rank_rng": rngs[1:],
-                    "ema_updates": self.ema.num_updates if self.ema else 0,
-                    "train_config": self.config.to_dict(),
-                    "world_size": self.dist.world_size,
-                    "extra": self.extra_state,
-                },
-                model_config=self._model_config_doc(),
-                keep=self.config.keep_checkpoints,
-            )
+            try:
+                folder = self._save_checkpoint(rngs)
+            except OSError as e:  # disk full, quota, permissions: stop, say what is left
+                where = latest_checkpoint(self.run_dir)
+                raise CheckpointError(
+                    f"{self.run_dir}: could not write the checkpoint of step {self.step} "
+                    f"({e.strerror or e}); training stopped. "
+                    + (
+                        f"The last whole checkpoint is {where}; --resume continues from it."
+                        if where
+                        else "No whole checkpoint was written yet."
+                    )
+                ) from e
         distributed.barrier()
         return folder
+
+    def _save_checkpoint(self, rngs: list[dict[str, Any]]) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.state_dict() if self.ema else None,
+            optimizer_state=self.optimizer.state_dict(),
+            trainer_state={
+                "data": self.batches.state_dict(),
+                "rng": rngs[0],
+                "rank_rng": rngs[1:],
+                "ema_updates": self.ema.num_updates if self.ema else 0,
+                "train_config": self.config.to_dict(),
+                "world_size": self.dist.world_size,
+                "extra": self.extra_state,
+            },
+            model_config=self._model_config_doc(),
+            keep=self.config.keep_checkpoints,
+        )
 
     def resume(self) -> Path | None:
         """Restore everything from the newest whole checkpoint; returns it (None: start fresh)."""
