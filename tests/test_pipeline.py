@@ -412,3 +412,18 @@ def test_reduced_precision_runs_under_autocast(folder):
     torch.testing.assert_close(half.encode_text("a cat").norm(dim=-1), torch.ones(1))
     with pytest.raises(ValueError, match="dtype must be"):
         load_pipeline(folder, device="cpu", dtype=torch.int8)
+
+
+def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
+    from tiny_pipeline import write_tiny_pipeline
+
+    from unclip.pipeline import load_pipeline
+
+    pipe = load_pipeline(write_tiny_pipeline(tmp_path / "p"))
+    kw = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 3}
+    full = pipe.text_to_image("a cat", seed=3, **kw)[0]
+    half = pipe.text_to_image("a cat", seed=3, upsampler_strength=0.5, **kw)[0]
+    again = pipe.text_to_image("a cat", seed=3, upsampler_strength=0.5, **kw)[0]
+    assert half.tobytes() == again.tobytes() and half.tobytes() != full.tobytes()
+    with pytest.raises(ValueError, match="strength"):
+        pipe.text_to_image("a cat", seed=3, upsampler_strength=0.0, **kw)

@@ -39,7 +39,9 @@ def _default_model() -> Path:
     try:
         return resolve_pipeline("emoji-small")
     except FileNotFoundError:
-        raise ValueError("no default model is installed with this unclip; pass --model PATH") from None
+        raise ValueError(
+            "no default model is installed with this unclip; pass --model PATH"
+        ) from None
 
 
 def find_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:

@@ -121,6 +121,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, prior: bool, guidance: boo
             "--decoder-guidance", type=float, metavar="W", help="decoder guidance scale (1 = off)"
         )
     g.add_argument("--upsampler-steps", type=int, metavar="N", help="steps of each upsampler")
+    g.add_argument(
+        "--upsampler-strength",
+        type=float,
+        metavar="S",
+        help="start each upsampler from its input noised to S·T (0 < S ≤ 1; 1 = pure noise)",
+    )
 
 
 def _add_output_args(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -331,7 +337,7 @@ def _load_images(paths: Sequence[str], what: str = "image") -> list[Any]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("sampler", "prior_steps", "prior_guidance", "prior_candidates", "decoder_steps",
-            "decoder_guidance", "upsampler_steps")  # fmt: skip
+            "decoder_guidance", "upsampler_steps", "upsampler_strength")  # fmt: skip
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -65,14 +65,23 @@ class DecoderSampling(Config):
 
 @dataclasses.dataclass
 class UpsamplerSampling(Config):
-    """Default sampling of every upsampler (no guidance: they see no caption or embedding)."""
+    """Default sampling of every upsampler (no guidance: they see no caption or embedding).
+
+    ``strength`` < 1 starts from the bicubic enlargement of the input noised to timestep
+    ``strength · T`` (SDEdit, Meng et al. 2022) instead of pure noise: an ε-predicting
+    upsampler sampled in a few steps gets its first, noisiest steps wrong, and the low
+    resolution image already fixes what those steps would decide.
+    """
 
     sampler: SamplerName = "ddim"
     steps: int = 7
     eta: float = 0.0
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         _check_common(self.steps, self.eta)
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"strength must be in (0, 1], got {self.strength}")
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ seed used is in every image's ``info``.
 pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
 ``prior_steps``, ``prior_guidance``, ``prior_candidates``, ``prior_eta``,
 ``decoder_sampler``, ``decoder_steps``, ``decoder_guidance``, ``decoder_eta``,
-``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``.
+``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``, ``upsampler_strength``.
 
 **Outputs** are RGB PIL images at the pipeline's output resolution; ``image.info`` holds
 the strings written into a PNG's text metadata: ``prompt``, ``seed``, ``model``,
@@ -93,7 +93,7 @@ _OVERRIDES: dict[str, tuple[str, str]] = {
     for stage, keys in (
         ("prior", ("sampler", "steps", "guidance", "candidates", "eta")),
         ("decoder", ("sampler", "steps", "guidance", "eta")),
-        ("upsampler", ("sampler", "steps", "eta")),
+        ("upsampler", ("sampler", "steps", "eta", "strength")),
     )
     for key in keys
 }
@@ -477,7 +477,7 @@ class UnclipPipeline:
                     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                         raise ValueError(f"{label} must be an integer, got {value!r}")
                     value = int(value)
-                if key in ("guidance", "eta"):
+                if key in ("guidance", "eta", "strength"):
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         raise ValueError(f"{label} must be a number, got {value!r}")
                     if not math.isfinite(value):
@@ -729,16 +729,32 @@ class UnclipPipeline:
             side = low.shape[-1] * cfg.image_size // cfg.low_res_size
             name = "upsampler" if k == 0 else f"upsampler{k + 1}"
             fn = _model_fn(up.model, self.device, self.dtype)
+            generator = stage_generator(seed, name)
+            start: tuple[int, ...] | Tensor = (1, 3, side, side)
+            steps: int | None = st.steps
+            extra: dict[str, Any] = {}
+            if st.strength < 1.0:  # SDEdit: start from the noised bicubic enlargement
+                t0 = round(st.strength * (up.diffusion.num_timesteps - 1))
+                ts = torch.linspace(t0, 0, st.steps).round().long().tolist()
+                extra["timesteps"] = sorted(set(ts), reverse=True)
+                steps = None
+                big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
+                noise = torch.randn(big.shape, generator=generator, device=generator.device)
+                t = torch.full((1,), t0, dtype=torch.long)
+                start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(
+                    self.device
+                )
             x = self._run(
                 name,
                 up,
                 lambda x_, t_, low=low, fn=fn, **kw: fn(x_, t_, low_res=low, **kw),
-                (1, 3, side, side),
+                start,
                 st.sampler,
-                st.steps,
+                steps,
                 st.eta,
-                stage_generator(seed, name),
+                generator,
                 progress,
+                **extra,
             )
         return x
 
