@@ -357,6 +357,10 @@ class UnclipPipeline:
         self.clip = clip
         self.prior = prior
         self.decoder = decoder
+        # a decoder trained with the inpainting inputs part of the time (GLIDE §4) paints
+        # plain images (nothing known) and edits: it is its own inpainting decoder
+        if inpaint_decoder is None and decoder is not None and decoder.model.config.inpaint:
+            inpaint_decoder = decoder
         self.inpaint_decoder = inpaint_decoder
         self.upsamplers = list(upsamplers)
         self.config = config or PipelineConfig()
@@ -418,7 +422,6 @@ class UnclipPipeline:
                 d.image_size == self.base_size,
                 f"inpaint_decoder image_size {d.image_size} != decoder {self.base_size}",
             )
-        need(not self.decoder.model.config.inpaint, "decoder is an inpainting model")
         size = self.base_size
         for i, up in enumerate(self.upsamplers):
             u = up.model.config
