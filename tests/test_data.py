@@ -441,3 +441,14 @@ def test_svg_declaring_a_huge_size_is_refused_without_rendering():
     assert rasterize_svg(huge, size=32).size == (32, 32)
     with pytest.raises(BadImageError, match="bad.svg"):
         load_image(b"<svg", name="bad.svg")
+
+
+def test_svg_linking_a_local_file_is_refused(tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes((1, 2, 3)))
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+           f'width="8" height="8"><image xlink:href="{secret}" width="8" height="8"/></svg>')  # fmt: skip
+    with pytest.raises(BadImageError, match="outside file"):
+        load_image(svg.encode(), name="leak.svg")
+    inline = svg.replace(str(secret), "data:image/png;base64,iVBORw0KGgo=")
+    load_image(inline.encode(), name="inline.svg")  # data: URIs are fine

@@ -128,6 +128,11 @@ def rasterize_svg(svg: str, size: int | None = None, name: str = "<svg>") -> Ima
         raise ImportError(
             "rendering SVG needs resvg-py: pip install 'unclip[data]' (or resvg-py)"
         ) from e
+    import re
+
+    for link in re.findall(r"""<image\b[^>]*?href\s*=\s*["']([^"']*)""", svg, flags=re.I):
+        if not link.strip().lower().startswith("data:"):
+            raise BadImageError(f"{name}: the SVG links an outside file ({link[:60]}); refused")
     declared = svg_declared_size(svg)
     if declared is None:
         raise BadImageError(f"{name}: not a readable SVG")
