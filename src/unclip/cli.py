@@ -28,7 +28,7 @@ TRAIN_STAGES: dict[str, tuple[str, str]] = {
         "unclip.train.stages.clip:run",
     ),
     "prior": (
-        "train the diffusion prior (caption embedding -> CLIP image embedding)",
+        "train the prior (caption embedding -> CLIP image embedding; diffusion or --type ar)",
         "unclip.train.stages.prior:run",
     ),
     "decoder": (

@@ -42,6 +42,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _MODEL_TYPES: dict[str, str | type[nn.Module]] = {
     "clip": "unclip.clip.model:CLIP",
     "diffusion_prior": "unclip.prior.model:DiffusionPriorTransformer",
+    "ar_prior": "unclip.prior.ar:ARPrior",
     "decoder_unet": "unclip.decoder.unet:UNet",
     "upsampler_unet": "unclip.decoder.upsampler:Upsampler",
 }

@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For every caption of the given embedding folders, compare three guesses "
         "of its image's CLIP embedding by mean cosine similarity to the true one: the caption "
         "embedding z_t itself, a linear regression z_t -> z_i fitted on --train-embeddings, "
-        "and samples of the diffusion prior (DDIM).",
+        "and samples of the prior (a diffusion prior with DDIM, or an autoregressive prior).",
     )
-    pr.add_argument("--prior", required=True, help="prior model folder (with diffusion.json)")
+    pr.add_argument("--prior", required=True,
+                    help="prior model folder (a diffusion prior with diffusion.json, or an AR prior)")  # fmt: skip
     pr.add_argument("--clip", required=True, help="the CLIP folder the prior was trained with")
     pr.add_argument("--train-embeddings", required=True, help="`unclip embed` output of train")
     pr.add_argument("--embeddings", action="append", required=True, metavar="DIR",
@@ -56,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     pr.add_argument("--guidance", type=float, default=1.0, help="guidance scale (default 1)")
     pr.add_argument("--candidates", type=int, default=2, help="samples per caption (default 2)")
+    pr.add_argument("--temperature", type=float, default=1.0,
+                    help="AR prior: sampling temperature (default 1; 0 = greedy)")  # fmt: skip
+    pr.add_argument("--top-k", type=int, default=0, help="AR prior: top-k (default 0 = off)")
+    pr.add_argument("--top-p", type=float, default=1.0, help="AR prior: top-p (default 1 = off)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.set_defaults(func=_eval_prior)
 
@@ -191,6 +196,7 @@ def _eval_prior(args: argparse.Namespace) -> int:
     from unclip.eval.prior_eval import (
         fit_linear_map,
         linear_map_predict,
+        sample_ar_prior_embeddings,
         sample_prior_embeddings,
     )
     from unclip.hub import from_pretrained
@@ -199,9 +205,12 @@ def _eval_prior(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.candidates < 1:
         raise ValueError("--steps and --candidates must be at least 1")
     prior = from_pretrained(args.prior)
-    diffusion = GaussianDiffusion.from_config(
-        DiffusionConfig.load(Path(args.prior) / "diffusion.json")
-    )
+    is_ar = prior.config.type_name == "ar_prior"
+    diffusion = None
+    if not is_ar:
+        diffusion = GaussianDiffusion.from_config(
+            DiffusionConfig.load(Path(args.prior) / "diffusion.json")
+        )
     text = FrozenTextEncoder(args.clip)
     train = EmbeddingShards(args.train_embeddings)
     w = fit_linear_map(
@@ -213,10 +222,17 @@ def _eval_prior(args: argparse.Namespace) -> int:
         shards = EmbeddingShards(folder)
         z_t = F.normalize(torch.from_numpy(np.asarray(shards.text_emb, dtype=np.float32)), dim=-1)
         z_i = F.normalize(torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)), dim=-1)
-        sampled = sample_prior_embeddings(
-            prior, diffusion, text, shards.captions, z_t, steps=args.steps,
-            guidance=args.guidance, candidates=args.candidates,
-        )  # fmt: skip
+        if is_ar:
+            sampled = sample_ar_prior_embeddings(
+                prior, text, shards.captions, z_t, guidance=args.guidance,
+                candidates=args.candidates, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p,
+            )  # fmt: skip
+        else:
+            sampled = sample_prior_embeddings(
+                prior, diffusion, text, shards.captions, z_t, steps=args.steps,
+                guidance=args.guidance, candidates=args.candidates,
+            )  # fmt: skip
         results[Path(folder).name] = {
             "captions": len(shards),
             "cos_text_embedding": (z_t * z_i).sum(-1).mean().item(),

@@ -2,7 +2,8 @@
 
 Three predictors of z_i from a caption, compared by mean cosine similarity to the true z_i:
 the caption embedding z_t itself (the paper's "no prior" baseline), a linear regression from
-z_t to z_i fitted on the training embeddings, and samples of the diffusion prior.
+z_t to z_i fitted on the training embeddings, and samples of the prior (diffusion or
+autoregressive).
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fit_linear_map", "linear_map_predict", "sample_prior_embeddings"]
+__all__ = [
+    "fit_linear_map",
+    "linear_map_predict",
+    "sample_ar_prior_embeddings",
+    "sample_prior_embeddings",
+]
 
 
 def fit_linear_map(z_t: torch.Tensor, z_i: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
@@ -74,6 +80,48 @@ def sample_prior_embeddings(
         x = final(ddim_sample(diffusion, fn, (m, prior.config.clip_dim), steps, generator=g,
                               model_kwargs=cond or None))  # fmt: skip
         z = unscale_embedding(x, prior.config.embed_scale).view(n, candidates, -1)
+        best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
+        out.append(z[torch.arange(n), best])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_ar_prior_embeddings(
+    prior: torch.nn.Module,
+    text_encoder: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    captions: Sequence[str],
+    z_t: torch.Tensor,
+    *,
+    guidance: float = 1.0,
+    candidates: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sample z_i for each caption with an autoregressive prior (:class:`unclip.prior.ARPrior`,
+    conditioned on a high z_i·z_t bucket); keep the candidate with the highest z_i·z_t.
+
+    Arguments as in :func:`sample_prior_embeddings`; ``guidance`` acts on the code logits.
+    Returns [N, D] unit-norm embeddings.
+    """
+    prior.eval()
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for lo in range(0, len(captions), batch_size):
+        caps = list(captions[lo : lo + batch_size])
+        zt = z_t[lo : lo + batch_size]
+        n = len(caps)
+        feats = mask = None
+        if prior.config.text_dim:
+            _, feats, mask = text_encoder(caps)
+            feats = feats.repeat_interleave(candidates, 0)
+            mask = mask.repeat_interleave(candidates, 0)
+        z = prior.sample(
+            zt.repeat_interleave(candidates, 0), feats, mask, guidance=guidance,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+        ).view(n, candidates, -1)  # fmt: skip
         best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
         out.append(z[torch.arange(n), best])
     return torch.cat(out)

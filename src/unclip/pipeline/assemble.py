@@ -2,7 +2,8 @@
 
 Each model is rebuilt with :func:`unclip.hub.from_pretrained` (EMA weights when the folder
 has them) and written back with only those weights, cast to ``dtype`` (fp16 by default:
-half the size, and loading casts back), next to a copy of its ``diffusion.json``. No
+half the size, and loading casts back), next to a copy of its ``diffusion.json`` (an
+autoregressive prior has none: it samples codes, and its code book is in its weights). No
 optimizer state or raw weights travel. The folder is built under a temporary name, loaded
 once as a pipeline to check that the stages fit together, and only then renamed into place.
 """
@@ -33,8 +34,11 @@ def stage_folder(path: str | os.PathLike, what: str) -> Path:
 
 
 def _copy_diffusion_stage(src: Path, dst: Path, what: str, dtype: torch.dtype) -> None:
-    from unclip.hub import from_pretrained, save_pretrained
+    from unclip.hub import from_pretrained, load_config, save_pretrained
 
+    if what == "prior" and load_config(src).type_name == "ar_prior":
+        save_pretrained(from_pretrained(src), dst, dtype=dtype)
+        return
     if not (src / DIFFUSION_FILE).is_file():
         raise FileNotFoundError(
             f"{src / DIFFUSION_FILE}: missing; the {what} folder must come from `unclip train`"
@@ -62,8 +66,8 @@ def assemble_pipeline(
     """Write a pipeline folder at ``out`` from trained stage folders and return its path.
 
     ``clip``: a CLIP folder (unclip, or any format :func:`unclip.clip.load_clip` reads);
-    ``tokenizer``: a tokenizer folder (default: ``CLIP/tokenizer``). ``prior`` None gives a
-    pipeline without prior (the decoder gets z_t). ``upsamplers`` lowest resolution first.
+    ``tokenizer``: a tokenizer folder (default: ``CLIP/tokenizer``). ``prior``: a diffusion
+    or autoregressive prior folder; None gives a pipeline without prior (the decoder gets z_t). ``upsamplers`` lowest resolution first.
     A stage may be given as a run folder; its ``final/`` is used. ``out`` must not exist
     unless ``overwrite``.
     """

@@ -6,7 +6,8 @@ A pipeline folder looks like::
                          "stages": {...}, "sampling": {...}}
     tokenizer/          a tokenizer folder (unclip.tokenizer)
     clip/               a CLIP model folder
-    prior/              a diffusion prior model folder + diffusion.json
+    prior/              a diffusion prior model folder + diffusion.json, or an
+                        autoregressive prior ("ar_prior") folder, which needs none
     decoder/            a decoder UNet model folder + diffusion.json
     inpaint_decoder/    optional: a decoder trained with the GLIDE inpainting inputs
     upsampler/ …        zero or more upsampler folders, lowest resolution first
@@ -34,19 +35,35 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 class PriorSampling(Config):
     """Default sampling of the prior: ``candidates`` z_i are drawn per image and the one with
     the highest dot product with z_t is kept (DALL·E 2 §2.2); ``guidance`` is the
-    classifier-free guidance scale (1 = none; Karlo/diffusers use 4)."""
+    classifier-free guidance scale (1 = none; Karlo/diffusers use 4).
+
+    ``sampler``, ``steps`` and ``eta`` apply to a diffusion prior; ``temperature`` (0 =
+    greedy), ``top_k`` (0 = off) and ``top_p`` (1 = off) to an autoregressive prior, whose
+    guidance (on the code logits) is ``ar_guidance``.
+    """
 
     sampler: SamplerName = "ddim"
     steps: int = 25
     guidance: float = 4.0
     candidates: int = 2
     eta: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.95
+    ar_guidance: float = 2.0
 
     def __post_init__(self) -> None:
         _check_common(self.steps, self.eta)
         _check_guidance(self.guidance)
+        _check_guidance(self.ar_guidance)
         if self.candidates < 1:
             raise ConfigError(f"candidates must be at least 1, got {self.candidates}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ConfigError(f"temperature must be in [0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass

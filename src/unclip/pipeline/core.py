@@ -14,7 +14,9 @@ seed used is in every image's ``info``.
 
 **Sampling overrides** (keyword arguments of every generating method; None = the
 pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
-``prior_steps``, ``prior_guidance``, ``prior_candidates``, ``prior_eta``,
+``prior_steps``, ``prior_guidance``, ``prior_candidates``, ``prior_eta``, and for an
+autoregressive prior ``prior_temperature``, ``prior_top_k``, ``prior_top_p``,
+``prior_ar_guidance``,
 ``decoder_sampler``, ``decoder_steps``, ``decoder_guidance``, ``decoder_eta``,
 ``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``, ``upsampler_strength``.
 
@@ -88,10 +90,12 @@ MAX_SEED = 2**63 - 1
 DIFFUSION_FILE = "diffusion.json"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
+_PRIOR_KEYS = ("sampler", "steps", "guidance", "candidates", "eta")
+_PRIOR_KEYS += ("temperature", "top_k", "top_p", "ar_guidance")  # autoregressive prior
 _OVERRIDES: dict[str, tuple[str, str]] = {
     f"{stage}_{key}": (stage, key)
     for stage, keys in (
-        ("prior", ("sampler", "steps", "guidance", "candidates", "eta")),
+        ("prior", _PRIOR_KEYS),
         ("decoder", ("sampler", "steps", "guidance", "eta")),
         ("upsampler", ("sampler", "steps", "eta", "strength")),
     )
@@ -117,10 +121,16 @@ class TextCondition:
 
 @dataclass
 class Stage:
-    """A diffusion stage: its network and the diffusion process it was trained with."""
+    """A stage: its network and the diffusion process it was trained with (None for the
+    autoregressive prior, which samples codes instead)."""
 
     model: nn.Module
-    diffusion: GaussianDiffusion
+    diffusion: GaussianDiffusion | None
+
+
+def is_ar_prior(model: nn.Module) -> bool:
+    """Whether ``model`` is an autoregressive prior (type ``ar_prior``)."""
+    return getattr(getattr(model, "config", None), "type_name", "") == "ar_prior"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +192,8 @@ def _load_stage(folder: Path, what: str, device: torch.device) -> Stage:
     if not folder.is_dir():
         raise PipelineError(f"{folder}: the {what} stage folder is missing")
     model = from_pretrained(folder, device=device)
+    if what == "prior" and is_ar_prior(model):
+        return Stage(model, None)  # samples codes: no diffusion.json
     file = folder / DIFFUSION_FILE
     if not file.is_file():
         raise PipelineError(f"{file}: missing; a diffusion stage folder needs {DIFFUSION_FILE}")
@@ -476,11 +488,11 @@ class UnclipPipeline:
                     raise ValueError(
                         f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}"
                     )
-                if key in ("steps", "candidates"):
+                if key in ("steps", "candidates", "top_k"):
                     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                         raise ValueError(f"{label} must be an integer, got {value!r}")
                     value = int(value)
-                if key in ("guidance", "eta", "strength"):
+                if key in ("guidance", "eta", "strength", "temperature", "top_p", "ar_guidance"):
                     if isinstance(value, bool) or not isinstance(value, (int, float)):
                         raise ValueError(f"{label} must be a number, got {value!r}")
                     if not math.isfinite(value):
@@ -494,7 +506,7 @@ class UnclipPipeline:
         limits = [("prior", self.prior), ("decoder", self.decoder)]
         limits += [("upsampler", u) for u in self.upsamplers]
         for stage, st in limits:
-            if st is None:
+            if st is None or st.diffusion is None:
                 continue
             steps = getattr(out, stage).steps
             if steps > st.diffusion.num_timesteps:
@@ -587,6 +599,8 @@ class UnclipPipeline:
         st = settings.prior
         model = self.prior.model
         c = st.candidates
+        if self.prior.diffusion is None:
+            return self._sample_ar_prior(text, seed, settings, progress)
         cond: dict[str, Any] = {"text_emb": text.z_t.expand(c, -1)}
         if model.config.text_dim:
             cond["text_tokens"] = text.tokens.expand(c, -1, -1)
@@ -607,6 +621,39 @@ class UnclipPipeline:
             progress,
         )
         z = unscale_embedding(x, model.embed_scale)  # [c, D], unit norm
+        best = int((z @ text.z_t[0]).argmax())  # DALL·E 2: keep the higher z_i · z_t
+        return z[best : best + 1]
+
+    def _sample_ar_prior(
+        self,
+        text: TextCondition,
+        seed: int,
+        settings: SamplingConfig,
+        progress: ProgressCallback | None,
+    ) -> Tensor:
+        """z_i [1, D] from an autoregressive prior: ``candidates`` code sequences (guided on
+        the logits by ``ar_guidance``), decoded, the one closest to z_t kept."""
+        assert self.prior is not None
+        st = settings.prior
+        model = self.prior.model
+        c = st.candidates
+        k_total = model.config.components
+        tokens = mask = None
+        if model.config.text_dim:
+            tokens, mask = text.tokens.expand(c, -1, -1), text.mask.expand(c, -1)
+
+        def callback(k: int, codes: Tensor) -> None:
+            if progress is not None:
+                x = codes.float()
+                progress("prior", SampleStep(k, k_total, k_total - 1 - k, x, x))
+
+        with _autocast(self.device, self.dtype):
+            z = model.sample(
+                text.z_t.expand(c, -1), tokens, mask, guidance=st.ar_guidance,
+                temperature=st.temperature, top_k=st.top_k, top_p=st.top_p,
+                generator=stage_generator(seed, "prior"), callback=callback,
+            )  # fmt: skip
+        z = F.normalize(z.float(), dim=-1)  # [c, D]
         best = int((z @ text.z_t[0]).argmax())  # DALL·E 2: keep the higher z_i · z_t
         return z[best : best + 1]
 
@@ -776,6 +823,11 @@ class UnclipPipeline:
         samplers = {}
         for stage in stages:
             st = getattr(settings, "decoder" if stage == "inpaint" else stage)
+            if stage == "prior" and self.prior is not None and self.prior.diffusion is None:
+                steps[stage] = self.prior.model.config.components  # one code per step
+                samplers[stage] = "autoregressive"
+                guidance[stage] = st.ar_guidance
+                continue
             steps[stage] = st.steps
             samplers[stage] = st.sampler
             if hasattr(st, "guidance"):

@@ -1,7 +1,9 @@
-"""The diffusion prior: text (CLIP z_t and caption tokens) -> CLIP image embedding z_i."""
+"""The two priors of DALL·E 2 (§2.2): text (CLIP z_t and caption tokens) -> CLIP image
+embedding z_i. :mod:`.model` is the diffusion prior, :mod:`.ar` the autoregressive one."""
 
 from __future__ import annotations
 
+from unclip.prior.ar import ARPrior, ARPriorConfig, Codebook, fit_codebook
 from unclip.prior.model import (
     DiffusionPriorTransformer,
     PriorConfig,
@@ -9,4 +11,13 @@ from unclip.prior.model import (
     unscale_embedding,
 )
 
-__all__ = ["DiffusionPriorTransformer", "PriorConfig", "scale_embedding", "unscale_embedding"]
+__all__ = [
+    "ARPrior",
+    "ARPriorConfig",
+    "Codebook",
+    "DiffusionPriorTransformer",
+    "PriorConfig",
+    "fit_codebook",
+    "scale_embedding",
+    "unscale_embedding",
+]

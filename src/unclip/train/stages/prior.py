@@ -1,18 +1,35 @@
-"""``unclip train prior``: the diffusion prior, from caption (z_t + token features) to z_i.
+"""``unclip train prior``: a prior from caption (z_t + token features) to z_i.
 
-Trains from ``unclip embed`` shards (image and caption embeddings); the frozen CLIP text
-encoder (``clip`` in the run config) gives the per-token caption features in the loop.
+Two kinds (DALL·E 2 §2.2), chosen by ``--type`` or the run config's ``"type"``: the
+diffusion prior (``diffusion``, the default; :class:`PriorRunConfig`) and the autoregressive
+prior (``ar``; :class:`ARPriorRunConfig`), whose PCA + quantiser are fitted on the training
+embeddings first. Both train from ``unclip embed`` shards (image and caption embeddings);
+the frozen CLIP text encoder (``clip`` in the run config) gives the per-token caption
+features in the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 HELP = "train the diffusion prior (caption embedding -> CLIP image embedding)"
+PRIOR_TYPES = ("diffusion", "ar")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--type",
+        choices=PRIOR_TYPES,
+        default=None,
+        help="diffusion (default) or ar (autoregressive over PCA codes); default: the run "
+        'config\'s "type", else diffusion',
+    )
 
 
 class PriorItems(Dataset):
@@ -52,7 +69,91 @@ class PriorLoss:
         return loss, {"mse": terms["mse"].mean().item()}
 
 
+class ARPriorLoss:
+    """Cross-entropy of the PCA codes of z_i after the caption prefix (DALL·E 2 §2.2)."""
+
+    def __init__(self, text=None) -> None:
+        self.text = text
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_emb, text_emb, captions = batch
+        feats = mask = None
+        if self.text is not None:
+            _z, feats, mask = self.text(captions, image_emb.device)
+        module = getattr(model, "module", model)
+        loss, acc = module.loss(image_emb, text_emb, feats, mask, model=model)
+        return loss, {"code_acc": acc.item()}
+
+
+def prior_type(args: argparse.Namespace) -> str:
+    """``--type``, else the run config's ``"type"`` (``--config`` or, on ``--resume``, the
+    run folder's copy), else ``diffusion``; a flag that contradicts the file is an error."""
+    from unclip.config import ConfigError
+    from unclip.train.stages.common import RUN_CONFIG_NAME
+
+    flag = getattr(args, "type", None)
+    path = Path(args.config) if args.config else Path(args.run_dir) / RUN_CONFIG_NAME
+    declared = None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        declared = doc.get("type") if isinstance(doc, dict) else None
+    except (OSError, json.JSONDecodeError):
+        pass  # load_run_config reports unreadable files
+    if declared is not None and declared not in PRIOR_TYPES:
+        raise ConfigError(f"{path}: type must be one of {', '.join(PRIOR_TYPES)}, got {declared!r}")
+    if flag and declared and flag != declared:
+        raise ConfigError(f"{path}: the config says type {declared!r} but --type is {flag!r}")
+    return flag or declared or "diffusion"
+
+
+def run_ar(args: argparse.Namespace) -> int:
+    """Train the autoregressive prior: fit the code book on every training row, then train."""
+    import numpy as np
+
+    from unclip.prior.ar import ARPrior, fit_codebook
+    from unclip.train.loop import Trainer
+    from unclip.train.stages.common import (
+        count_parameters,
+        embedding_shards,
+        fit_and_export,
+        load_run_config,
+        text_encoder_for,
+    )
+    from unclip.train.stages.run_configs import ARPriorRunConfig
+
+    cfg = load_run_config(ARPriorRunConfig, args)
+    where = args.config or args.run_dir
+    shards = embedding_shards(cfg, where)
+    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len)
+    m = cfg.model
+    codebook = fit_codebook(
+        torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)),
+        torch.from_numpy(np.asarray(shards.text_emb, dtype=np.float32)),
+        components=m.components, variance=m.variance, buckets=m.buckets,
+        dot_buckets=m.dot_buckets,
+    )  # fmt: skip
+    k = codebook.components.shape[0]
+    model = ARPrior(m.replace(components=k))
+    model.load_codebook(codebook)
+    z = torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32))
+    cos = (codebook.decode(codebook.encode(z)) * torch.nn.functional.normalize(z, dim=-1)).sum(-1)
+    print(
+        f"unclip: AR prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} "
+        f"rows; PCA keeps {k} components ({float(codebook.explained.sum()):.1%} of the "
+        f"variance), {m.buckets} buckets each; code round trip cos mean {cos.mean():.4f}, "
+        f"min {cos.min():.4f}"
+    )
+    trainer = Trainer(
+        model, ARPriorLoss(text), PriorItems(shards), cfg.train, args.run_dir,
+        device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    fit_and_export(trainer, args.resume)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if prior_type(args) == "ar":
+        return run_ar(args)
     from unclip.diffusion import GaussianDiffusion
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.train.loop import Trainer

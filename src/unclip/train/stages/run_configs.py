@@ -6,11 +6,13 @@ A run folder keeps its own copy (``run_config.json``), so ``--resume`` needs no 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from unclip.clip.model import CLIPConfig
 from unclip.config import Config, DataConfig, DiffusionConfig, TrainConfig
 from unclip.decoder.unet import UNetConfig
 from unclip.decoder.upsampler import UpsamplerConfig
+from unclip.prior.ar import ARPriorConfig
 from unclip.prior.model import PriorConfig
 
 
@@ -38,6 +40,21 @@ class PriorRunConfig(Config):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     clip: str = ""
+    type: Literal["diffusion"] = "diffusion"
+
+
+@dataclasses.dataclass
+class ARPriorRunConfig(Config):
+    """The autoregressive prior (``unclip train prior --type ar``): ``model.components`` 0
+    keeps the principal components reaching ``model.variance`` of the training embeddings'
+    variance; the PCA and quantiser are fitted on every row of ``data.embeddings`` before
+    training (deterministically) and saved in the model's weights."""
+
+    model: ARPriorConfig = dataclasses.field(default_factory=ARPriorConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    clip: str = ""
+    type: Literal["ar"] = "ar"
 
 
 @dataclasses.dataclass

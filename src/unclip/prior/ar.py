@@ -1,0 +1,614 @@
+"""The autoregressive (AR) prior of DALL·E 2 (Ramesh et al. 2022, §2.2).
+
+The CLIP image embedding z_i becomes a short sequence of discrete codes: PCA fitted on the
+training embeddings keeps the ``K`` leading principal components (the paper keeps 319 of
+1,024; here a configured count, or the smallest one reaching a target share of the
+variance, 99% by default), ordered by decreasing eigenvalue, and each component is quantised
+into ``B`` buckets with quantile edges (the paper uses 1,024). A decoder-only Transformer
+with a causal mask predicts the codes one at a time after the prefix
+
+    [caption tokens (CLIP per-token features, projected), z_t, dot, c_0, …, c_{K-2}]
+
+where ``dot`` is the quantised dot product z_i·z_t (captions that describe their image
+better have higher products, so sampling conditions on the upper half of the buckets, as
+the paper does). Trained with cross-entropy; the caption is dropped 10% of the time (a
+learned null condition owned by the model) for classifier-free guidance on the logits.
+
+The PCA and the quantiser live in the model's buffers, so ``save_pretrained`` /
+``from_pretrained`` carry them in ``model.safetensors`` with no extra file. Fit them with
+:func:`fit_codebook` and :meth:`ARPrior.load_codebook` before training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.config import Config, ConfigError
+from unclip.nn import apply_null, attention, condition_drop_mask
+
+#: tokens between the caption and the codes: z_t, dot
+NUM_EXTRA_TOKENS = 2
+
+
+@dataclass
+class ARPriorConfig(Config):
+    """Size, code book and conditioning of :class:`ARPrior`.
+
+    ``clip_dim``: CLIP embedding width D. ``text_dim``: width of the CLIP text encoder's
+    per-token features (0 = condition on z_t only). ``text_len``: the longest caption.
+    ``components``: principal components K kept (0 = the smallest count reaching
+    ``variance`` of the training embeddings' variance; a fitted model always has K ≥ 1).
+    ``buckets``: quantisation buckets B per component. ``dot_buckets``: buckets of the
+    z_i·z_t token. ``text_drop_prob``: training probability of the null caption condition.
+    """
+
+    type_name = "ar_prior"
+
+    clip_dim: int = 512
+    text_dim: int = 512
+    text_len: int = 77
+    components: int = 0
+    variance: float = 0.99
+    buckets: int = 256
+    dot_buckets: int = 16
+    width: int = 256
+    layers: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    text_drop_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("clip_dim", "text_len", "width", "layers", "heads", "dot_buckets"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.buckets < 2:
+            raise ConfigError(f"buckets must be at least 2, got {self.buckets}")
+        if not 0 <= self.components <= self.clip_dim:
+            raise ConfigError(
+                f"components must be in 0..clip_dim={self.clip_dim} (0 = by variance), "
+                f"got {self.components}"
+            )
+        if not 0.0 < self.variance <= 1.0:
+            raise ConfigError(f"variance must be in (0, 1], got {self.variance}")
+        if self.text_dim < 0:
+            raise ConfigError(f"text_dim must be >= 0 (0 = no caption tokens), got {self.text_dim}")
+        if self.width % self.heads:
+            raise ConfigError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if not 0.0 <= self.text_drop_prob <= 1.0:
+            raise ConfigError(f"text_drop_prob must be in [0, 1], got {self.text_drop_prob}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PCA + per-component quantisation
+
+
+@dataclass
+class Codebook:
+    """A fitted PCA + quantiser (what :class:`ARPrior` keeps in its buffers).
+
+    mean: [D]; components: [K, D] orthonormal rows, by decreasing eigenvalue;
+    explained: [K] share of the total variance of each component; edges: [K, B - 1]
+    interior bucket edges (quantiles); centres: [K, B] the mean training value of each
+    bucket (midpoint of its edges when empty); dot_edges: [Bd - 1] edges of z_i·z_t.
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained: torch.Tensor
+    edges: torch.Tensor
+    centres: torch.Tensor
+    dot_edges: torch.Tensor
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [N, D] -> codes [N, K] long."""
+        return pca_quantize(z, self.mean, self.components, self.edges)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [N, K] -> unit-norm z [N, D]."""
+        return pca_dequantize(codes, self.mean, self.components, self.centres)
+
+
+def _quantile_edges(x: torch.Tensor, buckets: int) -> torch.Tensor:
+    """x: [N, K] -> interior edges [K, B - 1] at quantiles 1/B … (B-1)/B of each column."""
+    q = torch.arange(1, buckets, dtype=x.dtype) / buckets  # [B - 1]
+    return torch.quantile(x, q, dim=0).T.contiguous()  # [K, B - 1]
+
+
+def _bucketize(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """x: [N, K], edges: [K, B - 1] sorted -> bucket indices [N, K] in 0..B-1."""
+    return torch.searchsorted(edges.contiguous(), x.T.contiguous(), right=True).T  # [N, K]
+
+
+def fit_codebook(
+    z_i: torch.Tensor,
+    z_t: torch.Tensor | None = None,
+    *,
+    components: int = 0,
+    variance: float = 0.99,
+    buckets: int = 256,
+    dot_buckets: int = 16,
+) -> Codebook:
+    """Fit PCA (on unit-normalised z_i: [N, D]) and the quantile buckets, deterministically.
+
+    ``components`` > 0 keeps that many principal components, 0 the fewest whose explained
+    variance reaches ``variance``. Eigenvectors come from ``torch.linalg.eigh`` in float64,
+    each signed so its largest-magnitude entry is positive. ``z_t`` ([N, D], or None: a
+    single dot bucket) gives the z_i·z_t quantile edges.
+    """
+    x = F.normalize(z_i.detach().double().cpu(), dim=-1)  # [N, D]
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"fitting the PCA needs at least 2 embeddings, got {n}")
+    mean = x.mean(0)  # [D]
+    xc = x - mean
+    cov = xc.T @ xc / (n - 1)  # [D, D]
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # descending
+    ratio = evals / evals.sum().clamp_min(1e-30)  # [D]
+    if components <= 0:
+        cum = ratio.cumsum(0)
+        components = int((cum < variance - 1e-9).sum().item()) + 1
+    components = max(1, min(components, d))
+    comps = evecs[:, :components].T.contiguous()  # [K, D]
+    idx = comps.abs().argmax(dim=1)
+    comps = comps * comps.gather(1, idx[:, None]).sign()  # deterministic sign
+    y = xc @ comps.T  # [N, K]
+    edges = _quantile_edges(y, buckets)  # [K, B - 1]
+    codes = _bucketize(y, edges)  # [N, K]
+    sums = torch.zeros(components, buckets, dtype=torch.float64)
+    counts = torch.zeros(components, buckets, dtype=torch.float64)
+    sums.scatter_add_(1, codes.T, y.T)
+    counts.scatter_add_(1, codes.T, torch.ones_like(y.T))
+    lo = torch.cat([y.min(0).values[:, None], edges], dim=1)  # [K, B] left ends
+    hi = torch.cat([edges, y.max(0).values[:, None]], dim=1)  # [K, B] right ends
+    centres = torch.where(counts > 0, sums / counts.clamp_min(1), (lo + hi) / 2)
+    if z_t is not None and dot_buckets > 1:
+        dots = (x * F.normalize(z_t.detach().double().cpu(), dim=-1)).sum(-1, keepdim=True)
+        dot_edges = _quantile_edges(dots, dot_buckets)[0]  # [Bd - 1]
+    else:
+        dot_edges = torch.zeros(dot_buckets - 1, dtype=torch.float64)
+    return Codebook(
+        mean=mean.float(),
+        components=comps.float(),
+        explained=ratio[:components].float(),
+        edges=edges.float(),
+        centres=centres.float(),
+        dot_edges=dot_edges.float(),
+    )
+
+
+def pca_quantize(
+    z: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, edges: torch.Tensor
+) -> torch.Tensor:
+    """z: [N, D] (any norm) -> codes [N, K] long: bucket of each principal coordinate."""
+    with torch.autocast(z.device.type, enabled=False):
+        y = (F.normalize(z.float(), dim=-1) - mean.float()) @ components.float().T  # [N, K]
+        return _bucketize(y, edges.float())
+
+
+def pca_dequantize(
+    codes: torch.Tensor, mean: torch.Tensor, components: torch.Tensor, centres: torch.Tensor
+) -> torch.Tensor:
+    """codes: [N, K] -> z [N, D]: bucket centres, inverse PCA, L2-normalised."""
+    with torch.autocast(codes.device.type, enabled=False):
+        y = centres.float().gather(1, codes.long().T).T  # [N, K]
+        return F.normalize(y @ components.float() + mean.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling helpers
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits (0 = all) and the smallest set whose probability
+    reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020); the rest become -inf.
+    logits: [N, B] -> [N, B]. The most likely token always survives."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly above each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of logits [N, B] -> [N] long. ``temperature`` 0 is argmax; otherwise
+    inverse-CDF sampling with one uniform per row from ``generator`` (on its own device, so a
+    CPU generator gives the same tokens on any device)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)  # [N, B]
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=gen_device).to(probs.device)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [N, 1]
+    return idx.squeeze(-1).clamp_max(logits.shape[-1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class ARBlock(nn.Module):
+    """Pre-LayerNorm causal Transformer block with an optional key/value cache.
+
+    h: [N, S, W]; key_mask: [N, S_past + S] bool (True = real token) or None;
+    past: (k, v) each [N, S_past, W] or None. Returns (h [N, S, W], (k, v) [N, S_past + S, W]).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.heads = heads
+        self.dropout = dropout
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        q, k, v = self.qkv(self.ln_1(h)).chunk(3, dim=-1)  # 3 × [N, S, W]
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, S_past + S, W]
+            v = torch.cat([past[1].to(v.dtype), v], dim=1)
+        a = attention(
+            q, k, v, self.heads, key_mask=key_mask, causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        h = h + self.drop(self.proj(a))
+        return h + self.drop(self.mlp(self.ln_2(h))), (k, v)
+
+
+class ARPrior(nn.Module):
+    """Caption -> CLIP image embedding as a sequence of PCA codes (DALL·E 2 §2.2, AR prior).
+
+    Call as ``model(codes, text_emb, dot_code, text_tokens=None, text_mask=None,
+    drop_text=None)``:
+
+    - codes: [N, K] long, the target codes (teacher forcing; the last one is never read);
+    - text_emb: [N, D] CLIP text embedding z_t (any norm; normalised inside);
+    - dot_code: [N] long, the quantised z_i·z_t (:meth:`dot_code`);
+    - text_tokens: [N, L, text_dim] caption token features, L <= text_len (None: the null
+      token when ``text_dim > 0``); text_mask: [N, L] bool, True for real tokens;
+    - drop_text: [N] bool, rows given the null condition (null caption, z_t and dot); in
+      training mode rows are also dropped with probability ``config.text_drop_prob``.
+
+    Returns logits [N, K, B]: row k predicts code k from the prefix and codes < k.
+    """
+
+    config_class = ARPriorConfig
+
+    def __init__(self, config: ARPriorConfig) -> None:
+        super().__init__()
+        if config.components < 1:
+            raise ValueError(
+                "ARPriorConfig.components must be set (fit the code book with fit_codebook "
+                "and build the model with its component count)"
+            )
+        self.config = config
+        w, d, k, b = config.width, config.clip_dim, config.components, config.buckets
+        self.text_proj = nn.Linear(config.text_dim, w) if config.text_dim else None
+        self.text_emb_proj = nn.Linear(d, w)
+        self.dot_emb = nn.Embedding(config.dot_buckets, w)
+        self.code_emb = nn.Embedding(b, w)
+        # positions: caption 0..L-1, z_t and dot at text_len, text_len + 1, codes after them
+        self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS + k, w) * 0.02)
+        self.null_text_emb = nn.Parameter(torch.randn(w) * 0.02)
+        self.null_text_token = nn.Parameter(torch.randn(w) * 0.02)
+        self.null_dot = nn.Parameter(torch.randn(w) * 0.02)
+        self.blocks = nn.ModuleList(
+            ARBlock(w, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.layers)
+        )
+        self.ln_out = nn.LayerNorm(w)
+        self.head = nn.Linear(w, b)
+        # the code book (fit_codebook), saved with the weights
+        self.register_buffer("pca_mean", torch.zeros(d))
+        self.register_buffer("pca_components", torch.zeros(k, d))
+        self.register_buffer("pca_explained", torch.zeros(k))
+        self.register_buffer("bucket_edges", torch.zeros(k, b - 1))
+        self.register_buffer("bucket_centres", torch.zeros(k, b))
+        self.register_buffer("dot_edges", torch.zeros(config.dot_buckets - 1))
+
+    # -- code book ---------------------------------------------------------------------------
+
+    def load_codebook(self, codebook: Codebook) -> None:
+        """Copy a fitted :class:`Codebook` (matching K, B, Bd) into the buffers."""
+        pairs = {
+            "pca_mean": codebook.mean,
+            "pca_components": codebook.components,
+            "pca_explained": codebook.explained,
+            "bucket_edges": codebook.edges,
+            "bucket_centres": codebook.centres,
+            "dot_edges": codebook.dot_edges,
+        }
+        with torch.no_grad():
+            for name, value in pairs.items():
+                buf = getattr(self, name)
+                if tuple(buf.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"code book {name} has shape {tuple(value.shape)}, the model needs "
+                        f"{tuple(buf.shape)} (components/buckets/dot_buckets must match)"
+                    )
+                buf.copy_(value.to(buf))
+
+    @property
+    def codebook(self) -> Codebook:
+        """The buffers as a :class:`Codebook` (views, not copies)."""
+        return Codebook(
+            self.pca_mean, self.pca_components, self.pca_explained, self.bucket_edges,
+            self.bucket_centres, self.dot_edges,
+        )  # fmt: skip
+
+    def encode(self, z_i: torch.Tensor) -> torch.Tensor:
+        """z_i: [N, D] -> codes [N, K] long."""
+        return pca_quantize(z_i, self.pca_mean, self.pca_components, self.bucket_edges)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [N, K] -> unit-norm z_i [N, D] (bucket centres → inverse PCA → L2-normalise)."""
+        return pca_dequantize(codes, self.pca_mean, self.pca_components, self.bucket_centres)
+
+    def dot_code(self, z_i: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """The bucket of the cosine z_i·z_t: [N, D] × [N, D] -> [N] long."""
+        with torch.autocast(z_i.device.type, enabled=False):
+            dots = (F.normalize(z_i.float(), dim=-1) * F.normalize(z_t.float(), dim=-1)).sum(-1)
+            return torch.searchsorted(self.dot_edges.float(), dots.contiguous(), right=True)
+
+    # -- sequence ----------------------------------------------------------------------------
+
+    def embed_prefix(
+        self,
+        text_emb: torch.Tensor,
+        dot_code: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning prefix: (h [N, L + 2, W], key_mask [N, L + 2] bool or None).
+
+        ``L``: the caption length (1 for the null token alone, 0 when ``text_dim == 0``).
+        """
+        cfg = self.config
+        n = text_emb.shape[0]
+        if text_emb.ndim != 2 or text_emb.shape[1] != cfg.clip_dim:
+            raise ValueError(f"text_emb must be [N, {cfg.clip_dim}], got {tuple(text_emb.shape)}")
+        if dot_code.shape != (n,):
+            raise ValueError(f"dot_code must be [N] = [{n}], got {tuple(dot_code.shape)}")
+        dev = text_emb.device
+        drop = condition_drop_mask(
+            n, cfg.text_drop_prob, drop_text, training=self.training, device=dev
+        )
+        zt = F.normalize(text_emb.float(), dim=-1) * math.sqrt(cfg.clip_dim)
+        zt_tok = apply_null(self.text_emb_proj(zt), self.null_text_emb, drop)  # [N, W]
+        dot_tok = apply_null(self.dot_emb(dot_code.long()), self.null_dot, drop)  # [N, W]
+        dtype = zt_tok.dtype
+        extra = torch.stack([zt_tok, dot_tok.to(dtype)], dim=1)  # [N, 2, W]
+
+        text_keep: torch.Tensor | None = None
+        if self.text_proj is None:
+            if text_tokens is not None:
+                raise ValueError("text_tokens given but the config has text_dim=0")
+            tokens = extra[:, :0]  # [N, 0, W]
+        elif text_tokens is None:
+            tokens = self.null_text_token.expand(n, 1, -1).to(dtype)  # [N, 1, W]
+        else:
+            if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
+                raise ValueError(
+                    f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
+                )
+            length = text_tokens.shape[1]
+            if not 1 <= length <= cfg.text_len:
+                raise ValueError(f"caption length {length} is outside 1..text_len={cfg.text_len}")
+            tokens = self.text_proj(text_tokens.float())  # [N, L, W]
+            keep = (
+                text_mask.bool()
+                if text_mask is not None
+                else torch.ones(n, length, dtype=torch.bool, device=dev)
+            )
+            if drop.any():  # dropped rows: the null token first, the rest masked out
+                first = torch.zeros(length, dtype=torch.bool, device=dev)
+                first[0] = True
+                null_row = torch.where(
+                    first[:, None], self.null_text_token.to(tokens.dtype), tokens.new_zeros(())
+                )  # [L, W]
+                tokens = apply_null(tokens, null_row, drop)
+                keep = torch.where(drop[:, None], first[None], keep)
+            text_keep = keep if text_mask is not None or drop.any() else None
+        length = tokens.shape[1]
+        h = torch.cat([tokens.to(dtype), extra], dim=1)  # [N, L + 2, W]
+        pos = torch.cat(
+            [self.pos_emb[:length], self.pos_emb[cfg.text_len : cfg.text_len + NUM_EXTRA_TOKENS]]
+        )
+        h = h + pos[None].to(h.dtype)
+        key_mask = None
+        if text_keep is not None:
+            ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=dev)
+            key_mask = torch.cat([text_keep, ones], dim=1)  # [N, L + 2]
+        return h, key_mask
+
+    def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """codes: [N, S] long for components start..start+S-1 -> [N, S, W]."""
+        k0 = self.config.text_len + NUM_EXTRA_TOKENS + start
+        pos = self.pos_emb[k0 : k0 + codes.shape[1]]
+        return self.code_emb(codes.long()) + pos[None]
+
+    def transformer(
+        self,
+        h: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Causal blocks + final norm: h [N, S, W] -> ([N, S, W], per-layer (k, v) cache).
+        ``key_mask`` [N, S_past + S] covers the cached keys too."""
+        cache = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, key_mask, None if past is None else past[i])
+            cache.append(kv)
+        return self.ln_out(h), cache
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        text_emb: torch.Tensor,
+        dot_code: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        k = self.config.components
+        if codes.ndim != 2 or codes.shape[1] != k:
+            raise ValueError(f"codes must be [N, {k}], got {tuple(codes.shape)}")
+        prefix, key_mask = self.embed_prefix(text_emb, dot_code, text_tokens, text_mask, drop_text)
+        x = self.embed_codes(codes[:, : k - 1]).to(prefix.dtype)  # [N, K - 1, W]
+        h = torch.cat([prefix, x], dim=1)  # [N, P + K - 1, W]
+        if key_mask is not None:
+            ones = key_mask.new_ones(key_mask.shape[0], k - 1)
+            key_mask = torch.cat([key_mask, ones], dim=1)
+        h, _ = self.transformer(h, key_mask)
+        return self.head(h[:, prefix.shape[1] - 1 :])  # [N, K, B]
+
+    def loss(
+        self,
+        z_i: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        model: Callable[..., torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the codes of z_i [N, D] given the caption: (loss [], accuracy []).
+        ``model``: the callable to run (e.g. the DDP wrapper of this module; default self)."""
+        codes = self.encode(z_i)  # [N, K]
+        dot = self.dot_code(z_i, text_emb)
+        logits = (model or self)(codes, text_emb, dot, text_tokens, text_mask)  # [N, K, B]
+        logits = logits.float().reshape(-1, self.config.buckets)
+        loss = F.cross_entropy(logits, codes.reshape(-1))
+        acc = (logits.argmax(-1) == codes.reshape(-1)).float().mean()
+        return loss, acc
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def high_dot_codes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n] long dot buckets drawn uniformly from the upper half (DALL·E 2 §2.2 conditions
+        the AR prior on a high z_i·z_t); the buckets are quantiles, so this samples the top
+        half of the training distribution."""
+        nb = self.config.dot_buckets
+        lo = nb // 2
+        dev = generator.device if generator is not None else torch.device("cpu")
+        codes = torch.randint(lo, nb, (n,), generator=generator, device=dev)
+        return codes.to(self.pos_emb.device)
+
+    @torch.no_grad()
+    def sample_codes(
+        self,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        *,
+        dot_code: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        drop_text: torch.Tensor | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Draw codes [N, K] one component at a time.
+
+        ``guidance`` s: logits u + s·(c − u) of the conditional (c) and null-condition (u)
+        passes; 1 = the conditional model alone (one pass), 0 = the unconditional one.
+        ``dot_code`` [N] (None: :meth:`high_dot_codes`). ``temperature``/``top_k``/``top_p``
+        as in :func:`sample_logits`. ``use_cache``: reuse keys/values (same result, faster).
+        ``drop_text`` [N] bool: rows sampled with the null condition (guidance 1 only).
+        ``callback(k, codes)`` after each component with the codes so far [N, k + 1].
+        """
+        cfg = self.config
+        n = text_emb.shape[0]
+        if dot_code is None:
+            dot_code = self.high_dot_codes(n, generator)
+        dot_code = dot_code.to(text_emb.device)
+        guided = guidance != 1.0
+        if guidance == 0.0:
+            drop = torch.ones(n, dtype=torch.bool, device=text_emb.device)
+            guided = False
+        elif guided:
+            drop = torch.arange(2 * n, device=text_emb.device) >= n  # [cond rows; uncond rows]
+        else:
+            drop = drop_text
+        rows = 2 if guided else 1
+        if rows == 2:
+            text_emb, dot_code = text_emb.repeat(2, 1), dot_code.repeat(2)
+            text_tokens = None if text_tokens is None else text_tokens.repeat(2, 1, 1)
+            text_mask = None if text_mask is None else text_mask.repeat(2, 1)
+        prefix, key_mask = self.embed_prefix(text_emb, dot_code, text_tokens, text_mask, drop)
+        codes = torch.zeros(n, cfg.components, dtype=torch.long, device=text_emb.device)
+
+        def logits_of(h_last: torch.Tensor) -> torch.Tensor:
+            logits = self.head(h_last).float()  # [rows·N, B]
+            if rows == 2:
+                c, u = logits[:n], logits[n:]
+                return u + guidance * (c - u)
+            return logits
+
+        h, cache = self.transformer(prefix, key_mask)
+        for k in range(cfg.components):
+            codes[:, k] = sample_logits(
+                logits_of(h[:, -1]), temperature=temperature, top_k=top_k, top_p=top_p,
+                generator=generator,
+            )  # fmt: skip
+            if callback is not None:
+                callback(k, codes[:, : k + 1])
+            if k == cfg.components - 1:
+                break
+            if use_cache:
+                x = self.embed_codes(codes[:, k : k + 1], start=k).repeat(rows, 1, 1)
+                if key_mask is not None:
+                    key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
+                h, cache = self.transformer(x.to(prefix.dtype), key_mask, cache)
+            else:
+                x = self.embed_codes(codes[:, : k + 1]).repeat(rows, 1, 1)
+                mask = key_mask
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], k + 1)], 1)
+                h, _ = self.transformer(torch.cat([prefix, x.to(prefix.dtype)], 1), mask)
+        return codes
+
+    @torch.no_grad()
+    def sample(
+        self, text_emb: torch.Tensor, text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None, **kwargs: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """Unit-norm z_i [N, D] for captions (:meth:`sample_codes` then :meth:`decode`)."""
+        return self.decode(self.sample_codes(text_emb, text_tokens, text_mask, **kwargs))
