@@ -416,7 +416,6 @@ def test_reduced_precision_runs_under_autocast(folder):
 
 def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
     from tiny_pipeline import write_tiny_pipeline
-
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(write_tiny_pipeline(tmp_path / "p"))
