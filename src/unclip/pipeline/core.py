@@ -147,14 +147,17 @@ def shipped_pipelines() -> list[str]:
 def resolve_pipeline(name_or_path: str | os.PathLike) -> Path:
     """The pipeline folder for a path (folder or its ``pipeline.json``) or a shipped name."""
     path = Path(name_or_path)
+    name = os.fspath(name_or_path)
+    bare = bool(name) and "/" not in name and os.sep not in name and not name.startswith(".")
     if path.exists():
         if path.is_file() and path.name == PIPELINE_FILE:
             path = path.parent
-        if not (path / PIPELINE_FILE).is_file():
+        if (path / PIPELINE_FILE).is_file():
+            return path
+        # a bare name that happens to be some other local folder still means the shipped one
+        if not (bare and (WEIGHTS_DIR / name / PIPELINE_FILE).is_file()):
             raise FileNotFoundError(f"{path}: not a pipeline folder (no {PIPELINE_FILE})")
-        return path
-    name = os.fspath(name_or_path)
-    if name and "/" not in name and os.sep not in name and not name.startswith("."):
+    if bare:
         shipped = WEIGHTS_DIR / name
         if (shipped / PIPELINE_FILE).is_file():
             return shipped
