@@ -35,7 +35,16 @@ def test_import_is_light():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_demo_says_no_default_model_yet():
-    out = subprocess.run([sys.executable, "-m", "unclip.demo"], capture_output=True, text=True)
-    assert out.returncode == 0
-    assert "no default model yet" in out.stderr
+def test_demo_generates_an_image_with_the_shipped_model(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "unclip.demo", "a red apple, noto style"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    image = Image.open(tmp_path / "demo" / "generate-0-0.png")
+    assert image.size == (64, 64)
+    assert image.text["prompt"] == "a red apple, noto style"
