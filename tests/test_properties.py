@@ -15,6 +15,7 @@ from unclip import cli
 
 SETTINGS = settings(
     max_examples=12,
+    derandomize=True,  # the same examples on every run: CI never flakes on a lucky draw
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
