@@ -9,9 +9,6 @@ from __future__ import annotations
 from unclip.clip.convert import load_clip, to_openai_state_dict
 from unclip.clip.loss import clip_loss, clip_training_loss, gather_features
 from unclip.clip.model import CLIP, CLIPConfig
-from unclip.hub import register_model_type
-
-register_model_type("clip", "unclip.clip.model:CLIP")
 
 __all__ = [
     "CLIP",

@@ -384,12 +384,28 @@ class CLIP(nn.Module):
             return tokens.argmax(dim=-1)  # the end token has the largest id; first if repeated
         return (tokens == self.config.eot_token_id).int().argmax(dim=-1)
 
+    def _project_text(self, states: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The end-token state of each row, projected: [N, L, W], [N] -> [N, embed_dim]."""
+        return self.text_projection(
+            states[torch.arange(states.shape[0], device=states.device), pos]
+        )
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text embeddings: tokens [N, L] long -> [N, embed_dim], L2-normalised by default."""
-        x = self.encode_text_tokens(tokens)  # [N, L, W]
-        x = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(tokens)]  # [N, W]
-        x = self.text_projection(x)
+        x = self._project_text(self.encode_text_tokens(tokens), self.eot_positions(tokens))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text_condition(
+        self, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the prior and the decoder are conditioned on, from one pass of the encoder:
+        tokens [N, L] -> (z_t [N, embed_dim] L2-normalised, per-token states [N, L, W],
+        mask [N, L] bool, True up to and including the end token)."""
+        states = self.encode_text_tokens(tokens)  # [N, L, W]
+        pos = self.eot_positions(tokens)  # [N]
+        z_t = F.normalize(self._project_text(states, pos), dim=-1)
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= pos[:, None]
+        return z_t, states, mask
 
     # ------------------------------------------------------------------ images
 

@@ -538,10 +538,7 @@ class TextFeatures:
         with torch.no_grad():
             tokens = self.tokenizer(list(captions), self.clip.config.context_length)
             tokens = tokens.to(device or next(self.clip.parameters()).device)
-            feats = self.clip.encode_text_tokens(tokens)
-            pos = self.clip.eot_positions(tokens)
-            z_t = self.clip.encode_text(tokens)
-            mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= pos[:, None]
+            z_t, feats, mask = self.clip.encode_text_condition(tokens)
         return z_t, feats.float(), mask
 
 

@@ -607,20 +607,22 @@ def run_edit(args: argparse.Namespace) -> int:
         )
     pipe = _load(args)
     with _progress(args, args.num, pipe) as bar:
-        images = pipe.inpaint(
-            image,
-            mask,
-            args.prompt,
-            n=args.num,
-            seed=args.seed,
-            use_prior=not args.no_prior,
-            repaint=args.repaint,
-            repaint_resample=args.resample,
-            repaint_jump=args.jump,
-            progress=bar,
-            **_overrides(args),
-        )
+        images = pipe.inpaint(image, mask, args.prompt, **_paint_options(args, bar))
     return _finish(args, images, args.seed, lambda img: f"seed {img.info.get('seed')}")
+
+
+def _paint_options(args: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    """The keyword arguments ``edit`` and ``outpaint`` pass alike to the pipeline."""
+    return {
+        "n": args.num,
+        "seed": args.seed,
+        "use_prior": not args.no_prior,
+        "repaint": args.repaint,
+        "repaint_resample": args.resample,
+        "repaint_jump": args.jump,
+        "progress": bar,
+        **_overrides(args),
+    }
 
 
 def run_outpaint(args: argparse.Namespace) -> int:
@@ -638,19 +640,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
         raise ValueError("outpaint needs a margin: give --left, --right, --top or --bottom > 0")
     pipe = _load(args)
     with _progress(args, args.num, pipe) as bar:
-        images = pipe.outpaint(
-            image,
-            prompt=args.prompt,
-            n=args.num,
-            seed=args.seed,
-            use_prior=not args.no_prior,
-            repaint=args.repaint,
-            repaint_resample=args.resample,
-            repaint_jump=args.jump,
-            progress=bar,
-            **margins,
-            **_overrides(args),
-        )
+        images = pipe.outpaint(image, prompt=args.prompt, **margins, **_paint_options(args, bar))
     return _finish(args, images, args.seed, lambda img: f"seed {img.info.get('seed')}")
 
 

@@ -122,8 +122,9 @@ class ImageTextDataset(Dataset):
                 key, image, caption = self.image(i)
             except BadImageError as e:
                 self._bad.add(i)
-                reason, _, _ = str(e).partition(" (")
-                self.skips.add(reason.split(": ", 1)[-1], self.load(i)[3])
+                # the message is "NAME: reason (detail)": no need to read the sample again
+                name, _, rest = str(e).partition(": ")
+                self.skips.add(rest.partition(" (")[0], name)
                 continue
             return {"key": key, "image": image, "caption": caption}
         raise DataError(

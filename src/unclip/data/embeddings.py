@@ -175,6 +175,9 @@ class EmbeddingShards(Dataset):
     def index_of(self, key: str) -> int:
         return self._index[key]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {
             "key": self.keys[i],

@@ -35,11 +35,43 @@ def linear_map_predict(w: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     return F.normalize(x @ w, dim=-1)
 
 
+TextEncoder = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _best_of_candidates(
+    sample_batch: Callable[[torch.Tensor, Any, Any], torch.Tensor],
+    text_encoder: TextEncoder,
+    captions: Sequence[str],
+    z_t: torch.Tensor,
+    *,
+    text_dim: int,
+    candidates: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Run ``sample_batch(z_t [M, D], token features [M, L, W] | None, mask | None) -> z [M, D]``
+    on batches of captions, each repeated ``candidates`` times, and keep per caption the
+    candidate with the highest z_i·z_t (DALL·E 2 §2.2). Returns [N, D]."""
+    out = []
+    for lo in range(0, len(captions), batch_size):
+        caps = list(captions[lo : lo + batch_size])
+        zt = z_t[lo : lo + batch_size]
+        n = len(caps)
+        feats = mask = None
+        if text_dim:
+            _, feats, mask = text_encoder(caps)
+            feats = feats.repeat_interleave(candidates, 0)
+            mask = mask.repeat_interleave(candidates, 0)
+        z = sample_batch(zt.repeat_interleave(candidates, 0), feats, mask).view(n, candidates, -1)
+        best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
+        out.append(z[torch.arange(n), best])
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def sample_prior_embeddings(
     prior: torch.nn.Module,
     diffusion: Any,
-    text_encoder: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    text_encoder: TextEncoder,
     captions: Sequence[str],
     z_t: torch.Tensor,
     *,
@@ -58,37 +90,33 @@ def sample_prior_embeddings(
     from unclip.prior.model import unscale_embedding
 
     prior.eval()
-    out = []
     g = torch.Generator().manual_seed(seed)
-    for lo in range(0, len(captions), batch_size):
-        caps = list(captions[lo : lo + batch_size])
-        zt = z_t[lo : lo + batch_size]
-        n = len(caps)
-        cond: dict[str, Any] = {"text_emb": zt.repeat_interleave(candidates, 0)}
-        if prior.config.text_dim:
-            _, feats, mask = text_encoder(caps)
-            cond["text_tokens"] = feats.repeat_interleave(candidates, 0)
-            cond["text_mask"] = mask.repeat_interleave(candidates, 0)
-        m = n * candidates
-        if guidance == 1.0:
-            fn = prior
-        else:
+
+    def sample_batch(zt: torch.Tensor, feats: Any, mask: Any) -> torch.Tensor:
+        m = len(zt)
+        cond: dict[str, Any] = {"text_emb": zt}
+        if feats is not None:
+            cond.update(text_tokens=feats, text_mask=mask)
+        fn: Any = prior
+        if guidance != 1.0:
             uncond = {**cond, "drop_text": torch.ones(m, dtype=torch.bool)}
             cond = {**cond, "drop_text": torch.zeros(m, dtype=torch.bool)}
             fn = classifier_free_guidance(prior, guidance, cond, uncond)
             cond = {}
         x = final(ddim_sample(diffusion, fn, (m, prior.config.clip_dim), steps, generator=g,
                               model_kwargs=cond or None))  # fmt: skip
-        z = unscale_embedding(x, prior.config.embed_scale).view(n, candidates, -1)
-        best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
-        out.append(z[torch.arange(n), best])
-    return torch.cat(out)
+        return unscale_embedding(x, prior.config.embed_scale)
+
+    return _best_of_candidates(
+        sample_batch, text_encoder, captions, z_t,
+        text_dim=prior.config.text_dim, candidates=candidates, batch_size=batch_size,
+    )  # fmt: skip
 
 
 @torch.no_grad()
 def sample_ar_prior_embeddings(
     prior: torch.nn.Module,
-    text_encoder: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    text_encoder: TextEncoder,
     captions: Sequence[str],
     z_t: torch.Tensor,
     *,
@@ -107,21 +135,15 @@ def sample_ar_prior_embeddings(
     Returns [N, D] unit-norm embeddings.
     """
     prior.eval()
-    out = []
     g = torch.Generator().manual_seed(seed)
-    for lo in range(0, len(captions), batch_size):
-        caps = list(captions[lo : lo + batch_size])
-        zt = z_t[lo : lo + batch_size]
-        n = len(caps)
-        feats = mask = None
-        if prior.config.text_dim:
-            _, feats, mask = text_encoder(caps)
-            feats = feats.repeat_interleave(candidates, 0)
-            mask = mask.repeat_interleave(candidates, 0)
-        z = prior.sample(
-            zt.repeat_interleave(candidates, 0), feats, mask, guidance=guidance,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-        ).view(n, candidates, -1)  # fmt: skip
-        best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
-        out.append(z[torch.arange(n), best])
-    return torch.cat(out)
+
+    def sample_batch(zt: torch.Tensor, feats: Any, mask: Any) -> torch.Tensor:
+        return prior.sample(
+            zt, feats, mask, guidance=guidance, temperature=temperature, top_k=top_k,
+            top_p=top_p, generator=g,
+        )  # fmt: skip
+
+    return _best_of_candidates(
+        sample_batch, text_encoder, captions, z_t,
+        text_dim=prior.config.text_dim, candidates=candidates, batch_size=batch_size,
+    )  # fmt: skip

@@ -551,11 +551,8 @@ class UnclipPipeline:
         clip = self.clip
         tokens = self.tokenizer([text], clip.config.context_length).to(self.device)
         with torch.no_grad(), _autocast(self.device, self.dtype):
-            feats = clip.encode_text_tokens(tokens).float()  # [1, L, W]
-            z_t = F.normalize(clip.encode_text(tokens).float(), dim=-1)  # [1, D]
-            pos = clip.eot_positions(tokens)
-        mask = torch.arange(tokens.shape[1], device=self.device)[None] <= pos[:, None]
-        return TextCondition(text, z_t, feats, mask)
+            z_t, feats, mask = clip.encode_text_condition(tokens)  # [1, D], [1, L, W], [1, L]
+        return TextCondition(text, F.normalize(z_t.float(), dim=-1), feats.float(), mask)
 
     # -- stages ------------------------------------------------------------------------------
 

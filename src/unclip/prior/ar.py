@@ -32,6 +32,7 @@ from torch import nn
 
 from unclip.config import Config, ConfigError
 from unclip.nn import apply_null, attention, condition_drop_mask
+from unclip.prior.model import check_prior_transformer
 
 #: tokens between the caption and the codes: z_t, dot
 NUM_EXTRA_TOKENS = 2
@@ -66,9 +67,7 @@ class ARPriorConfig(Config):
     text_drop_prob: float = 0.1
 
     def __post_init__(self) -> None:
-        for key in ("clip_dim", "text_len", "width", "layers", "heads", "dot_buckets"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        check_prior_transformer(self, positive=("dot_buckets",))
         if self.buckets < 2:
             raise ConfigError(f"buckets must be at least 2, got {self.buckets}")
         if not 0 <= self.components <= self.clip_dim:
@@ -78,14 +77,6 @@ class ARPriorConfig(Config):
             )
         if not 0.0 < self.variance <= 1.0:
             raise ConfigError(f"variance must be in (0, 1], got {self.variance}")
-        if self.text_dim < 0:
-            raise ConfigError(f"text_dim must be >= 0 (0 = no caption tokens), got {self.text_dim}")
-        if self.width % self.heads:
-            raise ConfigError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-        if not 0.0 <= self.text_drop_prob <= 1.0:
-            raise ConfigError(f"text_drop_prob must be in [0, 1], got {self.text_drop_prob}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,22 @@ from unclip.nn import (
 
 #: tokens after the caption: z_t, timestep, noised z_i, query
 NUM_EXTRA_TOKENS = 4
+
+
+def check_prior_transformer(config: Any, positive: tuple[str, ...] = ()) -> None:
+    """The checks every prior Transformer config shares (this one's and the AR prior's):
+    sizes at least 1, ``text_dim`` >= 0, heads dividing the width, probabilities in range."""
+    for key in ("clip_dim", "text_len", "width", "layers", "heads", *positive):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
+    if config.text_dim < 0:
+        raise ConfigError(f"text_dim must be >= 0 (0 = no caption tokens), got {config.text_dim}")
+    if config.width % config.heads:
+        raise ConfigError(f"width ({config.width}) must be divisible by heads ({config.heads})")
+    if not 0.0 <= config.text_drop_prob <= 1.0:
+        raise ConfigError(f"text_drop_prob must be in [0, 1], got {config.text_drop_prob}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
 
 
 @dataclass
@@ -66,17 +83,7 @@ class PriorConfig(Config):
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("clip_dim", "text_len", "width", "layers", "heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.text_dim < 0:
-            raise ConfigError(f"text_dim must be >= 0 (0 = no caption tokens), got {self.text_dim}")
-        if self.width % self.heads:
-            raise ConfigError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-        if not 0.0 <= self.text_drop_prob <= 1.0:
-            raise ConfigError(f"text_drop_prob must be in [0, 1], got {self.text_drop_prob}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_prior_transformer(self)
         if self.image_embed_scale is not None and self.image_embed_scale <= 0:
             raise ConfigError(f"image_embed_scale must be positive, got {self.image_embed_scale}")
 

@@ -87,10 +87,7 @@ class FrozenTextEncoder:
         tokens = tokens.to(device or param.device)
         if param.device != tokens.device:
             self.model.to(tokens.device)
-        feats = self.model.encode_text_tokens(tokens)  # [N, L, W]
-        pos = self.model.eot_positions(tokens)
-        z_t = self.model.encode_text(tokens)  # [N, D]
-        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= pos[:, None]
+        z_t, feats, mask = self.model.encode_text_condition(tokens)  # [N, D], [N, L, W], [N, L]
         return z_t, feats.float(), mask
 
 

@@ -25,7 +25,7 @@ class ImagesWithEmbeddings(Dataset):
         self.shards = shards
         missing = 0
         for i in range(min(len(images), 64)):
-            if images.load(i)[0] not in shards._index:
+            if images.load(i)[0] not in shards:
                 missing += 1
         if missing:
             raise ValueError(
