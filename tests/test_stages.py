@@ -46,7 +46,7 @@ def shapes(tmp_path_factory) -> Path:
                     caption = f"a {name} {shape}"
                     w.write(key, {"png": _image(color, shape), "txt": caption.encode()})
                     records.append({"key": key, "caption": caption, "tags": [name, shape],
-                                    "style": name, "group": shape,
+                                    "style": name, "group": shape, "concept": shape,
                                     "split": "val" if rep == 0 else "train"})  # fmt: skip
                     i += 1
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -104,6 +104,52 @@ def test_clip_stage_trains_resumes_and_exports(shapes, tokenizer_dir, tmp_path):
     tok = Tokenizer.load(run / "final" / "tokenizer")
     emb = model.encode_text(tok(["a red square"]))
     assert emb.shape == (1, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_clip_stage_trains_on_concept_runs(shapes, tokenizer_dir, tmp_path, monkeypatch):
+    from unclip.train import loop
+
+    batches = []
+    original = loop.Trainer._loss
+
+    def spy(self, batch):
+        batches.append(batch["tokens"])
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "_loss", spy)
+    config = _clip_config(tmp_path, shapes, tokenizer_dir, steps=3)
+    doc = json.loads(config.read_text())
+    doc["concept_run"] = 4
+    config.write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    assert main(["train", "clip", "--config", str(config), "--run-dir", str(run),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((run / "run_config.json").read_text())["concept_run"] == 4
+    from unclip.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    for tokens in batches:  # 16 = runs of 4 captions naming one shape in different colours
+        shapes_named = [tok.decode(t).split()[-1] for t in tokens]
+        assert all(len(set(shapes_named[i : i + 4])) == 1 for i in range(0, 16, 4))
+
+
+def test_concept_runs_need_concepts_in_the_manifest(shapes, tokenizer_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in shapes.iterdir():
+        (data / f.name).symlink_to(f)
+    (data / "manifest.jsonl").unlink()
+    lines = (shapes / "manifest.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    del records[10]["concept"]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = _clip_config(tmp_path, data, tokenizer_dir, steps=1)
+    doc = json.loads(config.read_text())
+    doc["concept_run"] = 2
+    config.write_text(json.dumps(doc))
+    rc = main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")])
+    assert rc == 2
+    assert f"sample '{records[10]['key']}' has no concept" in capsys.readouterr().err
 
 
 def test_clip_stage_reports_config_errors(shapes, tokenizer_dir, tmp_path, capsys):

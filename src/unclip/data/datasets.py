@@ -107,6 +107,10 @@ class ImageTextDataset(Dataset):
         """(key, image bytes or path, caption, name for messages) of sample ``index``."""
         raise NotImplementedError
 
+    def key(self, index: int) -> str:
+        """The key of sample ``index`` (subclasses answer without reading the image)."""
+        return self.load(index)[0]
+
     def image(self, index: int) -> tuple[str, torch.Tensor, str]:
         key, source, caption, name = self.load(index)
         img = load_image(source, name=name)
@@ -319,6 +323,9 @@ class ShardDataset(ImageTextDataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def key(self, index: int) -> str:
+        return self.index.samples[self.items[index]].key
 
     def load(self, index: int) -> tuple[str, bytes | Path, str, str]:
         key, files = self.index.read(self.items[index])

@@ -12,7 +12,7 @@ worker's global RNG, if bit-identical resumption matters to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +36,12 @@ class EpochBatches:
 
     ``rank``/``world_size`` give each process a disjoint slice of every epoch's permutation
     (the last incomplete micro-batch of an epoch is dropped so shapes never change).
+
+    ``groups`` (one label per sample, e.g. the emoji concept) with ``group_run`` = k > 1 makes
+    batches of *hard negatives*: each epoch's order is built from runs of up to k shuffled
+    samples sharing a label, the runs themselves shuffled, so a batch of B holds about B/k
+    labels with k samples each (for CLIP: one emoji in k art styles, which only the style
+    word tells apart). Every sample is still seen once per epoch.
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class EpochBatches:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        groups: Sequence[int] | None = None,
+        group_run: int = 1,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -61,6 +69,12 @@ class EpochBatches:
         self.epoch = 0
         self.batches_done = 0
         n = len(dataset)  # type: ignore[arg-type]
+        if group_run < 1:
+            raise ValueError(f"group_run must be at least 1, not {group_run}")
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"{len(groups)} group labels for a data set of {n} samples")
+        self.groups = torch.as_tensor(list(groups)) if groups is not None else None
+        self.group_run = group_run
         self.batches_per_epoch = n // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -76,6 +90,8 @@ class EpochBatches:
             if self.shuffle
             else torch.arange(n)
         )
+        if self.groups is not None and self.group_run > 1:
+            order = self._grouped(order, _generator(self.seed, epoch, 3))
         per_step = self.batch_size * self.world_size
         batches = []
         for b in range(self.batches_per_epoch):
@@ -84,6 +100,24 @@ class EpochBatches:
                 chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             )
         return batches
+
+    def _grouped(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Reorder a permutation into shuffled runs of up to ``group_run`` same-label samples."""
+        assert self.groups is not None
+        labels = self.groups[order]
+        # A stable sort keeps each label's samples in their shuffled order.
+        by_label = order[torch.sort(labels, stable=True).indices]
+        sorted_labels = self.groups[by_label]
+        starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+        starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        first = torch.cummax(torch.where(starts, torch.arange(len(by_label)), 0), 0).values
+        # Rank within the label -> run number; a run's key is (label start, run number).
+        run_id = first + (torch.arange(len(by_label)) - first) // self.group_run
+        runs = torch.unique(run_id)
+        shuffled = runs[torch.randperm(len(runs), generator=generator)]
+        position = torch.empty(int(run_id.max()) + 1, dtype=torch.long)
+        position[shuffled] = torch.arange(len(shuffled))
+        return by_label[torch.sort(position[run_id], stable=True).indices]
 
     def __iter__(self) -> Iterator[Any]:
         while True:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +99,8 @@ class Trainer:
 
     ``data`` is a map-style ``Dataset`` (wrapped in :class:`EpochBatches`) or any
     :class:`BatchSource` yielding micro-batches of ``batch_size // (grad_accum · world)``
-    samples.
+    samples; ``groups``/``group_run`` ask it for batches of hard negatives (see
+    :class:`EpochBatches`).
 
     Under ``torchrun`` the trainer joins the process group, wraps the model in
     DistributedDataParallel, gives each rank a disjoint slice of every global batch (so N ranks
@@ -121,6 +122,8 @@ class Trainer:
         device: str | torch.device | None = None,
         progress: bool = True,
         extra_state: dict[str, Any] | None = None,
+        groups: Sequence[int] | None = None,
+        group_run: int = 1,
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
@@ -146,6 +149,8 @@ class Trainer:
                 num_workers=config.num_workers,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
+                groups=groups,
+                group_run=group_run,
             )
         self.batches: BatchSource = data
         self.optimizer = build_optimizer(self.model, config)

@@ -31,6 +31,20 @@ def caption_variants(record: dict[str, Any]) -> list[str]:
     return out
 
 
+def concept_labels(data, records, where: str) -> list[int]:
+    """One integer per sample of ``data`` naming its manifest ``concept`` (for hard-negative
+    batches); ``where`` starts the error when a sample has no such record."""
+    concept_of = {r["key"]: r.get("concept") for r in records}
+    ids: dict[str, int] = {}
+    out = []
+    for key in (data.key(i) for i in range(len(data))):
+        concept = concept_of.get(key)
+        if concept is None:
+            raise ValueError(f"{where}: sample {key!r} has no concept in the manifest")
+        out.append(ids.setdefault(concept, len(ids)))
+    return out
+
+
 class CaptionedImages:
     """Wrap an image data set: items become ``(image [3, S, S] in [-1, 1], caption)``.
 
@@ -111,14 +125,16 @@ def run(args: argparse.Namespace) -> int:
         mode=cfg.data.mode or None,
         split=cfg.data.split or None,
     )
-    variants = None
+    variants = groups = None
     manifest = Path(cfg.data.path) / "manifest.jsonl"
+    if (cfg.caption_variants > 0 or cfg.concept_run > 1) and not manifest.exists():
+        raise ConfigError(
+            f"{args.config}: caption_variants and concept_run need a manifest.jsonl in data.path"
+        )
     if cfg.caption_variants > 0:
-        if not manifest.exists():
-            raise ConfigError(
-                f"{args.config}: caption_variants needs a manifest.jsonl in data.path"
-            )
         variants = {r["key"]: caption_variants(r) for r in read_manifest(manifest)}
+    if cfg.concept_run > 1:
+        groups = concept_labels(data, read_manifest(manifest), f"{args.config}: concept_run")
     model = CLIP(cfg.model)
     print(f"unclip: CLIP with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} samples")
     trainer = Trainer(
@@ -130,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         collate_fn=Collate(tokenizer, cfg.model.context_length),
         device=args.device,
         progress=not args.no_progress,
+        groups=groups,
+        group_run=cfg.concept_run,
     )
     result = trainer.fit(resume=args.resume)
     export_final(trainer, result)

@@ -20,12 +20,17 @@ from unclip.prior.model import PriorConfig
 class ClipRunConfig(Config):
     """``caption_variants``: probability of training a sample on a variant of its caption built
     from the manifest (tags, group: "cherry blossom, noto style, animals & nature", "flower,
-    plant, noto style", "animals & nature, noto style") instead of the caption itself."""
+    plant, noto style", "animals & nature, noto style") instead of the caption itself.
+
+    ``concept_run``: k > 1 fills each batch with runs of k images of one concept (the
+    manifest's ``concept``: the same emoji in different art styles), hard negatives that only
+    the style tells apart, which teaches style far better than random batches."""
 
     model: CLIPConfig = dataclasses.field(default_factory=CLIPConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     caption_variants: float = 0.0
+    concept_run: int = 1
 
 
 @dataclasses.dataclass
