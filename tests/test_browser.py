@@ -1,0 +1,239 @@
+"""The web page in headless Chromium (Playwright driving the system's browser): generate from
+a prompt, open variations of the result, paint a mask with the brush and run an edit.
+
+Playwright cannot download its own browsers here, so the test launches the system's Chromium
+(Debian's ``chromium``; another one with ``UNCLIP_CHROMIUM=/path``). Without one the test is
+skipped, unless ``UNCLIP_REQUIRE_BROWSER=1`` (set by ``.ci/run``): then it fails.
+
+Screenshots go to the test's tmp folder; with ``UNCLIP_WRITE_SCREENSHOTS=1`` they are also
+copied to ``docs/`` (``docs/server-generate.png``, ``docs/server-edit.png``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from tiny_pipeline import OUT, write_tiny_pipeline
+from unclip.pipeline import load_pipeline
+from unclip.server import create_app
+from unclip.server.uploads import png_text
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TIMEOUT_MS = 20_000
+VIEWPORT = {"width": 900, "height": 640}
+
+
+def find_chromium() -> tuple[str | None, str]:
+    """(path of a Chromium to drive, or None; why none was found)."""
+    explicit = os.environ.get("UNCLIP_CHROMIUM")
+    if explicit:
+        if os.access(explicit, os.X_OK):
+            return explicit, ""
+        return None, f"UNCLIP_CHROMIUM={explicit} is not an executable"
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path, ""
+    return None, "no Chromium found (apt-get install chromium, or set UNCLIP_CHROMIUM=/path)"
+
+
+def need_browser(reason: str) -> NoReturn:
+    """Skip, or fail when the run requires the browser test (``UNCLIP_REQUIRE_BROWSER=1``)."""
+    if os.environ.get("UNCLIP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (UNCLIP_REQUIRE_BROWSER=1: the browser test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        need_browser("playwright is not installed (pip install playwright, in the test extras)")
+    path, why = find_chromium()
+    if path is None:
+        need_browser(why)
+    return path
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 (a free port), in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+class RecordingPipeline:
+    """The tiny pipeline, recording what ``inpaint`` (the edits endpoint) is given."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self.edits: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def inpaint(self, image: Any, mask: Any, prompt: str, *args: Any, **kwargs: Any) -> Any:
+        self.edits.append({"image": image.copy(), "mask": mask.copy(), "prompt": prompt, **kwargs})
+        return self._pipe.inpaint(image, mask, prompt, *args, **kwargs)
+
+
+def save_screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size < 200_000, f"{name} is {path.stat().st_size:,} bytes"
+    if os.environ.get("UNCLIP_WRITE_SCREENSHOTS") == "1":
+        shutil.copyfile(path, DOCS / name)
+    return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    pipe = RecordingPipeline(load_pipeline(write_tiny_pipeline(tmp_path / "tiny"), device="cpu"))
+    app = create_app(pipe, gallery_db=tmp_path / "data" / "gallery.sqlite", queue_size=4)
+    problems: list[str] = []  # uncaught exceptions and console errors in the page
+
+    with serving(app) as base, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on(
+                "console",
+                lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None,
+            )
+            page.on(
+                "response",
+                lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+            )
+            page.goto(base)
+            expect(page.locator("#model")).to_contain_text("tiny")
+            expect(page.locator("#empty")).to_be_visible()
+            cards = page.locator("#gallery .card")
+            message = page.locator("#message")
+
+            # generate: 2 images from a prompt, shown in the gallery once loaded
+            page.fill("#prompt", "a red apple")
+            page.fill("#n", "2")
+            page.fill("#seed", "7")
+            page.click("#generate-button")
+            expect(message).to_have_text("done: 2 image(s)")
+            expect(message).to_have_class("message ok")
+            expect(cards).to_have_count(2)
+            expect(page.locator("#empty")).to_be_hidden()
+            expect(page.locator("#progress")).to_be_hidden()
+            expect(page.locator("#generate-button")).to_be_enabled()
+            for i in range(2):
+                img = cards.nth(i).locator("img")
+                expect(img).to_have_js_property("complete", True)
+                assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [OUT, OUT]
+            expect(cards.first.locator(".caption")).to_have_text("a red apple")
+            expect(cards.first.locator(".seed")).to_have_text(" seed 8")  # newest first
+            gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
+            assert [g["method"] for g in gallery] == ["text_to_image", "text_to_image"]
+            assert {g["seed"] for g in gallery} == {7, 8}
+
+            # variations of the newest image: n (2) more cards
+            cards.first.locator('[data-action="vary"]').click()
+            expect(message).to_have_text("done: 2 image(s)")
+            expect(cards).to_have_count(4)
+            gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
+            assert [g["method"] for g in gallery[:2]] == ["variations", "variations"]
+            save_screenshot(page, tmp_path, "server-generate.png")
+
+            # edit the newest generated image: paint a horizontal stroke across the middle
+            target = cards.nth(2)
+            target_id = target.get_attribute("data-id")
+            target.locator('[data-action="edit"]').click()
+            editor = page.locator("#editor")
+            expect(editor).to_be_visible()
+            canvas = page.locator("#edit-mask")
+            expect(canvas).to_have_js_property("width", OUT)
+            expect(page.locator("#edit-prompt")).to_have_value("a red apple")
+            box = canvas.bounding_box()
+            assert box is not None and box["width"] > 100
+            y = box["y"] + box["height"] * 0.5
+            page.mouse.move(box["x"] + box["width"] * 0.25, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.75, y, steps=12)
+            page.mouse.up()
+            painted = canvas.evaluate(
+                "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data"
+                ".filter((v, i) => i % 4 === 3 && v > 0).length"
+            )
+            assert 4 <= painted < OUT * OUT / 2, painted
+            page.fill("#edit-prompt", "a green circle")
+            save_screenshot(page, tmp_path, "server-edit.png")
+
+            page.click("#edit-run")
+            expect(editor).to_be_hidden()
+            expect(message).to_have_text("done: 2 image(s)")
+            expect(cards).to_have_count(6)
+            expect(cards.first.locator(".caption")).to_have_text("a green circle")
+            expect(cards.first.locator("img")).to_have_js_property("complete", True)
+            assert cards.first.locator("img").evaluate("i => i.naturalWidth") == OUT
+            gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
+            assert [(g["method"], g["prompt"]) for g in gallery[:2]] == [
+                ("inpaint", "a green circle")
+            ] * 2
+            target_png = httpx.get(f"{base}/files/{target_id}.png").content
+            assert problems == []
+
+        finally:
+            browser.close()
+
+    # what the page sent: the image it edits, and a mask of its size, white where the brush
+    # went (the middle rows, the middle half of the columns), black elsewhere
+    assert len(pipe.edits) == 1
+    edit = pipe.edits[0]
+    assert edit["prompt"] == "a green circle" and edit["n"] == 2
+    assert np.array_equal(
+        np.asarray(edit["image"].convert("RGB")),
+        np.asarray(Image.open(io.BytesIO(target_png)).convert("RGB")),
+    )
+    assert png_text(target_png)["seed"] == "8"
+    mask = np.asarray(edit["mask"].convert("L"))
+    assert mask.shape == (OUT, OUT) and set(np.unique(mask).tolist()) <= {0, 255}
+    rows, cols = np.nonzero(mask)
+    assert rows.min() >= OUT // 2 - 3 and rows.max() <= OUT // 2 + 2, rows
+    assert cols.min() >= OUT // 4 - 3 and cols.max() <= 3 * OUT // 4 + 2, cols
+    assert (mask[OUT // 2, OUT // 4 : 3 * OUT // 4] == 255).all(), "the stroke has gaps"
