@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,6 +42,34 @@ def launch(run_dir: Path, nproc: int, *args: str) -> subprocess.Popen:
         env=env,
         start_new_session=True,  # so a kill reaches torchrun and all its workers
     )
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and all its descendants; returns their pids. torchrun starts its workers
+    in sessions of their own, so killing torchrun's process group would miss them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -96,8 +125,14 @@ def test_killed_two_process_run_relaunches_to_the_same_weights(tmp_path):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = kill_tree(proc.pid)
     proc.wait()
+    assert len(tree) >= 3  # torchrun and its two workers
+    end = time.monotonic() + 30
+    while any(alive(p) for p in tree[1:]):
+        assert time.monotonic() < end, "the workers survived SIGKILL"
+        time.sleep(0.05)
+    time.sleep(1.0)  # a surviving worker would write step-20 (0.3 s a step)
     assert latest_checkpoint(run).name == "step-10"
     finish(launch(run, 2, *common, "--resume"))
     a, b = tmp_path / "straight" / "checkpoints" / "step-20", run / "checkpoints" / "step-20"

@@ -44,6 +44,45 @@ class ToyModel(nn.Module):
 register_model_type("toy", ToyModel)
 
 
+@dataclass
+class ToyBlocksConfig(Config):
+    type_name = "toy-blocks"
+    dim: int = 8
+    hidden: int = 31  # odd: FSDP splits the rows of a block's weights unevenly over 2 ranks
+    blocks: int = 2
+
+
+class ToyBlocksModel(nn.Module):
+    """x: [N, dim] -> [N, dim] through residual MLP blocks in an ``nn.ModuleList`` (FSDP shards
+    each block on its own) and a learned 0-d ``gain`` (a parameter FSDP cannot shard)."""
+
+    config_class = ToyBlocksConfig
+
+    def __init__(self, config: ToyBlocksConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(config.dim),
+                nn.Linear(config.dim, config.hidden),
+                nn.GELU(),
+                nn.Linear(config.hidden, config.dim),
+            )
+            for _ in range(config.blocks)
+        )
+        self.out = nn.Linear(config.dim, config.dim)
+        self.gain = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)  # [N, dim]
+        return self.gain * self.out(x)
+
+
+register_model_type("toy-blocks", ToyBlocksModel)
+
+
 class ToyData(Dataset):
     """``n`` pairs (x, y) with y = sin(x @ A): [dim], [dim]."""
 

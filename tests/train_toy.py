@@ -1,7 +1,8 @@
 """Train the toy model in its own process (used by the kill-and-resume tests).
 
 usage: python tests/train_toy.py RUN_DIR --steps N [--resume] [--step-sleep S]
-                                 [--slow-checkpoint-at STEP]
+                                 [--slow-checkpoint-at STEP] [--fsdp] [--blocks] [--export]
+                                 [--die-after STEP]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import unclip.train.checkpoint as ckpt_mod
-from toy import ToyConfig, ToyData, ToyModel, toy_loss
+from toy import ToyBlocksConfig, ToyBlocksModel, ToyConfig, ToyData, ToyModel, toy_loss
 from unclip.config import TrainConfig
 from unclip.train import Trainer
 
@@ -44,6 +45,15 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--log-samples", help="append the sample indices each rank trains on here")
+    p.add_argument("--fsdp", action="store_true", help="shard the model (Trainer(fsdp=True))")
+    p.add_argument("--blocks", action="store_true", help="train ToyBlocksModel (no dropout)")
+    p.add_argument("--export", action="store_true", help="write RUN_DIR/final at the end")
+    p.add_argument(
+        "--die-after",
+        type=int,
+        default=0,
+        help="every rank exits abruptly (os._exit, no clean-up) as step STEP + 1 starts",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -74,11 +84,16 @@ def main() -> None:
         seed=7,
     )
     torch.manual_seed(0)
-    model = ToyModel(ToyConfig(dropout=0.0 if args.deterministic else 0.1))
+    if args.blocks:
+        model = ToyBlocksModel(ToyBlocksConfig())
+    else:
+        model = ToyModel(ToyConfig(dropout=0.0 if args.deterministic else 0.1))
     rank = int(os.environ.get("RANK", "0"))
 
     def loss_fn(model, batch):
         x, y, index = batch
+        if args.die_after and trainer.step >= args.die_after:
+            os._exit(0)  # a kill at the same point on every rank, after step N's checkpoint
         if args.step_sleep:
             time.sleep(args.step_sleep / cfg.grad_accum)
         if args.log_samples:
@@ -89,9 +104,19 @@ def main() -> None:
         return toy_loss(model, (x, y))
 
     data = IndexedToyData()
-    Trainer(model, loss_fn, data, cfg, args.run_dir, device="cpu", progress=False).fit(
-        resume=args.resume
+    trainer = Trainer(
+        model, loss_fn, data, cfg, args.run_dir, device="cpu", progress=False, fsdp=args.fsdp
     )
+    if trainer.fsdp:  # what this rank holds: a share of the parameters, not all of them
+        params = list(trainer.model.parameters())
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        total = sum(p.numel() for p in params)
+        print(f"SHARDED rank {rank}: {local} of {total}", flush=True)
+    result = trainer.fit(resume=args.resume)
+    if args.export:
+        from unclip.train.stages.common import export_final
+
+        export_final(trainer, result)
     print("DONE", flush=True)
 
 

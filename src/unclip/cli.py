@@ -111,6 +111,12 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard weights, gradients and optimizer state across the processes "
+        "(FSDP) instead of replicating them (DDP); for models too large for one device",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -124,17 +124,20 @@ def save_pretrained(
     *,
     ema: nn.Module | Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (and optionally its EMA weights) as a model folder at ``path``.
 
     ``dtype`` (e.g. ``torch.float16``) casts floating-point weights on disk; loading casts
-    them back to the model's own dtype.
+    them back to the model's own dtype. ``state``: the weights to write instead of
+    ``model.state_dict()`` (e.g. gathered from the shards of an FSDP-trained model).
     """
     config = _config_of(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "type": config.type_name}
-    save_state_dict(model.state_dict(), path / WEIGHTS_NAME, dtype=dtype, metadata=meta)
+    weights = model.state_dict() if state is None else state
+    save_state_dict(weights, path / WEIGHTS_NAME, dtype=dtype, metadata=meta)
     if ema is not None:
         ema_state = ema.state_dict() if isinstance(ema, nn.Module) else ema
         save_state_dict(ema_state, path / EMA_NAME, dtype=dtype, metadata=meta)

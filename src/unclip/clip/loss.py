@@ -2,10 +2,14 @@
 
 Under ``torch.distributed`` every rank gathers the features of all ranks, so each image is
 contrasted with every caption of the global batch. The gathered copies carry no gradient
-except the rank's own shard, which is the local tensor itself; DistributedDataParallel's
-gradient averaging then gives every rank the gradient of the global loss (divided by the
-world size, like any other averaged loss). Without an initialised process group the features
-are used as they are.
+except the rank's own shard, which is the local tensor itself: each rank's backward gives the
+part of the global loss's gradient that flows through its own samples, and the parts *sum* to
+the whole. DistributedDataParallel (and FSDP) *average* gradients over ranks, so
+:func:`clip_training_loss` multiplies the loss it returns for the backward pass by the world
+size (and scales the temperature's gradient back, as every rank computes its part in
+full): N processes then take exactly the steps one process takes with the same global batch
+(gradient clipping included). Without an initialised process group the features are used as
+they are.
 """
 
 from __future__ import annotations
@@ -75,12 +79,19 @@ def clip_training_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict
     else:
         pixels, tokens = batch[0], batch[1]
     image, text, scale = model(pixels, tokens)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        # The temperature enters every rank's loss whole (not through gathered features), so
+        # its gradient must not be multiplied: same value, 1/world of the gradient.
+        scale = scale / world + (scale - scale / world).detach()
     loss = clip_loss(image, text, scale)
     with torch.no_grad():
         acc = (image.float() @ text.float().T).argmax(dim=1) == torch.arange(
             image.shape[0], device=image.device
         )
-    return loss, {
+    # The backward pass needs the loss times the world size (module docstring); the log shows
+    # the global loss itself.
+    return loss * world, {
         "loss": loss.item(),
         "logit_scale": float(scale.detach()),
         "acc": acc.float().mean().item(),

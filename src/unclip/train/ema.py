@@ -14,6 +14,8 @@ class EMA:
     ``update`` moves the shadow towards the model: ``ema = decay_t * ema + (1 - decay_t) * w``
     with ``decay_t = min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on (n = updates so
     far), so early weights are forgotten quickly. Buffers (e.g. norm statistics) are copied.
+    Over an FSDP-sharded model the shadow holds the same shards (DTensors) as the weights; the
+    trainer gathers them to save (see :mod:`unclip.train.fsdp`).
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from unclip.config import Config, TrainConfig, write_text_atomic
 from unclip.train import distributed
+from unclip.train import fsdp as sharding
 from unclip.train.batches import BatchSource, EpochBatches
 from unclip.train.checkpoint import (
     CheckpointError,
@@ -108,6 +109,11 @@ class Trainer:
     RNG differently, and lets rank 0 write checkpoints (with every rank's RNG state) and logs.
     ``loss_fn`` receives the DDP-wrapped model; reach the module's own attributes with
     ``getattr(model, "module", model)``.
+
+    ``fsdp=True`` shards the model instead of replicating it (see :mod:`unclip.train.fsdp`);
+    ``loss_fn`` then receives the sharded module itself and must run its parameters through
+    ``forward`` (outside it they are shards). Checkpoints keep the unsharded format. In one
+    process there is nothing to shard: ``fsdp`` warns and trains as usual.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         groups: Sequence[int] | None = None,
         group_run: int = 1,
+        fsdp: bool = False,
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
@@ -131,7 +138,12 @@ class Trainer:
         self.dist = distributed.setup(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.model = model.to(self.device)
+        self.fsdp = fsdp and self.dist.world_size > 1
+        if fsdp and not self.fsdp:
+            warnings.warn("fsdp with one process shards nothing; training unsharded", stacklevel=2)
+        self.model = (
+            sharding.shard_model(model, self.device) if self.fsdp else model.to(self.device)
+        )
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
         if per_rank % self.dist.world_size:
@@ -155,7 +167,7 @@ class Trainer:
         self.batches: BatchSource = data
         self.optimizer = build_optimizer(self.model, config)
         self.ddp: nn.Module | None = None
-        if self.dist.world_size > 1:
+        if self.dist.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -171,6 +183,27 @@ class Trainer:
             warnings.warn("this GPU has no bf16; training in float32", stacklevel=2)
             self.bf16 = False
 
+    # --- FSDP: sharding and whole state dicts (collectives under FSDP) ---------------------
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict (under FSDP: gathered on rank 0, empty on the others;
+        call it on every rank)."""
+        return sharding.full_model_state(self.model) if self.fsdp else self.model.state_dict()
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights, whole (under FSDP as :meth:`model_state_dict`); None without EMA."""
+        if self.ema is None:
+            return None
+        if self.fsdp:
+            return sharding.gather_full(self.ema.state_dict(), keep=self.dist.is_main)
+        return self.ema.state_dict()
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The optimizer's whole state dict (under FSDP as :meth:`model_state_dict`)."""
+        if self.fsdp:
+            return sharding.full_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
     # --- state --------------------------------------------------------------------------
 
     def _model_config_doc(self) -> dict[str, Any] | None:
@@ -184,10 +217,11 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint (rank 0; every rank's RNG state goes into it). Collective."""
         rngs = distributed.all_gather_objects(rng_state())
+        states = self.model_state_dict(), self.ema_state_dict(), self.optimizer_state_dict()
         folder = checkpoint_dir(self.run_dir) / f"step-{self.step}"
         if self.dist.is_main:
             try:
-                folder = self._save_checkpoint(rngs)
+                folder = self._save_checkpoint(rngs, *states)
             except OSError as e:  # disk full, quota, permissions: stop, say what is left
                 where = latest_checkpoint(self.run_dir)
                 raise CheckpointError(
@@ -202,13 +236,19 @@ class Trainer:
         distributed.barrier()
         return folder
 
-    def _save_checkpoint(self, rngs: list[dict[str, Any]]) -> Path:
+    def _save_checkpoint(
+        self,
+        rngs: list[dict[str, Any]],
+        model_state: dict[str, torch.Tensor],
+        ema_state: dict[str, torch.Tensor] | None,
+        optimizer_state: dict[str, Any],
+    ) -> Path:
         return save_checkpoint(
             self.run_dir,
             self.step,
-            model_state=self.model.state_dict(),
-            ema_state=self.ema.state_dict() if self.ema else None,
-            optimizer_state=self.optimizer.state_dict(),
+            model_state=model_state,
+            ema_state=ema_state,
+            optimizer_state=optimizer_state,
             trainer_state={
                 "data": self.batches.state_dict(),
                 "rng": rngs[0],
@@ -239,12 +279,17 @@ class Trainer:
             )
         from unclip.hub import load_weights_into
 
-        load_weights_into(self.model, ckpt.model, folder / "model.safetensors")
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.fsdp:  # every rank holds the whole checkpoint and keeps its shards
+            sharding.load_model_state(self.model, ckpt.model, folder / "model.safetensors")
+            sharding.load_optimizer_state(self.model, self.optimizer, ckpt.optimizer)
+        else:
+            load_weights_into(self.model, ckpt.model, folder / "model.safetensors")
+            self.optimizer.load_state_dict(ckpt.optimizer)
         if self.ema is not None:
             if ckpt.ema is None:
                 raise RuntimeError(f"{folder}: the run uses EMA but the checkpoint has none")
-            self.ema.load_state_dict(ckpt.ema, ckpt.state["ema_updates"])
+            ema = sharding.shard_like(self.ema.state_dict(), ckpt.ema) if self.fsdp else ckpt.ema
+            self.ema.load_state_dict(ema, ckpt.state["ema_updates"])
         self.batches.load_state_dict(ckpt.state["data"])
         rank_rngs = [ckpt.state["rng"], *ckpt.state.get("rank_rng", [])]
         set_rng_state(rank_rngs[self.dist.rank])
@@ -348,7 +393,11 @@ class Trainer:
                     for k, v in extra.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+                if self.fsdp:
+                    sharding.sync_replicated_grads(params, self.device)
+                    grad_norm = sharding.clip_grad_norm(params, max_norm, self.device)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:

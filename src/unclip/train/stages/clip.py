@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         groups=groups,
         group_run=cfg.concept_run,
+        fsdp=args.fsdp,
     )
     result = trainer.fit(resume=args.resume)
     export_final(trainer, result)

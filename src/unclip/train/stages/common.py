@@ -41,13 +41,14 @@ def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
 
 
 def export_final(trainer: Trainer, result: TrainResult, dtype: torch.dtype | None = None) -> Path:
-    """Write ``RUN_DIR/final``: a model folder with the trained (and EMA) weights."""
+    """Write ``RUN_DIR/final``: a model folder with the trained (and EMA) weights.
+
+    Call on every rank: under FSDP the weights are gathered from all of them."""
     out = trainer.run_dir / FINAL_NAME
+    state, ema = trainer.model_state_dict(), trainer.ema_state_dict()
     if not trainer.dist.is_main:  # under torchrun, rank 0 writes
         return out
-    save_pretrained(
-        trainer.model, out, ema=trainer.ema.state_dict() if trainer.ema else None, dtype=dtype
-    )
+    save_pretrained(trainer.model, out, ema=ema, dtype=dtype, state=state)
     loss = result.last_metrics.get("loss")
     tail = f", last loss {loss:.4f}" if loss is not None else ""
     print(f"unclip: trained to step {result.step}{tail}; model folder: {out}", file=sys.stderr)

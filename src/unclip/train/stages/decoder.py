@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
+        fsdp=args.fsdp,
     )
     fit_and_export(trainer, args.resume, cfg.diffusion)
     if images.skips.total:

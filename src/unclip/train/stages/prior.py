@@ -145,7 +145,7 @@ def run_ar(args: argparse.Namespace) -> int:
     )
     trainer = Trainer(
         model, ARPriorLoss(text), PriorItems(shards), cfg.train, args.run_dir,
-        device=args.device, progress=not args.no_progress,
+        device=args.device, progress=not args.no_progress, fsdp=args.fsdp,
     )  # fmt: skip
     fit_and_export(trainer, args.resume)
     return 0
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
+        fsdp=args.fsdp,
     )
     fit_and_export(trainer, args.resume, cfg.diffusion)
     return 0
