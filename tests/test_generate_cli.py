@@ -106,6 +106,30 @@ def test_generate_writes_pngs_with_metadata_json_and_grid(pipeline_dir, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["generate-3-0.png", "generate-3-1.png"]
 
 
+def test_generate_from_a_prompts_file_is_one_grid_row_per_caption(pipeline_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# emoji to draw\na red square\n\na green circle\n")
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    rc, stdout, err = run(["generate", "--prompts", str(prompts), "-n", "2", "--json", "--grid",
+                           str(grid), *common(pipeline_dir, out)], capsys)  # fmt: skip
+    assert rc == 0, err
+    doc = json.loads(stdout)
+    assert [Path(i["path"]).name for i in doc["images"]] == [
+        "generate-3-p0-0.png", "generate-3-p0-1.png", "generate-3-p1-0.png", "generate-3-p1-1.png"
+    ]  # fmt: skip
+    assert [i["prompt"] for i in doc["images"]] == ["a red square"] * 2 + ["a green circle"] * 2
+    assert [i["seed"] for i in doc["images"]] == [3, 4, 5, 6]
+    # a row is what a single-caption call with that row's seed gives
+    rc, single, _ = run(["generate", "a green circle", *common(pipeline_dir, tmp_path / "one", 5)],
+                        capsys)  # fmt: skip
+    assert (out / "generate-3-p1-0.png").read_bytes() == Path(single.split()[0]).read_bytes()
+    two_columns = Image.open(grid).size
+    rc, _, _ = run(["generate", "--prompts", str(prompts), "-n", "1", "--grid",
+                    str(tmp_path / "g1.png"), *common(pipeline_dir, tmp_path / "o1")], capsys)  # fmt: skip
+    one_column = Image.open(tmp_path / "g1.png").size
+    assert one_column[1] == two_columns[1] and one_column[0] < two_columns[0]  # rows = captions
+
+
 def test_same_seed_same_bytes_other_seed_other_image(pipeline_dir, tmp_path, capsys):
     files = []
     for name, seed in (("one", 5), ("two", 5), ("three", 6)):
@@ -246,6 +270,11 @@ LONG = "x" * 10_000
         (["generate", "a cat", "--decoder-guidance", "inf"], "--decoder-guidance must be between 0 and 100"),
         (["generate", "a cat", "-n", "0"], "-n must be between 1"),
         (["generate", "a cat", "--keep", "2"], "--keep needs --candidates"),
+        (["generate"], "give either a CAPTION or --prompts FILE"),
+        (["generate", "a cat", "--prompts", "{text}"], "give either a CAPTION or --prompts FILE"),
+        (["generate", "--prompts", "{missing}"], "--prompts {missing}: no such file"),
+        (["generate", "--prompts", "{empty_prompts}"], "no captions (one per line)"),
+        (["generate", "--prompts", "{long_prompts}"], "the caption on line 2 of {long_prompts} is 10,000 characters long"),
         (["vary", "{missing}"], "{missing}: no such image file"),
         (["vary", "{text}"], "{text}: not a readable image"),
         (["vary", "{a}", "--eta", "3"], "--eta must be between 0 and 1"),
@@ -270,6 +299,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
     pipeline_dir, images, tmp_path, capsys, argv, message
 ):
     names = {k: str(v) for k, v in images.items()} | {"missing": str(tmp_path / "nope.png")}
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    (tmp_path / "long.txt").write_text("a cat\n" + LONG + "\n")
+    names |= {
+        "empty_prompts": str(tmp_path / "empty.txt"),
+        "long_prompts": str(tmp_path / "long.txt"),
+    }
     argv = [a.format(**names) for a in argv]
     out = tmp_path / "out"
     extra = ["--pipeline", str(pipeline_dir), "--device", "cpu", "--no-progress"]

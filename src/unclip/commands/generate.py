@@ -153,7 +153,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "upsamplers turn that into pixels. With --candidates N, N images are drawn and the "
         "--keep best by CLIP similarity to the caption are kept (CLIP re-ranking).",
     )
-    p.add_argument("prompt", metavar="CAPTION", help="what to draw (1 to 1,000 characters)")
+    p.add_argument("prompt", metavar="CAPTION", nargs="?",
+                   help="what to draw (1 to 1,000 characters)")  # fmt: skip
+    p.add_argument("--prompts", metavar="FILE", help="instead of CAPTION: a text file with one "
+                   "caption per line (blank lines and lines starting with # are skipped); every "
+                   "caption gets -n images (seeds as with several prompts in text_to_image), files "
+                   "OUT/generate-SEED-pP-I.png, "
+                   "and --grid has one row per caption")  # fmt: skip
     p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="images (default 1)")
     p.add_argument("--candidates", type=int, metavar="N", help="draw N images and re-rank by CLIP")
     p.add_argument("--keep", type=int, metavar="K", help="with --candidates: keep the best K "
@@ -452,16 +458,20 @@ def _finish(
     images: Sequence[Any],
     seed: int | None,
     captions: Callable[[Any], str],
+    names: Sequence[str] | None = None,
+    columns: int | None = None,
 ) -> int:
-    """Write the PNGs (and the grid) atomically, then report paths (or JSON) on stdout."""
+    """Write the PNGs (and the grid) atomically, then report paths (or JSON) on stdout.
+    ``names``: file name suffixes (default 0, 1, …); ``columns``: of the grid (default ≤ 8)."""
     from unclip.data.sheet import contact_sheet
 
     out_dir = Path(args.out)
-    paths = [out_dir / f"{args.command}-{seed}-{i}.png" for i in range(len(images))]
+    names = names or [str(i) for i in range(len(images))]
+    paths = [out_dir / f"{args.command}-{seed}-{name}.png" for name in names]
     items = [(img, path, _pnginfo(img.info)) for img, path in zip(images, paths, strict=True)]
     if args.grid:
         sheet = contact_sheet(
-            images, [captions(img) for img in images], columns=min(8, len(images))
+            images, [captions(img) for img in images], columns=columns or min(8, len(images))
         )
         items.append((sheet, Path(args.grid), None))
     _atomic_save(items)
@@ -487,10 +497,38 @@ def _finish(
 # Commands
 
 
+MAX_PROMPTS = 256
+
+
+def read_prompts(path: str) -> list[str]:
+    """Captions of a ``--prompts`` file: one per line, blank and ``#`` lines skipped."""
+    from unclip.pipeline.core import check_prompt
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({e.reason})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            prompts.append(check_prompt(line, f"caption on line {number} of {path}"))
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no captions (one per line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"--prompts {path}: {len(prompts)} captions; the limit is {MAX_PROMPTS}")
+    return prompts
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from unclip.pipeline.core import MAX_IMAGES, check_prompt
 
-    check_prompt(args.prompt)
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give either a CAPTION or --prompts FILE (one caption per line)")
+    prompts = read_prompts(args.prompts) if args.prompts else [check_prompt(args.prompt)]
     _check_common(args)
     _check_int(args.candidates, "--candidates", 1, MAX_IMAGES)
     if args.keep is not None:
@@ -500,10 +538,10 @@ def run_generate(args: argparse.Namespace) -> int:
     elif args.candidates is not None and args.num > args.candidates:
         raise ValueError(f"-n {args.num} is more than --candidates {args.candidates}")
     pipe = _load(args)
-    count = args.candidates or args.num
+    count = (args.candidates or args.num) * len(prompts)
     with _progress(args, count, pipe) as bar:
         images = pipe.text_to_image(
-            args.prompt,
+            prompts if args.prompts else prompts[0],
             n=args.num,
             seed=args.seed,
             candidates=args.candidates,
@@ -512,7 +550,11 @@ def run_generate(args: argparse.Namespace) -> int:
             progress=bar,
             **_overrides(args),
         )
-    return _finish(args, images, args.seed, lambda img: f"seed {img.info.get('seed')}")
+    if args.prompts is None:
+        return _finish(args, images, args.seed, lambda img: f"seed {img.info.get('seed')}")
+    names = [f"p{i // args.num}-{i % args.num}" for i in range(len(images))]
+    return _finish(args, images, args.seed, lambda img: str(img.info.get("prompt", "")),
+                   names=names, columns=args.num)  # fmt: skip
 
 
 def run_vary(args: argparse.Namespace) -> int:
