@@ -17,6 +17,7 @@ from unclip.prior.ar import (
     ARPriorConfig,
     filter_logits,
     fit_codebook,
+    ordinal_targets,
     sample_logits,
 )
 
@@ -201,6 +202,47 @@ def test_loss_decreases_and_a_tiny_overfit_samples_the_truth():
     z = model.sample(z_t, dot_code=model.dot_code(z_i, z_t), temperature=0)
     cos = (z * z_i).sum(-1).mean()
     assert cos > 0.9 and cos > truth_rt - 0.05, (float(cos), float(truth_rt))
+
+
+def test_ordinal_targets_are_gaussians_around_the_code():
+    codes = torch.tensor([0, 5, 9])
+    t = ordinal_targets(codes, 10, sigma=1.0)  # [3, 10]
+    torch.testing.assert_close(t.sum(-1), torch.ones(3))
+    assert t.argmax(-1).tolist() == [0, 5, 9]
+    # symmetric around an inner code, and a near miss gets more than a far one
+    assert t[1, 4] == pytest.approx(t[1, 6].item()) and t[1, 4] > t[1, 3] > t[1, 2]
+    assert t[1, 4] / t[1, 5] == pytest.approx(torch.exp(torch.tensor(-0.5)).item(), rel=1e-5)
+    sharp = ordinal_targets(codes, 10, sigma=0.05)
+    torch.testing.assert_close(sharp, F.one_hot(codes, 10).float())
+
+
+def test_smoothed_loss_is_cross_entropy_with_the_soft_targets(small):
+    z_i, z_t, cb, _ = small
+    plain = _model(cb, text_dim=0)
+    smooth = _model(cb, text_dim=0, smoothing=2.0)
+    smooth.load_state_dict(plain.state_dict())
+    codes = plain.encode(z_i[:20])
+    logits = plain(codes, z_t[:20], plain.dot_code(z_i[:20], z_t[:20])).reshape(-1, 32)
+    soft = ordinal_targets(codes.reshape(-1), 32, 2.0)
+    expected = -(soft * logits.log_softmax(-1)).sum(-1).mean()
+    got, _ = smooth.loss(z_i[:20], z_t[:20])
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(plain.loss(z_i[:20], z_t[:20])[0], got)
+    with pytest.raises(ValueError, match="smoothing must be"):
+        ARPriorConfig(clip_dim=16, text_dim=0, components=4, buckets=8, smoothing=-1.0)
+
+
+def test_code_inputs_carry_the_bucket_value(small):
+    """Neighbouring buckets get nearby inputs through the value feature (buckets are ordered),
+    even where the per-bucket embeddings are identical."""
+    *_, cb, _ = small
+    model = _model(cb, text_dim=0)
+    with torch.no_grad():
+        model.code_emb.weight.zero_()
+        h = model.embed_codes(torch.tensor([[0, 1, 31, 0, 0, 0]]), start=0)[0]  # [K=6, W]
+    pos = model.pos_emb[model.config.text_len + 2 :][:6]
+    v = (h - pos).detach()
+    assert (v[0] - v[1]).norm() < (v[0] - v[2]).norm()  # bucket 0 is nearer 1 than 31
 
 
 def test_save_and_load_give_identical_outputs(small, tmp_path):

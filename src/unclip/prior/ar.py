@@ -48,6 +48,10 @@ class ARPriorConfig(Config):
     ``variance`` of the training embeddings' variance; a fitted model always has K ≥ 1).
     ``buckets``: quantisation buckets B per component. ``dot_buckets``: buckets of the
     z_i·z_t token. ``text_drop_prob``: training probability of the null caption condition.
+    ``smoothing``: σ, in buckets, of the ordinal label smoothing of the training targets (a
+    discretised Gaussian around the true bucket instead of one-hot; 0 = one-hot, as in the
+    paper). Buckets are ordered values, and a one-hot target gives no credit for a near miss,
+    which on small data sets leaves each of many buckets with too few examples to learn from.
     """
 
     type_name = "ar_prior"
@@ -65,9 +69,12 @@ class ARPriorConfig(Config):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     text_drop_prob: float = 0.1
+    smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         check_prior_transformer(self, positive=("dot_buckets",))
+        if self.smoothing < 0:
+            raise ConfigError(f"smoothing must be ≥ 0 (buckets), got {self.smoothing}")
         if self.buckets < 2:
             raise ConfigError(f"buckets must be at least 2, got {self.buckets}")
         if not 0 <= self.components <= self.clip_dim:
@@ -107,6 +114,14 @@ class Codebook:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [N, K] -> unit-norm z [N, D]."""
         return pca_dequantize(codes, self.mean, self.components, self.centres)
+
+
+def ordinal_targets(codes: torch.Tensor, buckets: int, sigma: float) -> torch.Tensor:
+    """Soft targets for ordered buckets: codes [M] long -> [M, B] probabilities, a Gaussian of
+    standard deviation ``sigma`` buckets around each code, cut to 0..B-1 and renormalised."""
+    j = torch.arange(buckets, device=codes.device, dtype=torch.float32)
+    d = (j[None] - codes.float()[:, None]) / sigma  # [M, B]
+    return torch.softmax(-0.5 * d * d, dim=-1)
 
 
 def _quantile_edges(x: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -314,6 +329,7 @@ class ARPrior(nn.Module):
         self.text_emb_proj = nn.Linear(d, w)
         self.dot_emb = nn.Embedding(config.dot_buckets, w)
         self.code_emb = nn.Embedding(b, w)
+        self.code_value = nn.Linear(1, w)  # the bucket's value too: buckets are ordered
         # positions: caption 0..L-1, z_t and dot at text_len, text_len + 1, codes after them
         self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS + k, w) * 0.02)
         self.null_text_emb = nn.Parameter(torch.randn(w) * 0.02)
@@ -452,7 +468,11 @@ class ARPrior(nn.Module):
         """codes: [N, S] long for components start..start+S-1 -> [N, S, W]."""
         k0 = self.config.text_len + NUM_EXTRA_TOKENS + start
         pos = self.pos_emb[k0 : k0 + codes.shape[1]]
-        return self.code_emb(codes.long()) + pos[None]
+        centres = self.bucket_centres[start : start + codes.shape[1]].float()  # [S, B]
+        scale = centres.std(dim=1, keepdim=True).clamp_min(1e-6)  # [S, 1]
+        values = (centres.gather(1, codes.long().T) / scale).T  # [N, S], about unit variance
+        value_emb = self.code_value(values[..., None].to(self.code_value.weight.dtype))
+        return self.code_emb(codes.long()) + value_emb + pos[None]
 
     def transformer(
         self,
@@ -503,8 +523,13 @@ class ARPrior(nn.Module):
         dot = self.dot_code(z_i, text_emb)
         logits = (model or self)(codes, text_emb, dot, text_tokens, text_mask)  # [N, K, B]
         logits = logits.float().reshape(-1, self.config.buckets)
-        loss = F.cross_entropy(logits, codes.reshape(-1))
-        acc = (logits.argmax(-1) == codes.reshape(-1)).float().mean()
+        target = codes.reshape(-1)
+        if self.config.smoothing > 0:
+            loss = F.cross_entropy(logits, ordinal_targets(target, logits.shape[1],
+                                                           self.config.smoothing))  # fmt: skip
+        else:
+            loss = F.cross_entropy(logits, target)
+        acc = (logits.argmax(-1) == target).float().mean()
         return loss, acc
 
     # -- sampling ----------------------------------------------------------------------------
