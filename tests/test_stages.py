@@ -317,3 +317,18 @@ def test_eval_pipeline_command_reports_quality_metrics(shapes, tmp_path, capsys)
         assert -1 <= metrics["clip_score"] <= 1 and metrics["fd_clip"] >= 0
         assert 0 <= metrics["retrieval_r@1"] <= metrics["retrieval_r@5"] <= 1
     assert Image.open(grid).size[0] > 100
+
+
+def test_eval_pipeline_guidance_overrides_change_the_samples(shapes, tmp_path, capsys):
+    from tiny_pipeline import write_tiny_pipeline
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    base = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "4", "--json", "--no-progress"]  # fmt: skip
+    runs = {}
+    for name, extra in (("default", []), ("again", []), ("g1", ["--decoder-guidance", "1"]),
+                        ("p1", ["--prior-guidance", "1"])):  # fmt: skip
+        assert main([*base, *extra]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)["val/unclip"]["fd_clip"]
+    assert runs["default"] == runs["again"]  # seeded: the same numbers
+    assert runs["g1"] != runs["default"] and runs["p1"] != runs["default"]

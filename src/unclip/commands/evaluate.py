@@ -82,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--decoder-steps", type=int, help="override the pipeline's decoder steps")
     pp.add_argument("--prior-steps", type=int, help="override the pipeline's prior steps")
     pp.add_argument("--upsampler-steps", type=int, help="override the upsampler steps")
+    pp.add_argument("--decoder-guidance", type=float,
+                    help="override the decoder's guidance scale (1 = off)")  # fmt: skip
+    pp.add_argument("--prior-guidance", type=float,
+                    help="override the prior's guidance scale (1 = off)")  # fmt: skip
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pp.add_argument("--no-progress", action="store_true")
@@ -287,8 +291,9 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline)
-    overrides = {k: v for k in ("decoder_steps", "prior_steps", "upsampler_steps")
-                 if (v := getattr(args, k)) is not None}  # fmt: skip
+    keys = ("decoder_steps", "prior_steps", "upsampler_steps", "decoder_guidance",
+            "prior_guidance")  # fmt: skip
+    overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
     manifest = {r["key"]: r for r in read_manifest(Path(args.data) / "manifest.jsonl")}
     results, grid = {}, []
     for split in args.split or ["test"]:
