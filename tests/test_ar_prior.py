@@ -359,3 +359,59 @@ def test_a_pipeline_with_an_ar_prior_generates_images(tmp_path):
     torch.testing.assert_close(pipe._sample_prior(text, 0, settings, None), z, rtol=0, atol=0)
     with pytest.raises(ValueError, match="top_p"):
         pipe.sampling_settings(prior_top_p=0.0)
+
+
+def test_info_and_bench_handle_an_ar_prior(tmp_path, capsys):
+    from test_bench import bench_args, run_json
+    from tiny_pipeline import FAST_SAMPLING, write_stages
+    from unclip.pipeline import assemble_pipeline
+
+    stages = write_stages(tmp_path / "stages")
+    pipe = assemble_pipeline(
+        tmp_path / "pipe", clip=stages["clip"], prior=_ar_prior_folder(tmp_path),
+        decoder=stages["decoder"], upsamplers=[stages["upsampler"]], sampling=FAST_SAMPLING,
+        dtype=torch.float32,
+    )  # fmt: skip
+    assert main(["info", str(pipe), "--json"]) == 0
+    rows = {Path(r["name"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["prior"]["type"] == "ar_prior" and rows["prior"]["flops"]["embedding"] > 0
+    # a run config with a fitted component count; components 0 needs the trained folder
+    config = tmp_path / "ar.json"
+    doc = {"type": "ar", "model": {"clip_dim": 16, "text_dim": 0, "components": 5, "buckets": 8,
+                                   "width": 32, "layers": 1, "heads": 2}}  # fmt: skip
+    config.write_text(json.dumps(doc))
+    assert main(["info", str(config), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["type"] == "ar_prior" and row["inputs"]["codes"] == [1, 5]
+    doc["model"]["components"] = 0
+    config.write_text(json.dumps(doc))
+    assert main(["info", str(config)]) == 2
+    assert f"{config}: components 0" in capsys.readouterr().err
+    args = bench_args(str(pipe), "--quick", "--json", "--peak-fp32", "100", "--peak-bf16", "400",
+                      "--doc", str(tmp_path / "bench.md"))  # fmt: skip
+    r = run_json(args.func, args)
+    prior = r["sampling"]["prior"]
+    assert prior["sampler"] == "autoregressive" and prior["steps"] == 6
+    assert prior["latency"]["median_s"] > 0 and prior["batch2"]["images"] == 2
+    assert r["training"]["prior"]["samples_per_s"] > 0
+
+
+def test_the_server_generates_with_an_ar_prior(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tiny_pipeline import FAST_SAMPLING, write_stages
+    from unclip.pipeline import assemble_pipeline, load_pipeline
+    from unclip.server import create_app
+
+    stages = write_stages(tmp_path / "stages")
+    folder = assemble_pipeline(
+        tmp_path / "pipe", clip=stages["clip"], prior=_ar_prior_folder(tmp_path),
+        decoder=stages["decoder"], upsamplers=[stages["upsampler"]], sampling=FAST_SAMPLING,
+        dtype=torch.float32,
+    )  # fmt: skip
+    with TestClient(create_app(load_pipeline(folder, device="cpu"))) as client:
+        for body in ({"prompt": "a red square", "n": 2},
+                     {"prompt": "a red square", "steps": 2, "prior_guidance": 2.0}):  # fmt: skip
+            r = client.post("/v1/images/generations", json=body)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["data"]) == body.get("n", 1)

@@ -389,7 +389,25 @@ def stage_runners(
 
     out["text"] = (encode, None)
 
-    if pipe.prior is not None:
+    if pipe.prior is not None and pipe.prior.diffusion is None:  # the autoregressive prior
+        prior, st = pipe.prior, settings.prior
+        rows = n * st.candidates
+        cfg = prior.model.config
+        tokens = text.tokens.expand(rows, -1, -1) if cfg.text_dim else None
+        mask = text.mask.expand(rows, -1) if cfg.text_dim else None
+
+        def sample_ar() -> Any:
+            from unclip.pipeline.core import _autocast, stage_generator
+
+            with _autocast(dev, dtype):
+                return prior.model.sample(
+                    text.z_t.expand(rows, -1), tokens, mask, guidance=st.ar_guidance,
+                    temperature=st.temperature, top_k=st.top_k, top_p=st.top_p,
+                    generator=stage_generator(0, "prior"),
+                )  # fmt: skip
+
+        out["prior"] = (sample_ar, None)
+    elif pipe.prior is not None:
         prior, st = pipe.prior, settings.prior
         rows = n * st.candidates
         cond: dict[str, Any] = {"text_emb": text.z_t.expand(rows, -1)}
@@ -478,6 +496,9 @@ def bench_sampling(
             st = getattr(settings, "upsampler" if name.startswith("upsampler") else name)
             row["steps"] = st.steps
             row["sampler"] = st.sampler
+            if name == "prior" and pipe.prior is not None and pipe.prior.diffusion is None:
+                row["steps"] = pipe.prior.model.config.components  # one code per step
+                row["sampler"] = "autoregressive"
         for label, runners, n in (("latency", single, 1), (f"batch{batch}", many, batch)):
             fn, counter = runners[name]
             if counter is not None:
@@ -550,7 +571,7 @@ def training_setups(
 
     from unclip.train.stages.clip import clip_stage_loss
     from unclip.train.stages.decoder import DecoderLoss
-    from unclip.train.stages.prior import PriorLoss
+    from unclip.train.stages.prior import ARPriorLoss, PriorLoss
     from unclip.train.stages.upsampler import UpsamplerLoss
 
     dev = pipe.device
@@ -581,12 +602,13 @@ def training_setups(
     if pipe.prior is not None:
         prior = pipe.prior
         npr = batch.get("prior", 16)
-        out["prior"] = (
-            prior.model,
-            PriorLoss(prior.diffusion, prior.model.embed_scale,
-                      text if prior.model.config.text_dim else None),
-            lambda: (emb(npr), emb(npr), captions(npr)),
-        )  # fmt: skip
+        prior_text = text if prior.model.config.text_dim else None
+        prior_loss = (
+            ARPriorLoss(prior_text)
+            if prior.diffusion is None
+            else PriorLoss(prior.diffusion, prior.model.embed_scale, prior_text)
+        )
+        out["prior"] = (prior.model, prior_loss, lambda: (emb(npr), emb(npr), captions(npr)))
     dec = pipe.decoder
     nd = batch.get("decoder", 16)
     out["decoder"] = (

@@ -12,15 +12,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print parameter counts and forward FLOPs per image of models or configs",
         description="Build each model from its config (random weights, nothing is loaded), "
         "count its parameters and measure the FLOPs of one forward pass on one sample "
-        "(CLIP: one image and one caption; prior: one embedding; decoder and upsamplers: one "
-        "image, per model call). PATH is a model folder (config.json), a training run config "
+        "(CLIP: one image and one caption; prior: one embedding, for the AR prior one "
+        "teacher-forced pass over all its codes; decoder and upsamplers: one image, per model "
+        "call). PATH is a model folder (config.json), a training run config "
         "(configs/.../*.json) or a pipeline folder (pipeline.json: every stage).",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="model folder, run config or pipeline")
     p.add_argument("--json", action="store_true", help="print JSON (one list of models)")
     p.add_argument(
         "--stage",
-        choices=["clip", "prior", "decoder", "upsampler"],
+        choices=["clip", "prior", "ar_prior", "decoder", "upsampler"],
         help="the stage of a run config, where its model section alone does not tell",
     )
     p.add_argument(

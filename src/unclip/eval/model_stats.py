@@ -40,6 +40,7 @@ from unclip.clip.model import CLIP, CLIPConfig
 from unclip.config import Config, ConfigError
 from unclip.decoder.unet import UNet, UNetConfig
 from unclip.decoder.upsampler import Upsampler, UpsamplerConfig
+from unclip.prior.ar import ARPrior, ARPriorConfig
 from unclip.prior.model import DiffusionPriorTransformer, PriorConfig
 
 #: caption length assumed for a decoder's text tokens when no CLIP config says otherwise
@@ -121,6 +122,7 @@ def model_class_for(config: Config) -> type[nn.Module]:
     for cfg_cls, model_cls in (
         (CLIPConfig, CLIP),
         (PriorConfig, DiffusionPriorTransformer),
+        (ARPriorConfig, ARPrior),
         (UpsamplerConfig, Upsampler),
         (UNetConfig, UNet),
     ):
@@ -164,6 +166,18 @@ def _representative_calls(
             kwargs["text_tokens"] = torch.randn(1, config.text_len, config.text_dim, generator=g)
         shapes = {k: list(v.shape) for k, v in kwargs.items() if k != "t"}
         return {"embedding": (lambda: model(**kwargs), shapes)}
+    if isinstance(config, ARPriorConfig):
+        d, k = config.clip_dim, config.components
+        ar: dict[str, torch.Tensor] = {
+            "codes": torch.randint(0, config.buckets, (1, k), generator=g),
+            "text_emb": torch.randn(1, d, generator=g),
+            "dot_code": torch.zeros(1, dtype=torch.long),
+        }
+        if config.text_dim:
+            ar["text_tokens"] = torch.randn(1, config.text_len, config.text_dim, generator=g)
+        shapes = {k: list(v.shape) for k, v in ar.items()}
+        # one teacher-forced pass = the work of sampling all K codes with the KV cache
+        return {"embedding": (lambda: model(**ar), shapes)}
     if isinstance(config, UNetConfig):
         s, c = config.image_size, config.in_channels
         x = torch.randn(1, c, s, s, generator=g)
@@ -189,6 +203,12 @@ def model_stats(config: Config, name: str = "", text_len: int = DEFAULT_TEXT_LEN
     ``text_len``: caption tokens fed to a decoder that reads them (CLIP and the prior use
     their own context lengths).
     """
+    if isinstance(config, ARPriorConfig) and config.components < 1:
+        raise ConfigError(
+            f"{name or 'AR prior'}: components 0 means the count is taken from the training "
+            "embeddings (the PCA keeps `variance` of their variance); give the trained model "
+            "folder, or set model.components"
+        )
     model = build_model(config)
     params = count_parameters(model)
     parts: dict[str, int] = {}
@@ -249,6 +269,8 @@ def run_config_stage(doc: dict[str, Any], path: Path, stage: str | None = None) 
     model = doc.get("model")
     if not isinstance(model, dict):
         raise ConfigError(f"{path}: a run config needs a 'model' object")
+    if stage == "ar_prior" or (doc.get("type") == "ar" and stage in (None, "prior")):
+        return "ar_prior"  # `unclip train prior --type ar` run configs say so
     if stage is not None:
         if stage not in STAGE_CONFIGS:
             raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGE_CONFIGS)})")
@@ -283,6 +305,7 @@ def run_config_stage(doc: dict[str, Any], path: Path, stage: str | None = None) 
 
 def _run_config_source(path: Path, doc: dict[str, Any], stage: str | None) -> ModelSource:
     from unclip.train.stages.run_configs import (
+        ARPriorRunConfig,
         ClipRunConfig,
         DecoderRunConfig,
         PriorRunConfig,
@@ -293,6 +316,7 @@ def _run_config_source(path: Path, doc: dict[str, Any], stage: str | None) -> Mo
     run_cls: type[Config] = {
         "clip": ClipRunConfig,
         "prior": PriorRunConfig,
+        "ar_prior": ARPriorRunConfig,
         "decoder": DecoderRunConfig,
         "upsampler": UpsamplerRunConfig,
     }[name]
