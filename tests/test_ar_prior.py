@@ -330,16 +330,23 @@ def _ar_prior_folder(root: Path) -> Path:
     return save_pretrained(model, root / "ar_prior")
 
 
-def test_a_pipeline_with_an_ar_prior_generates_images(tmp_path):
+def _ar_pipeline(tmp_path: Path) -> Path:
+    """A tiny pipeline folder whose prior is an AR prior."""
     from tiny_pipeline import FAST_SAMPLING, write_stages
-    from unclip.pipeline import assemble_pipeline, load_pipeline
+    from unclip.pipeline import assemble_pipeline
 
     stages = write_stages(tmp_path / "stages")
-    out = assemble_pipeline(
+    return assemble_pipeline(
         tmp_path / "pipe", clip=stages["clip"], prior=_ar_prior_folder(tmp_path),
         decoder=stages["decoder"], upsamplers=[stages["upsampler"]], sampling=FAST_SAMPLING,
         dtype=torch.float32,
     )  # fmt: skip
+
+
+def test_a_pipeline_with_an_ar_prior_generates_images(tmp_path):
+    from unclip.pipeline import load_pipeline
+
+    out = _ar_pipeline(tmp_path)
     assert not (out / "prior" / "diffusion.json").exists()
     pipe = load_pipeline(out, device="cpu")
     assert pipe.prior is not None and pipe.prior.diffusion is None
@@ -363,15 +370,8 @@ def test_a_pipeline_with_an_ar_prior_generates_images(tmp_path):
 
 def test_info_and_bench_handle_an_ar_prior(tmp_path, capsys):
     from test_bench import bench_args, run_json
-    from tiny_pipeline import FAST_SAMPLING, write_stages
-    from unclip.pipeline import assemble_pipeline
 
-    stages = write_stages(tmp_path / "stages")
-    pipe = assemble_pipeline(
-        tmp_path / "pipe", clip=stages["clip"], prior=_ar_prior_folder(tmp_path),
-        decoder=stages["decoder"], upsamplers=[stages["upsampler"]], sampling=FAST_SAMPLING,
-        dtype=torch.float32,
-    )  # fmt: skip
+    pipe = _ar_pipeline(tmp_path)
     assert main(["info", str(pipe), "--json"]) == 0
     rows = {Path(r["name"]).name: r for r in json.loads(capsys.readouterr().out)}
     assert rows["prior"]["type"] == "ar_prior" and rows["prior"]["flops"]["embedding"] > 0
@@ -399,16 +399,10 @@ def test_info_and_bench_handle_an_ar_prior(tmp_path, capsys):
 def test_the_server_generates_with_an_ar_prior(tmp_path):
     from fastapi.testclient import TestClient
 
-    from tiny_pipeline import FAST_SAMPLING, write_stages
-    from unclip.pipeline import assemble_pipeline, load_pipeline
+    from unclip.pipeline import load_pipeline
     from unclip.server import create_app
 
-    stages = write_stages(tmp_path / "stages")
-    folder = assemble_pipeline(
-        tmp_path / "pipe", clip=stages["clip"], prior=_ar_prior_folder(tmp_path),
-        decoder=stages["decoder"], upsamplers=[stages["upsampler"]], sampling=FAST_SAMPLING,
-        dtype=torch.float32,
-    )  # fmt: skip
+    folder = _ar_pipeline(tmp_path)
     with TestClient(create_app(load_pipeline(folder, device="cpu"))) as client:
         for body in ({"prompt": "a red square", "n": 2},
                      {"prompt": "a red square", "steps": 2, "prior_guidance": 2.0}):  # fmt: skip

@@ -11,13 +11,9 @@ copied to ``docs/`` (``docs/server-generate.png``, ``docs/server-edit.png``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,9 +22,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
+from test_server import serving
 from tiny_pipeline import OUT, write_tiny_pipeline
 from unclip.pipeline import load_pipeline
 from unclip.server import create_app
@@ -69,27 +65,6 @@ def chromium() -> str:
     if path is None:
         need_browser(why)
     return path
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 (a free port), in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
 
 
 class RecordingPipeline:

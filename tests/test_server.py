@@ -633,6 +633,7 @@ def test_page_and_openapi(client):
 
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
+    """``app`` under uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
