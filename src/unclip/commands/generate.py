@@ -618,7 +618,8 @@ def run_textdiff(args: argparse.Namespace) -> int:
             progress=bar,
             **_overrides(args),
         )
-    return _finish(args, images, args.seed, lambda img: f"θ = {img.info.get('theta')}")
+    # "theta", not "θ": the contact sheet's default font has no Greek letters
+    return _finish(args, images, args.seed, lambda img: f"theta = {img.info.get('theta')}")
 
 
 def _check_inpaint(args: argparse.Namespace) -> None:
