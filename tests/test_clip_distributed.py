@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from unclip.clip.loss import clip_training_loss
 from unclip.clip.model import CLIP, CLIPConfig
@@ -51,7 +53,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         loss, metrics = clip_training_loss(model, (pixels[half], tokens[half]))
         loss.backward()
         if rank == 0:
-            torch.save({"grads": _grads(model.module), "loss": metrics["loss"]}, out)
+            save_file(_grads(model.module), out, metadata={"loss": repr(metrics["loss"])})
     finally:
         dist.destroy_process_group()
 
@@ -61,11 +63,13 @@ def test_two_processes_get_the_one_process_gradient(tmp_path: Path):
     loss, metrics = clip_training_loss(model, _batch())
     loss.backward()
     expected = _grads(model)
-    out = tmp_path / "rank0.pt"
+    out = tmp_path / "rank0.safetensors"
     init = f"file://{tmp_path / 'store'}"
     mp.spawn(_rank, args=(2, init, str(out)), nprocs=2, join=True)
-    got = torch.load(out)
-    assert got["loss"] == pytest.approx(metrics["loss"], rel=1e-5)  # the global loss is logged
-    assert expected.keys() == got["grads"].keys()
+    with safe_open(str(out), "pt") as f:
+        logged = float(f.metadata()["loss"])
+    got = load_file(out)
+    assert logged == pytest.approx(metrics["loss"], rel=1e-5)  # the global loss is logged
+    assert expected.keys() == got.keys()
     for name, g in expected.items():
-        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
