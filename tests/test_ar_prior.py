@@ -21,16 +21,9 @@ from unclip.prior.ar import (
     sample_logits,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from test_server import serving
@@ -89,14 +87,6 @@ def save_screenshot(page, tmp_path: Path, name: str) -> Path:
     if os.environ.get("UNCLIP_WRITE_SCREENSHOTS") == "1":
         shutil.copyfile(path, DOCS / name)
     return path
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_page_generate_vary_edit(chromium, one_thread, tmp_path):

@@ -8,21 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tiny_pipeline import OUT, write_stages, write_tiny_pipeline
 from unclip import cli
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COMMANDS = ("generate", "vary", "interpolate", "textdiff", "edit", "outpaint", "rank")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -32,16 +32,7 @@ from unclip.train.stages.decoder import DecoderLoss
 from unclip.train.stages.prior import PriorItems, PriorLoss
 from unclip.train.stages.upsampler import Images, UpsamplerLoss
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops crawl when two threads fight other processes for two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def train_config(steps: int, batch_size: int, lr: float) -> TrainConfig:

@@ -25,14 +25,7 @@ from unclip.pipeline import (
 from unclip.pipeline import core as pipeline_core
 from unclip.pipeline.images import keep_mask, repaint_mask, slerp
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

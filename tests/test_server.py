@@ -24,7 +24,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -37,6 +36,8 @@ from unclip.server.app import MULTIPART_OVERHEAD
 from unclip.server.jobs import Job, JobCancelled, JobQueue, QueueFull
 from unclip.server.uploads import png_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LIMITS = Limits(
     max_prompt_chars=200,
     max_n=4,
@@ -47,14 +48,6 @@ LIMITS = Limits(
     max_json_bytes=16 * 1024,
     request_timeout=60.0,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from torch import nn
 
 from unclip.config import Config, ConfigError
 from unclip.nn import apply_null, attention, condition_drop_mask
-from unclip.prior.model import check_prior_transformer
+from unclip.prior.model import caption_tokens, check_prior_transformer
 
 #: tokens between the caption and the codes: z_t, dot
 NUM_EXTRA_TOKENS = 2
@@ -422,36 +422,10 @@ class ARPrior(nn.Module):
         dtype = zt_tok.dtype
         extra = torch.stack([zt_tok, dot_tok.to(dtype)], dim=1)  # [N, 2, W]
 
-        text_keep: torch.Tensor | None = None
-        if self.text_proj is None:
-            if text_tokens is not None:
-                raise ValueError("text_tokens given but the config has text_dim=0")
-            tokens = extra[:, :0]  # [N, 0, W]
-        elif text_tokens is None:
-            tokens = self.null_text_token.expand(n, 1, -1).to(dtype)  # [N, 1, W]
-        else:
-            if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
-                raise ValueError(
-                    f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
-                )
-            length = text_tokens.shape[1]
-            if not 1 <= length <= cfg.text_len:
-                raise ValueError(f"caption length {length} is outside 1..text_len={cfg.text_len}")
-            tokens = self.text_proj(text_tokens.float())  # [N, L, W]
-            keep = (
-                text_mask.bool()
-                if text_mask is not None
-                else torch.ones(n, length, dtype=torch.bool, device=dev)
-            )
-            if drop.any():  # dropped rows: the null token first, the rest masked out
-                first = torch.zeros(length, dtype=torch.bool, device=dev)
-                first[0] = True
-                null_row = torch.where(
-                    first[:, None], self.null_text_token.to(tokens.dtype), tokens.new_zeros(())
-                )  # [L, W]
-                tokens = apply_null(tokens, null_row, drop)
-                keep = torch.where(drop[:, None], first[None], keep)
-            text_keep = keep if text_mask is not None or drop.any() else None
+        tokens, text_keep = caption_tokens(
+            self.text_proj, self.null_text_token, text_tokens, text_mask, drop, cfg.text_len,
+            dtype,
+        )  # fmt: skip
         length = tokens.shape[1]
         h = torch.cat([tokens.to(dtype), extra], dim=1)  # [N, L + 2, W]
         pos = torch.cat(

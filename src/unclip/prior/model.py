@@ -95,6 +95,47 @@ class PriorConfig(Config):
         return math.sqrt(self.clip_dim)
 
 
+def caption_tokens(
+    text_proj: nn.Module | None,
+    null_token: torch.Tensor,
+    text_tokens: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    drop: torch.Tensor,
+    text_len: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The caption part of a prior's input sequence, shared by both priors.
+
+    text_tokens: [N, L, text_dim] or None (the null token alone); text_mask: [N, L] bool;
+    drop: [N] bool, rows given the null caption (the null token first, the rest masked out).
+    ``text_proj`` None means ``text_dim == 0``: no caption tokens at all.
+    Returns (tokens [N, L', W] in ``dtype``, key mask [N, L'] bool or None = all visible).
+    """
+    n = drop.shape[0]
+    if text_proj is None:
+        if text_tokens is not None:
+            raise ValueError("text_tokens given but the config has text_dim=0")
+        return null_token.new_zeros((n, 0, null_token.shape[-1]), dtype=dtype), None
+    if text_tokens is None:
+        return null_token.expand(n, 1, -1).to(dtype), None  # [N, 1, W]
+    if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
+        raise ValueError(f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}")
+    length = text_tokens.shape[1]
+    if not 1 <= length <= text_len:
+        raise ValueError(f"caption length {length} is outside 1..text_len={text_len}")
+    tokens = text_proj(text_tokens.float())  # [N, L, W]
+    keep = text_mask.bool() if text_mask is not None else None
+    if drop.any():
+        first = torch.zeros(length, dtype=torch.bool, device=drop.device)
+        first[0] = True
+        null_row = null_token.to(tokens.dtype).expand(length, -1)
+        null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))  # [L, W]
+        tokens = apply_null(tokens, null_row, drop)
+        keep = keep if keep is not None else torch.ones_like(first).expand(n, -1)
+        keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
+    return tokens.to(dtype), keep
+
+
 def scale_embedding(z: torch.Tensor, scale: float) -> torch.Tensor:
     """CLIP embeddings z: [N, D] -> [N, D] L2-normalised then multiplied by ``scale``.
 
@@ -212,34 +253,10 @@ class DiffusionPriorTransformer(nn.Module):
         dtype = parts[0].dtype  # the compute dtype (bf16 under autocast)
         extra = torch.stack([p.to(dtype) for p in parts], dim=1)  # [N, 4, W]
 
-        text_keep: torch.Tensor | None = None
-        if self.text_proj is None:
-            if text_tokens is not None:
-                raise ValueError("text_tokens given but the config has text_dim=0")
-            tokens = extra[:, :0]  # [N, 0, W]
-        elif text_tokens is None:
-            tokens = self.null_text_token.expand(n, 1, -1).to(extra.dtype)  # [N, 1, W]
-        else:
-            if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
-                raise ValueError(
-                    f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
-                )
-            length = text_tokens.shape[1]
-            if not 1 <= length <= cfg.text_len:
-                raise ValueError(f"caption length {length} is outside 1..text_len={cfg.text_len}")
-            tokens = self.text_proj(text_tokens)  # [N, L, W]
-            if text_mask is not None:
-                text_keep = text_mask.bool()
-            if drop.any():
-                # dropped rows: the null token first, the rest masked out
-                first = torch.zeros(length, dtype=torch.bool, device=x.device)
-                first[0] = True
-                null_row = self.null_text_token.to(tokens.dtype).expand(length, -1)
-                null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))
-                tokens = apply_null(tokens, null_row, drop)
-                keep = text_keep if text_keep is not None else torch.ones_like(first).expand(n, -1)
-                text_keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
-
+        tokens, text_keep = caption_tokens(
+            self.text_proj, self.null_text_token, text_tokens, text_mask, drop, cfg.text_len,
+            extra.dtype,
+        )  # fmt: skip
         length = tokens.shape[1]
         h = torch.cat([tokens.to(extra.dtype), extra], dim=1)  # [N, L + 4, W]
         pos = torch.cat([self.pos_emb[:length], self.pos_emb[cfg.text_len :]], dim=0)
