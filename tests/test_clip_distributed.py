@@ -54,6 +54,8 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
         loss.backward()
         if rank == 0:
             save_file(_grads(model.module), out, metadata={"loss": repr(metrics["loss"])})
+        # Leave together: a rank tearing gloo down while the other still talks to it aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
