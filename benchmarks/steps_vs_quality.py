@@ -65,9 +65,13 @@ def measure(
 
     t = time.perf_counter()
     feats = []
-    for i, caption in enumerate(captions):
-        img = pipe.text_to_image(caption, seed=i, decoder_sampler=sampler, decoder_steps=steps)[0]
-        feats.append(pipe.encode_image(img))
+    step = max(1, pipe.max_batch)  # one call per batch: caption i still gets seed i
+    for start in range(0, len(captions), step):
+        images = pipe.text_to_image(
+            captions[start : start + step], seed=start, decoder_sampler=sampler,
+            decoder_steps=steps,
+        )  # fmt: skip
+        feats.append(pipe.encode_image(images))
     seconds = (time.perf_counter() - t) / len(captions)
     return {"fd": frechet_distance(torch.cat(feats), real), "s_per_image": seconds}
 

@@ -368,6 +368,19 @@ def test_seeded_and_stateless(name):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_one_generator_per_sample_gives_each_its_own_noise_in_any_batch(name):
+    d = GaussianDiffusion(make_betas("cosine", 1000))
+    model = dummy_model(d)  # elementwise: a row's result cannot depend on the others
+    kw = {"eta": 0.7} if name == "ddim" else {}
+    alone = [sample(d, model, (2, 5), 6, sampler=name, generator=_gen(s), **kw) for s in (3, 4, 5)]
+    gens = [_gen(s) for s in (3, 4, 5)]  # blocks of 2 rows, one generator each
+    batch = sample(d, model, (6, 5), 6, sampler=name, generator=gens, **kw)
+    assert torch.equal(batch, torch.cat(alone))
+    with pytest.raises(ValueError, match="2 generators cannot split a batch of 3 rows"):
+        sample(d, model, (3, 5), 6, sampler=name, generator=[_gen(0), _gen(1)], **kw)
+
+
 def test_progress_stream_and_no_grad_leak():
     d = GaussianDiffusion(make_betas("linear", 1000))
     model = dummy_model(d)

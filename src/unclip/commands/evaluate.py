@@ -265,11 +265,14 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
     gen_emb, kept = [], []
-    for i, r in enumerate(tqdm(records, desc="eval", unit="img", disable=not progress)):
-        img = pipe.text_to_image(r["caption"], seed=i, use_prior=use_prior, **overrides)[0]
-        gen_emb.append(pipe.encode_image(img))
-        if i < keep_images:
-            kept.append(img)
+    step = max(1, pipe.max_batch)  # one call per batch: caption i still gets seed i
+    with tqdm(total=len(records), desc="eval", unit="img", disable=not progress) as bar:
+        for start in range(0, len(records), step):
+            captions = [r["caption"] for r in records[start : start + step]]
+            images = pipe.text_to_image(captions, seed=start, use_prior=use_prior, **overrides)
+            gen_emb.append(pipe.encode_image(images))
+            kept.extend(images[: max(0, keep_images - len(kept))])
+            bar.update(len(captions))
     gen = torch.cat(gen_emb)
     text = pipe.encode_text([r["caption"] for r in records])
     sim = gen @ real_emb.T  # generated i vs real j; the caption's own image is j = i

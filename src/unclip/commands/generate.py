@@ -362,7 +362,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 class _Progress:
     """A tqdm bar on stderr fed by the pipeline's (stage, step) callback; one bar per stage
-    run, labelled with the stage and the number of the image."""
+    run, labelled with the stage and the images it is drawing (a batch: "images 1-8/16")."""
 
     def __init__(self, enabled: bool, images: int, last_stage: str = "decoder") -> None:
         self.enabled = enabled
@@ -378,13 +378,18 @@ class _Progress:
 
         if self.bar is None:
             self.bar = tqdm(file=sys.stderr, leave=False, dynamic_ncols=True)
+        from unclip.pipeline.core import step_images
+
+        count = step_images(stage, step)
         if step.index == 0:
             self.bar.reset(total=step.total)
-            label = f"image {min(self.done + 1, self.images)}/{self.images}"
-            self.bar.set_description(f"{label} {stage}")
+            first = min(self.done + 1, self.images)
+            last = min(self.done + count, self.images)
+            label = f"image {first}" if last <= first else f"images {first}-{last}"
+            self.bar.set_description(f"{label}/{self.images} {stage}")
         self.bar.update(1)
         if step.index == step.total - 1 and stage == self.last_stage:
-            self.done += 1
+            self.done += count
 
     def __enter__(self) -> _Progress:
         return self

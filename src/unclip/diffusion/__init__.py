@@ -22,6 +22,7 @@ Typical use::
 
 from .gaussian import (
     GaussianDiffusion,
+    Generators,
     ModelFn,
     discretized_gaussian_log_likelihood,
     dynamic_threshold,
@@ -59,6 +60,7 @@ from .schedules import (
 __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
+    "Generators",
     "ModelFn",
     "NoiseSchedule",
     "SampleStep",

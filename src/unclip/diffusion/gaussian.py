@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # only for the type hint: this package never imports the rest
 
 ModelFn = Callable[..., Tensor]
 Prediction = Literal["eps", "x0", "v"]
+#: one generator, or one per sample of a batch (see :func:`randn`); None: torch's global RNG
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,14 +469,15 @@ class GaussianDiffusion:
         return terms
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise of x's shape/dtype/device, drawn with ``generator`` on its device."""
+def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal noise of x's shape/dtype/device, drawn with ``generator`` (one, or one
+    per block of rows: see :func:`randn`) on its device."""
     return randn(x.shape, generator, x.device, x.dtype)
 
 
 def randn(
     shape: Sequence[int],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -482,7 +485,17 @@ def randn(
 
     Drawing on the generator's device makes a CPU generator give the same numbers whatever
     device the sample lives on (the convention of diffusers' ``randn_tensor``).
+
+    ``generator`` may be a sequence of K generators for a batch of K samples: dim 0 of
+    ``shape`` (a multiple of K) is split into K equal blocks and block k is drawn with
+    generator k alone, so sample k of a batch gets exactly the noise it would get on its own.
     """
-    gen_device = generator.device if generator is not None else device
-    out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
-    return out if device is None else out.to(device)
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+        return out if device is None else out.to(device)
+    gens = list(generator)
+    if not gens or shape[0] % len(gens):
+        raise ValueError(f"{len(gens)} generators cannot split a batch of {shape[0]} rows")
+    block = (shape[0] // len(gens), *shape[1:])
+    return torch.cat([randn(block, g, device, dtype) for g in gens])

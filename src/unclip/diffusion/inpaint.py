@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianDiffusion, ModelFn, randn_like
+from .gaussian import GaussianDiffusion, Generators, ModelFn, randn_like
 from .samplers import ProgressFn, SampleStep, _emit, _full, initial_noise, sampling_timesteps
 from .schedules import Spacing
 
@@ -64,7 +64,7 @@ def repaint_sample(
     resample: int = 10,
     timesteps: Sequence[int] | None = None,
     spacing: Spacing = "trailing",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool | None = None,
     dynamic_threshold: float | None = None,

@@ -17,7 +17,8 @@ progress bar, the server's progress events and the tests consume the same stream
   :func:`~unclip.diffusion.schedules.space_timesteps` and ``spacing`` ("trailing" by default:
   the first step is at T-1, where pure noise belongs). Or give ``timesteps`` explicitly (original
   timesteps, strictly descending). Neither: all T timesteps. Every run ends at ᾱ = 1 (x₀).
-- ``generator``: every random draw uses it, so a seed gives the same samples.
+- ``generator``: every random draw uses it, so a seed gives the same samples; a list of K
+  generators gives each of K samples of a batch its own (see :func:`~.gaussian.randn`).
 - ``clip_denoised``/``dynamic_threshold``: x₀ clipping / Imagen thresholding; None → the
   diffusion's defaults.
 - ``progress``: called with each :class:`SampleStep` just before it is yielded.
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianDiffusion, ModelFn, randn, randn_like
+from .gaussian import GaussianDiffusion, Generators, ModelFn, randn, randn_like
 from .schedules import Spacing, space_timesteps
 
 ProgressFn = Callable[["SampleStep"], None]
@@ -99,7 +100,7 @@ def sampling_timesteps(
 
 def initial_noise(
     shape_or_noise: Sequence[int] | Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -147,7 +148,7 @@ def ddpm_sample(
     *,
     timesteps: Sequence[int] | None = None,
     spacing: Spacing = "trailing",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool | None = None,
     dynamic_threshold: float | None = None,
@@ -191,7 +192,7 @@ def ddim_sample(
     timesteps: Sequence[int] | None = None,
     spacing: Spacing = "trailing",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool | None = None,
     dynamic_threshold: float | None = None,
@@ -238,7 +239,7 @@ def ddim_invert(
     *,
     timesteps: Sequence[int] | None = None,
     spacing: Spacing = "trailing",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool = False,
     dynamic_threshold: float = 0.0,
@@ -303,7 +304,7 @@ def dpmpp_2m_sample(
     *,
     timesteps: Sequence[int] | None = None,
     spacing: Spacing = "trailing",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     model_kwargs: dict[str, Any] | None = None,
     clip_denoised: bool | None = None,
     dynamic_threshold: float | None = None,

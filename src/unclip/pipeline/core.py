@@ -7,10 +7,13 @@ seeds and image formats.
 
 **Seeds.** Image ``i`` of a call with ``seed=s`` is drawn with seed ``s + i`` (prompts of a
 list are numbered prompt-major: prompt ``p``, image ``j`` of ``n`` is image ``p·n + j``), and
-each stage draws its noise from its own CPU ``torch.Generator`` derived from that seed. Every
-image is sampled on its own, so a batch gives exactly the images of single calls with the
-same seeds, and the same seed gives the same bytes. ``seed=None`` draws a random seed; the
-seed used is in every image's ``info``.
+each stage draws its noise from its own CPU ``torch.Generator`` derived from that seed. The
+images of a call are sampled together in batches of up to ``pipe.max_batch`` (default 8),
+and each image's rows of noise come from its own generators, so an image gets the same noise
+in any batch: it equals the single call with its seed up to float rounding (different batch
+sizes may sum in another order; in practice a grey level at a few pixels). The same call
+with the same seed gives the same bytes; set ``pipe.max_batch = 1`` to sample every image
+on its own. ``seed=None`` draws a random seed; the seed used is in every image's ``info``.
 
 **Sampling overrides** (keyword arguments of every generating method; None = the
 pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
@@ -55,6 +58,7 @@ from unclip.diffusion import (
     classifier_free_guidance,
     ddim_invert,
     final,
+    randn,
     repaint_sample,
 )
 from unclip.pipeline.config import (
@@ -85,6 +89,8 @@ ProgressCallback = Callable[[str, SampleStep], None]
 MAX_PROMPT_CHARS = 1000
 #: the most images (or frames) one call may draw
 MAX_IMAGES = 1024
+#: images of one call sampled together as a batch (UnclipPipeline.max_batch)
+DEFAULT_MAX_BATCH = 8
 #: the largest seed (seeds are non-negative; seed + index must stay below this)
 MAX_SEED = 2**63 - 1
 DIFFUSION_FILE = "diffusion.json"
@@ -110,13 +116,30 @@ class PipelineError(ValueError):
 
 @dataclass
 class TextCondition:
-    """One caption, encoded by CLIP: z_t [1, D] (unit norm), per-token features
-    tokens [1, L, W] and mask [1, L] (True up to and including the end token)."""
+    """Captions encoded by CLIP, one row each (N = 1 for one caption): z_t [N, D] (unit norm),
+    per-token features tokens [N, L, W] and mask [N, L] (True up to and including the end
+    token). ``text`` is the caption (the first one's for N > 1)."""
 
     text: str
     z_t: Tensor
     tokens: Tensor
     mask: Tensor
+
+    @staticmethod
+    def cat(rows: Sequence[TextCondition]) -> TextCondition:
+        """The conditions stacked along dim 0 (each still encoded on its own)."""
+        return TextCondition(
+            rows[0].text,
+            torch.cat([r.z_t for r in rows]),
+            torch.cat([r.tokens for r in rows]),
+            torch.cat([r.mask for r in rows]),
+        )
+
+    def row(self, i: int) -> TextCondition:
+        """Row ``i`` as a one-caption condition."""
+        return TextCondition(
+            self.text, self.z_t[i : i + 1], self.tokens[i : i + 1], self.mask[i : i + 1]
+        )
 
 
 @dataclass
@@ -272,6 +295,20 @@ def stage_generator(seed: int, stage: str) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def step_images(stage: str, step: Any) -> int:
+    """How many images a progress call's step is drawing: the batch size for the image stages
+    (decoder, inpaint, upsamplers), 1 for the others (the prior's rows are candidates)."""
+    x = getattr(step, "x", None)
+    image_stage = stage in ("decoder", "inpaint") or stage.startswith("upsampler")
+    return int(x.shape[0]) if image_stage and isinstance(x, Tensor) and x.dim() == 4 else 1
+
+
+def stage_generators(seeds: int | Sequence[int], stage: str) -> list[torch.Generator]:
+    """One :func:`stage_generator` per image of a batch (a sampler draws row k's noise with
+    generator k alone, so an image gets the same noise in any batch)."""
+    return [stage_generator(s, stage) for s in ([seeds] if isinstance(seeds, int) else seeds)]
+
+
 def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
     """Mixed precision for ``dtype`` float16/bfloat16; a no-op context for float32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -382,6 +419,8 @@ class UnclipPipeline:
         self.path = path
         self.device = device or torch.device("cpu")
         self.dtype = dtype
+        #: images sampled together in one batch (see the module docstring on seeds)
+        self.max_batch = DEFAULT_MAX_BATCH
         self.name = self.config.name or (path.name if path else "unclip")
         self._check_stages()
 
@@ -588,41 +627,47 @@ class UnclipPipeline:
     def _sample_prior(
         self,
         text: TextCondition,
-        seed: int,
+        seeds: int | Sequence[int],
         settings: SamplingConfig,
         progress: ProgressCallback | None,
     ) -> Tensor:
-        """z_i [1, D] for one caption: ``candidates`` samples, the one closest to z_t kept."""
+        """z_i [N, D] for N captions (``text`` [N], one seed each): ``candidates`` samples per
+        caption, drawn as one batch, and the one closest to its z_t kept."""
         assert self.prior is not None
         from unclip.prior import unscale_embedding
 
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if self.prior.diffusion is None:
+            rows = [
+                self._sample_ar_prior(text.row(j), s, settings, progress)
+                for j, s in enumerate(seeds)
+            ]
+            return torch.cat(rows)
         st = settings.prior
         model = self.prior.model
-        c = st.candidates
-        if self.prior.diffusion is None:
-            return self._sample_ar_prior(text, seed, settings, progress)
-        cond: dict[str, Any] = {"text_emb": text.z_t.expand(c, -1)}
+        n, c = len(seeds), st.candidates
+        cond: dict[str, Any] = {"text_emb": text.z_t.repeat_interleave(c, 0)}  # [n·c, D]
         if model.config.text_dim:
-            cond["text_tokens"] = text.tokens.expand(c, -1, -1)
-            cond["text_mask"] = text.mask.expand(c, -1)
+            cond["text_tokens"] = text.tokens.repeat_interleave(c, 0)
+            cond["text_mask"] = text.mask.repeat_interleave(c, 0)
         uncond = dict(cond)
-        cond["drop_text"] = torch.zeros(c, dtype=torch.bool, device=self.device)
-        uncond["drop_text"] = torch.ones(c, dtype=torch.bool, device=self.device)
+        cond["drop_text"] = torch.zeros(n * c, dtype=torch.bool, device=self.device)
+        uncond["drop_text"] = torch.ones(n * c, dtype=torch.bool, device=self.device)
         fn = _guided(_model_fn(model, self.device, self.dtype), st.guidance, cond, uncond, False)
         x = self._run(
             "prior",
             self.prior,
             fn,
-            (c, model.config.clip_dim),
+            (n * c, model.config.clip_dim),
             st.sampler,
             st.steps,
             st.eta,
-            stage_generator(seed, "prior"),
+            stage_generators(seeds, "prior"),  # caption j's c rows from seed j
             progress,
         )
-        z = unscale_embedding(x, model.embed_scale)  # [c, D], unit norm
-        best = int((z @ text.z_t[0]).argmax())  # DALL·E 2: keep the higher z_i · z_t
-        return z[best : best + 1]
+        z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
+        best = (z * text.z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
+        return z[torch.arange(n, device=z.device), best]  # [n, D]
 
     def _sample_ar_prior(
         self,
@@ -675,7 +720,7 @@ class UnclipPipeline:
         self,
         z_i: Tensor,
         text: TextCondition | None,
-        seed: int,
+        seeds: int | Sequence[int],
         settings: SamplingConfig,
         progress: ProgressCallback | None,
         *,
@@ -685,18 +730,22 @@ class UnclipPipeline:
         repaint_options: dict[str, int] | None = None,
         eta: float | None = None,
     ) -> Tensor:
-        """Decode z_i [1, D] to an image [1, 3, s, s] at the decoder's resolution.
+        """Decode z_i [N, D] (``text`` [N] or None, one seed per row) to images [N, 3, s, s]
+        at the decoder's resolution, as one batch.
 
-        ``noise``: x_T [1, 3, s, s] (None: drawn from the seed); ``eta``: DDIM η in place of
-        the settings' (None: keep). ``known``: (image
-        [1, 3, s, s], keep mask [1, 1, s, s]) to inpaint: the inpainting decoder when the
-        pipeline has one (and not ``repaint``), else RePaint with the plain decoder.
+        ``noise``: x_T [N or 1, 3, s, s] (None: drawn from the seeds); ``eta``: DDIM η in place
+        of the settings' (None: keep). ``known``: (image [1, 3, s, s], keep mask [1, 1, s, s])
+        to inpaint: the inpainting decoder when the pipeline has one (and not ``repaint``),
+        else RePaint with the plain decoder.
         """
         st = settings.decoder
+        n = z_i.shape[0]
         use_inpaint_model = known is not None and self.inpaint_decoder is not None and not repaint
         stage = self.inpaint_decoder if use_inpaint_model else self.decoder
         assert stage is not None
         cond, uncond = self._decoder_kwargs(stage, z_i, text)
+        if known is not None:
+            known = (known[0].expand(n, -1, -1, -1), known[1].expand(n, -1, -1, -1))
         if use_inpaint_model:
             assert known is not None
             for kw in (cond, uncond):
@@ -709,8 +758,8 @@ class UnclipPipeline:
             stage.diffusion.learn_sigma,
         )
         s = self.base_size
-        start = noise if noise is not None else (1, 3, s, s)
-        generator = stage_generator(seed, "decoder")
+        start = noise.expand(n, -1, -1, -1) if noise is not None else (n, 3, s, s)
+        generator = stage_generators(seeds, "decoder")
         if known is not None and not use_inpaint_model:
             steps_iter = repaint_sample(
                 stage.diffusion,
@@ -763,9 +812,14 @@ class UnclipPipeline:
         return final(steps_iter)
 
     def _upsample(
-        self, x: Tensor, seed: int, settings: SamplingConfig, progress: ProgressCallback | None
+        self,
+        x: Tensor,
+        seeds: int | Sequence[int],
+        settings: SamplingConfig,
+        progress: ProgressCallback | None,
     ) -> Tensor:
-        """Run the upsamplers in turn: [1, 3, s, s] -> [1, 3, S, S]. A stage trained with the
+        """Run the upsamplers in turn on a batch, one seed per image: [N, 3, s, s] ->
+        [N, 3, S, S]. A stage trained with the
         (deterministic) blur augmentation gets the same blur on its input, as in training;
         random (BSR) degradation is a training-only corruption and is not applied."""
         from unclip.decoder.upsampler import gaussian_blur
@@ -779,8 +833,8 @@ class UnclipPipeline:
             side = low.shape[-1] * cfg.image_size // cfg.low_res_size
             name = "upsampler" if k == 0 else f"upsampler{k + 1}"
             fn = _model_fn(up.model, self.device, self.dtype)
-            generator = stage_generator(seed, name)
-            start: tuple[int, ...] | Tensor = (1, 3, side, side)
+            generator = stage_generators(seeds, name)
+            start: tuple[int, ...] | Tensor = (x.shape[0], 3, side, side)
             steps: int | None = st.steps
             extra: dict[str, Any] = {}
             if st.strength < 1.0:  # SDEdit: start from the noised bicubic enlargement
@@ -789,8 +843,8 @@ class UnclipPipeline:
                 extra["timesteps"] = sorted(set(ts), reverse=True)
                 steps = None
                 big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
-                noise = torch.randn(big.shape, generator=generator, device=generator.device)
-                t = torch.full((1,), t0, dtype=torch.long)
+                noise = randn(big.shape, generator)  # on the CPU, row k from generator k
+                t = torch.full((x.shape[0],), t0, dtype=torch.long)
                 start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(
                     self.device
                 )
@@ -837,19 +891,25 @@ class UnclipPipeline:
         info.update({k: v for k, v in extra.items() if v is not None})
         return info
 
+    def _batches(self, count: int) -> list[range]:
+        """Indices 0..count-1 in runs of at most ``max_batch`` (the images of one batch)."""
+        size = max(1, int(self.max_batch))
+        return [range(i, min(i + size, count)) for i in range(0, count, size)]
+
     def _stages_used(self, *first: str) -> list[str]:
         return [*first, *(["upsampler"] if self.upsamplers else [])]
 
     def _z_from_text(
         self,
         text: TextCondition,
-        seed: int,
+        seeds: int | Sequence[int],
         settings: SamplingConfig,
         use_prior: bool,
         progress: ProgressCallback | None,
     ) -> Tensor:
+        """z_i [N, D] for ``text`` [N]: prior samples, or z_t itself."""
         if use_prior and self.prior is not None:
-            return self._sample_prior(text, seed, settings, progress)
+            return self._sample_prior(text, seeds, settings, progress)
         return text.z_t  # the paper's §5.1 baseline: the text embedding in place of z_i
 
     # -- capabilities ------------------------------------------------------------------------
@@ -893,29 +953,32 @@ class UnclipPipeline:
         base = _check_seed(seed, draw * len(prompts))
         used_prior = use_prior and self.prior is not None
         stages = self._stages_used(*(["prior"] if used_prior else []), "decoder")
-        out: list[Image.Image] = []
-        for p, text_str in enumerate(prompts):
-            text = self._text(text_str)
-            images, scores = [], []
-            for i in range(draw):
-                s = base + p * draw + i
-                z = self._z_from_text(text, s, settings, use_prior, progress)
-                x = self._upsample(
-                    self._decode(z, text, s, settings, progress), s, settings, progress
+        texts = [self._text(t) for t in prompts]
+        images: list[Image.Image] = []  # image k: prompt k // draw, seed base + k
+        for rows in self._batches(draw * len(prompts)):
+            text = TextCondition.cat([texts[k // draw] for k in rows])
+            seeds = [base + k for k in rows]
+            z = self._z_from_text(text, seeds, settings, use_prior, progress)
+            x = self._upsample(
+                self._decode(z, text, seeds, settings, progress), seeds, settings, progress
+            )
+            for j, k in enumerate(rows):
+                info = self._info(
+                    "text_to_image", base + k, settings, stages, prompt=prompts[k // draw]
                 )
-                info = self._info("text_to_image", s, settings, stages, prompt=text_str)
                 if not used_prior:
                     info["prior"] = "none (text embedding)"
-                img = _to_pil(x, info)
-                if candidates is not None:  # scored as delivered (8-bit), as `rank` would
-                    score = float(self.encode_image(img)[0] @ text.z_t[0])
-                    scores.append(score)
-                    img.info["clip_score"] = f"{score:.4f}"
-                images.append(img)
-            if candidates is not None:
-                order = sorted(range(draw), key=lambda j: -scores[j])[:keep]
-                images = [images[j] for j in order]
-            out.extend(images)
+                images.append(_to_pil(x[j : j + 1], info))
+        if candidates is None:
+            return images
+        out: list[Image.Image] = []
+        for p, text in enumerate(texts):
+            group = images[p * draw : (p + 1) * draw]
+            scores = self.encode_image(group) @ text.z_t[0]  # as delivered (8-bit), as `rank`
+            for img, score in zip(group, scores.tolist(), strict=True):
+                img.info["clip_score"] = f"{score:.4f}"
+            order = sorted(range(draw), key=lambda j: -scores[j])[:keep]
+            out.extend(group[j] for j in order)
         return out
 
     @torch.no_grad()
@@ -950,15 +1013,18 @@ class UnclipPipeline:
         stages = self._stages_used("decoder")
         if invert:
             settings = settings.replace(decoder=settings.decoder.replace(sampler="ddim"))
+        extra = {"inverted": "true" if invert else None}
+        if eta is not None:
+            extra["eta"] = str(eta)
         out = []
-        for i in range(n):
-            s = base + i
-            x = self._decode(z, None, s, settings, progress, noise=noise, eta=eta)
-            x = self._upsample(x, s, settings, progress)
-            extra = {"inverted": "true" if invert else None}
-            if eta is not None:
-                extra["eta"] = str(eta)
-            out.append(_to_pil(x, self._info("variations", s, settings, stages, **extra)))
+        for rows in self._batches(n):
+            seeds = [base + i for i in rows]
+            zs = z.expand(len(seeds), -1)
+            x = self._decode(zs, None, seeds, settings, progress, noise=noise, eta=eta)
+            x = self._upsample(x, seeds, settings, progress)
+            for j, s in enumerate(seeds):
+                info = self._info("variations", s, settings, stages, **extra)
+                out.append(_to_pil(x[j : j + 1], info))
         return out
 
     @torch.no_grad()
@@ -992,17 +1058,19 @@ class UnclipPipeline:
             g = stage_generator(base, "decoder")
             na = nb = torch.randn((1, 3, s, s), generator=g).to(self.device)
         out = []
-        for k in range(frames):
-            t = k / (frames - 1)
-            z = slerp(za, zb, t)
-            noise = slerp(na, nb, t) if invert_noise else na
-            x = self._decode(z, None, base, settings, progress, noise=noise)
-            x = self._upsample(x, base, settings, progress)
-            info = self._info(
-                "interpolate", base, settings, self._stages_used("decoder"),
-                frame=str(k), t=f"{t:.4f}", inverted="true" if invert_noise else None,
-            )  # fmt: skip
-            out.append(_to_pil(x, info))
+        for rows in self._batches(frames):  # every frame uses the same seed
+            ts = [k / (frames - 1) for k in rows]
+            z = torch.cat([slerp(za, zb, t) for t in ts])
+            noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
+            seeds = [base] * len(ts)
+            x = self._decode(z, None, seeds, settings, progress, noise=noise)
+            x = self._upsample(x, seeds, settings, progress)
+            for j, (k, t) in enumerate(zip(rows, ts, strict=True)):
+                info = self._info(
+                    "interpolate", base, settings, self._stages_used("decoder"),
+                    frame=str(k), t=f"{t:.4f}", inverted="true" if invert_noise else None,
+                )  # fmt: skip
+                out.append(_to_pil(x[j : j + 1], info))
         return out
 
     @torch.no_grad()
@@ -1044,16 +1112,19 @@ class UnclipPipeline:
             noise = torch.randn((1, 3, s, s), generator=stage_generator(base, "decoder"))
         noise = noise.to(self.device)
         out = []
-        for k in range(frames):
-            theta = max_theta * k / (frames - 1)
-            x = self._decode(slerp(z, z_d, theta), None, base, settings, progress, noise=noise)
-            x = self._upsample(x, base, settings, progress)
-            info = self._info(
-                "text_diff", base, settings, self._stages_used("decoder"),
-                source=source, target=target, frame=str(k), theta=f"{theta:.4f}",
-                inverted="true" if invert else None,
-            )  # fmt: skip
-            out.append(_to_pil(x, info))
+        for rows in self._batches(frames):  # every frame uses the same seed and noise
+            thetas = [max_theta * k / (frames - 1) for k in rows]
+            zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
+            seeds = [base] * len(thetas)
+            x = self._decode(zs, None, seeds, settings, progress, noise=noise)
+            x = self._upsample(x, seeds, settings, progress)
+            for j, (k, theta) in enumerate(zip(rows, thetas, strict=True)):
+                info = self._info(
+                    "text_diff", base, settings, self._stages_used("decoder"),
+                    source=source, target=target, frame=str(k), theta=f"{theta:.4f}",
+                    inverted="true" if invert else None,
+                )  # fmt: skip
+                out.append(_to_pil(x[j : j + 1], info))
         return out
 
     def _inpaint_core(
@@ -1089,20 +1160,22 @@ class UnclipPipeline:
         used_prior = use_prior and self.prior is not None
         stages = self._stages_used(*(["prior"] if used_prior else []), "inpaint")
         out: list[Image.Image] = []
-        for i in range(n):
-            s = base + i
-            z = self._z_from_text(text, s, settings, use_prior, progress)
+        for rows in self._batches(n):
+            seeds = [base + i for i in rows]
+            texts = TextCondition.cat([text] * len(seeds))
+            z = self._z_from_text(texts, seeds, settings, use_prior, progress)
             x = self._decode(
-                z, text, s, settings, progress, known=known, repaint=repaint,
+                z, texts, seeds, settings, progress, known=known, repaint=repaint,
                 repaint_options=options,
             )  # fmt: skip
-            x = self._upsample(x, s, settings, progress)
+            x = self._upsample(x, seeds, settings, progress)
             x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
-            info = self._info(
-                method, s, settings, stages, prompt=prompt,
-                inpainting="inpaint_decoder" if with_model else "repaint", **extra,
-            )  # fmt: skip
-            out.append(_to_pil(x, info))
+            for j, s in enumerate(seeds):
+                info = self._info(
+                    method, s, settings, stages, prompt=prompt,
+                    inpainting="inpaint_decoder" if with_model else "repaint", **extra,
+                )  # fmt: skip
+                out.append(_to_pil(x[j : j + 1], info))
         return out
 
     @torch.no_grad()

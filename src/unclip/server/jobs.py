@@ -75,21 +75,24 @@ class Event:
 class _Tracker:
     """Turns ``progress(stage, step)`` calls into image numbers and a fraction done.
 
-    ``stages``: the stages each image goes through, in order; an image is done at the last
-    step of the last one (stages not listed, such as ``invert``, count as 0)."""
+    ``stages``: the stages each image goes through, in order; a batch of ``count`` images is
+    done at the last step of the last one (stages not listed, such as ``invert``, count as 0).
+    """
 
     images: int
     stages: Sequence[str]
     done: int = 0
     fraction: float = 0.0
 
-    def update(self, stage: str, index: int, total: int) -> dict[str, Any]:
-        image = min(self.done + 1, self.images)
+    def update(self, stage: str, index: int, total: int, count: int = 1) -> dict[str, Any]:
+        count = max(1, min(count, self.images - self.done))
+        image = min(self.done + count, self.images)  # the last image of the running batch
         within = 0.0
         if stage in self.stages:
-            within = (self.stages.index(stage) + (index + 1) / max(total, 1)) / len(self.stages)
+            part = (self.stages.index(stage) + (index + 1) / max(total, 1)) / len(self.stages)
+            within = part * count
         if stage == self.stages[-1] and index == total - 1:
-            self.done = min(self.done + 1, self.images)
+            self.done = min(self.done + count, self.images)
             within = 0.0
         self.fraction = max(self.fraction, min(1.0, (self.done + within) / self.images))
         return {
@@ -97,6 +100,7 @@ class _Tracker:
             "step": index + 1,
             "steps": total,
             "image": image,
+            "batch": count,
             "images": self.images,
             "fraction": round(self.fraction, 4),
         }
@@ -192,7 +196,9 @@ class Job:
         self.check()
         total = int(getattr(step, "total", 1))
         index = int(getattr(step, "index", 0))
-        info = self._tracker.update(stage, index, total)
+        from unclip.pipeline.core import step_images  # here: this module needs no torch
+
+        info = self._tracker.update(stage, index, total, step_images(stage, step))
         self.progress_info = info
         now = time.monotonic()
         if index == total - 1 or now - self._last_progress >= PROGRESS_INTERVAL:

@@ -64,7 +64,8 @@ function busy(on) {
 function showProgress(p) {
   $("progress-bar").value = p.fraction;
   $("progress-text").textContent =
-    `image ${p.image}/${p.images} · ${p.stage} step ${p.step}/${p.steps}`;
+    `${p.batch > 1 ? `images ${p.image - p.batch + 1}–${p.image}` : `image ${p.image}`}/${p.images}` +
+    ` · ${p.stage} step ${p.step}/${p.steps}`;
 }
 
 // Read a text/event-stream response: yields {event, data, id}.
