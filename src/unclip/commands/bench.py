@@ -298,7 +298,7 @@ def random_pipeline(
     )
     return UnclipPipeline(
         tokenizer=tokenizer, clip=clip, prior=prior, decoder=decoder, upsamplers=ups,
-        config=config, device=dev, dtype=dtype or torch.float32,
+        config=config, device=dev, dtype=dtype,
     )  # fmt: skip
 
 
@@ -708,8 +708,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--configs", help="use random weights at the sizes of this run-config folder")
     p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default 3)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="sampling precision (default float32)")  # fmt: skip
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="sampling precision (default auto, as load_pipeline: bfloat16 where "
+                   "the machine does bf16 natively, else float32)")  # fmt: skip
     p.add_argument("--prior-steps", type=int, help="override the pipeline's prior steps")
     p.add_argument("--decoder-steps", type=int, help="override the pipeline's decoder steps")
     p.add_argument("--upsampler-steps", type=int, help="override the upsampler steps")
@@ -748,7 +749,10 @@ def _bench(args: argparse.Namespace) -> int:
         args.train_batch = args.train_batch or 2
         for key in ("prior_steps", "decoder_steps", "upsampler_steps"):
             setattr(args, key, getattr(args, key) or 2)
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    from unclip.pipeline.core import DTYPES, default_dtype, parse_device
+
+    dtype = DTYPES.get(args.dtype) or default_dtype(parse_device(args.device))
+    args.dtype = str(dtype).removeprefix("torch.")
     pipe, sc, source = open_pipeline(
         args.pipeline, configs=args.configs, device=args.device, dtype=dtype
     )

@@ -86,9 +86,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     g.add_argument(
         "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        default="float32",
-        help="precision the networks run in (default float32; sampling stays float32)",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="precision the sampling networks run in (default auto: bfloat16 on a CPU with "
+        "AVX-512 BF16 or AMX or a bf16 GPU, else float32; sampler state stays float32)",
     )
 
 
@@ -348,12 +349,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    import torch
-
     from unclip.pipeline import load_pipeline
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    return load_pipeline(args.pipeline, device=args.device, dtype=dtype[args.dtype])
+    return load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,8 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-        help="precision the networks run in (default float32)",
+        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+        help="precision the sampling networks run in (default auto: bfloat16 where the "
+        "machine does bf16 natively, else float32)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -115,7 +116,6 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         data = Path(args.data_dir) if args.data_dir else default_data_dir()
         data.mkdir(parents=True, exist_ok=True)
         gallery = data / "gallery.sqlite"
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     return create_app(
         args.pipeline,
@@ -126,7 +126,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         gallery_db=gallery,
         allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
         device=args.device,
-        dtype=dtype[args.dtype],
+        dtype=args.dtype,
     )
 
 

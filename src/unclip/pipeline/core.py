@@ -233,22 +233,57 @@ def _load_stage(folder: Path, what: str, device: torch.device) -> Stage:
     return Stage(model, diffusion)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU with bf16 support, or a CPU
+    with AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The sampling precision ``load_pipeline`` picks: bfloat16 where :func:`native_bf16`,
+    else float32."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> UnclipPipeline:
     """Load a pipeline folder (or a shipped pipeline by name) onto ``device`` (default: CUDA
-    when available, else CPU). ``dtype`` is the compute precision of the networks (default
-    float32; float16/bfloat16 run them under ``torch.autocast``, with float32 weights and
-    float32 sampler state, so every network is used exactly as it was trained)."""
+    when available, else CPU).
+
+    ``dtype`` is the compute precision of the sampling networks (prior, decoders,
+    upsamplers): float32, or float16/bfloat16 run under ``torch.autocast`` with float32
+    weights and float32 sampler state, so every network is used as it was trained (with
+    bf16 autocast). None or "auto": :func:`default_dtype` (bfloat16 on a CPU with AVX-512 BF16
+    or AMX, or a GPU with bf16; float32 elsewhere). CLIP always runs in float32, so
+    embeddings and scores do not depend on it. The convolutional stages are kept in the
+    channels-last memory format, which oneDNN and cuDNN run faster.
+    """
     from unclip.clip import load_clip
     from unclip.tokenizer import Tokenizer
 
     folder = resolve_pipeline(name_or_path)
     config = PipelineConfig.load(folder / PIPELINE_FILE)
     dev = parse_device(device)
-    dtype = dtype or torch.float32
+    if dtype is None or dtype == "auto":
+        dtype = default_dtype(dev)
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        dtype = DTYPES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     stages = config.stages
@@ -403,7 +438,7 @@ class UnclipPipeline:
         config: PipelineConfig | None = None,
         path: Path | None = None,
         device: torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.clip = clip
@@ -418,7 +453,10 @@ class UnclipPipeline:
         self.config = config or PipelineConfig()
         self.path = path
         self.device = device or torch.device("cpu")
-        self.dtype = dtype
+        self.dtype = dtype or default_dtype(self.device)
+        for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
+            if stage is not None:
+                stage.model.to(memory_format=torch.channels_last)
         #: images sampled together in one batch (see the module docstring on seeds)
         self.max_batch = DEFAULT_MAX_BATCH
         self.name = self.config.name or (path.name if path else "unclip")
@@ -580,8 +618,7 @@ class UnclipPipeline:
     def _clip_image(self, x: Tensor) -> Tensor:
         """[1, 3, H, W] in [-1, 1] -> z_i [1, D] float32."""
         pixels = self.clip.preprocess(x.to(self.device))
-        with _autocast(self.device, self.dtype):
-            z = self.clip.encode_image(pixels)
+        z = self.clip.encode_image(pixels)  # float32 always (see load_pipeline)
         return F.normalize(z.float(), dim=-1)
 
     def _text(self, text: str) -> TextCondition:
@@ -589,7 +626,7 @@ class UnclipPipeline:
         check_prompt(text)
         clip = self.clip
         tokens = self.tokenizer([text], clip.config.context_length).to(self.device)
-        with torch.no_grad(), _autocast(self.device, self.dtype):
+        with torch.no_grad():  # float32 always (see load_pipeline)
             z_t, feats, mask = clip.encode_text_condition(tokens)  # [1, D], [1, L, W], [1, L]
         return TextCondition(text, F.normalize(z_t.float(), dim=-1), feats.float(), mask)
 
