@@ -26,8 +26,14 @@ AdamW) per implementation. Runs alternate between the two implementations after 
 run of each; medians are reported. JSON goes to stdout, a Markdown section to
 docs/benchmarks.md (full mode; ``--doc`` elsewhere).
 
+Precision: each side samples as it does by default unless told otherwise: unclip in its
+``load_pipeline`` default ("auto": bf16 autocast where the CPU has AVX-512 BF16 or AMX, with
+channels-last convolutions), diffusers in float32 (its default; ``--diffusers-dtype bfloat16``
+runs it under the same bf16 autocast). ``--dtype X`` sets both.
+
 usage: python benchmarks/pipeline_vs_diffusers.py [--quick] [--configs configs/emoji-small]
-       [--batch 1 --batch 4] [--repeat 3] [--dtype float32|bfloat16] [--doc docs/benchmarks.md]
+       [--batch 1 --batch 4] [--repeat 3] [--dtype auto|float32|bfloat16]
+       [--unclip-dtype ...] [--diffusers-dtype ...] [--doc docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from unclip.commands.bench import (
     write_doc_section,
 )
 from unclip.pipeline import UnclipPipeline
+from unclip.pipeline.core import DTYPES, default_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -506,8 +513,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upsampler-steps", type=int, default=7)
     p.add_argument("--prior-guidance", type=float, default=4.0)
     p.add_argument("--decoder-guidance", type=float, default=8.0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="sampling precision, both sides (default float32)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="sampling precision of both sides (default: each side's own)",
+    )
+    p.add_argument(
+        "--unclip-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="unclip's sampling precision (default auto, as load_pipeline)",
+    )
+    p.add_argument("--diffusers-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="diffusers' sampling precision (default float32, its default)")  # fmt: skip
     p.add_argument("--train-batch", type=int, help="decoder training batch (default: config's)")
     p.add_argument("--train-repeat", type=int, default=5, help="timed training steps (default 5)")
     p.add_argument("--train-fp32", action="store_true", help="train in float32 (default bf16)")
@@ -537,9 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_doc:
         doc = None
     guidance = {"prior": args.prior_guidance, "decoder": args.decoder_guidance}
-    bf16 = args.dtype == "bfloat16"
+    if args.dtype:
+        args.unclip_dtype = args.diffusers_dtype = args.dtype
+    ours_dtype = DTYPES.get(args.unclip_dtype) or default_dtype(torch.device("cpu"))
+    dtypes = {"unclip": str(ours_dtype).removeprefix("torch."), "diffusers": args.diffusers_dtype}
 
-    pipe = random_pipeline(sc, dtype=torch.bfloat16 if bf16 else torch.float32)
+    pipe = random_pipeline(sc, dtype=ours_dtype)
     theirs = build_diffusers(sc)
     params = parameter_table(pipe, theirs)
     for row in params:
@@ -553,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decoder forward GFLOPs: unclip {flops['unclip']:.4g}, diffusers "
           f"{flops['diffusers']:.4g}", file=sys.stderr)  # fmt: skip
 
+    bf16 = args.diffusers_dtype == "bfloat16"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     # the diffusers caption has as many tokens as unclip's tokenizer gives the benchmark caption
     tokens = pipe.tokenizer([CAPTION], sc.clip.context_length)
@@ -584,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "configs": "tiny (quick)" if args.quick else args.configs,
         "quick": args.quick,
-        "dtype": args.dtype,
+        "dtype": dtypes,
         "steps": steps,
         "guidance": guidance,
         "repeat": repeat,
@@ -608,7 +630,9 @@ def format_markdown(r: dict[str, Any]) -> str:
         f"`python benchmarks/pipeline_vs_diffusers.py` — sizes of {r['configs']}, random "
         f"weights, DDIM on both sides, steps prior/decoder/upsampler "
         f"{r['steps']['prior']}/{r['steps']['decoder']}/{r['steps']['upsampler']}, guidance "
-        f"{r['guidance']['prior']}/{r['guidance']['decoder']}, sampling in {r['dtype']}, "
+        f"{r['guidance']['prior']}/{r['guidance']['decoder']}, sampling in "
+        f"{r['dtype']['unclip']} (unclip, channels-last convolutions) and "
+        f"{r['dtype']['diffusers']} (diffusers), "
         f"median of {r['repeat']} alternating runs; {m['threads']} threads, torch "
         f"{m['torch']}, {m['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else ""),

@@ -141,8 +141,12 @@ class Trainer:
         self.fsdp = fsdp and self.dist.world_size > 1
         if fsdp and not self.fsdp:
             warnings.warn("fsdp with one process shards nothing; training unsharded", stacklevel=2)
+        # unsharded models keep 4-d weights channels-last (faster oneDNN/cuDNN convolutions;
+        # a no-op for models without convolutions); FSDP shards need contiguous parameters
         self.model = (
-            sharding.shard_model(model, self.device) if self.fsdp else model.to(self.device)
+            sharding.shard_model(model, self.device)
+            if self.fsdp
+            else model.to(self.device, memory_format=torch.channels_last)
         )
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
