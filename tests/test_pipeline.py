@@ -428,3 +428,44 @@ def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
     assert half.tobytes() == again.tobytes() and half.tobytes() != full.tobytes()
     with pytest.raises(ValueError, match="strength"):
         pipe.text_to_image("a cat", seed=3, upsampler_strength=0.0, **kw)
+
+
+def test_compile_wraps_every_sampling_network_once(folder):
+    """``compile`` puts torch.compile on the prior, decoder and upsamplers; with the "eager"
+    backend (dynamo tracing, no code generation) the images are the uncompiled ones."""
+    pipe = load_pipeline(folder, device="cpu")
+    plain = pipe.text_to_image("a red square", n=2, seed=4)
+    assert pipe.compile(backend="eager") is pipe
+    stages = [pipe.prior, pipe.decoder, *pipe.upsamplers]
+    assert all(type(s.model).__name__ == "OptimizedModule" for s in stages)
+    compiled = {id(s.model) for s in stages}
+    pipe.compile(backend="eager")  # idempotent: nothing wrapped twice
+    assert {id(s.model) for s in stages} == compiled
+    again = pipe.text_to_image("a red square", n=2, seed=4)
+    assert all(same(a, b) for a, b in zip(plain, again, strict=True))
+
+
+def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(folder, monkeypatch):
+    from unclip.pipeline.core import default_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native_bf16(cpu) else torch.float32
+    assert default_dtype(cpu) == expected
+    assert load_pipeline(folder, device="cpu").dtype == expected
+    assert load_pipeline(folder, device="cpu", dtype="auto").dtype == expected
+    assert load_pipeline(folder, device="cpu", dtype="float32").dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert default_dtype(cpu) == torch.float32  # emulated bf16 is slower: stay in float32
+    with pytest.raises(
+        ValueError, match="dtype must be auto, float32, float16, bfloat16; got 'fp8'"
+    ):
+        load_pipeline(folder, device="cpu", dtype="fp8")
+    pipe = load_pipeline(folder, device="cpu", dtype="bfloat16")
+    z = pipe.encode_text("a red square")  # CLIP stays float32 whatever the sampling dtype
+    torch.testing.assert_close(
+        z,
+        load_pipeline(folder, device="cpu", dtype="float32").encode_text("a red square"),
+        rtol=0,
+        atol=0,
+    )

@@ -650,6 +650,7 @@ def bench_training(
     gflops = forward_gflops(pipe)
     results: dict[str, Any] = {}
     for name, (model, loss_fn, make_batch) in training_setups(pipe, batch, crop_size).items():
+        model = getattr(model, "_orig_mod", model)  # train the network, not a compiled wrapper
         net = copy.deepcopy(model).float().train().requires_grad_(True)
         opt = build_optimizer(net, TrainConfig())
         n = 0
@@ -711,6 +712,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="sampling precision (default auto, as load_pipeline: bfloat16 where "
                    "the machine does bf16 natively, else float32)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the sampling networks (warm-up runs absorb compiling)",
+    )
     p.add_argument("--prior-steps", type=int, help="override the pipeline's prior steps")
     p.add_argument("--decoder-steps", type=int, help="override the pipeline's decoder steps")
     p.add_argument("--upsampler-steps", type=int, help="override the upsampler steps")
@@ -756,6 +762,8 @@ def _bench(args: argparse.Namespace) -> int:
     pipe, sc, source = open_pipeline(
         args.pipeline, configs=args.configs, device=args.device, dtype=dtype
     )
+    if args.compile:
+        pipe.compile()
     settings = pipe.sampling_settings(
         prior_steps=args.prior_steps,
         decoder_steps=args.decoder_steps,
@@ -771,6 +779,7 @@ def _bench(args: argparse.Namespace) -> int:
         "weights": source,
         "device": str(pipe.device),
         "dtype": args.dtype,
+        "compiled": bool(args.compile),
         "quick": args.quick,
         "machine": machine_info(),
         "peak_gflops": peaks,
@@ -804,7 +813,8 @@ def format_markdown(r: dict[str, Any]) -> str:
         "## `unclip bench`",
         "",
         f"Pipeline {r['pipeline']} ({r['weights']}), device {r['device']}, sampling in "
-        f"{r['dtype']}, {r['machine']['threads']} threads, {r['machine']['time']}"
+        f"{r['dtype']}{' (torch.compile)' if r.get('compiled') else ''}, channels-last "
+        f"convolutions, {r['machine']['threads']} threads, {r['machine']['time']}"
         + (" — **quick mode: not a measurement**" if r.get("quick") else "")
         + ". Measured matmul peak: "
         f"{peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16.",

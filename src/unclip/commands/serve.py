@@ -83,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="precision the sampling networks run in (default auto: bfloat16 where the "
         "machine does bf16 natively, else float32)",
     )  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the sampling networks (the first requests of each "
+                   "size wait for compiling; later ones run faster)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run_serve)
@@ -127,6 +130,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
     )
 
 

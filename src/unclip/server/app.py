@@ -735,9 +735,11 @@ def create_app(
     allowed_hosts: tuple[str, ...] | None = None,
     device: str | None = None,
     dtype: Any = None,
+    compile: bool = False,
 ) -> FastAPI:
     """The server app for a pipeline (an :class:`~unclip.pipeline.UnclipPipeline`, or a
-    pipeline folder / shipped name loaded onto ``device`` in ``dtype``).
+    pipeline folder / shipped name loaded onto ``device`` in ``dtype``; ``compile``: see
+    :meth:`~unclip.pipeline.UnclipPipeline.compile`).
 
     ``workers`` threads sample; at most ``queue_size`` jobs wait (more: 429). ``api_key``:
     required as ``Authorization: Bearer KEY`` on every ``/v1`` route. ``gallery_db``: an
@@ -752,6 +754,8 @@ def create_app(
         pipe = load_pipeline(pipeline_or_path, device=device, dtype=dtype)
     else:
         pipe = pipeline_or_path
+    if compile:
+        pipe.compile()
     gallery = Gallery(gallery_db) if gallery_db is not None else None
     server = _Server(
         pipe,
