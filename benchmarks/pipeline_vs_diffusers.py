@@ -439,7 +439,8 @@ def training_steps(
     mask = torch.arange(ctx)[None].expand(batch, -1) < 10
     ctx_cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    ours = copy.deepcopy(pipe.decoder.model).float().train()
+    model = getattr(pipe.decoder.model, "_orig_mod", pipe.decoder.model)  # not a compiled wrapper
+    ours = copy.deepcopy(model).float().train()
     opt_ours = build_optimizer(ours, TrainConfig())
 
     def step_unclip() -> None:
@@ -526,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--diffusers-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="diffusers' sampling precision (default float32, its default)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile unclip's sampling networks (UnclipPipeline.compile; the "
+        "warm-up run absorbs compiling); its table goes to its own section",
+    )
     p.add_argument("--train-batch", type=int, help="decoder training batch (default: config's)")
     p.add_argument("--train-repeat", type=int, default=5, help="timed training steps (default 5)")
     p.add_argument("--train-fp32", action="store_true", help="train in float32 (default bf16)")
@@ -561,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = {"unclip": str(ours_dtype).removeprefix("torch."), "diffusers": args.diffusers_dtype}
 
     pipe = random_pipeline(sc, dtype=ours_dtype)
+    if args.compile:
+        pipe.compile()
     theirs = build_diffusers(sc)
     params = parameter_table(pipe, theirs)
     for row in params:
@@ -607,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": "tiny (quick)" if args.quick else args.configs,
         "quick": args.quick,
         "dtype": dtypes,
+        "compiled": bool(args.compile),
         "steps": steps,
         "guidance": guidance,
         "repeat": repeat,
@@ -617,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_training_step": training,
     }
     if doc:
-        write_doc_section(doc, "pipeline-vs-diffusers", format_markdown(result))
+        section = "pipeline-vs-diffusers" + ("-compiled" if args.compile else "")
+        write_doc_section(doc, section, format_markdown(result))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -625,13 +636,15 @@ def main(argv: list[str] | None = None) -> int:
 def format_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
-        "## unclip vs diffusers (unCLIP/Karlo components), matched sizes",
+        "## unclip vs diffusers (unCLIP/Karlo components), matched sizes"
+        + (", unclip compiled" if r.get("compiled") else ""),
         "",
         f"`python benchmarks/pipeline_vs_diffusers.py` — sizes of {r['configs']}, random "
         f"weights, DDIM on both sides, steps prior/decoder/upsampler "
         f"{r['steps']['prior']}/{r['steps']['decoder']}/{r['steps']['upsampler']}, guidance "
         f"{r['guidance']['prior']}/{r['guidance']['decoder']}, sampling in "
-        f"{r['dtype']['unclip']} (unclip, channels-last convolutions) and "
+        f"{r['dtype']['unclip']} (unclip, channels-last convolutions"
+        f"{', torch.compile' if r.get('compiled') else ''}) and "
         f"{r['dtype']['diffusers']} (diffusers), "
         f"median of {r['repeat']} alternating runs; {m['threads']} threads, torch "
         f"{m['torch']}, {m['time']}."
