@@ -86,6 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="override the decoder's guidance scale (1 = off)")  # fmt: skip
     pp.add_argument("--prior-guidance", type=float,
                     help="override the prior's guidance scale (1 = off)")  # fmt: skip
+    pp.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        default="auto",
+        help="sampling precision (default auto, as generate)",
+    )
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pp.add_argument("--no-progress", action="store_true")
@@ -293,7 +299,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     from unclip.data.transforms import from_tensor
     from unclip.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, dtype=args.dtype)
     keys = ("decoder_steps", "prior_steps", "upsampler_steps", "decoder_guidance",
             "prior_guidance")  # fmt: skip
     overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
