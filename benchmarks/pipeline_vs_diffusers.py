@@ -65,7 +65,7 @@ from unclip.commands.bench import (
     write_doc_section,
 )
 from unclip.pipeline import UnclipPipeline
-from unclip.pipeline.core import DTYPES, default_dtype
+from unclip.pipeline.core import DTYPES, default_dtype, plain_copy
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -418,10 +418,11 @@ def unclip_generate(
 
 
 def training_steps(
-    pipe: UnclipPipeline, m: DiffusersModels, batch: int, bf16: bool
+    pipe: UnclipPipeline, m: DiffusersModels, batch: int, bf16: bool, compile: bool = False
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """One forward+backward+AdamW step of the decoder on random data, per implementation
-    (loss: MSE of the first 3 output channels against a random target, the same for both)."""
+    (loss: MSE of the first 3 output channels against a random target, the same for both).
+    ``compile``: unclip's network compiled in place, as the trainer does with ``compile``."""
     import copy
 
     from unclip.config import TrainConfig
@@ -439,8 +440,9 @@ def training_steps(
     mask = torch.arange(ctx)[None].expand(batch, -1) < 10
     ctx_cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    model = getattr(pipe.decoder.model, "_orig_mod", pipe.decoder.model)  # not a compiled wrapper
-    ours = copy.deepcopy(model).float().train()
+    ours = plain_copy(pipe.decoder.model).float().train()
+    if compile:
+        ours.compile()
     opt_ours = build_optimizer(ours, TrainConfig())
 
     def step_unclip() -> None:
@@ -602,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": {k: (a[k] / b[k] if b[k] else None) for k in a},
         })  # fmt: skip
 
-    step_ours, step_theirs = training_steps(pipe, theirs, train_batch, not args.train_fp32)
+    step_ours, step_theirs = training_steps(
+        pipe, theirs, train_batch, not args.train_fp32, compile=args.compile
+    )
     t_ours, t_theirs = side_by_side(step_ours, step_theirs, train_repeat)
     training = {
         "batch": train_batch,

@@ -23,6 +23,7 @@ from unclip.pipeline import (
     load_pipeline,
 )
 from unclip.pipeline import core as pipeline_core
+from unclip.pipeline.core import is_compiled, plain_copy
 from unclip.pipeline.images import keep_mask, repaint_mask, slerp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -437,10 +438,13 @@ def test_compile_wraps_every_sampling_network_once(folder):
     plain = pipe.text_to_image("a red square", n=2, seed=4)
     assert pipe.compile(backend="eager") is pipe
     stages = [pipe.prior, pipe.decoder, *pipe.upsamplers]
-    assert all(type(s.model).__name__ == "OptimizedModule" for s in stages)
-    compiled = {id(s.model) for s in stages}
-    pipe.compile(backend="eager")  # idempotent: nothing wrapped twice
-    assert {id(s.model) for s in stages} == compiled
+    assert all(is_compiled(s.model) for s in stages) and not is_compiled(pipe.clip)
+    calls = [s.model._compiled_call_impl for s in stages]
+    pipe.compile(backend="eager")  # idempotent: nothing compiled twice
+    assert [s.model._compiled_call_impl for s in stages] == calls
+    assert not any("_orig_mod" in k for k in pipe.decoder.model.state_dict())  # keys unchanged
+    copy = plain_copy(pipe.decoder.model)
+    assert not is_compiled(copy) and is_compiled(pipe.decoder.model)
     again = pipe.text_to_image("a red square", n=2, seed=4)
     assert all(same(a, b) for a, b in zip(plain, again, strict=True))
 

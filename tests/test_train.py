@@ -224,3 +224,26 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert math.isfinite(result.last_metrics["loss"])
+
+
+def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(tmp_path, monkeypatch):
+    """``compile: true`` compiles the model in place (here with dynamo's "eager" backend, so
+    no code generation): the run trains, and its checkpoint loads into a plain model."""
+    from unclip.pipeline.core import is_compiled
+
+    plain_compile = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: plain_compile(self, backend="eager")
+    )
+    cfg = TrainConfig(steps=3, batch_size=8, checkpoint_every=3, ema_decay=0.9, compile=True)
+    model = ToyModel(ToyConfig(hidden=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, toy_loss, ToyData(), cfg, tmp_path, progress=False)
+    assert is_compiled(trainer.model)
+    trainer.fit()
+    rebuilt = from_pretrained(checkpoint_dir(tmp_path) / "step-3", weights="model")
+    assert rebuilt.state_dict().keys() == before.keys()
+    assert not all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(rebuilt(x), model(x))

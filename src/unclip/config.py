@@ -225,7 +225,9 @@ class TrainConfig(Config):
     """One training run of any stage (CLIP, prior, decoder, upsampler).
 
     ``batch_size`` is the global batch of one optimizer step; it is split into
-    ``grad_accum`` micro-batches (and, under torchrun, across ranks).
+    ``grad_accum`` micro-batches (and, under torchrun, across ranks). ``compile``: run the
+    model's forward and backward through ``torch.compile`` (minutes of compiling at the start,
+    faster steps after; not with FSDP).
     """
 
     steps: int = 1000
@@ -241,6 +243,7 @@ class TrainConfig(Config):
     ema_decay: float = 0.9999
     ema_warmup: bool = True
     bf16: bool = True
+    compile: bool = False
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

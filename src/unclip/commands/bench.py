@@ -640,18 +640,16 @@ def bench_training(
 ) -> dict[str, Any]:
     """Samples/s of ``steps`` optimizer steps per stage (after one warm-up step), each on a
     copy of the stage's network in training mode."""
-    import copy
-
     import torch
 
     from unclip.config import TrainConfig
+    from unclip.pipeline.core import plain_copy
     from unclip.train.loop import autocast_context, build_optimizer
 
     gflops = forward_gflops(pipe)
     results: dict[str, Any] = {}
     for name, (model, loss_fn, make_batch) in training_setups(pipe, batch, crop_size).items():
-        model = getattr(model, "_orig_mod", model)  # train the network, not a compiled wrapper
-        net = copy.deepcopy(model).float().train().requires_grad_(True)
+        net = plain_copy(model).float().train().requires_grad_(True)
         opt = build_optimizer(net, TrainConfig())
         n = 0
 

@@ -338,6 +338,23 @@ def step_images(stage: str, step: Any) -> int:
     return int(x.shape[0]) if image_stage and isinstance(x, Tensor) and x.dim() == 4 else 1
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module.compile()`` has been called on it."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its compiled forward (the copy of a compiled module
+    would still call the original's)."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if is_compiled(m):
+            m._compiled_call_impl = None
+    return out
+
+
 def stage_generators(seeds: int | Sequence[int], stage: str) -> list[torch.Generator]:
     """One :func:`stage_generator` per image of a batch (a sampler draws row k's noise with
     generator k alone, so an image gets the same noise in any batch)."""
@@ -531,10 +548,9 @@ class UnclipPipeline:
         new batch shape then takes a while (a minute or more per stage on a small CPU); later
         calls run faster (fused GroupNorm/SiLU/residual kernels). Worth it for a server or a
         long batch job, not for one image. Returns the pipeline."""
-        for stage in {id(s): s for s in (self.prior, self.decoder, self.inpaint_decoder,
-                                         *self.upsamplers) if s is not None}.values():  # fmt: skip
-            if not hasattr(stage.model, "_orig_mod"):  # not compiled yet
-                stage.model = torch.compile(stage.model, **options)
+        for stage in (self.prior, self.decoder, self.inpaint_decoder, *self.upsamplers):
+            if stage is not None and not is_compiled(stage.model):
+                stage.model.compile(**options)  # in place: same module, same state dict
         return self
 
     @property

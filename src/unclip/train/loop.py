@@ -179,6 +179,11 @@ class Trainer:
         self.ema = (
             EMA(self.model, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         )
+        if config.compile:  # in place, after the EMA copy: state dict keys stay the same
+            if self.fsdp:
+                warnings.warn("compile is not used with fsdp; training uncompiled", stacklevel=2)
+            else:
+                self.model.compile()
         self.progress = progress
         self.extra_state = extra_state or {}
         self.step = 0
