@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                    + ",".join(map(str, DEFAULT_STEPS)) + ")")  # fmt: skip
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers, comma-separated")
     p.add_argument("--tolerance", type=float, default=0.05, help="knee: FD within this of best")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="sampling precision (default auto, as load_pipeline)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--quick", action="store_true", help="6 images, steps 2 and 4")
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_doc:
         doc = plot = None
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    pipe = load_pipeline(args.pipeline, device=args.device, dtype=dtype)
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
+    args.dtype = str(pipe.dtype).removeprefix("torch.")
     default = pipe.sampling_settings().decoder
     captions, real = real_set(pipe, args.data, args.split, images)
 
