@@ -956,6 +956,27 @@ class UnclipPipeline:
         info.update({k: v for k, v in extra.items() if v is not None})
         return info
 
+    def _frames(
+        self,
+        z: Tensor,
+        noise: Tensor,
+        seed: int,
+        settings: SamplingConfig,
+        progress: ProgressCallback | None,
+        infos: Sequence[dict[str, Any]],
+    ) -> list[Image.Image]:
+        """Decode and upsample frames z [F, D] from x_T ``noise`` [F or 1, 3, s, s], every
+        frame with the same ``seed``, in batches; frame k's image gets ``infos[k]``."""
+        out = []
+        for rows in self._batches(len(infos)):
+            part = slice(rows.start, rows.stop)
+            seeds = [seed] * len(rows)
+            x_t = noise[part] if noise.shape[0] > 1 else noise
+            x = self._decode(z[part], None, seeds, settings, progress, noise=x_t)
+            x = self._upsample(x, seeds, settings, progress)
+            out += [_to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
+        return out
+
     def _batches(self, count: int) -> list[range]:
         """Indices 0..count-1 in runs of at most ``max_batch`` (the images of one batch)."""
         size = max(1, int(self.max_batch))
@@ -1122,21 +1143,22 @@ class UnclipPipeline:
             s = self.base_size
             g = stage_generator(base, "decoder")
             na = nb = torch.randn((1, 3, s, s), generator=g).to(self.device)
-        out = []
-        for rows in self._batches(frames):  # every frame uses the same seed
-            ts = [k / (frames - 1) for k in rows]
-            z = torch.cat([slerp(za, zb, t) for t in ts])
-            noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
-            seeds = [base] * len(ts)
-            x = self._decode(z, None, seeds, settings, progress, noise=noise)
-            x = self._upsample(x, seeds, settings, progress)
-            for j, (k, t) in enumerate(zip(rows, ts, strict=True)):
-                info = self._info(
-                    "interpolate", base, settings, self._stages_used("decoder"),
-                    frame=str(k), t=f"{t:.4f}", inverted="true" if invert_noise else None,
-                )  # fmt: skip
-                out.append(_to_pil(x[j : j + 1], info))
-        return out
+        ts = [k / (frames - 1) for k in range(frames)]
+        z = torch.cat([slerp(za, zb, t) for t in ts])
+        noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
+        infos = [
+            self._info(
+                "interpolate",
+                base,
+                settings,
+                self._stages_used("decoder"),
+                frame=str(k),
+                t=f"{t:.4f}",
+                inverted="true" if invert_noise else None,
+            )
+            for k, t in enumerate(ts)
+        ]
+        return self._frames(z, noise, base, settings, progress, infos)
 
     @torch.no_grad()
     def text_diff(
@@ -1176,21 +1198,23 @@ class UnclipPipeline:
             s = self.base_size
             noise = torch.randn((1, 3, s, s), generator=stage_generator(base, "decoder"))
         noise = noise.to(self.device)
-        out = []
-        for rows in self._batches(frames):  # every frame uses the same seed and noise
-            thetas = [max_theta * k / (frames - 1) for k in rows]
-            zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
-            seeds = [base] * len(thetas)
-            x = self._decode(zs, None, seeds, settings, progress, noise=noise)
-            x = self._upsample(x, seeds, settings, progress)
-            for j, (k, theta) in enumerate(zip(rows, thetas, strict=True)):
-                info = self._info(
-                    "text_diff", base, settings, self._stages_used("decoder"),
-                    source=source, target=target, frame=str(k), theta=f"{theta:.4f}",
-                    inverted="true" if invert else None,
-                )  # fmt: skip
-                out.append(_to_pil(x[j : j + 1], info))
-        return out
+        thetas = [max_theta * k / (frames - 1) for k in range(frames)]
+        infos = [
+            self._info(
+                "text_diff",
+                base,
+                settings,
+                self._stages_used("decoder"),
+                source=source,
+                target=target,
+                frame=str(k),
+                theta=f"{theta:.4f}",
+                inverted="true" if invert else None,
+            )
+            for k, theta in enumerate(thetas)
+        ]
+        zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
+        return self._frames(zs, noise, base, settings, progress, infos)
 
     def _inpaint_core(
         self,
