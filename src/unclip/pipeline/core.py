@@ -39,7 +39,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -687,7 +687,14 @@ class UnclipPipeline:
             device=self.device,
             **options,
         )
-        return final(steps_iter)
+        return self._drain(steps_iter)
+
+    def _drain(self, steps_iter: Iterable[SampleStep]) -> Tensor:
+        """Run a sampler to its end inside one autocast context, so each weight is cast to
+        the low precision once per run rather than at every model call (autocast caches
+        casts until its outermost context exits)."""
+        with _autocast(self.device, self.dtype):
+            return final(steps_iter)
 
     def _sample_prior(
         self,
@@ -838,7 +845,7 @@ class UnclipPipeline:
                 device=self.device,
                 **(repaint_options or {}),
             )
-            return final(steps_iter)
+            return self._drain(steps_iter)
         x = self._run(
             "inpaint" if use_inpaint_model else "decoder",
             stage,
@@ -874,7 +881,7 @@ class UnclipPipeline:
             progress=callback,
             device=self.device,
         )
-        return final(steps_iter)
+        return self._drain(steps_iter)
 
     def _upsample(
         self,
