@@ -5,8 +5,10 @@ the pipeline draws one image per caption of a data split (seed = row index; the 
 upsamplers keep the pipeline's settings), and the Fréchet distance between the CLIP image
 embeddings of the samples and of the split's real images is measured
 (``unclip.eval.metrics.frechet_distance``, the FD of ``unclip eval pipeline``), together with
-the seconds per image. The "knee" of a sampler is the fewest steps whose FD is within
-``--tolerance`` (default 5%) of its best FD; the pipeline's default decoder setting should
+the CLIP score (mean cosine between each caption and its sample, as in ``unclip eval
+pipeline``) and the seconds per image. The "knee" of a sampler is the fewest steps whose FD
+is within ``--tolerance`` (default 5%) of its best FD and whose CLIP score is within
+``--clip-tolerance`` (default 1%) of its best; the pipeline's default decoder setting should
 sit there.
 
 Writes a line plot (``docs/steps_vs_quality.svg``; drawn by hand, no plotting library
@@ -61,7 +63,7 @@ def real_set(pipe: Any, data: str, split: str | None, limit: int) -> tuple[list[
 def measure(
     pipe: Any, captions: list[str], real: Any, sampler: str, steps: int
 ) -> dict[str, float]:
-    from unclip.eval.metrics import frechet_distance
+    from unclip.eval.metrics import clip_score, frechet_distance
 
     t = time.perf_counter()
     feats = []
@@ -73,13 +75,22 @@ def measure(
         )  # fmt: skip
         feats.append(pipe.encode_image(images))
     seconds = (time.perf_counter() - t) / len(captions)
-    return {"fd": frechet_distance(torch.cat(feats), real), "s_per_image": seconds}
+    gen = torch.cat(feats)
+    return {
+        "fd": frechet_distance(gen, real),
+        "clip_score": clip_score(gen, pipe.encode_text(captions)),
+        "s_per_image": seconds,
+    }
 
 
-def knee(points: list[tuple[int, float]], tolerance: float) -> int:
-    """The fewest steps whose FD is within ``tolerance`` (relative) of the best FD."""
-    best = min(fd for _, fd in points)
-    return min(s for s, fd in points if fd <= best * (1 + tolerance) + 1e-12)
+def knee(points: list[tuple[int, float]], tolerance: float, higher_is_better: bool = False) -> int:
+    """The fewest steps whose value is within ``tolerance`` (relative) of the best value
+    (the lowest, or the highest with ``higher_is_better``)."""
+    if higher_is_better:
+        best = max(v for _, v in points)
+        return min(s for s, v in points if v >= best - abs(best) * tolerance - 1e-12)
+    best = min(v for _, v in points)
+    return min(s for s, v in points if v <= best + abs(best) * tolerance + 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +202,18 @@ def main(argv: list[str] | None = None) -> int:
                    + ",".join(map(str, DEFAULT_STEPS)) + ")")  # fmt: skip
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers, comma-separated")
     p.add_argument("--tolerance", type=float, default=0.05, help="knee: FD within this of best")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="sampling precision (default auto, as load_pipeline)")
+    p.add_argument(
+        "--clip-tolerance",
+        type=float,
+        default=0.01,
+        help="knee: CLIP score within this (relative) of best",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="sampling precision (default auto, as load_pipeline)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--quick", action="store_true", help="6 images, steps 2 and 4")
@@ -226,12 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         for k in steps:
             r = measure(pipe, captions, real, sampler, k)
             rows.append({"sampler": sampler, "steps": k, **r})
-            print(f"{sampler:9s} {k:4d} steps  FD {r['fd']:.4f}  {r['s_per_image']:.3f} s/img",
-                  file=sys.stderr)  # fmt: skip
-    knees = {
-        s: knee([(r["steps"], r["fd"]) for r in rows if r["sampler"] == s], args.tolerance)
-        for s in samplers
-    }
+            print(f"{sampler:9s} {k:4d} steps  FD {r['fd']:.4f}  CLIP {r['clip_score']:.4f}  "
+                  f"{r['s_per_image']:.3f} s/img", file=sys.stderr)  # fmt: skip
+    knees = {}
+    for s in samplers:
+        mine = [r for r in rows if r["sampler"] == s]
+        by_fd = knee([(r["steps"], r["fd"]) for r in mine], args.tolerance)
+        by_clip = knee([(r["steps"], r["clip_score"]) for r in mine], args.clip_tolerance, True)
+        knees[s] = max(by_fd, by_clip)
     result = {
         "pipeline": pipe.name,
         "data": args.data,
@@ -241,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "default": {"sampler": default.sampler, "steps": default.steps},
         "tolerance": args.tolerance,
+        "clip_tolerance": args.clip_tolerance,
         "knee_steps": knees,
         "default_at_knee": knees.get(default.sampler) == default.steps,
         "machine": machine_info(),
@@ -272,7 +296,14 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
     steps = sorted({row["steps"] for row in r["results"]})
     fd = {(row["sampler"], row["steps"]): row for row in r["results"]}
     table = [
-        (k, *(f"{fd[(s, k)]['fd']:.4f} ({fd[(s, k)]['s_per_image']:.2f} s)" for s in samplers))
+        (
+            k,
+            *(
+                f"{fd[(s, k)]['fd']:.4f} / {fd[(s, k)]['clip_score']:.4f} "
+                f"({fd[(s, k)]['s_per_image']:.2f} s)"
+                for s in samplers
+            ),
+        )
         for k in steps
     ]
     d = r["default"]
@@ -283,13 +314,14 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         f"captions of {r['data']} ({r['split']}), one sample each (seed = row), "
         f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else ""),
-        "Cells: Fréchet distance to the real images in CLIP feature space (lower is better) "
-        "and seconds per image end to end.",
+        "Cells: Fréchet distance to the real images in CLIP feature space (lower is better) / "
+        "CLIP score (higher is better), and seconds per image end to end.",
         "",
         markdown_table(["decoder steps", *samplers], table),
         "",
         "Knee (fewest steps within "
-        f"{100 * r['tolerance']:.0f}% of the sampler's best FD): "
+        f"{100 * r['tolerance']:.0f}% of the sampler's best FD and within "
+        f"{100 * r['clip_tolerance']:.0f}% of its best CLIP score): "
         + ", ".join(f"{s} {k}" for s, k in r["knee_steps"].items())
         + f". Default: {d['sampler']} with {d['steps']} steps"
         + (" — at the knee." if r["default_at_knee"] else " — not at the knee."),

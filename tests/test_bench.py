@@ -180,6 +180,7 @@ def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:
         ("ddim", 1), ("ddim", 2), ("dpmpp_2m", 1), ("dpmpp_2m", 2)
     ]  # fmt: skip
     assert all(x["fd"] >= 0 and x["s_per_image"] > 0 for x in r["results"])
+    assert all(-1 <= x["clip_score"] <= 1 for x in r["results"])
     assert set(r["knee_steps"]) == {"ddim", "dpmpp_2m"}
     root = ET.fromstring(plot.read_text())
     assert root.tag.endswith("svg")
@@ -191,6 +192,8 @@ def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:
 def test_knee_and_plot_helpers() -> None:
     script = load_script("steps_vs_quality")
     assert script.knee([(5, 2.0), (10, 1.04), (25, 1.0), (50, 1.01)], 0.05) == 10
+    # higher is better (CLIP score): within 1% of the best 0.70 is >= 0.693
+    assert script.knee([(5, 0.60), (10, 0.692), (25, 0.695), (50, 0.70)], 0.01, True) == 25
     svg = script.svg_line_plot({"a": [(5, 1.0), (250, 0.5)]}, title="t <&>", xlabel="x",
                                ylabel="y", marker_x=25, marker_label="default")  # fmt: skip
     ET.fromstring(svg)
