@@ -462,7 +462,9 @@ class UNet(nn.Module):
                 )
                 tt = self.text_proj(text_tokens)  # [N, L, E]
                 keep = text_mask.bool() if text_mask is not None else None
-                if drop.any():
+                # with a mask, no data-dependent branch (torch.compile traces one graph):
+                # undropped rows pass through torch.where unchanged
+                if keep is not None or drop.any():
                     # dropped rows: the null token first, the rest masked out
                     first = torch.zeros(length, dtype=torch.bool, device=device)
                     first[0] = True

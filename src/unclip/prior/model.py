@@ -125,14 +125,17 @@ def caption_tokens(
         raise ValueError(f"caption length {length} is outside 1..text_len={text_len}")
     tokens = text_proj(text_tokens.float())  # [N, L, W]
     keep = text_mask.bool() if text_mask is not None else None
-    if drop.any():
-        first = torch.zeros(length, dtype=torch.bool, device=drop.device)
-        first[0] = True
-        null_row = null_token.to(tokens.dtype).expand(length, -1)
-        null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))  # [L, W]
-        tokens = apply_null(tokens, null_row, drop)
-        keep = keep if keep is not None else torch.ones_like(first).expand(n, -1)
-        keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
+    # with a mask, no data-dependent branch (torch.compile traces one graph): undropped rows
+    # pass through torch.where unchanged
+    if keep is None and not drop.any():
+        return tokens.to(dtype), None
+    first = torch.zeros(length, dtype=torch.bool, device=drop.device)
+    first[0] = True
+    null_row = null_token.to(tokens.dtype).expand(length, -1)
+    null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))  # [L, W]
+    tokens = apply_null(tokens, null_row, drop)
+    keep = keep if keep is not None else torch.ones_like(first).expand(n, -1)
+    keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
     return tokens.to(dtype), keep
 
 
