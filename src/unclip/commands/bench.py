@@ -352,7 +352,7 @@ class RowCounter:
 
 
 def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ...], st: Any) -> Any:
-    from unclip.diffusion import SAMPLERS, final
+    from unclip.diffusion import SAMPLERS
     from unclip.pipeline.core import stage_generator
 
     options = {"eta": st.eta} if st.sampler == "ddim" else {}
@@ -360,7 +360,7 @@ def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ..
         stage.diffusion, fn, shape, st.steps, generator=stage_generator(0, "decoder"),
         device=pipe.device, **options,
     )  # fmt: skip
-    return final(steps)
+    return pipe._drain(steps)  # as the pipeline runs a stage (one autocast context per run)
 
 
 def stage_runners(
