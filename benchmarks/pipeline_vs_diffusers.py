@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.commands import add_dtype_argument
 from unclip.commands.bench import (
     CAPTION,
     StageConfigs,
@@ -521,12 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["float32", "bfloat16"],
         help="sampling precision of both sides (default: each side's own)",
     )
-    p.add_argument(
-        "--unclip-dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="unclip's sampling precision (default auto, as load_pipeline)",
-    )
+    add_dtype_argument(p, "--unclip-dtype", ("auto", "float32", "bfloat16"))
     p.add_argument("--diffusers-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="diffusers' sampling precision (default float32, its default)")  # fmt: skip
     p.add_argument(

@@ -35,6 +35,7 @@ from xml.sax.saxutils import escape
 
 import torch
 
+from unclip.commands import add_dtype_argument
 from unclip.commands.bench import machine_info, markdown_table, write_doc_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.01,
         help="knee: CLIP score within this (relative) of best",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="sampling precision (default auto, as load_pipeline)",
-    )
+    add_dtype_argument(p, choices=("auto", "float32", "bfloat16"))
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--quick", action="store_true", help="6 images, steps 2 and 4")

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unclip.commands import add_dtype_argument
+
 if TYPE_CHECKING:
     import torch
 
@@ -707,9 +709,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--configs", help="use random weights at the sizes of this run-config folder")
     p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default 3)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="sampling precision (default auto, as load_pipeline: bfloat16 where "
-                   "the machine does bf16 natively, else float32)")  # fmt: skip
+    add_dtype_argument(p, choices=("auto", "float32", "bfloat16"))
     p.add_argument(
         "--compile",
         action="store_true",

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from unclip.commands import add_dtype_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -86,12 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="override the decoder's guidance scale (1 = off)")  # fmt: skip
     pp.add_argument("--prior-guidance", type=float,
                     help="override the prior's guidance scale (1 = off)")  # fmt: skip
-    pp.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        default="auto",
-        help="sampling precision (default auto, as generate)",
-    )
+    add_dtype_argument(pp)
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pp.add_argument("--no-progress", action="store_true")

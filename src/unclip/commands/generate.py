@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from unclip.commands import add_dtype_argument
+
 DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_OUT = "unclip-out"
 MAX_STEPS = 1000
@@ -84,13 +86,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help=f"a pipeline folder, or the name of a shipped pipeline (default: {DEFAULT_PIPELINE})",
     )
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    g.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        default="auto",
-        help="precision the sampling networks run in (default auto: bfloat16 on a CPU with "
-        "AVX-512 BF16 or AMX or a bf16 GPU, else float32; sampler state stays float32)",
-    )
+    add_dtype_argument(g)
     g.add_argument(
         "--compile",
         action="store_true",

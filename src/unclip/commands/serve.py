@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from unclip.commands import add_dtype_argument
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -78,11 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-upload-mb", type=float, default=4.0, help="largest uploaded image, MiB (default 4)"
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument(
-        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-        help="precision the sampling networks run in (default auto: bfloat16 where the "
-        "machine does bf16 natively, else float32)",
-    )  # fmt: skip
+    add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the sampling networks (the first requests of each "
                    "size wait for compiling; later ones run faster)")  # fmt: skip
