@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import unclip.train.checkpoint as ckpt_mod
 from toy import ToyBlocksConfig, ToyBlocksModel, ToyConfig, ToyData, ToyModel, toy_loss
 from unclip.config import TrainConfig
-from unclip.train import Trainer
+from unclip.train import Trainer, distributed
 
 
 class IndexedToyData(ToyData):
@@ -117,6 +117,7 @@ def main() -> None:
         from unclip.train.stages.common import export_final
 
         export_final(trainer, result)
+    distributed.teardown()
     print("DONE", flush=True)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "is_distributed",
     "mean_over_ranks",
     "setup",
+    "teardown",
 ]
 
 
@@ -60,6 +61,16 @@ def setup(device: torch.device | None = None) -> DistInfo:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def teardown() -> None:
+    """Leave the process group together: a barrier, then ``destroy_process_group`` (a rank
+    that exits while gloo still talks to another can abort in gloo's threads). Call it when a
+    training command is done; a no-op outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

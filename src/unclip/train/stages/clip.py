@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
     from unclip.tokenizer import Tokenizer
+    from unclip.train import distributed
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import count_parameters, export_final, load_run_config
     from unclip.train.stages.run_configs import ClipRunConfig
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     export_final(trainer, result)
     if trainer.dist.is_main:
         tokenizer.save(trainer.run_dir / "final" / "tokenizer")
+    distributed.teardown()  # every rank is done: leave the process group together
     if data.skips.total:
         print(data.skips.summary())
     return 0

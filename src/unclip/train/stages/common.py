@@ -12,6 +12,7 @@ from torch import nn
 
 from unclip.config import Config, TrainConfig
 from unclip.hub import save_pretrained
+from unclip.train import distributed
 from unclip.train.loop import Trainer, TrainResult
 
 C = TypeVar("C", bound=Config)
@@ -166,4 +167,5 @@ def fit_and_export(trainer: Trainer, resume: bool, diffusion_config: Config | No
     out = export_final(trainer, result)
     if diffusion_config is not None and trainer.dist.is_main:
         save_diffusion_config(out, diffusion_config)
+    distributed.teardown()  # every rank is done: leave the process group together
     return out
