@@ -119,6 +119,7 @@ def main() -> None:
         export_final(trainer, result)
     distributed.teardown()
     print("DONE", flush=True)
+    distributed.exit_after_group(0)
 
 
 if __name__ == "__main__":

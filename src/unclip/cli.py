@@ -160,13 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("unclip: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as e:
         print(f"unclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    if "unclip.train.distributed" in sys.modules:  # a torchrun rank that finished training
+        sys.modules["unclip.train.distributed"].exit_after_group(code)
+    return code
 
 
 if __name__ == "__main__":

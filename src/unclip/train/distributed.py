@@ -8,6 +8,7 @@ CPU, nccl on CUDA — and every ``unclip train STAGE`` runs unchanged.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "DistInfo",
     "all_gather_objects",
     "barrier",
+    "exit_after_group",
     "is_distributed",
     "mean_over_ranks",
     "setup",
@@ -67,10 +69,29 @@ def teardown() -> None:
     """Leave the process group together: a barrier, then ``destroy_process_group`` (a rank
     that exits while gloo still talks to another can abort in gloo's threads). Call it when a
     training command is done; a no-op outside torchrun."""
+    global _left_group
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
+            _left_group = True
         dist.destroy_process_group()
+
+
+_left_group = False
+
+
+def exit_after_group(code: int) -> None:
+    """End the process now, with ``code``, if it took part in a multi-process group.
+
+    After ``destroy_process_group`` a process-group object that FSDP/DDP still reference can
+    be destroyed during interpreter shutdown, where gloo's worker threads abort the process
+    ("terminate called without an active exception", exit -6: torchrun then reports a failed
+    run although every rank finished). Everything is saved by then, so the output streams are
+    flushed and the process leaves without running the shutdown. A no-op otherwise."""
+    if _left_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
