@@ -66,7 +66,7 @@ from unclip.commands.bench import (
     write_doc_section,
 )
 from unclip.pipeline import UnclipPipeline
-from unclip.pipeline.core import DTYPES, default_dtype, plain_copy
+from unclip.pipeline.core import plain_copy
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -562,10 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     guidance = {"prior": args.prior_guidance, "decoder": args.decoder_guidance}
     if args.dtype:
         args.unclip_dtype = args.diffusers_dtype = args.dtype
-    ours_dtype = DTYPES.get(args.unclip_dtype) or default_dtype(torch.device("cpu"))
-    dtypes = {"unclip": str(ours_dtype).removeprefix("torch."), "diffusers": args.diffusers_dtype}
-
-    pipe = random_pipeline(sc, dtype=ours_dtype)
+    pipe = random_pipeline(sc, dtype=args.unclip_dtype)
+    dtypes = {"unclip": str(pipe.dtype).removeprefix("torch."), "diffusers": args.diffusers_dtype}
     theirs = build_diffusers(sc)
     params = parameter_table(pipe, theirs)
     for row in params:

@@ -262,7 +262,7 @@ def random_pipeline(
     *,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> UnclipPipeline:
     """An :class:`~unclip.pipeline.UnclipPipeline` with random weights at the sizes of
     ``sc`` (built in memory; the tokenizer is learnt from a few captions)."""
@@ -309,7 +309,7 @@ def open_pipeline(
     *,
     configs: str | None = None,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[UnclipPipeline, StageConfigs | None, str]:
     """(pipeline, its stage configs when built from run configs, where the weights came from).
 
@@ -419,7 +419,7 @@ def stage_runners(
         uncond = dict(cond)
         cond["drop_text"] = torch.zeros(rows, dtype=torch.bool, device=dev)
         uncond["drop_text"] = torch.ones(rows, dtype=torch.bool, device=dev)
-        pc = RowCounter(_model_fn(prior.model, dev, dtype))
+        pc = RowCounter(_model_fn(prior.model))
         pfn = _guided(pc, st.guidance, cond, uncond, False)
         pshape = (rows, prior.model.config.clip_dim)
         out["prior"] = (lambda: _run_sampler(pipe, prior, pfn, pshape, st), pc)
@@ -427,7 +427,7 @@ def stage_runners(
     dec, dst = pipe.decoder, settings.decoder
     z_i = torch.nn.functional.normalize(torch.randn(n, dec.model.config.clip_dim), dim=-1).to(dev)
     cond, uncond = pipe._decoder_kwargs(dec, z_i, batch_text)
-    dc = RowCounter(_model_fn(dec.model, dev, dtype))
+    dc = RowCounter(_model_fn(dec.model))
     dfn = _guided(dc, dst.guidance, cond, uncond, dec.diffusion.learn_sigma)
     s = pipe.base_size
     dshape = (n, 3, s, s)
@@ -438,7 +438,7 @@ def stage_runners(
         cfg = up.model.config
         low = torch.rand(n, 3, size, size, device=dev) * 2 - 1
         size = size * cfg.image_size // cfg.low_res_size
-        uc = RowCounter(_model_fn(up.model, dev, dtype))
+        uc = RowCounter(_model_fn(up.model))
 
         def ufn(x: Any, t: Any, low: Any = low, uc: RowCounter = uc, **kw: Any) -> Any:
             return uc(x, t, low_res=low, **kw)
@@ -753,13 +753,10 @@ def _bench(args: argparse.Namespace) -> int:
         args.train_batch = args.train_batch or 2
         for key in ("prior_steps", "decoder_steps", "upsampler_steps"):
             setattr(args, key, getattr(args, key) or 2)
-    from unclip.pipeline.core import DTYPES, default_dtype, parse_device
-
-    dtype = DTYPES.get(args.dtype) or default_dtype(parse_device(args.device))
-    args.dtype = str(dtype).removeprefix("torch.")
     pipe, sc, source = open_pipeline(
-        args.pipeline, configs=args.configs, device=args.device, dtype=dtype
+        args.pipeline, configs=args.configs, device=args.device, dtype=args.dtype
     )
+    args.dtype = str(pipe.dtype).removeprefix("torch.")  # what "auto" chose
     if args.compile:
         pipe.compile()
     settings = pipe.sampling_settings(

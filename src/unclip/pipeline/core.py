@@ -256,6 +256,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A sampling precision from a dtype, its name, or None/"auto" (:func:`default_dtype`)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -278,14 +291,7 @@ def load_pipeline(
     folder = resolve_pipeline(name_or_path)
     config = PipelineConfig.load(folder / PIPELINE_FILE)
     dev = parse_device(device)
-    if dtype is None or dtype == "auto":
-        dtype = default_dtype(dev)
-    elif isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    dtype = resolve_dtype(dtype, dev)  # refused before any weights are read
     stages = config.stages
     tok_dir = folder / stages.tokenizer
     if not tok_dir.is_dir():
@@ -366,12 +372,12 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def _model_fn(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Callable[..., Tensor]:
-    """The network as a diffusion model function, run in ``dtype``; output float32."""
+def _model_fn(model: nn.Module) -> Callable[..., Tensor]:
+    """The network as a diffusion model function with float32 output; it runs in the
+    precision of the autocast context around the sampler (see ``UnclipPipeline._drain``)."""
 
     def fn(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
-        with _autocast(device, dtype):
-            return model(x, t, **kwargs).float()
+        return model(x, t, **kwargs).float()
 
     return fn
 
@@ -455,7 +461,7 @@ class UnclipPipeline:
         config: PipelineConfig | None = None,
         path: Path | None = None,
         device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.clip = clip
@@ -470,7 +476,7 @@ class UnclipPipeline:
         self.config = config or PipelineConfig()
         self.path = path
         self.device = device or torch.device("cpu")
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
             if stage is not None:
                 stage.model.to(memory_format=torch.channels_last)
@@ -725,7 +731,7 @@ class UnclipPipeline:
         uncond = dict(cond)
         cond["drop_text"] = torch.zeros(n * c, dtype=torch.bool, device=self.device)
         uncond["drop_text"] = torch.ones(n * c, dtype=torch.bool, device=self.device)
-        fn = _guided(_model_fn(model, self.device, self.dtype), st.guidance, cond, uncond, False)
+        fn = _guided(_model_fn(model), st.guidance, cond, uncond, False)
         x = self._run(
             "prior",
             self.prior,
@@ -823,7 +829,7 @@ class UnclipPipeline:
             for kw in (cond, uncond):
                 kw["inpaint_image"], kw["inpaint_mask"] = known[0], known[1]
         fn = _guided(
-            _model_fn(stage.model, self.device, self.dtype),
+            _model_fn(stage.model),
             st.guidance,
             cond,
             uncond,
@@ -871,7 +877,7 @@ class UnclipPipeline:
         """x_T [1, 3, s, s] of an image [1, 3, s, s] by DDIM inversion of the decoder,
         conditioned on its own z_i (no guidance: inverting a guided model is unstable)."""
         cond, _ = self._decoder_kwargs(self.decoder, z_i, None)
-        fn = _guided(_model_fn(self.decoder.model, self.device, self.dtype), 1.0, cond, cond, False)
+        fn = _guided(_model_fn(self.decoder.model), 1.0, cond, cond, False)
         callback = None if progress is None else (lambda step: progress("invert", step))
         steps_iter = ddim_invert(
             self.decoder.diffusion,
@@ -904,7 +910,7 @@ class UnclipPipeline:
                 low = gaussian_blur(low, cfg.blur_kernel, cfg.blur_sigma)
             side = low.shape[-1] * cfg.image_size // cfg.low_res_size
             name = "upsampler" if k == 0 else f"upsampler{k + 1}"
-            fn = _model_fn(up.model, self.device, self.dtype)
+            fn = _model_fn(up.model)
             generator = stage_generators(seeds, name)
             start: tuple[int, ...] | Tensor = (x.shape[0], 3, side, side)
             steps: int | None = st.steps
@@ -966,21 +972,23 @@ class UnclipPipeline:
     def _frames(
         self,
         z: Tensor,
-        noise: Tensor,
-        seed: int,
+        noise: Tensor | None,
+        seeds: Sequence[int],
         settings: SamplingConfig,
         progress: ProgressCallback | None,
         infos: Sequence[dict[str, Any]],
+        eta: float | None = None,
     ) -> list[Image.Image]:
-        """Decode and upsample frames z [F, D] from x_T ``noise`` [F or 1, 3, s, s], every
-        frame with the same ``seed``, in batches; frame k's image gets ``infos[k]``."""
+        """Decode and upsample images from z [F, D] without a caption, image k with
+        ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
+        batches; image k gets ``infos[k]``. ``eta``: as in ``_decode``."""
         out = []
         for rows in self._batches(len(infos)):
             part = slice(rows.start, rows.stop)
-            seeds = [seed] * len(rows)
-            x_t = noise[part] if noise.shape[0] > 1 else noise
-            x = self._decode(z[part], None, seeds, settings, progress, noise=x_t)
-            x = self._upsample(x, seeds, settings, progress)
+            batch_seeds = list(seeds[part])
+            x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
+            x = self._decode(z[part], None, batch_seeds, settings, progress, noise=x_t, eta=eta)
+            x = self._upsample(x, batch_seeds, settings, progress)
             out += [_to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
 
@@ -1109,16 +1117,9 @@ class UnclipPipeline:
         extra = {"inverted": "true" if invert else None}
         if eta is not None:
             extra["eta"] = str(eta)
-        out = []
-        for rows in self._batches(n):
-            seeds = [base + i for i in rows]
-            zs = z.expand(len(seeds), -1)
-            x = self._decode(zs, None, seeds, settings, progress, noise=noise, eta=eta)
-            x = self._upsample(x, seeds, settings, progress)
-            for j, s in enumerate(seeds):
-                info = self._info("variations", s, settings, stages, **extra)
-                out.append(_to_pil(x[j : j + 1], info))
-        return out
+        seeds = [base + i for i in range(n)]
+        infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
+        return self._frames(z.expand(n, -1), noise, seeds, settings, progress, infos, eta)
 
     @torch.no_grad()
     def interpolate(
@@ -1165,7 +1166,7 @@ class UnclipPipeline:
             )
             for k, t in enumerate(ts)
         ]
-        return self._frames(z, noise, base, settings, progress, infos)
+        return self._frames(z, noise, [base] * frames, settings, progress, infos)
 
     @torch.no_grad()
     def text_diff(
@@ -1221,7 +1222,7 @@ class UnclipPipeline:
             for k, theta in enumerate(thetas)
         ]
         zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
-        return self._frames(zs, noise, base, settings, progress, infos)
+        return self._frames(zs, noise, [base] * frames, settings, progress, infos)
 
     def _inpaint_core(
         self,
