@@ -29,7 +29,9 @@ docs/benchmarks.md (full mode; ``--doc`` elsewhere).
 Precision: each side samples as it does by default unless told otherwise: unclip in its
 ``load_pipeline`` default ("auto": bf16 autocast where the CPU has AVX-512 BF16 or AMX, with
 channels-last convolutions), diffusers in float32 (its default; ``--diffusers-dtype bfloat16``
-runs it under the same bf16 autocast). ``--dtype X`` sets both.
+runs it under the same bf16 autocast). ``--dtype X`` sets both. The training step follows
+the same rule: unclip under bf16 autocast (``TrainConfig.bf16``, its default) when its dtype
+resolved to bf16, diffusers in float32 (its training scripts' default) unless told otherwise.
 
 usage: python benchmarks/pipeline_vs_diffusers.py [--quick] [--configs configs/emoji-small]
        [--batch 1 --batch 4] [--repeat 3] [--dtype auto|float32|bfloat16]
@@ -419,11 +421,16 @@ def unclip_generate(
 
 
 def training_steps(
-    pipe: UnclipPipeline, m: DiffusersModels, batch: int, bf16: bool, compile: bool = False
+    pipe: UnclipPipeline,
+    m: DiffusersModels,
+    batch: int,
+    bf16: tuple[bool, bool],
+    compile: bool = False,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """One forward+backward+AdamW step of the decoder on random data, per implementation
     (loss: MSE of the first 3 output channels against a random target, the same for both).
-    ``compile``: unclip's network compiled in place, as the trainer does with ``compile``."""
+    ``bf16``: (unclip, diffusers) under bf16 autocast, else float32. ``compile``: unclip's
+    network compiled in place, as the trainer does with ``compile``."""
     import copy
 
     from unclip.config import TrainConfig
@@ -439,7 +446,11 @@ def training_steps(
     z_t = F.normalize(torch.randn(batch, d, generator=g), dim=-1)
     tokens = torch.randn(batch, ctx, cfg.text_dim, generator=g)
     mask = torch.arange(ctx)[None].expand(batch, -1) < 10
-    ctx_cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    def cast() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    ours_cast = cast if bf16[0] else nullcontext
+    theirs_cast = cast if bf16[1] else nullcontext
 
     ours = plain_copy(pipe.decoder.model).float().train()
     if compile:
@@ -447,7 +458,7 @@ def training_steps(
     opt_ours = build_optimizer(ours, TrainConfig())
 
     def step_unclip() -> None:
-        with ctx_cast:
+        with ours_cast():
             out = ours(x, t, image_emb=z_i, text_tokens=tokens, text_mask=mask)
         loss = F.mse_loss(out[:, :3].float(), target)
         opt_ours.zero_grad(set_to_none=True)
@@ -459,7 +470,7 @@ def training_steps(
     dec_mask = F.pad(mask, (proj.clip_extra_context_tokens, 0), value=True)
 
     def step_diffusers() -> None:
-        with ctx_cast:
+        with theirs_cast():
             hid, add_emb = proj(
                 image_embeddings=z_i, prompt_embeds=z_t, text_encoder_hidden_states=tokens,
                 do_classifier_free_guidance=False,
@@ -533,7 +544,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--train-batch", type=int, help="decoder training batch (default: config's)")
     p.add_argument("--train-repeat", type=int, default=5, help="timed training steps (default 5)")
-    p.add_argument("--train-fp32", action="store_true", help="train in float32 (default bf16)")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--quick", action="store_true",
                    help="tiny models, 2 steps per stage, batches 1 and 2, 1 repeat")  # fmt: skip
@@ -598,13 +608,19 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": {k: (a[k] / b[k] if b[k] else None) for k in a},
         })  # fmt: skip
 
+    # each side trains as it samples: unclip's TrainConfig default is bf16 autocast, used here
+    # when its sampling dtype resolved to bf16; diffusers' training scripts default to float32
+    train_bf16 = (pipe.dtype == torch.bfloat16, bf16)
     step_ours, step_theirs = training_steps(
-        pipe, theirs, train_batch, not args.train_fp32, compile=args.compile
+        pipe, theirs, train_batch, train_bf16, compile=args.compile
     )
     t_ours, t_theirs = side_by_side(step_ours, step_theirs, train_repeat)
     training = {
         "batch": train_batch,
-        "precision": "float32" if args.train_fp32 else "bf16 autocast",
+        "precision": {
+            side: "bf16 autocast" if on else "float32"
+            for side, on in zip(("unclip", "diffusers"), train_bf16, strict=True)
+        },
         "unclip_s": statistics.median(t_ours),
         "diffusers_s": statistics.median(t_theirs),
     }
@@ -672,9 +688,9 @@ def format_markdown(r: dict[str, Any]) -> str:
     t = r["decoder_training_step"]
     lines += [
         "",
-        f"Decoder training step (forward, backward, AdamW; batch {t['batch']}, "
-        f"{t['precision']}): unclip {t['unclip_s']:.4f} s, diffusers {t['diffusers_s']:.4f} s, "
-        f"ratio **{t['ratio']:.3f}**.",
+        f"Decoder training step (forward, backward, AdamW; batch {t['batch']}): unclip "
+        f"{t['unclip_s']:.4f} s ({t['precision']['unclip']}), diffusers {t['diffusers_s']:.4f} s "
+        f"({t['precision']['diffusers']}), ratio **{t['ratio']:.3f}**.",
     ]
     return "\n".join(lines)
 

@@ -157,7 +157,13 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
             assert set(g[side]) == {"text", "prior", "decoder", "upsampler", "other", "total"}
             assert g[side]["total"] > 0
         assert g["ratio"]["total"] > 0
-    assert r["decoder_training_step"]["ratio"] > 0
+    training = r["decoder_training_step"]
+    assert training["ratio"] > 0
+    # each side trains in its own default precision, as it samples
+    unclip_bf16 = r["dtype"]["unclip"] == "bfloat16"
+    assert training["precision"] == {
+        "unclip": "bf16 autocast" if unclip_bf16 else "float32", "diffusers": "float32"
+    }
     text = doc.read_text()
     assert "<!-- pipeline-vs-diffusers:start -->" in text and "Quick mode" in text
 
