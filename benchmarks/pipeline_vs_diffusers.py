@@ -446,6 +446,7 @@ def training_steps(
     z_t = F.normalize(torch.randn(batch, d, generator=g), dim=-1)
     tokens = torch.randn(batch, ctx, cfg.text_dim, generator=g)
     mask = torch.arange(ctx)[None].expand(batch, -1) < 10
+
     def cast() -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16)
 

@@ -162,7 +162,8 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
     # each side trains in its own default precision, as it samples
     unclip_bf16 = r["dtype"]["unclip"] == "bfloat16"
     assert training["precision"] == {
-        "unclip": "bf16 autocast" if unclip_bf16 else "float32", "diffusers": "float32"
+        "unclip": "bf16 autocast" if unclip_bf16 else "float32",
+        "diffusers": "float32",
     }
     text = doc.read_text()
     assert "<!-- pipeline-vs-diffusers:start -->" in text and "Quick mode" in text
