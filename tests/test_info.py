@@ -233,8 +233,9 @@ def test_command_prints_a_table_and_json(tmp_path, capsys):
     assert doc[1]["gflops"] == doc[1]["flops"]["image"] / 1e9
 
 
-def test_command_on_the_shipped_clip_config(capsys):
-    assert _run(["info", "--json", str(REPO / "configs" / "emoji-small" / "clip.json")]) == 0
+@pytest.mark.parametrize("name", ["clip.json", "clip-resnet.json"])
+def test_command_on_the_emoji_clip_configs(capsys, name):
+    assert _run(["info", "--json", str(REPO / "configs" / "emoji-small" / name)]) == 0
     (stats,) = json.loads(capsys.readouterr().out)
     assert stats["type"] == "clip" and stats["inputs"]["pixels"] == [1, 3, 64, 64]
     assert 1e6 < stats["params"] < 1e8
