@@ -434,7 +434,7 @@ def training_steps(
     import copy
 
     from unclip.config import TrainConfig
-    from unclip.train.loop import build_optimizer
+    from unclip.train.loop import build_optimizer, training_layout
 
     cfg = pipe.decoder.model.config
     s, d, ctx = cfg.image_size, cfg.clip_dim, pipe.clip.config.context_length
@@ -454,6 +454,7 @@ def training_steps(
     theirs_cast = cast if bf16[1] else nullcontext
 
     ours = plain_copy(pipe.decoder.model).float().train()
+    ours.to(memory_format=training_layout(ours, torch.device("cpu")))  # as the trainer does
     if compile:
         ours.compile()
     opt_ours = build_optimizer(ours, TrainConfig())

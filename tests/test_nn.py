@@ -147,6 +147,29 @@ def test_group_norm32_computes_in_float32():
     assert normalization(48).num_groups == 16 and normalization(64).num_groups == 32
 
 
+def test_group_norm32_bf16_fast_path_gives_the_float32_numbers():
+    """Contiguous bf16 input skips the float32 copies; outputs and gradients are unchanged."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(4, 16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 16, 8, 8) * 3 + 1).bfloat16()
+    grad = torch.randn(2, 16, 8, 8).bfloat16()
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):  # fast path, float32 path
+        xi = x.clone(memory_format=fmt).requires_grad_()
+        norm.zero_grad()
+        y = norm(xi)
+        y.backward(grad.contiguous(memory_format=fmt))
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+        outs.append((y.float(), xi.grad.float(), norm.weight.grad.clone()))
+    (y0, gx0, gw0), (y1, gx1, gw1) = outs
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(gx0, gx1, atol=0.02, rtol=0.02)
+    torch.testing.assert_close(gw0, gw1, atol=1e-3, rtol=1e-3)
+
+
 def test_zero_module():
     layer = zero_module(torch.nn.Linear(4, 3))
     assert all(torch.all(p == 0) for p in layer.parameters())

@@ -247,3 +247,26 @@ def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(tmp_path, m
     model.eval()
     x = torch.randn(4, 8)
     torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_channels_last_only_where_it_pays(tmp_path):
+    """Convolution models train channels-last, except GroupNorm models on the CPU (oneDNN's
+    channels-last bf16 group-norm backward costs more than the convolutions gain)."""
+    from torch import nn
+
+    from unclip.train.loop import channels_last_pays
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    batch_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    group_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+    assert channels_last_pays(batch_norm, cpu) and channels_last_pays(batch_norm, cuda)
+    assert not channels_last_pays(group_norm, cpu) and channels_last_pays(group_norm, cuda)
+
+    def weight_format(model: nn.Module) -> bool:
+        trainer = Trainer(model, lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
+                          TrainConfig(steps=1, batch_size=4), tmp_path / str(id(model)),
+                          progress=False)  # fmt: skip
+        return trainer.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert weight_format(batch_norm)
+    assert not weight_format(group_norm.to(memory_format=torch.channels_last))

@@ -95,6 +95,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
+def channels_last_pays(model: nn.Module, device: torch.device) -> bool:
+    """Whether to train ``model`` with channels-last 4-d weights on ``device``: faster cuDNN and
+    oneDNN convolutions (CLIP's ResNet encoder, batch 256, bf16 on 2 CPU cores: 0.87 -> 0.62 s
+    forward+backward), except for GroupNorm models on the CPU, whose channels-last bf16
+    group-norm backward costs more than the convolutions gain (the emoji-small decoder, batch
+    16: 300 ms channels-last, 280 ms contiguous). A no-op for models without convolutions."""
+    gn = any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    return device.type != "cpu" or not gn
+
+
+def training_layout(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """The memory format the trainer gives ``model``'s 4-d weights on ``device``."""
+    pays = channels_last_pays(model, device)
+    return torch.channels_last if pays else torch.contiguous_format
+
+
 class Trainer:
     """Train ``model`` on ``data`` with ``loss_fn`` under ``config``, writing into ``run_dir``.
 
@@ -141,13 +157,11 @@ class Trainer:
         self.fsdp = fsdp and self.dist.world_size > 1
         if fsdp and not self.fsdp:
             warnings.warn("fsdp with one process shards nothing; training unsharded", stacklevel=2)
-        # unsharded models keep 4-d weights channels-last (faster oneDNN/cuDNN convolutions;
-        # a no-op for models without convolutions); FSDP shards need contiguous parameters
-        self.model = (
-            sharding.shard_model(model, self.device)
-            if self.fsdp
-            else model.to(self.device, memory_format=torch.channels_last)
-        )
+        # FSDP shards need contiguous parameters; see channels_last_pays for the rest
+        if self.fsdp:
+            self.model = sharding.shard_model(model, self.device)
+        else:
+            self.model = model.to(self.device, memory_format=training_layout(model, self.device))
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
         if per_rank % self.dist.world_size:
