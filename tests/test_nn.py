@@ -130,12 +130,18 @@ def test_attention_module_context_prefix_is_visible_and_masked():
         Attention(16, 4)(x, context=ctx)
 
 
-def test_group_norm32_computes_in_float32():
+def random_group_norm() -> GroupNorm32:
+    """GroupNorm32(4 groups, 16 channels) with seeded random weight and bias."""
     torch.manual_seed(0)
     norm = GroupNorm32(4, 16)
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
+    return norm
+
+
+def test_group_norm32_computes_in_float32():
+    norm = random_group_norm()
     x = (torch.randn(2, 16, 4, 4) * 50 + 100).to(memory_format=torch.channels_last)
     ref = norm(x)
     out = norm(x.bfloat16())
@@ -149,11 +155,7 @@ def test_group_norm32_computes_in_float32():
 
 def test_group_norm32_bf16_fast_path_gives_the_float32_numbers():
     """Contiguous bf16 input skips the float32 copies; outputs and gradients are unchanged."""
-    torch.manual_seed(0)
-    norm = GroupNorm32(4, 16)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
+    norm = random_group_norm()
     x = (torch.randn(2, 16, 8, 8) * 3 + 1).bfloat16()
     grad = torch.randn(2, 16, 8, 8).bfloat16()
     outs = []
