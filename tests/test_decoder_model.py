@@ -288,6 +288,12 @@ def test_bf16_autocast_and_channels_last():
         out = model(xc, t, **cond)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).norm() < 0.1 * ref.norm()
+    # the [N, E] embedding path stays in float32 under autocast, with float32 values
+    model.eval()
+    emb_ref = model.condition(x.shape[0], t, cond["image_emb"])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model.condition(x.shape[0], t, cond["image_emb"])[0]
+    assert emb.dtype == torch.float32 and torch.equal(emb, emb_ref)
 
 
 def test_upsampler_config_and_conditioning():

@@ -327,8 +327,9 @@ def test_eval_pipeline_guidance_overrides_change_the_samples(shapes, tmp_path, c
             "--limit", "4", "--json", "--no-progress"]  # fmt: skip
     runs = {}
     for name, extra in (("default", []), ("again", []), ("g1", ["--decoder-guidance", "1"]),
-                        ("p1", ["--prior-guidance", "1"])):  # fmt: skip
+                        ("p1", ["--prior-guidance", "1"]),
+                        ("ddpm", ["--decoder-sampler", "ddpm"])):  # fmt: skip
         assert main([*base, *extra]) == 0
         runs[name] = json.loads(capsys.readouterr().out)["val/unclip"]["fd_clip"]
     assert runs["default"] == runs["again"]  # seeded: the same numbers
-    assert runs["g1"] != runs["default"] and runs["p1"] != runs["default"]
+    assert all(runs[k] != runs["default"] for k in ("g1", "p1", "ddpm"))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from unclip.commands import add_dtype_argument
+from unclip.commands.generate import SAMPLER_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--split", action="append", help="split(s) (default: test)")
     pp.add_argument("--limit", type=int, help="at most this many captions per split")
     pp.add_argument("--no-prior-baseline", action="store_true", help="also measure z_t -> decoder")
+    pp.add_argument("--decoder-sampler", choices=SAMPLER_NAMES,
+                    help="override the pipeline's decoder sampler")  # fmt: skip
     pp.add_argument("--decoder-steps", type=int, help="override the pipeline's decoder steps")
     pp.add_argument("--prior-steps", type=int, help="override the pipeline's prior steps")
     pp.add_argument("--upsampler-steps", type=int, help="override the upsampler steps")
@@ -297,7 +300,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline, dtype=args.dtype)
-    keys = ("decoder_steps", "prior_steps", "upsampler_steps", "decoder_guidance",
+    keys = ("decoder_sampler", "decoder_steps", "prior_steps", "upsampler_steps", "decoder_guidance",
             "prior_guidance")  # fmt: skip
     overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
     manifest = {r["key"]: r for r in read_manifest(Path(args.data) / "manifest.jsonl")}

@@ -228,7 +228,9 @@ class ResBlock(nn.Module):
         if self.updown:
             h, x = self.h_upd(h), self.x_upd(x)
         h = self.in_conv(h)
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # [N, E', 1, 1]
+        with torch.autocast(emb.device.type, enabled=False):  # float32: see UNet.condition
+            e = self.emb_proj(F.silu(emb))
+        e = e.to(h.dtype)[:, :, None, None]  # [N, E', 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = self.out_norm(h) * (1 + scale) + shift
@@ -422,7 +424,12 @@ class UNet(nn.Module):
         """
         cfg = self.config
         device = t.device
-        emb = self.time_embed(t)  # [N, E]
+        # The [N, E] embedding path (timestep MLP, z_i projection, each ResBlock's scale and
+        # shift) runs in float32 with autocast off: the conditioning keeps full precision at
+        # no cost (matmuls of N rows; measured on 2 CPU cores: sampling the same, a decoder
+        # training step 4% faster than with these in bf16).
+        with torch.autocast(device.type, enabled=False):
+            emb = self.time_embed(t)  # [N, E]
         tokens: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
 
@@ -438,8 +445,8 @@ class UNet(nn.Module):
                         f"image_emb must be [N, {cfg.clip_dim}], got {tuple(image_emb.shape)}"
                     )
                 z = apply_null(image_emb, self.null_image_emb, drop)  # [N, D]
-            clip_emb = self.clip_emb_proj(z)  # [N, E]
-            emb = emb.to(clip_emb.dtype) + clip_emb
+            with torch.autocast(device.type, enabled=False):
+                emb = emb + self.clip_emb_proj(z.to(emb.dtype))  # [N, E]
             if self.clip_tokens_proj is not None:
                 ct = self.clip_tokens_proj(z).reshape(n, cfg.clip_tokens, -1)  # [N, K, E]
                 tokens.append(ct)
