@@ -420,6 +420,11 @@ def unclip_generate(
 # Decoder training step
 
 
+def bf16_autocast(on: bool) -> Any:
+    """A reusable context: CPU bf16 autocast when ``on``, else nothing (float32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if on else nullcontext()
+
+
 def training_steps(
     pipe: UnclipPipeline,
     m: DiffusersModels,
@@ -446,12 +451,7 @@ def training_steps(
     z_t = F.normalize(torch.randn(batch, d, generator=g), dim=-1)
     tokens = torch.randn(batch, ctx, cfg.text_dim, generator=g)
     mask = torch.arange(ctx)[None].expand(batch, -1) < 10
-
-    def cast() -> Any:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
-    ours_cast = cast if bf16[0] else nullcontext
-    theirs_cast = cast if bf16[1] else nullcontext
+    ours_cast, theirs_cast = bf16_autocast(bf16[0]), bf16_autocast(bf16[1])
 
     ours = plain_copy(pipe.decoder.model).float().train()
     ours.to(memory_format=training_layout(ours, torch.device("cpu")))  # as the trainer does
@@ -460,7 +460,7 @@ def training_steps(
     opt_ours = build_optimizer(ours, TrainConfig())
 
     def step_unclip() -> None:
-        with ours_cast():
+        with ours_cast:
             out = ours(x, t, image_emb=z_i, text_tokens=tokens, text_mask=mask)
         loss = F.mse_loss(out[:, :3].float(), target)
         opt_ours.zero_grad(set_to_none=True)
@@ -472,7 +472,7 @@ def training_steps(
     dec_mask = F.pad(mask, (proj.clip_extra_context_tokens, 0), value=True)
 
     def step_diffusers() -> None:
-        with theirs_cast():
+        with theirs_cast:
             hid, add_emb = proj(
                 image_embeddings=z_i, prompt_embeds=z_t, text_encoder_hidden_states=tokens,
                 do_classifier_free_guidance=False,
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{flops['diffusers']:.4g}", file=sys.stderr)  # fmt: skip
 
     bf16 = args.diffusers_dtype == "bfloat16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = bf16_autocast(bf16)
     # the diffusers caption has as many tokens as unclip's tokenizer gives the benchmark caption
     tokens = pipe.tokenizer([CAPTION], sc.clip.context_length)
     length = max(3, int(pipe.clip.eot_positions(tokens)[0]) + 1)

@@ -35,14 +35,14 @@ from xml.sax.saxutils import escape
 
 import torch
 
-from unclip.commands import add_dtype_argument
+from unclip.commands import SAMPLER_NAMES, add_dtype_argument
 from unclip.commands.bench import machine_info, markdown_table, write_doc_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "steps_vs_quality.svg"
 DEFAULT_STEPS = (5, 10, 25, 50, 100, 250)
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+SAMPLERS = SAMPLER_NAMES
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+#: the keys of ``unclip.diffusion.SAMPLERS``, without importing torch at start-up
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m")
 
 
 def add_dtype_argument(

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from unclip.commands import add_dtype_argument
-from unclip.commands.generate import SAMPLER_NAMES
+from unclip.commands import SAMPLER_NAMES, add_dtype_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -300,8 +299,8 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline, dtype=args.dtype)
-    keys = ("decoder_sampler", "decoder_steps", "prior_steps", "upsampler_steps", "decoder_guidance",
-            "prior_guidance")  # fmt: skip
+    keys = ("decoder_sampler", "decoder_steps", "prior_steps", "upsampler_steps",
+            "decoder_guidance", "prior_guidance")  # fmt: skip
     overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
     manifest = {r["key"]: r for r in read_manifest(Path(args.data) / "manifest.jsonl")}
     results, grid = {}, []

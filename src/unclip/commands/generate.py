@@ -18,13 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from unclip.commands import add_dtype_argument
+from unclip.commands import SAMPLER_NAMES, add_dtype_argument
 
 DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_OUT = "unclip-out"
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m")  # unclip.diffusion.SAMPLERS, without importing it
 
 RESIZE_POLICY = (
     "Input images: any file Pillow reads (PNG, JPEG, WebP, GIF, BMP…) or SVG; RGBA and "

@@ -65,6 +65,9 @@ def barrier() -> None:
         dist.barrier()
 
 
+_left_group = False  # set by teardown() in a multi-process group
+
+
 def teardown() -> None:
     """Leave the process group together: a barrier, then ``destroy_process_group`` (a rank
     that exits while gloo still talks to another can abort in gloo's threads). Call it when a
@@ -75,9 +78,6 @@ def teardown() -> None:
             dist.barrier()
             _left_group = True
         dist.destroy_process_group()
-
-
-_left_group = False
 
 
 def exit_after_group(code: int) -> None:
