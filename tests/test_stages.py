@@ -333,3 +333,36 @@ def test_eval_pipeline_guidance_overrides_change_the_samples(shapes, tmp_path, c
         runs[name] = json.loads(capsys.readouterr().out)["val/unclip"]["fd_clip"]
     assert runs["default"] == runs["again"]  # seeded: the same numbers
     assert all(runs[k] != runs["default"] for k in ("g1", "p1", "ddpm"))
+
+
+def test_eval_pipeline_judge_measures_in_another_clips_space(
+    shapes, tiny_clip_and_embeddings, tmp_path, capsys
+):
+    from tiny_pipeline import write_tiny_pipeline
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    base = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "6", "--json", "--no-progress"]  # fmt: skip
+    runs = {}
+    for name, extra in (("own", []), ("self", ["--judge", str(pipe)]),
+                        ("other", ["--judge", str(tiny_clip_and_embeddings[0])])):  # fmt: skip
+        assert main([*base, *extra]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)["val/unclip"]
+    # the pipeline's own CLIP as a judge: the same space, the same numbers
+    for key in ("clip_score", "fd_clip", "retrieval_r@1"):
+        assert runs["self"][key] == pytest.approx(runs["own"][key], rel=1e-4, abs=1e-5)
+    # another CLIP: the same samples measured in another space
+    assert runs["other"]["fd_clip"] != pytest.approx(runs["own"]["fd_clip"], rel=1e-3)
+    assert -1 <= runs["other"]["clip_score"] <= 1
+
+
+def test_eval_pipeline_judge_without_tokenizer_is_a_clear_error(shapes, tmp_path, capsys):
+    from tiny_pipeline import write_tiny_pipeline
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    empty = tmp_path / "not-a-clip"
+    empty.mkdir()
+    args = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "2", "--judge", str(empty), "--no-progress"]  # fmt: skip
+    assert main(args) != 0
+    assert "not-a-clip" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pipeline",
         help="sample quality of a pipeline on a split: CLIP score, FD, KID, retrieval",
         description="Generate one image per caption of a split (seed = row index) and report, "
-        "in the pipeline's CLIP feature space: the CLIP score (cosine between the caption and "
+        "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between the caption and "
         "the generated image), Fréchet distance and KID against the split's real images, and "
         "how often the generated image retrieves its caption's real image among the split's "
         "real images (top-1/top-5). With --no-prior-baseline the same numbers for the "
@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="override the decoder's guidance scale (1 = off)")  # fmt: skip
     pp.add_argument("--prior-guidance", type=float,
                     help="override the prior's guidance scale (1 = off)")  # fmt: skip
+    pp.add_argument("--judge", metavar="CLIP",
+                    help="measure in this CLIP's feature space (a CLIP folder with tokenizer/, "
+                    "or a pipeline folder) "
+                    "instead of the pipeline's own, to compare pipelines built on different "
+                    "CLIPs")  # fmt: skip
     add_dtype_argument(pp)
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -180,6 +185,8 @@ def _eval_clip(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    space = f"CLIP {args.judge}" if args.judge else "the pipeline's own CLIP"
+    print(f"(pipeline: {args.pipeline}; measured in the feature space of {space})", file=sys.stderr)
     names = list(next(iter(results.values())))
     print("metric".ljust(36) + "".join(s.rjust(10) for s in results))
     for name in names:
@@ -261,8 +268,10 @@ def _eval_prior(args: argparse.Namespace) -> int:
 
 
 def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, overrides: dict,
-                      progress: bool = True, keep_images: int = 0):  # fmt: skip
-    """Metrics of ``pipe`` generating one image per record (seed = index)."""
+                      progress: bool = True, keep_images: int = 0, judge=None):  # fmt: skip
+    """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
+    of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself)."""
+    judge = judge or pipe
     import torch
     from tqdm import tqdm
 
@@ -275,11 +284,11 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
         for start in range(0, len(records), step):
             captions = [r["caption"] for r in records[start : start + step]]
             images = pipe.text_to_image(captions, seed=start, use_prior=use_prior, **overrides)
-            gen_emb.append(pipe.encode_image(images))
+            gen_emb.append(judge.encode_image(images))
             kept.extend(images[: max(0, keep_images - len(kept))])
             bar.update(len(captions))
     gen = torch.cat(gen_emb)
-    text = pipe.encode_text([r["caption"] for r in records])
+    text = judge.encode_text([r["caption"] for r in records])
     sim = gen @ real_emb.T  # generated i vs real j; the caption's own image is j = i
     return {
         "images": float(len(records)),
@@ -299,6 +308,11 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline, dtype=args.dtype)
+    judge = pipe
+    if args.judge:
+        from unclip.eval.judge import ClipJudge
+
+        judge = ClipJudge(args.judge, pipe.image_size, pipe.device)
     keys = ("decoder_sampler", "decoder_steps", "prior_steps", "upsampler_steps",
             "decoder_guidance", "prior_guidance")  # fmt: skip
     overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
@@ -309,12 +323,13 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
         n = min(len(ds), args.limit or len(ds))
         items = [ds[i] for i in range(n)]
         records = [manifest[it["key"]] for it in items]
-        real = pipe.encode_image([from_tensor(it["image"]) for it in items])
+        real = judge.encode_image([from_tensor(it["image"]) for it in items])
         modes = [("unclip", True)] + ([("no_prior", False)] if args.no_prior_baseline else [])
         for name, use_prior in modes:
             metrics, kept = evaluate_pipeline(
                 pipe, records, real, use_prior=use_prior, overrides=overrides,
                 progress=not args.no_progress, keep_images=32 if args.grid and not grid else 0,
+                judge=judge,
             )  # fmt: skip
             results[f"{split}/{name}"] = metrics
             if kept:
@@ -324,6 +339,8 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    space = f"CLIP {args.judge}" if args.judge else "the pipeline's own CLIP"
+    print(f"(pipeline: {args.pipeline}; measured in the feature space of {space})", file=sys.stderr)
     names = list(next(iter(results.values())))
     print("metric".ljust(16) + "".join(k.rjust(18) for k in results))
     for name in names:
