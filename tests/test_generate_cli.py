@@ -231,6 +231,25 @@ def test_train_pipeline_assembles_from_run_folders(tmp_path, capsys):
     assert rc == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run([*args, "--overwrite"], capsys)
     assert rc == 0, err
+    assert json.loads((out / "pipeline.json").read_text())["sampling"]["decoder"]["guidance"] == 8.0
+
+
+def test_train_pipeline_records_the_sampling_file(tmp_path, capsys):
+    stages = write_stages(tmp_path / "stages")
+    sampling = tmp_path / "sampling.json"
+    sampling.write_text(json.dumps({"decoder": {"guidance": 1.5}, "upsampler": {"strength": 0.5}}))
+    out = tmp_path / "assembled"
+    args = ["train", "pipeline", "--clip", str(stages["clip"]), "--decoder", str(stages["decoder"]),
+            "--upsampler", str(stages["upsampler"]), "--out", str(out), "--sampling"]  # fmt: skip
+    rc, _, err = run([*args, str(sampling)], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "pipeline.json").read_text())["sampling"]
+    assert doc["decoder"]["guidance"] == 1.5 and doc["upsampler"]["strength"] == 0.5
+    assert doc["decoder"]["steps"] == 25  # unset keys keep the library defaults
+    sampling.write_text(json.dumps({"decoder": {"guidance": "lots"}}))
+    rc, _, err = run([*args, str(sampling), "--overwrite"], capsys)
+    assert rc != 0 and "sampling.json" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((out / "pipeline.json").read_text())["sampling"]["decoder"]["guidance"] == 1.5
 
 
 def test_unknown_pipeline_name_is_one_line(tmp_path, capsys, monkeypatch):

@@ -233,7 +233,7 @@ def test_command_prints_a_table_and_json(tmp_path, capsys):
     assert doc[1]["gflops"] == doc[1]["flops"]["image"] / 1e9
 
 
-@pytest.mark.parametrize("name", ["clip.json", "clip-resnet.json"])
+@pytest.mark.parametrize("name", ["clip.json", "clip-vit.json"])
 def test_command_on_the_emoji_clip_configs(capsys, name):
     assert _run(["info", "--json", str(REPO / "configs" / "emoji-small" / name)]) == 0
     (stats,) = json.loads(capsys.readouterr().out)

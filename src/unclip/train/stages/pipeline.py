@@ -34,6 +34,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="pipeline folder to write")
     p.add_argument("--name", help="pipeline name recorded in pipeline.json and image metadata "
                    "(default: the --out folder's name)")  # fmt: skip
+    p.add_argument("--sampling", metavar="JSON",
+                   help="default sampling settings to record in pipeline.json: a file with any "
+                   "of the keys prior, decoder, upsampler (steps, guidance, …; see "
+                   "configs/emoji-small/sampling.json); unset keys keep the library defaults")  # fmt: skip
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage precision of the weights (default float16)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -43,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from unclip.pipeline import assemble_pipeline
+    from unclip.pipeline.config import SamplingConfig
 
+    sampling = SamplingConfig.load(args.sampling) if args.sampling else None
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     out = assemble_pipeline(
         args.out,
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         inpaint_decoder=args.inpaint_decoder,
         upsamplers=args.upsampler,
         name=args.name,
+        sampling=sampling,
         dtype=dtype[args.dtype],
         overwrite=args.overwrite,
     )
