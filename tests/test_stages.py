@@ -366,3 +366,18 @@ def test_eval_pipeline_judge_without_tokenizer_is_a_clear_error(shapes, tmp_path
             "--limit", "2", "--judge", str(empty), "--no-progress"]  # fmt: skip
     assert main(args) != 0
     assert "not-a-clip" in capsys.readouterr().err
+
+
+def test_eval_tables_name_the_feature_space(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
+    from tiny_pipeline import write_tiny_pipeline
+
+    clip_dir = str(tiny_clip_and_embeddings[0])
+    assert main(["eval", "clip", "--clip", clip_dir, "--data", str(shapes), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "zero_shot_style" in out and "%" in out
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    args = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "2", "--judge", clip_dir, "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "clip_score" in captured.out and f"feature space of CLIP {clip_dir}" in captured.err

@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pipeline",
         help="sample quality of a pipeline on a split: CLIP score, FD, KID, retrieval",
         description="Generate one image per caption of a split (seed = row index) and report, "
-        "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between the caption and "
-        "the generated image), Fréchet distance and KID against the split's real images, and "
+        "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between "
+        "the caption and the generated image), Fréchet distance and KID against the split's real images, and "
         "how often the generated image retrieves its caption's real image among the split's "
         "real images (top-1/top-5). With --no-prior-baseline the same numbers for the "
         "decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
@@ -185,8 +185,6 @@ def _eval_clip(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    space = f"CLIP {args.judge}" if args.judge else "the pipeline's own CLIP"
-    print(f"(pipeline: {args.pipeline}; measured in the feature space of {space})", file=sys.stderr)
     names = list(next(iter(results.values())))
     print("metric".ljust(36) + "".join(s.rjust(10) for s in results))
     for name in names:
@@ -271,13 +269,13 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
                       progress: bool = True, keep_images: int = 0, judge=None):  # fmt: skip
     """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
     of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself)."""
-    judge = judge or pipe
     import torch
     from tqdm import tqdm
 
     from unclip.eval.clip_eval import recall_at_k
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
+    judge = judge or pipe
     gen_emb, kept = [], []
     step = max(1, pipe.max_batch)  # one call per batch: caption i still gets seed i
     with tqdm(total=len(records), desc="eval", unit="img", disable=not progress) as bar:
