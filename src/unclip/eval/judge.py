@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -41,7 +40,6 @@ class ClipJudge:
         self.tokenizer = Tokenizer.load(tokenizer_dir)
         self.image_size = image_size
         self.device = torch.device(device)
-        self.name = os.fspath(clip_dir)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
@@ -60,5 +58,5 @@ class ClipJudge:
                 [prepare_image(img, self.image_size) for img in images[start : start + 64]]
             )
             z = self.clip.encode_image(self.clip.preprocess(x.to(self.device)))
-            rows.append(F.normalize(z.float(), dim=-1))
+            rows.append(z.float())
         return torch.cat(rows) if rows else torch.zeros(0)
