@@ -71,8 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sample quality of a pipeline on a split: CLIP score, FD, KID, retrieval",
         description="Generate one image per caption of a split (seed = row index) and report, "
         "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between "
-        "the caption and the generated image), Fréchet distance and KID against the split's real images, and "
-        "how often the generated image retrieves its caption's real image among the split's "
+        "the caption and the generated image), Fréchet distance and KID against the split's "
+        "real images, and how often the generated image retrieves its caption's real image among the split's "
         "real images (top-1/top-5). With --no-prior-baseline the same numbers for the "
         "decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
     )
@@ -91,10 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--prior-guidance", type=float,
                     help="override the prior's guidance scale (1 = off)")  # fmt: skip
     pp.add_argument("--judge", metavar="CLIP",
-                    help="measure in this CLIP's feature space (a CLIP folder with tokenizer/, "
-                    "or a pipeline folder) "
-                    "instead of the pipeline's own, to compare pipelines built on different "
-                    "CLIPs")  # fmt: skip
+                    help="measure in this CLIP's feature space instead of the pipeline's own (a "
+                    "CLIP folder with tokenizer/, or a pipeline folder), to compare pipelines "
+                    "built on different CLIPs")  # fmt: skip
     add_dtype_argument(pp)
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -30,22 +30,19 @@ class ClipJudge:
     def __init__(
         self, clip_dir: str | os.PathLike, image_size: int, device: str | torch.device = "cpu"
     ) -> None:
-        from unclip.clip.convert import load_clip
-        from unclip.tokenizer import Tokenizer
+        from unclip.train.stages.common import FrozenTextEncoder
 
         tokenizer_dir = Path(clip_dir) / "tokenizer"
         if not tokenizer_dir.is_dir():
             raise FileNotFoundError(f"{clip_dir}: no tokenizer/ folder beside the CLIP weights")
-        self.clip = load_clip(clip_dir, device=device, dtype=torch.float32)
-        self.tokenizer = Tokenizer.load(tokenizer_dir)
+        self.text = FrozenTextEncoder(clip_dir, device)
+        self.clip = self.text.model
         self.image_size = image_size
         self.device = torch.device(device)
 
-    @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """N captions -> z_t [N, D] float32, L2-normalised."""
-        tokens = self.tokenizer(list(texts), self.clip.config.context_length).to(self.device)
-        return self.clip.encode_text(tokens).float()
+        return self.text(texts, self.device)[0].float()
 
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image]) -> Tensor:
