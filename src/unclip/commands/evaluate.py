@@ -72,9 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Generate one image per caption of a split (seed = row index) and report, "
         "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between "
         "the caption and the generated image), Fréchet distance and KID against the split's "
-        "real images, and how often the generated image retrieves its caption's real image among the split's "
-        "real images (top-1/top-5). With --no-prior-baseline the same numbers for the "
-        "decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
+        "real images, and how often the generated image retrieves its caption's real image "
+        "among the split's real images (top-1/top-5). With --no-prior-baseline the same "
+        "numbers for the decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
     )
     pp.add_argument("--pipeline", default="emoji-small", help="pipeline name or folder")
     pp.add_argument("--data", required=True, help="shard folder with manifest.jsonl")
