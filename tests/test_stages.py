@@ -381,3 +381,9 @@ def test_eval_tables_name_the_feature_space(shapes, tiny_clip_and_embeddings, tm
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "clip_score" in captured.out and f"feature space of CLIP {clip_dir}" in captured.err
+    assert main([*args, "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)["val/unclip"]
+    table = {line.split()[0]: float(line.split()[1]) for line in captured.out.splitlines()[1:]}
+    assert table.keys() == exact.keys()
+    for name, value in exact.items():  # every metric, small ones (KID) included, to 4 figures
+        assert table[name] == pytest.approx(value, rel=1e-3, abs=1e-12), name

@@ -340,6 +340,6 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
     print(f"(pipeline: {args.pipeline}; measured in the feature space of {space})", file=sys.stderr)
     names = list(next(iter(results.values())))
     print("metric".ljust(16) + "".join(k.rjust(18) for k in results))
-    for name in names:
-        print(name.ljust(16) + "".join(f"{results[k][name]:.4f}".rjust(18) for k in results))
+    for name in names:  # 4 significant figures: KID (about 1e-3) keeps its digits
+        print(name.ljust(16) + "".join(f"{results[k][name]:.4g}".rjust(18) for k in results))
     return 0
