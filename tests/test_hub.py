@@ -38,6 +38,27 @@ def test_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
+    # safetensors keeps header metadata in a hash map: unsorted, its order changed per save
+    from safetensors import safe_open
+
+    from unclip.hub import save_state_dict
+
+    state = make_model(dim=6, hidden=12).state_dict()
+    meta = {f"key{i}": f"value {i}" for i in range(12)}
+    files = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for f in files:
+        save_state_dict(state, f, metadata=meta)
+    assert len({f.read_bytes() for f in files}) == 1
+    n = int.from_bytes(files[0].read_bytes()[:8], "little")
+    header = json.loads(files[0].read_bytes()[8 : 8 + n])
+    assert list(header["__metadata__"]) == sorted(meta)
+    with safe_open(files[0], framework="pt") as f:
+        assert f.metadata() == meta
+        for k, v in state.items():
+            assert torch.equal(f.get_tensor(k), v), k
+
+
 def test_ema_weights_are_preferred_and_selectable(tmp_path):
     model, ema = make_model(0), make_model(1)
     save_pretrained(model, tmp_path / "m", ema=ema)

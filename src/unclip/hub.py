@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import pickle
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -115,7 +116,31 @@ def save_state_dict(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(_plain_state(state, dtype), str(tmp), metadata=metadata or {"format": "pt"})
+    _sort_header_metadata(tmp)
     os.replace(tmp, path)
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` with its keys sorted, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from run to run, so
+    saving the same tensors twice gave files that differ byte for byte (a new blob in git for
+    every unchanged stage of a re-assembled pipeline). Sorting reorders the same characters,
+    so the header keeps its length and the data offsets stay valid; if the length ever differs
+    the file is left as safetensors wrote it.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))  # safetensors pads its header with spaces
+        if len(text) == n:
+            f.seek(8)
+            f.write(text)
 
 
 def save_pretrained(
