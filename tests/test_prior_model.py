@@ -57,6 +57,43 @@ def test_shapes(kw, use_tokens):
     assert model(x, t[0], zt, *args).shape == (3, D)  # a scalar timestep is broadcast
 
 
+@pytest.mark.parametrize(
+    "kw,use_tokens", [({}, True), ({}, False), ({"text_dim": 0}, False), ({"layers": 3}, True)]
+)
+def test_caption_cache_gives_the_full_sequences_outputs(kw, use_tokens):
+    model = make(**kw)
+    x, t, zt, tokens, mask = inputs(n=4)
+    text = {"text_tokens": tokens, "text_mask": mask} if use_tokens else {}
+    drop = torch.tensor([False, True, False, True])
+    cache = model.caption_cache(zt, **text, drop_text=drop)
+    length = {True: 6, False: 1 if model.config.text_dim else 0}[use_tokens]
+    assert cache["caption_kv"].shape == (4, model.config.layers, 2, length, 32)
+    assert cache["caption_mask"].shape == (4, length)
+    full = model(x, t, zt, **text, drop_text=drop)
+    for step_t in (t, t.flip(0), t[0]):  # one cache serves every step
+        assert torch.allclose(
+            model(x, step_t, zt, drop_text=drop, **cache),
+            model(x, step_t, zt, **text, drop_text=drop),
+            atol=1e-5,
+        )
+    assert torch.allclose(model(x, t, zt, drop_text=drop, **cache), full, atol=1e-5)
+    undropped = model.caption_cache(zt, **text)  # other drop rows: a different condition
+    if model.config.text_dim:
+        assert not torch.allclose(model(x, t, zt, **undropped), full, atol=1e-3)
+
+
+def test_caption_cache_misuse_raises():
+    model = make()
+    x, t, zt, tokens, mask = inputs()
+    cache = model.caption_cache(zt, tokens, mask)
+    with pytest.raises(ValueError, match="not both"):
+        model(x, t, zt, tokens, mask, **cache)
+    with pytest.raises(ValueError, match=r"caption_kv must be \[N, layers"):
+        model(x[:2], t[:2], zt[:2], caption_kv=cache["caption_kv"], caption_mask=None)
+    with pytest.raises(ValueError, match="eval"):
+        model.train()(x, t, zt, **cache)
+
+
 def test_bad_inputs_raise():
     model = make()
     x, t, zt, tokens, _ = inputs()
@@ -214,3 +251,8 @@ def test_bf16_autocast_forward():
         out = model(x, t, zt, tokens, mask)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).norm() < 0.1 * ref.norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the pipeline samples with a cache
+        cache = model.caption_cache(zt, tokens, mask)
+        cached = model(x, t, zt, **cache)
+    assert cache["caption_kv"].dtype == torch.bfloat16
+    assert (cached.float() - ref).norm() < 0.1 * ref.norm()

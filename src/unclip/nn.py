@@ -174,6 +174,11 @@ class Attention(nn.Module):
     x: [N, L, dim]; context: [N, Lc, context_dim]; mask: [N, L] and context_mask: [N, Lc] bool
     (True = real token). ``causal`` applies to the sequence's own keys only (the context is
     a visible prefix). Returns [N, L, dim].
+
+    ``past``: (keys, values) [N, Lp, dim] each of tokens that come before ``x`` in the
+    sequence, as :meth:`keys_values` gave them (a key/value cache); they are prepended to the
+    keys and values of ``x``, and ``mask`` then covers both: [N, Lp + L]. A causal ``x`` sees
+    all of them (the mask is aligned to the last key).
     """
 
     def __init__(
@@ -202,10 +207,16 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         causal: bool = False,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         n, length, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
         key_mask = mask
+        if past is not None:
+            if context is not None:
+                raise ValueError("give an attention layer context or past keys, not both")
+            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, Lp + L, dim]
+            v = torch.cat([past[1].to(v.dtype), v], dim=1)
         if context is not None:
             if self.context_kv is None:
                 raise ValueError("this attention layer was built without context_dim")
@@ -227,6 +238,11 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(out)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values of ``x`` [N, L, dim] (what ``past`` takes): 2 × [N, L, dim]."""
+        _, k, v = self.qkv(x).chunk(3, dim=-1)
+        return k, v
 
 
 def condition_drop_mask(

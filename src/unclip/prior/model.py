@@ -155,8 +155,21 @@ def unscale_embedding(x: torch.Tensor, scale: float, *, normalize: bool = True) 
     return F.normalize(z, dim=-1) if normalize else z
 
 
+def _with_extra_keys(caption_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask of caption + the four extra tokens: [N, L] -> [N, L + 4] (None stays None)."""
+    if caption_mask is None:
+        return None
+    n = caption_mask.shape[0]
+    ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=caption_mask.device)
+    return torch.cat([caption_mask.bool(), ones], dim=1)
+
+
 class PriorBlock(nn.Module):
-    """Pre-LayerNorm Transformer block with causal self-attention. h: [N, S, W] -> [N, S, W]."""
+    """Pre-LayerNorm Transformer block with causal self-attention. h: [N, S, W] -> [N, S, W].
+
+    ``past``: cached (keys, values) [N, Sp, W] of earlier tokens (see
+    :meth:`DiffusionPriorTransformer.caption_cache`); ``key_mask`` then covers [N, Sp + S].
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -169,8 +182,13 @@ class PriorBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.drop(self.attn(self.ln_1(h), mask=key_mask, causal=True))
+    def forward(
+        self,
+        h: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = h + self.drop(self.attn(self.ln_1(h), mask=key_mask, causal=True, past=past))
         return h + self.drop(self.mlp(self.ln_2(h)))
 
 
@@ -187,7 +205,9 @@ class DiffusionPriorTransformer(nn.Module):
     - text_mask: [N, L] bool, True for real tokens, False for padding (None: all real);
     - drop_text: [N] bool, rows that get the null caption condition (learned null z_t and a
       single learned null token) whatever the inputs; in training mode, rows are also
-      dropped at random with probability ``config.text_drop_prob``.
+      dropped at random with probability ``config.text_drop_prob``;
+    - caption_kv, caption_mask: instead of text_tokens and text_mask, the caption's cached
+      keys and values from :meth:`caption_cache` (sampling only; the same drop_text).
 
     Returns [N, D]: the predicted unnoised embedding, in the scaled space.
     """
@@ -239,6 +259,23 @@ class DiffusionPriorTransformer(nn.Module):
         Arguments as in :meth:`forward`. ``L`` is the caption length (1 for the null token
         alone, 0 when ``text_dim == 0``).
         """
+        drop = condition_drop_mask(
+            x.shape[0],
+            self.config.text_drop_prob,
+            drop_text,
+            training=self.training,
+            device=x.device,
+        )
+        extra = self._extra_tokens(x, t, text_emb, drop)
+        tokens, text_keep = self._caption(text_tokens, text_mask, drop, extra.dtype)
+        h = torch.cat([tokens, extra], dim=1)  # [N, L + 4, W]
+        return h, _with_extra_keys(text_keep)
+
+    def _extra_tokens(
+        self, x: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """The four tokens after the caption (z_t, timestep, noised z_i, query) with their
+        positions: [N, 4, W] in the compute dtype (bf16 under autocast)."""
         cfg = self.config
         n = x.shape[0]
         if x.ndim != 2 or x.shape[1] != cfg.clip_dim:
@@ -246,29 +283,58 @@ class DiffusionPriorTransformer(nn.Module):
         if text_emb.shape != x.shape:
             raise ValueError(f"text_emb must be [N, {cfg.clip_dim}], got {tuple(text_emb.shape)}")
         t = t.reshape(1).expand(n) if t.ndim == 0 else t
-        drop = condition_drop_mask(
-            n, cfg.text_drop_prob, drop_text, training=self.training, device=x.device
-        )
-
         zt = apply_null(scale_embedding(text_emb, cfg.embed_scale), self.null_text_emb, drop)
         parts = [self.text_emb_proj(zt), self.time_embed(t), self.x_proj(x)]  # 3 × [N, W]
         parts.append(self.query.expand(n, -1))
-        dtype = parts[0].dtype  # the compute dtype (bf16 under autocast)
+        dtype = parts[0].dtype
         extra = torch.stack([p.to(dtype) for p in parts], dim=1)  # [N, 4, W]
+        return extra + self.pos_emb[cfg.text_len :][None].to(dtype)
 
-        tokens, text_keep = caption_tokens(
+    def _caption(
+        self,
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        drop: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption tokens with their positions, (tokens [N, L, W] in ``dtype``, key mask
+        [N, L] bool or None = all visible); see :func:`caption_tokens`."""
+        cfg = self.config
+        tokens, keep = caption_tokens(
             self.text_proj, self.null_text_token, text_tokens, text_mask, drop, cfg.text_len,
-            extra.dtype,
+            dtype,
         )  # fmt: skip
-        length = tokens.shape[1]
-        h = torch.cat([tokens.to(extra.dtype), extra], dim=1)  # [N, L + 4, W]
-        pos = torch.cat([self.pos_emb[:length], self.pos_emb[cfg.text_len :]], dim=0)
-        h = h + pos[None].to(h.dtype)
-        key_mask = None
-        if text_keep is not None:
-            ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=x.device)
-            key_mask = torch.cat([text_keep, ones], dim=1)  # [N, L + 4]
-        return h, key_mask
+        tokens = tokens.to(dtype) + self.pos_emb[: tokens.shape[1]][None].to(dtype)
+        return tokens, keep
+
+    @torch.no_grad()
+    def caption_cache(
+        self,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The caption tokens' keys and values at every layer, for sampling.
+
+        The caption comes first in the causal sequence, so its tokens never see x or t: their
+        keys and values are the same at every sampling step. Computing them once and passing
+        them to :meth:`forward` leaves each step only the four tokens after the caption (the
+        same outputs up to rounding). Arguments as in :meth:`forward` (``text_emb`` [N, D]
+        gives N). Returns ``{"caption_kv": [N, layers, 2, L, W], "caption_mask": [N, L]
+        bool}``, to pass to :meth:`forward` with the same ``drop_text``.
+        """
+        n = text_emb.shape[0]
+        drop = condition_drop_mask(n, 0.0, drop_text, training=False, device=text_emb.device)
+        dtype = self.text_emb_proj(text_emb[:1].float()).dtype  # the compute dtype
+        h, keep = self._caption(text_tokens, text_mask, drop, dtype)
+        kv = []
+        for block in self.blocks:
+            kv.append(torch.stack(block.attn.keys_values(block.ln_1(h)), dim=1))  # [N, 2, L, W]
+            h = block(h, keep)
+        if keep is None:
+            keep = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        return {"caption_kv": torch.stack(kv, dim=1), "caption_mask": keep}
 
     def transformer(self, h: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The causal blocks and final LayerNorm: h: [N, S, W], key_mask: [N, S] -> [N, S, W]."""
@@ -299,6 +365,25 @@ class DiffusionPriorTransformer(nn.Module):
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
+        caption_kv: torch.Tensor | None = None,
+        caption_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.hidden_states(x, t, text_emb, text_tokens, text_mask, drop_text)
-        return self.out(h[:, -1])  # [N, D], read at the query token
+        if caption_kv is None:
+            h = self.hidden_states(x, t, text_emb, text_tokens, text_mask, drop_text)
+            return self.out(h[:, -1])  # [N, D], read at the query token
+        if text_tokens is not None or text_mask is not None:
+            raise ValueError("give text_tokens/text_mask or a caption cache, not both")
+        if self.training:
+            raise ValueError("a caption cache is for sampling: call model.eval() first")
+        n = x.shape[0]
+        if caption_kv.ndim != 5 or caption_kv.shape[:3] != (n, len(self.blocks), 2):
+            raise ValueError(
+                f"caption_kv must be [N, layers, 2, L, W] = [{n}, {len(self.blocks)}, 2, ...], "
+                f"got {tuple(caption_kv.shape)}"
+            )
+        drop = condition_drop_mask(n, 0.0, drop_text, training=False, device=x.device)
+        h = self._extra_tokens(x, t, text_emb, drop)  # [N, 4, W]
+        key_mask = _with_extra_keys(caption_mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h, key_mask, (caption_kv[:, i, 0], caption_kv[:, i, 1]))
+        return self.out(self.ln_out(h)[:, -1])  # [N, D]
