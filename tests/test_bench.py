@@ -107,6 +107,12 @@ def test_bench_command_quick(tiny_pipe: Path, tmp_path: Path) -> None:
         assert entry["achieved_gflops"] > 0
         assert entry["mfu_bf16"] == pytest.approx(entry["achieved_gflops"] / 400)
     assert sampling["end_to_end"]["batch2"]["images"] == 2
+    # the prior's steps run four tokens after a cached caption: less than a full forward
+    from unclip.eval.model_stats import model_stats
+    from unclip.pipeline import load_pipeline
+
+    full = model_stats(load_pipeline(tiny_pipe).prior.model.config).gflops
+    assert 0 < sampling["prior"]["gflops_per_call_sample"] < full
     assert set(r["training"]) == {"clip", "prior", "decoder", "upsampler"}
     for row in r["training"].values():
         assert row["batch"] == 2 and row["samples_per_s"] > 0

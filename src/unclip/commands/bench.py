@@ -478,6 +478,30 @@ def forward_gflops(pipe: UnclipPipeline) -> dict[str, float]:
     return out
 
 
+def prior_step_gflops(pipe: UnclipPipeline, steps: int) -> float:
+    """GFLOPs per sample of one diffusion-prior sampling step as the pipeline runs it: the
+    four tokens after the caption (whose keys and values are cached, see
+    ``DiffusionPriorTransformer.caption_cache``) plus the caption pass, made once per run,
+    spread over ``steps``."""
+    import torch
+
+    from unclip.eval.model_stats import forward_flops
+
+    assert pipe.prior is not None
+    model = pipe.prior.model
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x, zt = torch.randn(2, 1, cfg.clip_dim, generator=g)
+    t = torch.tensor([500])
+    if not cfg.text_dim:  # no caption tokens, no cache: the full forward
+        return forward_flops(lambda: model(x, t, zt)) / 1e9
+    tokens = torch.randn(1, pipe.clip.config.context_length, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        cache = model.caption_cache(zt, tokens)
+    step = forward_flops(lambda: model(x, t, zt, **cache))
+    return (step + forward_flops(lambda: model.caption_cache(zt, tokens)) / steps) / 1e9
+
+
 def bench_sampling(
     pipe: UnclipPipeline,
     settings: Any,
@@ -489,6 +513,8 @@ def bench_sampling(
     """Latency (1 image) and batch throughput per stage and end to end, with achieved
     GFLOP/s and MFU of every network (decoder first among them)."""
     gflops = forward_gflops(pipe)
+    if pipe.prior is not None and pipe.prior.diffusion is not None:
+        gflops["prior"] = prior_step_gflops(pipe, settings.prior.steps)
     results: dict[str, Any] = {}
     single = stage_runners(pipe, settings, 1)
     many = stage_runners(pipe, settings, batch)
@@ -829,6 +855,9 @@ def format_markdown(r: dict[str, Any]) -> str:
          "GFLOP/s, MFU fp32/bf16 (1 image)", f"GFLOP/s, MFU fp32/bf16 ({batch})"],
         rows,
     ))  # fmt: skip
+    if "prior" in r["sampling"]:
+        lines += ["", "The prior's FLOPs are those of its sampling steps: the four tokens after "
+                  "the caption, whose keys and values are computed once per run."]  # fmt: skip
     if "training" in r:
         lines += ["", f"Training ({r['training_precision']}, AdamW, random data):", ""]
         rows = [
