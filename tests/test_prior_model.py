@@ -82,6 +82,24 @@ def test_caption_cache_gives_the_full_sequences_outputs(kw, use_tokens):
         assert not torch.allclose(model(x, t, zt, **undropped), full, atol=1e-3)
 
 
+def test_sampling_conditions_guide_as_the_full_caption_does():
+    from unclip.diffusion import classifier_free_guidance
+
+    model = make(seed=3)
+    x, t, zt, tokens, mask = inputs()
+    cond, uncond = model.sampling_conditions(zt, tokens, mask)
+    assert set(cond) == {"text_emb", "drop_text", "caption_kv", "caption_mask"}
+    assert not cond["drop_text"].any() and uncond["drop_text"].all()
+    full = {"text_emb": zt, "text_tokens": tokens, "text_mask": mask}
+    ones = torch.ones(3, dtype=torch.bool)
+    ref = classifier_free_guidance(model, 3.0, {**full, "drop_text": ~ones},
+                                   {**full, "drop_text": ones})  # fmt: skip
+    cached = classifier_free_guidance(model, 3.0, cond, uncond)
+    assert torch.allclose(cached(x, t), ref(x, t), atol=1e-5)
+    no_text, _ = make(text_dim=0).sampling_conditions(zt)
+    assert set(no_text) == {"text_emb", "drop_text"}
+
+
 def test_caption_cache_misuse_raises():
     model = make()
     x, t, zt, tokens, mask = inputs()

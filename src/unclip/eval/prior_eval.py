@@ -94,13 +94,9 @@ def sample_prior_embeddings(
 
     def sample_batch(zt: torch.Tensor, feats: Any, mask: Any) -> torch.Tensor:
         m = len(zt)
-        cond: dict[str, Any] = {"text_emb": zt}
-        if feats is not None:
-            cond.update(text_tokens=feats, text_mask=mask)
+        cond, uncond = prior.sampling_conditions(zt, feats, mask)  # caption caches
         fn: Any = prior
         if guidance != 1.0:
-            uncond = {**cond, "drop_text": torch.ones(m, dtype=torch.bool)}
-            cond = {**cond, "drop_text": torch.zeros(m, dtype=torch.bool)}
             fn = classifier_free_guidance(prior, guidance, cond, uncond)
             cond = {}
         x = final(ddim_sample(diffusion, fn, (m, prior.config.clip_dim), steps, generator=g,

@@ -724,18 +724,12 @@ class UnclipPipeline:
         st = settings.prior
         model = self.prior.model
         n, c = len(seeds), st.candidates
-        cond: dict[str, Any] = {"text_emb": text.z_t.repeat_interleave(c, 0)}  # [n·c, D]
-        uncond = dict(cond)
-        cond["drop_text"] = torch.zeros(n * c, dtype=torch.bool, device=self.device)
-        uncond["drop_text"] = torch.ones(n * c, dtype=torch.bool, device=self.device)
-        if model.config.text_dim:
-            # the caption precedes x and t in the prior's causal sequence: its keys and values
-            # are the same at every step, so they are computed once here
-            tokens = text.tokens.repeat_interleave(c, 0)
-            mask = text.mask.repeat_interleave(c, 0)
-            with _autocast(self.device, self.dtype):
-                for kw in (cond, uncond):
-                    kw.update(model.caption_cache(kw["text_emb"], tokens, mask, kw["drop_text"]))
+        with _autocast(self.device, self.dtype):  # [n·c] rows; caption caches in that dtype
+            cond, uncond = model.sampling_conditions(
+                text.z_t.repeat_interleave(c, 0),
+                text.tokens.repeat_interleave(c, 0),
+                text.mask.repeat_interleave(c, 0),
+            )
         fn = _guided(_model_fn(model), st.guidance, cond, uncond, False)
         x = self._run(
             "prior",

@@ -357,6 +357,26 @@ class DiffusionPriorTransformer(nn.Module):
         h, key_mask = self.embed(x, t, text_emb, text_tokens, text_mask, drop_text)
         return self.transformer(h, key_mask)
 
+    def sampling_conditions(
+        self,
+        text_emb: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The (cond, uncond) model kwargs of a sampling run: the caption and the null
+        condition (classifier-free guidance), for z_t [N, D], text_tokens [N, L, text_dim] and
+        text_mask [N, L]. The caption tokens come as caption caches (:meth:`caption_cache`,
+        computed here once for the whole run). Call it in the autocast context the sampler
+        runs in, so the cache has the steps' precision.
+        """
+        n, dev = text_emb.shape[0], text_emb.device
+        cond = {"text_emb": text_emb, "drop_text": torch.zeros(n, dtype=torch.bool, device=dev)}
+        uncond = {"text_emb": text_emb, "drop_text": torch.ones(n, dtype=torch.bool, device=dev)}
+        if self.config.text_dim:
+            for kw in (cond, uncond):
+                kw.update(self.caption_cache(text_emb, text_tokens, text_mask, kw["drop_text"]))
+        return cond, uncond
+
     def forward(
         self,
         x: torch.Tensor,
