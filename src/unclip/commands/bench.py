@@ -372,7 +372,7 @@ def stage_runners(
     batch, with the pipeline's guidance wiring) and the row counter of its network."""
     import torch
 
-    from unclip.pipeline.core import TextCondition, _guided, _model_fn
+    from unclip.pipeline.core import TextCondition, _autocast, _guided, _model_fn
 
     dev, dtype = pipe.device, pipe.dtype
     text = pipe._text(CAPTION)
@@ -399,7 +399,7 @@ def stage_runners(
         mask = text.mask.expand(rows, -1) if cfg.text_dim else None
 
         def sample_ar() -> Any:
-            from unclip.pipeline.core import _autocast, stage_generator
+            from unclip.pipeline.core import stage_generator
 
             with _autocast(dev, dtype):
                 return prior.model.sample(
@@ -412,17 +412,19 @@ def stage_runners(
     elif pipe.prior is not None:
         prior, st = pipe.prior, settings.prior
         rows = n * st.candidates
-        cond: dict[str, Any] = {"text_emb": text.z_t.expand(rows, -1)}
-        if prior.model.config.text_dim:
-            cond["text_tokens"] = text.tokens.expand(rows, -1, -1)
-            cond["text_mask"] = text.mask.expand(rows, -1)
-        uncond = dict(cond)
-        cond["drop_text"] = torch.zeros(rows, dtype=torch.bool, device=dev)
-        uncond["drop_text"] = torch.ones(rows, dtype=torch.bool, device=dev)
         pc = RowCounter(_model_fn(prior.model))
-        pfn = _guided(pc, st.guidance, cond, uncond, False)
         pshape = (rows, prior.model.config.clip_dim)
-        out["prior"] = (lambda: _run_sampler(pipe, prior, pfn, pshape, st), pc)
+
+        def sample_prior() -> Any:  # as the pipeline: the caption cache is part of each run
+            with _autocast(dev, dtype):
+                cond, uncond = prior.model.sampling_conditions(
+                    text.z_t.expand(rows, -1), text.tokens.expand(rows, -1, -1),
+                    text.mask.expand(rows, -1),
+                )  # fmt: skip
+            return _run_sampler(pipe, prior, _guided(pc, st.guidance, cond, uncond, False),
+                                pshape, st)  # fmt: skip
+
+        out["prior"] = (sample_prior, pc)
 
     dec, dst = pipe.decoder, settings.decoder
     z_i = torch.nn.functional.normalize(torch.randn(n, dec.model.config.clip_dim), dim=-1).to(dev)
