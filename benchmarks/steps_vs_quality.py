@@ -20,6 +20,11 @@ so plan on an hour or more on a 2-core CPU.
 usage: python benchmarks/steps_vs_quality.py [--pipeline emoji-small] [--data data/emoji]
        [--split test] [--images 128] [--steps 5,10,25,50,100,250]
        [--samplers ddim,ddpm,dpmpp_2m] [--quick]
+       python benchmarks/steps_vs_quality.py --from-json RESULT.json   (re-render only)
+
+``--from-json`` takes the JSON a full run printed and writes its table and plot again without
+sampling anything, judging the knee against the pipeline's *current* default decoder setting
+(for when the default changes but the weights do not); the section says it was re-rendered.
 """
 
 from __future__ import annotations
@@ -216,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", help=f"Markdown file for the table (default in full mode: {DOC})")
     p.add_argument("--plot", help=f"SVG plot to write (default in full mode: {PLOT})")
     p.add_argument("--no-doc", action="store_true", help="write neither Markdown nor plot")
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="re-render the table and plot of an earlier run's JSON (no sampling), "
+        "judged against the pipeline's current default",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        return rerender(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -245,12 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"sampler": sampler, "steps": k, **r})
             print(f"{sampler:9s} {k:4d} steps  FD {r['fd']:.4f}  CLIP {r['clip_score']:.4f}  "
                   f"{r['s_per_image']:.3f} s/img", file=sys.stderr)  # fmt: skip
-    knees = {}
-    for s in samplers:
-        mine = [r for r in rows if r["sampler"] == s]
-        by_fd = knee([(r["steps"], r["fd"]) for r in mine], args.tolerance)
-        by_clip = knee([(r["steps"], r["clip_score"]) for r in mine], args.clip_tolerance, True)
-        knees[s] = max(by_fd, by_clip)
+    knees = sampler_knees(rows, samplers, args.tolerance, args.clip_tolerance)
     result = {
         "pipeline": pipe.name,
         "data": args.data,
@@ -266,21 +274,68 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "results": rows,
     }
+    write_outputs(result, doc, plot)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def sampler_knees(
+    rows: list[dict[str, Any]], samplers: list[str], tolerance: float, clip_tolerance: float
+) -> dict[str, int]:
+    """Each sampler's knee: the larger of its FD knee and its CLIP-score knee."""
+    knees = {}
+    for s in samplers:
+        mine = [r for r in rows if r["sampler"] == s]
+        by_fd = knee([(r["steps"], r["fd"]) for r in mine], tolerance)
+        by_clip = knee([(r["steps"], r["clip_score"]) for r in mine], clip_tolerance, True)
+        knees[s] = max(by_fd, by_clip)
+    return knees
+
+
+def write_outputs(result: dict[str, Any], doc: str | None, plot: str | None) -> None:
+    """Write the SVG plot (when ``plot``) and the docs section (when ``doc``) of a result."""
+    d = result["default"]
     if plot:
+        samplers = list(result["knee_steps"])
+        rows = result["results"]
         series = {s: [(r["steps"], r["fd"]) for r in rows if r["sampler"] == s] for s in samplers}
         svg = svg_line_plot(
             series,
-            title=f"FD (CLIP features) vs decoder steps — {pipe.name}, {len(captions)} images",
+            title=f"FD (CLIP features) vs decoder steps — {result['pipeline']}, "
+            f"{result['images']} images",
             xlabel="decoder steps (log scale)",
             ylabel="Fréchet distance, CLIP space (lower is better)",
-            marker_x=default.steps,
-            marker_label=f"default ({default.sampler}, {default.steps})",
+            marker_x=d["steps"],
+            marker_label=f"default ({d['sampler']}, {d['steps']})",
         )
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         Path(plot).write_text(svg, encoding="utf-8")
         result["plot"] = str(plot)
     if doc:
         write_doc_section(doc, "steps-vs-quality", format_markdown(result, doc, plot))
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """``--from-json``: the table and plot of a saved run, against today's default setting."""
+    from unclip.pipeline import load_pipeline
+
+    path = Path(args.from_json)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        rows = result["results"]
+        samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+        knees = sampler_knees(rows, samplers, result["tolerance"], result["clip_tolerance"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: {path}: not a steps_vs_quality result ({e})", file=sys.stderr)
+        return 2
+    pipe = load_pipeline(args.pipeline, device="cpu")
+    default = pipe.sampling_settings().decoder
+    result["knee_steps"] = knees
+    result["default"] = {"sampler": default.sampler, "steps": default.steps}
+    result["default_at_knee"] = knees.get(default.sampler) == default.steps
+    result["rerendered"] = machine_info()["time"]
+    doc, plot = (None, None) if args.no_doc else (args.doc or str(DOC), args.plot or str(PLOT))
+    write_outputs(result, doc, plot)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -309,7 +364,13 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         f"`python benchmarks/steps_vs_quality.py` — pipeline {r['pipeline']}, {r['images']} "
         f"captions of {r['data']} ({r['split']}), one sample each (seed = row), "
         f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
-        + (" **Quick mode: not a measurement.**" if r["quick"] else ""),
+        + (" **Quick mode: not a measurement.**" if r["quick"] else "")
+        + (
+            f" Re-rendered from that run's JSON ({r['rerendered']}; `--from-json`) after the "
+            "default changed: the measurements are the run's."
+            if r.get("rerendered")
+            else ""
+        ),
         "Cells: Fréchet distance to the real images in CLIP feature space (lower is better) / "
         "CLIP score (higher is better), and seconds per image end to end.",
         "",

@@ -202,6 +202,46 @@ def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:
     assert "<!-- steps-vs-quality:start -->" in text and "](plot.svg)" in text
 
 
+def test_steps_vs_quality_rerender(tiny_pipe: Path, tmp_path: Path, capsys) -> None:
+    """--from-json re-draws a saved run against the pipeline's current default, sampling
+    nothing; a file that is not a result is refused with its name."""
+    from unclip.pipeline import load_pipeline
+
+    default = load_pipeline(str(tiny_pipe), device="cpu").sampling_settings().decoder
+    k = default.steps
+
+    def row(sampler: str, steps: int, fd: float) -> dict:
+        return {"sampler": sampler, "steps": steps, "fd": fd, "clip_score": 0.5,
+                "s_per_image": 0.1 * steps}  # fmt: skip
+
+    saved = {
+        "pipeline": "tiny", "data": "d", "split": "val", "images": 4, "dtype": "float32",
+        "quick": False, "default": {"sampler": default.sampler, "steps": 999},
+        "tolerance": 0.05, "clip_tolerance": 0.01, "knee_steps": {}, "default_at_knee": False,
+        "machine": {"threads": 2, "time": "then"},
+        "results": [row(default.sampler, k // 2 or 1, 2.0), row(default.sampler, k, 1.0),
+                    row(default.sampler, 2 * k, 0.99)],
+    }  # fmt: skip
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(saved))
+    script = load_script("steps_vs_quality")
+    doc, plot = tmp_path / "b.md", tmp_path / "p.svg"
+    r = run_json(script.main, ["--from-json", str(src), "--pipeline", str(tiny_pipe),
+                               "--doc", str(doc), "--plot", str(plot)])  # fmt: skip
+    assert r["knee_steps"] == {default.sampler: k}
+    assert r["default"] == {"sampler": default.sampler, "steps": k}
+    assert r["default_at_knee"] is True
+    text = doc.read_text()
+    assert "Re-rendered from that run's JSON" in text and "— at the knee." in text
+    assert "(then)" not in text and "2 threads, then." in text
+    ET.fromstring(plot.read_text())
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": 3}')
+    assert script.main(["--from-json", str(bad), "--no-doc"]) == 2
+    assert "bad.json: not a steps_vs_quality result" in capsys.readouterr().err
+
+
 def test_knee_and_plot_helpers() -> None:
     script = load_script("steps_vs_quality")
     assert script.knee([(5, 2.0), (10, 1.04), (25, 1.0), (50, 1.01)], 0.05) == 10
