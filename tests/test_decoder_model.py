@@ -21,6 +21,7 @@ from unclip.decoder import (
     make_low_res,
     widen_to_inpainting,
 )
+from unclip.decoder.unet import ResBlock
 from unclip.decoder.upsampler import gaussian_kernel1d
 from unclip.hub import from_pretrained, save_pretrained
 
@@ -294,6 +295,34 @@ def test_bf16_autocast_and_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         emb = model.condition(x.shape[0], t, cond["image_emb"])[0]
     assert emb.dtype == torch.float32 and torch.equal(emb, emb_ref)
+
+
+def test_block_embeddings_and_frozen_weights():
+    """All ResBlock embedding projections as one matmul give each block's own; inside
+    ``frozen_weights`` the stacked weights are built once and the outputs are unchanged; a
+    weight change after the context shows at the next call (nothing stale is kept)."""
+    model = make(seed=7)
+    x, t, cond = inputs()
+    emb = torch.randn(2, model.config.time_embed_dim)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    stacked = model.block_embeddings(emb)
+    assert len(stacked) == len(blocks) > 2
+    for block, e in zip(blocks, stacked, strict=True):  # module order is execution order
+        torch.testing.assert_close(e, block.project(emb), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        ref = model(x, t, **cond)
+        with model.frozen_weights() as same:
+            assert same is model and model._stacked_emb_proj is not None
+            inner = model._stacked_emb_proj
+            with model.frozen_weights():  # nested: the outer tensors are kept
+                assert model._stacked_emb_proj is inner
+            torch.testing.assert_close(model(x, t, **cond), ref, atol=1e-6, rtol=1e-6)
+        assert model._stacked_emb_proj is None
+        blocks[0].emb_proj.weight.add_(0.5)
+        with model.frozen_weights():
+            changed = model(x, t, **cond)
+        torch.testing.assert_close(model(x, t, **cond), changed, atol=1e-6, rtol=1e-6)
+    assert differs(changed, ref)
 
 
 def test_upsampler_config_and_conditioning():

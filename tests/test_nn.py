@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unclip.nn import (
     Attention,
@@ -170,6 +171,27 @@ def test_group_norm32_bf16_fast_path_gives_the_float32_numbers():
     assert torch.equal(y0, y1)
     torch.testing.assert_close(gx0, gx1, atol=0.02, rtol=0.02)
     torch.testing.assert_close(gw0, gw1, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_group_norm32_channels_last_bf16_kernels_give_the_float32_numbers(size):
+    """Channels-last bf16 input without autograd takes ATen's bf16 kernels (its own from
+    32×32, the NCHW one below): the float32 path's numbers, in channels-last; scale-shift
+    modulation is ``norm(x) * (1 + scale) + shift``."""
+    norm = random_group_norm()
+    x = (torch.randn(2, 16, size, size) * 3 + 1).bfloat16().to(memory_format=torch.channels_last)
+    ref = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    with torch.no_grad():
+        y = norm(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), atol=0.02, rtol=0.01)
+    scale, shift = torch.randn(2, 16, 1, 1), torch.randn(2, 16, 1, 1)
+    with torch.no_grad():
+        m = norm.modulate(x, scale, shift)
+    assert m.dtype == torch.bfloat16 and m.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(m.float(), ref * (1 + scale) + shift, atol=0.05, rtol=0.02)
+    m32 = norm.modulate(x.float(), scale, shift)  # float32: the same formula, to rounding
+    torch.testing.assert_close(m32, ref * (1 + scale) + shift, atol=1e-5, rtol=1e-5)
 
 
 def test_zero_module():

@@ -362,7 +362,7 @@ def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ..
         stage.diffusion, fn, shape, st.steps, generator=stage_generator(0, "decoder"),
         device=pipe.device, **options,
     )  # fmt: skip
-    return pipe._drain(steps)  # as the pipeline runs a stage (one autocast context per run)
+    return pipe._drain(steps, stage.model)  # as the pipeline runs a stage
 
 
 def stage_runners(

@@ -40,6 +40,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -693,13 +694,15 @@ class UnclipPipeline:
             device=self.device,
             **options,
         )
-        return self._drain(steps_iter)
+        return self._drain(steps_iter, stage.model)
 
-    def _drain(self, steps_iter: Iterable[SampleStep]) -> Tensor:
+    def _drain(self, steps_iter: Iterable[SampleStep], model: nn.Module | None = None) -> Tensor:
         """Run a sampler to its end inside one autocast context, so each weight is cast to
         the low precision once per run rather than at every model call (autocast caches
-        casts until its outermost context exits)."""
-        with _autocast(self.device, self.dtype):
+        casts until its outermost context exits); a UNet ``model`` also runs inside its
+        ``frozen_weights`` context (tensors derived from its weights built once per run)."""
+        frozen = getattr(model, "frozen_weights", None)
+        with _autocast(self.device, self.dtype), frozen() if frozen else nullcontext():
             return final(steps_iter)
 
     def _sample_prior(
@@ -850,7 +853,7 @@ class UnclipPipeline:
                 device=self.device,
                 **(repaint_options or {}),
             )
-            return self._drain(steps_iter)
+            return self._drain(steps_iter, stage.model)
         x = self._run(
             "inpaint" if use_inpaint_model else "decoder",
             stage,
@@ -886,7 +889,7 @@ class UnclipPipeline:
             progress=callback,
             device=self.device,
         )
-        return self._drain(steps_iter)
+        return self._drain(steps_iter, self.decoder.model)
 
     def _upsample(
         self,
