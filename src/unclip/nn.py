@@ -97,15 +97,15 @@ class GroupNorm32(nn.GroupNorm):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if layout == "direct":
                 y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-            elif layout == "via_nchw":
+            elif layout == "via_nchw":  # back to channels-last before the modulation: a
+                # broadcast [N, C, 1, 1] addcmul on NCHW bf16 is 2-4× slower than on NHWC
                 y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+                y = y.contiguous(memory_format=torch.channels_last)
             else:
                 w, b = _float32(self.weight), _float32(self.bias)
                 y = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
             if scale is not None and shift is not None:
                 y = torch.addcmul(shift.to(y.dtype), y, (1 + scale).to(y.dtype))
-        if layout == "via_nchw":
-            return y.contiguous(memory_format=torch.channels_last)
         return y.to(x.dtype)
 
 

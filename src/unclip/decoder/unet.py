@@ -427,36 +427,36 @@ class UNet(nn.Module):
             out.append(self.null_text_token)
         return out
 
-    def _emb_proj_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ResBlocks' ``emb_proj`` weights [ΣE', E] and biases [ΣE'], stacked."""
-        if self._stacked_emb_proj is not None:
-            return self._stacked_emb_proj
-        projs = [b.emb_proj for b in self._res_blocks]
-        return torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs])
-
     @contextmanager
     def frozen_weights(self) -> Iterator[UNet]:
         """Within this context the weights are taken as fixed (a sampling run): what is
-        derived from them alone (the ResBlocks' stacked embedding projections) is built once
-        at entry instead of at every call. Do not change the weights inside; nested use keeps
-        the outer context's tensors."""
+        derived from them alone (the ResBlocks' embedding projections stacked into one
+        matrix, detached) is built once at entry. Do not change or train the weights inside;
+        nested use keeps the outer context's tensors."""
         if self._stacked_emb_proj is not None:
             yield self
             return
+        projs = [b.emb_proj for b in self._res_blocks]
         with torch.no_grad():
-            self._stacked_emb_proj = self._emb_proj_weights()
+            weight_t = torch.cat([p.weight for p in projs]).t().contiguous()  # [E, ΣE']
+            bias = torch.cat([p.bias for p in projs])  # [ΣE']
+        self._stacked_emb_proj = (weight_t, bias)
         try:
             yield self
         finally:
             self._stacked_emb_proj = None
 
     def block_embeddings(self, emb: torch.Tensor) -> list[torch.Tensor]:
-        """emb [N, E] -> each ResBlock's ``emb_out`` [N, E'_k] in execution order: the same
-        numbers as ``block.project(emb)``, as one float32 matmul (ResBlock embeddings are N
-        rows each; one call per block cost 5% of a one-image decoder step on 2 CPU cores)."""
-        weight, bias = self._emb_proj_weights()
-        with torch.autocast(emb.device.type, enabled=False):
-            out = F.linear(F.silu(emb.float()), weight, bias)  # [N, ΣE']
+        """emb [N, E] -> each ResBlock's ``emb_out`` [N, E'_k] in execution order,
+        ``block.project(emb)``. Inside :meth:`frozen_weights`, one float32 matmul with the
+        stacked weights (the same numbers: a one-image emoji-small decoder call spends 110
+        instead of 330 µs on them, 2 CPU cores); outside, one per block (stacking the weights
+        at every call would cost more than it saves)."""
+        if self._stacked_emb_proj is None:
+            return [block.project(emb) for block in self._res_blocks]
+        weight_t, bias = self._stacked_emb_proj  # x @ Wᵀ with Wᵀ stored row-major: the
+        with torch.autocast(emb.device.type, enabled=False):  # fastest GEMM for N rows
+            out = torch.addmm(bias, F.silu(emb.float()), weight_t)  # [N, ΣE']
         return list(out.split([b.emb_proj.out_features for b in self._res_blocks], dim=1))
 
     def condition(
