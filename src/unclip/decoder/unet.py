@@ -230,9 +230,10 @@ class ResBlock(nn.Module):
         )
 
     def project(self, emb: torch.Tensor) -> torch.Tensor:
-        """emb [N, E] -> this block's ``emb_out`` [N, E'], in float32 (see UNet.condition)."""
+        """emb [N, E] -> this block's ``emb_out`` [N, E'], with autocast off (float32 in a
+        float32 model: see UNet.condition)."""
         with torch.autocast(emb.device.type, enabled=False):
-            return self.emb_proj(F.silu(emb.float()))
+            return self.emb_proj(F.silu(emb))
 
     def forward(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.in_norm(x))
@@ -448,7 +449,7 @@ class UNet(nn.Module):
 
     def block_embeddings(self, emb: torch.Tensor) -> list[torch.Tensor]:
         """emb [N, E] -> each ResBlock's ``emb_out`` [N, E'_k] in execution order,
-        ``block.project(emb)``. Inside :meth:`frozen_weights`, one float32 matmul with the
+        ``block.project(emb)``. Inside :meth:`frozen_weights`, one matmul with the
         stacked weights (the same numbers: a one-image emoji-small decoder call spends 110
         instead of 330 µs on them, 2 CPU cores); outside, one per block (stacking the weights
         at every call would cost more than it saves)."""
@@ -456,7 +457,7 @@ class UNet(nn.Module):
             return [block.project(emb) for block in self._res_blocks]
         weight_t, bias = self._stacked_emb_proj  # x @ Wᵀ with Wᵀ stored row-major: the
         with torch.autocast(emb.device.type, enabled=False):  # fastest GEMM for N rows
-            out = torch.addmm(bias, F.silu(emb.float()), weight_t)  # [N, ΣE']
+            out = torch.addmm(bias, F.silu(emb), weight_t)  # [N, ΣE']
         return list(out.split([b.emb_proj.out_features for b in self._res_blocks], dim=1))
 
     def condition(
