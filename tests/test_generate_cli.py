@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +158,16 @@ def test_generate_with_reranking_and_overrides(pipeline_dir, tmp_path, capsys):
 def test_progress_bar_goes_to_stderr(pipeline_dir, tmp_path, capsys):
     args = common(pipeline_dir, tmp_path)
     args.remove("--no-progress")
-    rc, stdout, err = run(["generate", "a red square", *args], capsys)
+    rc, stdout, err = run(["generate", "a red square", *args, "--decoder-steps", "4",
+                           "--upsampler-steps", "3"], capsys)  # fmt: skip
     assert rc == 0 and "upsampler" in err and "image 1/1" in err
     assert stdout.strip() == str(tmp_path / "generate-3-0.png")
+    # every redraw of a stage's bar shows that stage's own step count (none is drawn with
+    # the previous stage's label)
+    totals = {}
+    for stage, total in re.findall(r"image 1/1 (\w+):[^\r\n]*?\| *\d+/(\d+)", err):
+        totals.setdefault(stage, set()).add(int(total))
+    assert totals.get("decoder") == {4} and totals.get("upsampler") == {3}, totals
 
 
 @pytest.mark.parametrize(

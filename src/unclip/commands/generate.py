@@ -382,11 +382,12 @@ class _Progress:
 
         count = step_images(stage, step)
         if step.index == 0:
-            self.bar.reset(total=step.total)
             first = min(self.done + 1, self.images)
             last = min(self.done + count, self.images)
             label = f"image {first}" if last <= first else f"images {first}-{last}"
-            self.bar.set_description(f"{label}/{self.images} {stage}")
+            # the new label first: reset() redraws, and must not show the last stage's name
+            self.bar.set_description(f"{label}/{self.images} {stage}", refresh=False)
+            self.bar.reset(total=step.total)
         self.bar.update(1)
         if step.index == step.total - 1 and stage == self.last_stage:
             self.done += count
