@@ -237,14 +237,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         images, steps = min(args.images, 6), [2, 4]
-        doc, plot = args.doc, args.plot
     else:
         images, steps = args.images, list(DEFAULT_STEPS)
-        doc, plot = args.doc or str(DOC), args.plot or str(PLOT)
     if args.steps:
         steps = sorted({int(s) for s in args.steps.split(",")})
-    if args.no_doc:
-        doc = plot = None
+    doc, plot = output_paths(args)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     args.dtype = str(pipe.dtype).removeprefix("torch.")
@@ -277,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(result, doc, plot)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def output_paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(Markdown file, SVG plot) to write: the defaults in full mode, only what was asked
+    for in quick mode, neither with ``--no-doc``."""
+    if args.no_doc:
+        return None, None
+    if args.quick:
+        return args.doc, args.plot
+    return args.doc or str(DOC), args.plot or str(PLOT)
 
 
 def sampler_knees(
@@ -334,8 +341,7 @@ def rerender(args: argparse.Namespace) -> int:
     result["default"] = {"sampler": default.sampler, "steps": default.steps}
     result["default_at_knee"] = knees.get(default.sampler) == default.steps
     result["rerendered"] = machine_info()["time"]
-    doc, plot = (None, None) if args.no_doc else (args.doc or str(DOC), args.plot or str(PLOT))
-    write_outputs(result, doc, plot)
+    write_outputs(result, *output_paths(args))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -246,10 +246,7 @@ class ResBlock(nn.Module):
             h = self.out_norm.modulate(h, scale, shift)
         else:
             h = self.out_norm(h + e.to(h.dtype))
-        h = F.silu(h)
-        if self.training and self.dropout.p:
-            h = self.dropout(h)
-        return self.skip(x) + self.out_conv(h)
+        return self.skip(x) + self.out_conv(self.dropout(F.silu(h)))
 
 
 class AttentionBlock(nn.Module):
