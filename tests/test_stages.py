@@ -316,6 +316,9 @@ def test_eval_pipeline_command_reports_quality_metrics(shapes, tmp_path, capsys)
         assert metrics["images"] == 6
         assert -1 <= metrics["clip_score"] <= 1 and metrics["fd_clip"] >= 0
         assert 0 <= metrics["retrieval_r@1"] <= metrics["retrieval_r@5"] <= 1
+        for key in ("style_named", "concept_named", "real_style_named", "real_concept_named"):
+            assert 0 <= metrics[key] <= 1  # the shapes' manifest has style and concept
+    assert results["val/unclip"]["real_style_named"] == results["val/no_prior"]["real_style_named"]
     assert Image.open(grid).size[0] > 100
 
 

@@ -73,7 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between "
         "the caption and the generated image), Fréchet distance and KID against the split's "
         "real images, and how often the generated image retrieves its caption's real image "
-        "among the split's real images (top-1/top-5). With --no-prior-baseline the same "
+        "among the split's real images (top-1/top-5). Where the manifest gives each image a "
+        "style and a concept: how often the CLIP names the asked style (zero-shot, as `unclip "
+        "eval clip`) and the asked concept (the closest caption among the split's captions of "
+        "that style), for the generated images and, as a ceiling, the real ones (real_*). "
+        "With --no-prior-baseline the same "
         "numbers for the decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
     )
     pp.add_argument("--pipeline", default="emoji-small", help="pipeline name or folder")
@@ -101,6 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=_eval_pipeline)
 
 
+#: ``unclip eval clip``'s default zero-shot prompts per manifest field (see expand_templates)
+ZERO_SHOT_TEMPLATES = {"style": "{} style|{group}, {} style", "group": "{}, {style} style"}
+
+
 def expand_templates(template: str, records) -> list[str]:
     """Prompt ensembling (CLIP §3.1.4): ``|`` separates templates, and ``{FIELD}`` expands a
     template into one per value of that manifest field (``"{}, {style} style"`` -> one per
@@ -124,12 +132,11 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
                   batch_size: int = 256, tokenizer: str | None = None) -> dict[str, float]:  # fmt: skip
 
     import torch
-    import torch.nn.functional as F
 
     from unclip.clip.convert import load_clip
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
-    from unclip.eval.clip_eval import retrieval_metrics, zero_shot_accuracy
+    from unclip.eval.clip_eval import class_embeddings, retrieval_metrics, zero_shot_accuracy
     from unclip.tokenizer import Tokenizer
 
     model = load_clip(clip_dir)
@@ -151,14 +158,8 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
             truth = [str(records[k][field]) for k in keys]
             classes = sorted({str(r[field]) for r in records.values() if r.get(field)})
             templates = expand_templates(template, records.values())
-            class_emb = torch.stack(
-                [
-                    F.normalize(
-                        model.encode_text(tok([t.format(c) for t in templates], ctx)).mean(0),
-                        dim=-1,
-                    )
-                    for c in classes
-                ]
+            class_emb = class_embeddings(
+                lambda texts: model.encode_text(tok(texts, ctx)), templates, classes
             )
             acc = zero_shot_accuracy(image_emb, truth, class_emb, classes)
             out[f"zero_shot_{field}"] = acc["accuracy"]
@@ -167,7 +168,7 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
 
 
 def _eval_clip(args: argparse.Namespace) -> int:
-    zero_shot = {"style": "{} style|{group}, {} style", "group": "{}, {style} style"}
+    zero_shot = dict(ZERO_SHOT_TEMPLATES)
     if args.zero_shot:
         zero_shot = {}
         for item in args.zero_shot:
@@ -265,13 +266,18 @@ def _eval_prior(args: argparse.Namespace) -> int:
 
 
 def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, overrides: dict,
-                      progress: bool = True, keep_images: int = 0, judge=None):  # fmt: skip
+                      progress: bool = True, keep_images: int = 0, judge=None,
+                      manifest: list[dict] | None = None):  # fmt: skip
     """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
-    of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself)."""
+    of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself).
+
+    When every record has a ``style`` and a ``concept``, also how often the judge names the
+    asked style and concept of the generated images and of the real ones (``naming_accuracy``;
+    the styles and the style prompts' groups come from ``manifest``, default ``records``)."""
     import torch
     from tqdm import tqdm
 
-    from unclip.eval.clip_eval import recall_at_k
+    from unclip.eval.clip_eval import class_embeddings, naming_accuracy, recall_at_k
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
     judge = judge or pipe
@@ -287,14 +293,25 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
     gen = torch.cat(gen_emb)
     text = judge.encode_text([r["caption"] for r in records])
     sim = gen @ real_emb.T  # generated i vs real j; the caption's own image is j = i
-    return {
+    out = {
         "images": float(len(records)),
         "clip_score": clip_score(gen, text),
         "fd_clip": frechet_distance(gen, real_emb),
         "kid_clip": kernel_distance(gen, real_emb, subset_size=min(100, len(records))),
         "retrieval_r@1": recall_at_k(sim, 1),
         "retrieval_r@5": recall_at_k(sim, 5),
-    }, kept
+    }
+    if all(r.get("style") and r.get("concept") for r in records):
+        every = manifest or records
+        names = sorted({str(r["style"]) for r in every if r.get("style")})
+        grouped = all(r.get("group") for r in every)  # else only "{} style"
+        templates = expand_templates(ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style", every)
+        style_emb = class_embeddings(judge.encode_text, templates, names)
+        labels = ([str(r["style"]) for r in records], [str(r["concept"]) for r in records])
+        for who, emb in (("", gen), ("real_", real_emb)):
+            named = naming_accuracy(emb, text, *labels, style_emb, names)
+            out[f"{who}style_named"], out[f"{who}concept_named"] = named["style"], named["concept"]
+    return out, kept
 
 
 def _eval_pipeline(args: argparse.Namespace) -> int:
@@ -326,7 +343,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
             metrics, kept = evaluate_pipeline(
                 pipe, records, real, use_prior=use_prior, overrides=overrides,
                 progress=not args.no_progress, keep_images=32 if args.grid and not grid else 0,
-                judge=judge,
+                judge=judge, manifest=list(manifest.values()),
             )  # fmt: skip
             results[f"{split}/{name}"] = metrics
             if kept:
