@@ -6,7 +6,6 @@ import torch
 
 from unclip.eval.clip_eval import (
     class_embeddings,
-    naming_accuracy,
     recall_at_k,
     retrieval_metrics,
     zero_shot_accuracy,
@@ -55,28 +54,6 @@ def test_class_embeddings_average_the_templates_of_each_class():
     emb = class_embeddings(encode, ["{} x", "{} y"], ["a", "b"])
     assert torch.allclose(emb[0], torch.tensor([0.5, 0.5]).sqrt())  # mean of x and y, unit
     assert torch.allclose(emb[1], torch.tensor([0.0, 1.0]))
-
-
-def test_naming_accuracy_counts_style_and_concept_separately():
-    # 4 captions: concepts p, q in styles s, t; the caption embeddings are the unit axes
-    caption_emb = torch.eye(4)
-    styles, concepts = ["s", "s", "t", "t"], ["p", "q", "p", "q"]
-    style_names = ["s", "t"]
-    style_emb = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]) / 2**0.5
-    perfect = naming_accuracy(caption_emb, caption_emb, styles, concepts, style_emb, style_names)
-    assert perfect == {"style": 1.0, "concept": 1.0}
-    # image 0 (p, s) looks like caption 3 (q, t) and a bit like caption 1 (q, s): wrong style;
-    # among the captions of its own style the closest is q, so its concept is wrong too
-    images = caption_emb.clone()
-    images[0] = torch.tensor([0.0, 0.3, 0.0, 1.0])
-    named = naming_accuracy(images, caption_emb, styles, concepts, style_emb, style_names)
-    assert named == {"style": 0.75, "concept": 0.75}
-    # image 1 (q, s) drawn mostly like caption 2 (p, t): the style is wrong, but the concept is
-    # judged among the captions of the asked style s only, where its own (q) is the closest
-    images = caption_emb.clone()
-    images[1] = torch.tensor([0.0, 0.2, 1.0, 0.0])
-    named = naming_accuracy(images, caption_emb, styles, concepts, style_emb, style_names)
-    assert named == {"style": 0.75, "concept": 1.0}
 
 
 def test_linear_map_recovers_a_linear_relation():

@@ -74,9 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the caption and the generated image), Fréchet distance and KID against the split's "
         "real images, and how often the generated image retrieves its caption's real image "
         "among the split's real images (top-1/top-5). Where the manifest gives each image a "
-        "style and a concept: how often the CLIP names the asked style (zero-shot, as `unclip "
-        "eval clip`) and the asked concept (the closest caption among the split's captions of "
-        "that style), for the generated images and, as a ceiling, the real ones (real_*). "
+        "style: how often the CLIP names the asked style (zero-shot, with `unclip eval clip`'s "
+        "prompts) of the generated images and, as a ceiling, of the real ones (real_style_named). "
         "With --no-prior-baseline the same "
         "numbers for the decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
     )
@@ -271,13 +270,13 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
     """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
     of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself).
 
-    When every record has a ``style`` and a ``concept``, also how often the judge names the
-    asked style and concept of the generated images and of the real ones (``naming_accuracy``;
-    the styles and the style prompts' groups come from ``manifest``, default ``records``)."""
+    When every record has a ``style``, also how often the judge names the asked style of the
+    generated images and of the real ones (zero-shot with ``unclip eval clip``'s prompts; the
+    styles and the prompts' groups come from ``manifest``, default ``records``)."""
     import torch
     from tqdm import tqdm
 
-    from unclip.eval.clip_eval import class_embeddings, naming_accuracy, recall_at_k
+    from unclip.eval.clip_eval import class_embeddings, recall_at_k, zero_shot_accuracy
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
     judge = judge or pipe
@@ -301,16 +300,15 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
         "retrieval_r@1": recall_at_k(sim, 1),
         "retrieval_r@5": recall_at_k(sim, 5),
     }
-    if all(r.get("style") and r.get("concept") for r in records):
+    if all(r.get("style") for r in records):
         every = manifest or records
         names = sorted({str(r["style"]) for r in every if r.get("style")})
         grouped = all(r.get("group") for r in every)  # else only "{} style"
         templates = expand_templates(ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style", every)
         style_emb = class_embeddings(judge.encode_text, templates, names)
-        labels = ([str(r["style"]) for r in records], [str(r["concept"]) for r in records])
+        asked = [str(r["style"]) for r in records]
         for who, emb in (("", gen), ("real_", real_emb)):
-            named = naming_accuracy(emb, text, *labels, style_emb, names)
-            out[f"{who}style_named"], out[f"{who}concept_named"] = named["style"], named["concept"]
+            out[f"{who}style_named"] = zero_shot_accuracy(emb, asked, style_emb, names)["accuracy"]
     return out, kept
 
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "class_embeddings",
-    "naming_accuracy",
     "recall_at_k",
     "retrieval_metrics",
     "zero_shot_accuracy",
@@ -73,29 +72,3 @@ def class_embeddings(
     L2-normalised. ``encode_text``: list of T texts -> [T, D]. Returns [C, D]."""
     rows = [encode_text([t.format(c) for t in templates]).float().mean(0) for c in classes]
     return F.normalize(torch.stack(rows), dim=-1)
-
-
-def naming_accuracy(
-    image_emb: torch.Tensor,
-    caption_emb: torch.Tensor,
-    styles: Sequence[str],
-    concepts: Sequence[str],
-    style_emb: torch.Tensor,
-    style_names: Sequence[str],
-) -> dict[str, float]:
-    """Can CLIP tell which style and which concept each image shows, given what was asked?
-
-    image_emb: [N, D] one image per caption; caption_emb: [N, D] those captions; styles,
-    concepts: the N captions' labels; style_emb: [S, D] one prompt embedding per style in
-    ``style_names``. ``style``: zero-shot style accuracy among all S styles. ``concept``: for
-    each image, the closest caption among the N that share its style (its own included) names
-    its concept. Both are fractions in [0, 1].
-    """
-    style = zero_shot_accuracy(image_emb, styles, style_emb, style_names)["accuracy"]
-    index = {s: i for i, s in enumerate(sorted(set(styles)))}
-    group = torch.tensor([index[s] for s in styles])
-    sim = image_emb.float() @ caption_emb.float().T  # [N images, N captions]
-    sim = sim.masked_fill(group[:, None] != group[None, :], float("-inf"))
-    pick = sim.argmax(dim=1).tolist()
-    concept = sum(concepts[j] == concepts[i] for i, j in enumerate(pick)) / len(pick)
-    return {"style": style, "concept": concept}
