@@ -264,19 +264,42 @@ def _eval_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def style_classes(judge, manifest: list[dict]):
+    """(style names, their prompt embeddings [S, D] in ``judge``'s space) for zero-shot style
+    naming with ``unclip eval clip``'s prompts ("{} style" alone where a record has no
+    ``group``), or None where a manifest record has no ``style``."""
+    from unclip.eval.clip_eval import class_embeddings
+
+    if not manifest or not all(r.get("style") for r in manifest):
+        return None
+    names = sorted({str(r["style"]) for r in manifest})
+    grouped = all(r.get("group") for r in manifest)
+    templates = expand_templates(ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style", manifest)
+    return names, class_embeddings(judge.encode_text, templates, names)
+
+
+def style_named(emb, records: list[dict], styles) -> float:
+    """Share of the images (emb [N, D], one per record) whose closest style prompt of
+    ``styles`` (from :func:`style_classes`) is their record's style."""
+    from unclip.eval.clip_eval import zero_shot_accuracy
+
+    names, style_emb = styles
+    asked = [str(r["style"]) for r in records]
+    return zero_shot_accuracy(emb, asked, style_emb, names)["accuracy"]
+
+
 def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, overrides: dict,
                       progress: bool = True, keep_images: int = 0, judge=None,
-                      manifest: list[dict] | None = None):  # fmt: skip
+                      styles=None):  # fmt: skip
     """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
     of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself).
 
-    When every record has a ``style``, also how often the judge names the asked style of the
-    generated images and of the real ones (zero-shot with ``unclip eval clip``'s prompts; the
-    styles and the prompts' groups come from ``manifest``, default ``records``)."""
+    With ``styles`` (:func:`style_classes`), also how often the judge names the asked style of
+    the generated images (``style_named``)."""
     import torch
     from tqdm import tqdm
 
-    from unclip.eval.clip_eval import class_embeddings, recall_at_k, zero_shot_accuracy
+    from unclip.eval.clip_eval import recall_at_k
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
     judge = judge or pipe
@@ -300,15 +323,8 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
         "retrieval_r@1": recall_at_k(sim, 1),
         "retrieval_r@5": recall_at_k(sim, 5),
     }
-    if all(r.get("style") for r in records):
-        every = manifest or records
-        names = sorted({str(r["style"]) for r in every if r.get("style")})
-        grouped = all(r.get("group") for r in every)  # else only "{} style"
-        templates = expand_templates(ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style", every)
-        style_emb = class_embeddings(judge.encode_text, templates, names)
-        asked = [str(r["style"]) for r in records]
-        for who, emb in (("", gen), ("real_", real_emb)):
-            out[f"{who}style_named"] = zero_shot_accuracy(emb, asked, style_emb, names)["accuracy"]
+    if styles is not None:
+        out["style_named"] = style_named(gen, records, styles)
     return out, kept
 
 
@@ -329,6 +345,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
             "decoder_guidance", "prior_guidance")  # fmt: skip
     overrides = {k: v for k in keys if (v := getattr(args, k)) is not None}
     manifest = {r["key"]: r for r in read_manifest(Path(args.data) / "manifest.jsonl")}
+    styles = style_classes(judge, list(manifest.values()))  # once: the same for every split
     results, grid = {}, []
     for split in args.split or ["test"]:
         ds = open_dataset(args.data, split=split)
@@ -336,13 +353,16 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
         items = [ds[i] for i in range(n)]
         records = [manifest[it["key"]] for it in items]
         real = judge.encode_image([from_tensor(it["image"]) for it in items])
+        real_named = None if styles is None else style_named(real, records, styles)
         modes = [("unclip", True)] + ([("no_prior", False)] if args.no_prior_baseline else [])
         for name, use_prior in modes:
             metrics, kept = evaluate_pipeline(
                 pipe, records, real, use_prior=use_prior, overrides=overrides,
                 progress=not args.no_progress, keep_images=32 if args.grid and not grid else 0,
-                judge=judge, manifest=list(manifest.values()),
+                judge=judge, styles=styles,
             )  # fmt: skip
+            if real_named is not None:  # the ceiling: the split's real images, named alike
+                metrics["real_style_named"] = real_named
             results[f"{split}/{name}"] = metrics
             if kept:
                 grid = list(zip(kept, [r["caption"] for r in records], strict=False))
