@@ -23,7 +23,7 @@ from unclip.decoder import (
 )
 from unclip.decoder.unet import ResBlock
 from unclip.decoder.upsampler import gaussian_kernel1d
-from unclip.hub import from_pretrained, save_pretrained
+from unclip.hub import HubError, from_pretrained, load_weights_into, save_pretrained
 
 CLIP_DIM, TEXT_DIM = 12, 10
 
@@ -215,6 +215,24 @@ def test_widen_to_inpainting_starts_from_the_same_function():
     )
     with pytest.raises(ValueError):
         widen_to_inpainting(wide)
+
+
+def test_a_deeper_middle_grown_from_a_trained_decoder_starts_as_the_same_function():
+    small = make(seed=3)
+    deep = UNet(tiny(mid_depth=3)).eval()
+    added = load_weights_into(deep, small.state_dict(), "small", grow=True)
+    assert added and all(k.startswith(("mid.3.", "mid.4.", "mid.5.", "mid.6.")) for k in added)
+    x, t, kw = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, **kw), small(x, t, **kw))
+        randomize(deep, seed=5)  # only the added layers' zero weights change
+        assert differs(deep(x, t, **kw), small(x, t, **kw))
+    with pytest.raises(HubError, match="unexpected"):  # growing never drops trained weights
+        load_weights_into(UNet(tiny()), deep.state_dict(), "deep", grow=True)
+    with pytest.raises(HubError, match="missing"):  # and without grow, nothing may be new
+        load_weights_into(deep, small.state_dict(), "small")
+    with pytest.raises(ConfigError, match="mid_depth"):
+        tiny(mid_depth=0)
 
 
 @pytest.mark.parametrize("kind", ["decoder", "upsampler"])

@@ -208,6 +208,7 @@ def tiny_clip_and_embeddings(shapes, tokenizer_dir, tmp_path_factory) -> tuple[P
 
 
 def _run_stage(stage: str, cfg: dict, tmp_path: Path) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{stage}.json"
     path.write_text(json.dumps(cfg))
     run = tmp_path / stage
@@ -241,9 +242,8 @@ def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path, 
         assert -1.0 <= result[key] <= 1.0
 
 
-def test_decoder_stage_trains_with_inpainting_inputs(shapes, tiny_clip_and_embeddings, tmp_path):
-    clip_dir, emb = tiny_clip_and_embeddings
-    cfg = {
+def _decoder_config(shapes: Path, clip_dir: Path, emb: Path) -> dict:
+    return {
         "model": {"image_size": 16, "model_channels": 16, "channel_mult": [1, 2],
                   "num_res_blocks": 1, "attention_resolutions": [8], "num_head_channels": 8,
                   "norm_groups": 8, "clip_dim": 16, "text_dim": 32, "learn_sigma": True,
@@ -254,12 +254,42 @@ def test_decoder_stage_trains_with_inpainting_inputs(shapes, tiny_clip_and_embed
                  "embeddings": str(emb)},
         "clip": str(clip_dir),
     }  # fmt: skip
-    final = _run_stage("decoder", cfg, tmp_path)
+
+
+def test_decoder_stage_trains_with_inpainting_inputs(shapes, tiny_clip_and_embeddings, tmp_path):
+    clip_dir, emb = tiny_clip_and_embeddings
+    final = _run_stage("decoder", _decoder_config(shapes, clip_dir, emb), tmp_path)
     assert from_pretrained(final).config.inpaint
     metrics = [
         json.loads(x) for x in (tmp_path / "decoder" / "metrics.jsonl").read_text().splitlines()
     ]
     assert {"mse", "vlb"} <= metrics[-1].keys()
+
+
+def test_decoder_stage_grows_a_trained_decoder(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
+    """``init`` starts a run from a trained decoder's weights, here with a deeper middle block
+    (the added layers start as the identity); a folder that is not a decoder is refused."""
+    clip_dir, emb = tiny_clip_and_embeddings
+    cfg = _decoder_config(shapes, clip_dir, emb)
+    first = _run_stage("decoder", cfg, tmp_path / "first")
+    cfg["model"]["mid_depth"] = 3
+    cfg["init"] = str(first)
+    capsys.readouterr()
+    grown = from_pretrained(_run_stage("decoder", cfg, tmp_path / "grown"))
+    assert f"starts from {first}" in capsys.readouterr().out
+    assert grown.config.mid_depth == 3
+    old = from_pretrained(first).state_dict()
+    new = grown.state_dict()
+    assert old.keys() < new.keys()
+    assert any(not torch.equal(new[k], old[k]) for k in old)  # it trained on
+
+    cfg["init"] = str(clip_dir)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    args = ["train", "decoder", "--config", str(path), "--run-dir", str(tmp_path / "bad")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "init" in err and str(clip_dir) in err and "Traceback" not in err
 
 
 def test_upsampler_stage_trains(shapes, tmp_path):

@@ -272,11 +272,16 @@ def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_weights(
-    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str | os.PathLike
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    *,
+    allow_missing: bool = False,
 ) -> None:
     """Raise :class:`HubError` (naming ``source``) unless ``state`` has exactly the tensors of
-    ``own``, with the same shapes and float-ness. Either side may hold meta tensors."""
-    missing = [k for k in own if k not in state]
+    ``own``, with the same shapes and float-ness. Either side may hold meta tensors. With
+    ``allow_missing``, ``state`` may lack some of ``own``'s tensors (but nothing else)."""
+    missing = [] if allow_missing else [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = []
@@ -286,6 +291,8 @@ def check_weights(
             parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]!r}")
         raise HubError(f"{source}: weights do not match the config: " + "; ".join(parts))
     for k, v in own.items():
+        if k not in state:
+            continue
         w = state[k]
         if tuple(w.shape) != tuple(v.shape):
             raise HubError(
@@ -296,14 +303,25 @@ def check_weights(
 
 
 def load_weights_into(
-    model: nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike
-) -> None:
-    """Copy ``state`` into ``model`` after checking names and shapes; errors name ``source``."""
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    *,
+    grow: bool = False,
+) -> list[str]:
+    """Copy ``state`` into ``model`` after checking names and shapes; errors name ``source``.
+
+    With ``grow``, ``model`` may have tensors that ``state`` lacks (layers added to a trained
+    model, e.g. a deeper middle block): they keep their initial values. Returns their names
+    (empty without ``grow``)."""
     own = model.state_dict()
-    check_weights(own, state, source)
+    check_weights(own, state, source, allow_missing=grow)
+    new = [k for k in own if k not in state]
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(state[k].to(v.dtype))
+            if k in state:
+                v.copy_(state[k].to(v.dtype))
+    return new
 
 
 def from_pretrained(

@@ -49,7 +49,8 @@ class UNetConfig(Config):
     Architecture: ``model_channels`` base width, multiplied per resolution level by
     ``channel_mult``; ``num_res_blocks`` residual blocks per level; self-attention at the
     resolutions (in pixels, relative to ``image_size``) listed in ``attention_resolutions``
-    and, if ``attention_mid``, in the middle block; heads of ``num_head_channels`` channels
+    and, if ``attention_mid``, in the middle block, which is a residual block followed by
+    ``mid_depth`` (attention, residual block) pairs; heads of ``num_head_channels`` channels
     each (or ``num_heads`` heads when ``num_head_channels`` is 0); ``resblock_updown`` uses
     BigGAN-style residual blocks to resample (else a strided conv / nearest+conv, or plain
     pooling / nearest when ``conv_resample`` is false); ``use_scale_shift_norm`` makes the
@@ -75,6 +76,7 @@ class UNetConfig(Config):
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16, 8)
     attention_mid: bool = True
+    mid_depth: int = 1
     num_heads: int = 4
     num_head_channels: int = 32
     dropout: float = 0.0
@@ -100,6 +102,8 @@ class UNetConfig(Config):
         for key in ("num_res_blocks", "clip_dim", "clip_tokens", "text_dim", "num_head_channels"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.mid_depth < 1:
+            raise ConfigError(f"mid_depth must be at least 1, got {self.mid_depth}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"channel_mult must be positive integers, got {self.channel_mult}")
         if self.num_head_channels == 0 and self.num_heads < 1:
@@ -384,10 +388,14 @@ class UNet(nn.Module):
                 skips.append(ch)
                 ds *= 2
 
+        # Pairs past the first append new keys (mid.3, mid.4, ...) and start as the identity
+        # (zero output convs and projections): a decoder grown from a trained one with a
+        # larger mid_depth computes the same function until it trains (DecoderRunConfig.init).
         mid: list[nn.Module] = [res(ch, ch)]
-        if cfg.attention_mid:
-            mid.append(attn(ch))
-        mid.append(res(ch, ch))
+        for _ in range(cfg.mid_depth):
+            if cfg.attention_mid:
+                mid.append(attn(ch))
+            mid.append(res(ch, ch))
         self.mid = UNetStage(mid)
 
         self.up = nn.ModuleList()

@@ -69,6 +69,26 @@ class DecoderLoss:
         return diffusion_metrics(self.diffusion.training_losses(model, images, t, kwargs))
 
 
+def start_from(model, folder: str, where: str) -> list[str]:
+    """Load the decoder weights of ``folder`` (``init`` of the run config ``where``) into
+    ``model``, which may have more layers; returns the names of the tensors it added. A resumed
+    run then replaces all of them with its checkpoint's."""
+    from unclip.config import ConfigError
+    from unclip.decoder.unet import UNet
+    from unclip.hub import HubError, from_pretrained, load_weights_into
+
+    try:
+        old = from_pretrained(folder)
+        if not isinstance(old, UNet) or type(old.config) is not type(model.config):
+            raise HubError(f"{folder}: not a decoder model folder")
+        new = load_weights_into(model, old.state_dict(), folder, grow=True)
+    except HubError as e:
+        raise ConfigError(f"{where}: init: {e}") from None
+    added = sum(model.state_dict()[k].numel() for k in new)
+    print(f"unclip: decoder starts from {folder} (+{added / 1e6:.2f}M new parameters)")
+    return new
+
+
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.unet import UNet
     from unclip.diffusion import GaussianDiffusion
@@ -95,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
     )
+    if cfg.init:
+        start_from(model, cfg.init, where)
     trainer = Trainer(
         model,
         DecoderLoss(

@@ -65,7 +65,10 @@ class ARPriorRunConfig(Config):
 @dataclasses.dataclass
 class DecoderRunConfig(Config):
     """``inpaint_prob``: for an ``inpaint`` model, the fraction of samples trained with a
-    random mask (the rest see no known pixels and learn plain generation)."""
+    random mask (the rest see no known pixels and learn plain generation). ``init``: a decoder
+    model folder (a run's ``final/``, a pipeline's ``decoder/``) whose weights start a new run;
+    ``model`` may be grown from it (a larger ``mid_depth``): every weight of the folder must fit
+    the new model, and the added layers start as the identity."""
 
     model: UNetConfig = dataclasses.field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = dataclasses.field(
@@ -75,6 +78,7 @@ class DecoderRunConfig(Config):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     clip: str = ""
     inpaint_prob: float = 0.5
+    init: str = ""
 
 
 @dataclasses.dataclass
