@@ -282,6 +282,10 @@ def test_decoder_stage_grows_a_trained_decoder(shapes, tiny_clip_and_embeddings,
     new = grown.state_dict()
     assert old.keys() < new.keys()
     assert any(not torch.equal(new[k], old[k]) for k in old)  # it trained on
+    first.rename(tmp_path / "gone")  # a resumed run needs its checkpoint, not init
+    args = ["train", "decoder", "--config", str(tmp_path / "grown" / "decoder.json"),
+            "--run-dir", str(tmp_path / "grown" / "decoder"), "--resume", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
 
     cfg["init"] = str(clip_dir)
     path = tmp_path / "bad.json"

@@ -71,8 +71,7 @@ class DecoderLoss:
 
 def start_from(model, folder: str, where: str) -> list[str]:
     """Load the decoder weights of ``folder`` (``init`` of the run config ``where``) into
-    ``model``, which may have more layers; returns the names of the tensors it added. A resumed
-    run then replaces all of them with its checkpoint's."""
+    ``model``, which may have more layers; returns the names of the tensors it added."""
     from unclip.config import ConfigError
     from unclip.decoder.unet import UNet
     from unclip.hub import HubError, from_pretrained, load_weights_into
@@ -92,6 +91,7 @@ def start_from(model, folder: str, where: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.unet import UNet
     from unclip.diffusion import GaussianDiffusion
+    from unclip.train.checkpoint import latest_checkpoint
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
         check_pixel_stage,
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
     )
-    if cfg.init:
-        start_from(model, cfg.init, where)
+    if cfg.init and not (args.resume and latest_checkpoint(args.run_dir)):
+        start_from(model, cfg.init, where)  # a resumed run's checkpoint replaces it all
     trainer = Trainer(
         model,
         DecoderLoss(
