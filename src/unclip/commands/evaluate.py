@@ -127,6 +127,17 @@ def expand_templates(template: str, records) -> list[str]:
     return out
 
 
+def zero_shot_classes(encode_text, records, field: str, template: str):
+    """(class names: the sorted values of ``field`` in ``records``, their prompt embeddings
+    [C, D] from ``template`` expanded over ``records`` (:func:`expand_templates`) and averaged
+    per class). ``encode_text``: list of T texts -> [T, D]."""
+    from unclip.eval.clip_eval import class_embeddings
+
+    records = list(records)
+    classes = sorted({str(r[field]) for r in records if r.get(field)})
+    return classes, class_embeddings(encode_text, expand_templates(template, records), classes)
+
+
 def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str],
                   batch_size: int = 256, tokenizer: str | None = None) -> dict[str, float]:  # fmt: skip
 
@@ -135,7 +146,7 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
     from unclip.clip.convert import load_clip
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
-    from unclip.eval.clip_eval import class_embeddings, retrieval_metrics, zero_shot_accuracy
+    from unclip.eval.clip_eval import retrieval_metrics, zero_shot_accuracy
     from unclip.tokenizer import Tokenizer
 
     model = load_clip(clip_dir)
@@ -155,10 +166,8 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
         out = {"images": float(len(keys)), **retrieval_metrics(image_emb, text_emb)}
         for field, template in zero_shot.items():
             truth = [str(records[k][field]) for k in keys]
-            classes = sorted({str(r[field]) for r in records.values() if r.get(field)})
-            templates = expand_templates(template, records.values())
-            class_emb = class_embeddings(
-                lambda texts: model.encode_text(tok(texts, ctx)), templates, classes
+            classes, class_emb = zero_shot_classes(
+                lambda texts: model.encode_text(tok(texts, ctx)), records.values(), field, template
             )
             acc = zero_shot_accuracy(image_emb, truth, class_emb, classes)
             out[f"zero_shot_{field}"] = acc["accuracy"]
@@ -268,14 +277,11 @@ def style_classes(judge, manifest: list[dict]):
     """(style names, their prompt embeddings [S, D] in ``judge``'s space) for zero-shot style
     naming with ``unclip eval clip``'s prompts ("{} style" alone where a record has no
     ``group``), or None where a manifest record has no ``style``."""
-    from unclip.eval.clip_eval import class_embeddings
-
     if not manifest or not all(r.get("style") for r in manifest):
         return None
-    names = sorted({str(r["style"]) for r in manifest})
     grouped = all(r.get("group") for r in manifest)
-    templates = expand_templates(ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style", manifest)
-    return names, class_embeddings(judge.encode_text, templates, names)
+    template = ZERO_SHOT_TEMPLATES["style"] if grouped else "{} style"
+    return zero_shot_classes(judge.encode_text, manifest, "style", template)
 
 
 def style_named(emb, records: list[dict], styles) -> float:

@@ -69,9 +69,9 @@ class DecoderLoss:
         return diffusion_metrics(self.diffusion.training_losses(model, images, t, kwargs))
 
 
-def start_from(model, folder: str, where: str) -> list[str]:
+def start_from(model, folder: str, where: str) -> None:
     """Load the decoder weights of ``folder`` (``init`` of the run config ``where``) into
-    ``model``, which may have more layers; returns the names of the tensors it added."""
+    ``model``, which may have more layers (they keep their initialisation)."""
     from unclip.config import ConfigError
     from unclip.decoder.unet import UNet
     from unclip.hub import HubError, from_pretrained, load_weights_into
@@ -85,7 +85,6 @@ def start_from(model, folder: str, where: str) -> list[str]:
         raise ConfigError(f"{where}: init: {e}") from None
     added = sum(model.state_dict()[k].numel() for k in new)
     print(f"unclip: decoder starts from {folder} (+{added / 1e6:.2f}M new parameters)")
-    return new
 
 
 def run(args: argparse.Namespace) -> int:
