@@ -57,3 +57,37 @@ def test_group_errors_name_the_problem():
         EpochBatches([0, 1, 2, 3], 2, groups=[0, 0, 1], group_run=2)
     with pytest.raises(ValueError, match="group_run must be at least 1"):
         EpochBatches([0, 1, 2, 3], 2, groups=[0, 0, 1, 1], group_run=0)
+
+
+def test_weighted_epochs_draw_by_weight_and_resume():
+    """Nine samples of one group at 1/9 each and one alone at 1: the lone sample is half of
+    every draw; a zero weight is never drawn; the order is fixed by (seed, epoch)."""
+    data = list(range(11))
+    weights = [1 / 9] * 9 + [1.0, 0.0]
+    batches = EpochBatches(data, 11, weights=weights)
+    drawn = [i for epoch in range(200) for b in batches.epoch_batches(epoch) for i in b]
+    assert len(drawn) == 200 * 11
+    assert 10 not in drawn
+    assert 0.45 < drawn.count(9) / len(drawn) < 0.55
+    assert all(drawn.count(i) > 0 for i in range(9))
+    assert batches.epoch_batches(3) == EpochBatches(data, 11, weights=weights).epoch_batches(3)
+    assert batches.epoch_batches(3) != batches.epoch_batches(4)
+
+    straight = EpochBatches(data, 2, weights=weights, collate_fn=list)
+    seen = list(itertools.islice(iter(straight), 12))
+    first = EpochBatches(data, 2, weights=weights, collate_fn=list)
+    part = list(itertools.islice(iter(first), 7))
+    resumed = EpochBatches(data, 2, weights=weights, collate_fn=list)
+    resumed.load_state_dict(first.state_dict())
+    assert part + list(itertools.islice(iter(resumed), 5)) == seen
+
+
+def test_weight_errors_name_the_problem():
+    with pytest.raises(ValueError, match="3 sample weights for a data set of 4"):
+        EpochBatches([0, 1, 2, 3], 2, weights=[1, 1, 1])
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        EpochBatches([0, 1, 2, 3], 2, weights=[1, -1, 1, 1])
+    with pytest.raises(ValueError, match="all zero"):
+        EpochBatches([0, 1, 2, 3], 2, weights=[0, 0, 0, 0])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        EpochBatches([0, 1, 2, 3], 2, weights=[1, 1, 1, 1], groups=[0, 0, 1, 1], group_run=2)

@@ -149,7 +149,7 @@ def test_concept_runs_need_concepts_in_the_manifest(shapes, tokenizer_dir, tmp_p
     config.write_text(json.dumps(doc))
     rc = main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")])
     assert rc == 2
-    assert f"sample '{records[10]['key']}' has no concept" in capsys.readouterr().err
+    assert f"sample '{records[10]['key']}' has no 'concept'" in capsys.readouterr().err
 
 
 def test_clip_stage_reports_config_errors(shapes, tokenizer_dir, tmp_path, capsys):
@@ -294,6 +294,25 @@ def test_decoder_stage_grows_a_trained_decoder(shapes, tiny_clip_and_embeddings,
     assert main([*args, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "init" in err and str(clip_dir) in err and "Traceback" not in err
+
+
+def test_decoder_stage_balances_manifest_groups(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
+    """``data.balance`` draws every (concept, style) group equally; a field the manifest
+    lacks is a config error that names it."""
+    clip_dir, emb = tiny_clip_and_embeddings
+    cfg = _decoder_config(shapes, clip_dir, emb)
+    cfg["data"]["balance"] = ["concept", "style"]
+    capsys.readouterr()
+    _run_stage("decoder", cfg, tmp_path / "balanced")
+    assert "56 samples drawn as 8 equal groups by concept, style" in capsys.readouterr().out
+
+    cfg["data"]["balance"] = ["concept", "mood"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    args = ["train", "decoder", "--config", str(path), "--run-dir", str(tmp_path / "bad")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.balance" in err and "'mood'" in err and "Traceback" not in err
 
 
 def test_upsampler_stage_trains(shapes, tmp_path):

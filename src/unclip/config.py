@@ -286,7 +286,10 @@ class DataConfig(Config):
     ``manifest.jsonl`` (empty: all samples); ``image_size``: side in pixels the images are
     resized to; ``mode``: ``crop``/``pad`` (empty: the manifest's choice); ``tokenizer``: a
     tokenizer folder (stages that read captions); ``embeddings``: an ``unclip embed`` output
-    folder (the prior and the decoder train from precomputed CLIP embeddings).
+    folder (the prior and the decoder train from precomputed CLIP embeddings); ``balance``:
+    manifest fields (e.g. ``["concept", "style"]``) whose joint value names a group, every
+    group then drawn as often as any other (empty: every sample as often as any other; see
+    ``unclip.data.balance``).
     """
 
     path: str = ""
@@ -295,6 +298,7 @@ class DataConfig(Config):
     mode: str = ""
     tokenizer: str = ""
     embeddings: str = ""
+    balance: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.image_size < 1:

@@ -175,6 +175,9 @@ class EmbeddingShards(Dataset):
     def index_of(self, key: str) -> int:
         return self._index[key]
 
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
     def __contains__(self, key: object) -> bool:
         return key in self._index
 

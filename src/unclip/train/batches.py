@@ -42,6 +42,10 @@ class EpochBatches:
     samples sharing a label, the runs themselves shuffled, so a batch of B holds about B/k
     labels with k samples each (for CLIP: one emoji in k art styles, which only the style
     word tells apart). Every sample is still seen once per epoch.
+
+    ``weights`` (one non-negative number per sample) makes each epoch ``len(dataset)`` draws
+    with replacement, sample i with probability proportional to ``weights[i]``, instead of a
+    permutation (see :mod:`unclip.data.balance`); it excludes ``group_run`` > 1.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class EpochBatches:
         world_size: int = 1,
         groups: Sequence[int] | None = None,
         group_run: int = 1,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -74,6 +79,17 @@ class EpochBatches:
         if groups is not None and len(groups) != n:
             raise ValueError(f"{len(groups)} group labels for a data set of {n} samples")
         self.groups = torch.as_tensor(list(groups)) if groups is not None else None
+        self.weights = None
+        if weights is not None:
+            if len(weights) != n:
+                raise ValueError(f"{len(weights)} sample weights for a data set of {n} samples")
+            self.weights = torch.as_tensor(list(weights), dtype=torch.float64)
+            if not torch.isfinite(self.weights).all() or (self.weights < 0).any():
+                raise ValueError("sample weights must be finite and non-negative")
+            if self.weights.sum() <= 0:
+                raise ValueError("sample weights are all zero")
+            if group_run > 1:
+                raise ValueError("sample weights and group_run > 1 cannot be combined")
         self.group_run = group_run
         self.batches_per_epoch = n // (batch_size * world_size)
         if self.batches_per_epoch == 0:
@@ -85,11 +101,14 @@ class EpochBatches:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches (lists of sample indices) for ``epoch``."""
         n = len(self.dataset)  # type: ignore[arg-type]
-        order = (
-            torch.randperm(n, generator=_generator(self.seed, epoch, 1))
-            if self.shuffle
-            else torch.arange(n)
-        )
+        if self.weights is not None:
+            order = torch.multinomial(
+                self.weights, n, replacement=True, generator=_generator(self.seed, epoch, 4)
+            )
+        elif self.shuffle:
+            order = torch.randperm(n, generator=_generator(self.seed, epoch, 1))
+        else:
+            order = torch.arange(n)
         if self.groups is not None and self.group_run > 1:
             order = self._grouped(order, _generator(self.seed, epoch, 3))
         per_step = self.batch_size * self.world_size

@@ -119,8 +119,8 @@ class Trainer:
 
     ``data`` is a map-style ``Dataset`` (wrapped in :class:`EpochBatches`) or any
     :class:`BatchSource` yielding micro-batches of ``batch_size // (grad_accum · world)``
-    samples; ``groups``/``group_run`` ask it for batches of hard negatives (see
-    :class:`EpochBatches`).
+    samples; ``groups``/``group_run`` ask it for batches of hard negatives, ``weights`` for a
+    weighted draw (see :class:`EpochBatches`).
 
     Under ``torchrun`` the trainer joins the process group, wraps the model in
     DistributedDataParallel, gives each rank a disjoint slice of every global batch (so N ranks
@@ -149,6 +149,7 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         groups: Sequence[int] | None = None,
         group_run: int = 1,
+        weights: Sequence[float] | None = None,
         fsdp: bool = False,
     ) -> None:
         self.config = config
@@ -184,6 +185,7 @@ class Trainer:
                 world_size=self.dist.world_size,
                 groups=groups,
                 group_run=group_run,
+                weights=weights,
             )
         self.batches: BatchSource = data
         self.optimizer = build_optimizer(self.model, config)

@@ -31,20 +31,6 @@ def caption_variants(record: dict[str, Any]) -> list[str]:
     return out
 
 
-def concept_labels(data, records, where: str) -> list[int]:
-    """One integer per sample of ``data`` naming its manifest ``concept`` (for hard-negative
-    batches); ``where`` starts the error when a sample has no such record."""
-    concept_of = {r["key"]: r.get("concept") for r in records}
-    ids: dict[str, int] = {}
-    out = []
-    for key in (data.key(i) for i in range(len(data))):
-        concept = concept_of.get(key)
-        if concept is None:
-            raise ValueError(f"{where}: sample {key!r} has no concept in the manifest")
-        out.append(ids.setdefault(concept, len(ids)))
-    return out
-
-
 class CaptionedImages:
     """Wrap an image data set: items become ``(image [3, S, S] in [-1, 1], caption)``.
 
@@ -101,12 +87,18 @@ def clip_stage_loss(model, batch: dict[str, Any]):
 def run(args: argparse.Namespace) -> int:
     from unclip.clip.model import CLIP
     from unclip.config import ConfigError
+    from unclip.data.balance import manifest_labels
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
     from unclip.tokenizer import Tokenizer
     from unclip.train import distributed
     from unclip.train.loop import Trainer
-    from unclip.train.stages.common import count_parameters, export_final, load_run_config
+    from unclip.train.stages.common import (
+        count_parameters,
+        export_final,
+        load_run_config,
+        sample_weights,
+    )
     from unclip.train.stages.run_configs import ClipRunConfig
 
     cfg = load_run_config(ClipRunConfig, args)
@@ -135,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.caption_variants > 0:
         variants = {r["key"]: caption_variants(r) for r in read_manifest(manifest)}
     if cfg.concept_run > 1:
-        groups = concept_labels(data, read_manifest(manifest), f"{args.config}: concept_run")
+        if cfg.data.balance:
+            raise ConfigError(f"{args.config}: data.balance and concept_run > 1 do not combine")
+        keys = (data.key(i) for i in range(len(data)))
+        groups = manifest_labels(
+            keys, read_manifest(manifest), ["concept"], f"{args.config}: concept_run"
+        )
     model = CLIP(cfg.model)
     print(f"unclip: CLIP with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} samples")
     trainer = Trainer(
@@ -149,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         groups=groups,
         group_run=cfg.concept_run,
+        weights=sample_weights(cfg, data, args.config or args.run_dir),
         fsdp=args.fsdp,
     )
     result = trainer.fit(resume=args.resume)

@@ -151,6 +151,21 @@ def check_pixel_stage(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: model.image_size and data.image_size must agree")
 
 
+def sample_weights(cfg: Config, data, where: str) -> list[float] | None:
+    """Draw weights for the samples of ``data`` (anything with ``len`` and ``key(i)``) from
+    ``data.balance`` (None when it is empty: a uniform draw)."""
+    from unclip.data.balance import group_weights
+
+    fields = cfg.data.balance  # type: ignore[attr-defined]
+    if not fields:
+        return None
+    keys = [data.key(i) for i in range(len(data))]
+    weights = group_weights(cfg.data.path, keys, fields, where)  # type: ignore[attr-defined]
+    groups = round(sum(weights))  # each group's weights add up to 1
+    print(f"unclip: {len(keys)} samples drawn as {groups} equal groups by {', '.join(fields)}")
+    return weights
+
+
 def open_images(cfg: Config):
     """The image data set of ``cfg.data``."""
     from unclip.data.datasets import open_dataset

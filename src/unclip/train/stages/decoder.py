@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         fit_and_export,
         load_run_config,
         open_images,
+        sample_weights,
         text_encoder_for,
     )
     from unclip.train.stages.run_configs import DecoderRunConfig
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     text = text_encoder_for(cfg, where)
     images = open_images(cfg)
     data = ImagesWithEmbeddings(images, shards)
+    weights = sample_weights(cfg, images, where)
     model = UNet(cfg.model)
     print(
         f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
+        weights=weights,
         fsdp=args.fsdp,
     )
     fit_and_export(trainer, args.resume, cfg.diffusion)

@@ -117,6 +117,7 @@ def run_ar(args: argparse.Namespace) -> int:
         embedding_shards,
         fit_and_export,
         load_run_config,
+        sample_weights,
         text_encoder_for,
     )
     from unclip.train.stages.run_configs import ARPriorRunConfig
@@ -146,6 +147,7 @@ def run_ar(args: argparse.Namespace) -> int:
     trainer = Trainer(
         model, ARPriorLoss(text), PriorItems(shards), cfg.train, args.run_dir,
         device=args.device, progress=not args.no_progress, fsdp=args.fsdp,
+        weights=sample_weights(cfg, shards, where),
     )  # fmt: skip
     fit_and_export(trainer, args.resume)
     return 0
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         embedding_shards,
         fit_and_export,
         load_run_config,
+        sample_weights,
         text_encoder_for,
     )
     from unclip.train.stages.run_configs import PriorRunConfig
@@ -180,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
+        weights=sample_weights(cfg, shards, where),
         fsdp=args.fsdp,
     )
     fit_and_export(trainer, args.resume, cfg.diffusion)

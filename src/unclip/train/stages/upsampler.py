@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         fit_and_export,
         load_run_config,
         open_images,
+        sample_weights,
     )
     from unclip.train.stages.run_configs import UpsamplerRunConfig
 
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_dir,
         device=args.device,
         progress=not args.no_progress,
+        weights=sample_weights(cfg, images, args.config or args.run_dir),
         fsdp=args.fsdp,
     )
     fit_and_export(trainer, args.resume, cfg.diffusion)
