@@ -377,6 +377,29 @@ def test_eval_pipeline_command_reports_quality_metrics(shapes, tmp_path, capsys)
     assert Image.open(grid).size[0] > 100
 
 
+def test_eval_pipeline_reports_retrieval_by_a_manifest_field(shapes, tmp_path, capsys):
+    """``--by FIELD``: retrieval per value of the field, which together make the whole; in the
+    table a value that one split lacks is a dash."""
+    from tiny_pipeline import write_tiny_pipeline
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe")
+    base = ["eval", "pipeline", "--pipeline", str(pipe), "--data", str(shapes), "--split", "val",
+            "--limit", "6", "--no-progress"]  # fmt: skip
+    assert main([*base, "--by", "group", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["val/unclip"]
+    records = [json.loads(x) for x in (shapes / "manifest.jsonl").read_text().splitlines()]
+    groups = [r["group"] for r in records if r["split"] == "val"][:6]
+    for k in (1, 5):
+        parts = sum(metrics[f"r@{k} {g}"] * groups.count(g) for g in set(groups))
+        assert parts / 6 == pytest.approx(metrics[f"retrieval_r@{k}"])
+
+    assert main([*base, "--split", "train", "--by", "key"]) == 0  # keys: no value in both splits
+    rows = {line.split()[1]: line.split()[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("r@1 ")}  # fmt: skip
+    assert rows["0000"][1] == "-" and rows["0008"][0] == "-"
+    assert rows["0000"][0] != "-" and rows["0008"][1] != "-"
+
+
 def test_eval_pipeline_guidance_overrides_change_the_samples(shapes, tmp_path, capsys):
     from tiny_pipeline import write_tiny_pipeline
 

@@ -97,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="measure in this CLIP's feature space instead of the pipeline's own (a "
                     "CLIP folder with tokenizer/, or a pipeline folder), to compare pipelines "
                     "built on different CLIPs")  # fmt: skip
+    pp.add_argument("--by", metavar="FIELD",
+                    help="also report retrieval top-1/top-5 for each value of this manifest "
+                    "field (e.g. group: which kinds of emoji the pipeline draws recognisably)")  # fmt: skip
     add_dtype_argument(pp)
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -296,16 +299,18 @@ def style_named(emb, records: list[dict], styles) -> float:
 
 def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, overrides: dict,
                       progress: bool = True, keep_images: int = 0, judge=None,
-                      styles=None):  # fmt: skip
+                      styles=None, by: str | None = None):  # fmt: skip
     """Metrics of ``pipe`` generating one image per record (seed = index), in the feature space
     of ``judge`` (anything with ``encode_text``/``encode_image``; default the pipeline itself).
 
     With ``styles`` (:func:`style_classes`), also how often the judge names the asked style of
-    the generated images (``style_named``)."""
+    the generated images (``style_named``); with ``by`` (a record field), retrieval top-1/top-5
+    of the records of each of its values (``r@1 VALUE``, ``r@5 VALUE``; still among all the
+    split's real images)."""
     import torch
     from tqdm import tqdm
 
-    from unclip.eval.clip_eval import recall_at_k
+    from unclip.eval.clip_eval import hits_at_k
     from unclip.eval.metrics import clip_score, frechet_distance, kernel_distance
 
     judge = judge or pipe
@@ -326,11 +331,16 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
         "clip_score": clip_score(gen, text),
         "fd_clip": frechet_distance(gen, real_emb),
         "kid_clip": kernel_distance(gen, real_emb, subset_size=min(100, len(records))),
-        "retrieval_r@1": recall_at_k(sim, 1),
-        "retrieval_r@5": recall_at_k(sim, 5),
     }
+    hits = {k: hits_at_k(sim, k).float() for k in (1, 5)}
+    out.update({f"retrieval_r@{k}": h.mean().item() for k, h in hits.items()})
     if styles is not None:
         out["style_named"] = style_named(gen, records, styles)
+    if by:
+        values = [str(r.get(by)) for r in records]
+        for value in sorted(set(values)):
+            rows = torch.tensor([v == value for v in values])
+            out.update({f"r@{k} {value}": h[rows].mean().item() for k, h in hits.items()})
     return out, kept
 
 
@@ -365,7 +375,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
             metrics, kept = evaluate_pipeline(
                 pipe, records, real, use_prior=use_prior, overrides=overrides,
                 progress=not args.no_progress, keep_images=32 if args.grid and not grid else 0,
-                judge=judge, styles=styles,
+                judge=judge, styles=styles, by=args.by,
             )  # fmt: skip
             if real_named is not None:  # the ceiling: the split's real images, named alike
                 metrics["real_style_named"] = real_named
@@ -379,8 +389,10 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
         return 0
     space = f"CLIP {args.judge}" if args.judge else "the pipeline's own CLIP"
     print(f"(pipeline: {args.pipeline}; measured in the feature space of {space})", file=sys.stderr)
-    names = list(next(iter(results.values())))
-    print("metric".ljust(16) + "".join(k.rjust(18) for k in results))
-    for name in names:  # 4 significant figures: KID (about 1e-3) keeps its digits
-        print(name.ljust(16) + "".join(f"{results[k][name]:.4g}".rjust(18) for k in results))
+    names = list(dict.fromkeys(name for metrics in results.values() for name in metrics))
+    width = max(16, *(len(name) + 2 for name in names))  # --by rows carry the value's name
+    print("metric".ljust(width) + "".join(k.rjust(18) for k in results))
+    for name in names:  # 4 significant figures: KID (about 1e-3) keeps its digits; - : no such row
+        cells = (f"{m[name]:.4g}" if name in m else "-" for m in results.values())
+        print(name.ljust(width) + "".join(c.rjust(18) for c in cells))
     return 0

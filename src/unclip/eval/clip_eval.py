@@ -19,13 +19,19 @@ __all__ = [
 ]
 
 
-def recall_at_k(scores: torch.Tensor, k: int) -> float:
-    """Fraction of queries (rows of ``scores`` [Q, C]) whose match (column ``i`` for row ``i``)
-    is among the ``k`` highest-scoring candidates."""
+def hits_at_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[Q] bool: whether each query's match (column ``i`` for row ``i`` of ``scores`` [Q, C])
+    is among its ``k`` highest-scoring candidates."""
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1).indices  # [Q, k]
     target = torch.arange(scores.shape[0], device=scores.device)[:, None]
-    return (top == target).any(dim=1).float().mean().item()
+    return (top == target).any(dim=1)
+
+
+def recall_at_k(scores: torch.Tensor, k: int) -> float:
+    """Fraction of queries (rows of ``scores`` [Q, C]) whose match (column ``i`` for row ``i``)
+    is among the ``k`` highest-scoring candidates."""
+    return hits_at_k(scores, k).float().mean().item()
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
