@@ -119,20 +119,22 @@ def run(args: argparse.Namespace) -> int:
         split=cfg.data.split or None,
     )
     variants = groups = None
-    manifest = Path(cfg.data.path) / "manifest.jsonl"
-    if (cfg.caption_variants > 0 or cfg.concept_run > 1) and not manifest.exists():
-        raise ConfigError(
-            f"{args.config}: caption_variants and concept_run need a manifest.jsonl in data.path"
-        )
+    records = []  # read once for caption variants and concept runs alike
+    if cfg.caption_variants > 0 or cfg.concept_run > 1:
+        manifest = Path(cfg.data.path) / "manifest.jsonl"
+        if not manifest.exists():
+            raise ConfigError(
+                f"{args.config}: caption_variants and concept_run need a manifest.jsonl in "
+                "data.path"
+            )
+        records = read_manifest(manifest)
     if cfg.caption_variants > 0:
-        variants = {r["key"]: caption_variants(r) for r in read_manifest(manifest)}
+        variants = {r["key"]: caption_variants(r) for r in records}
     if cfg.concept_run > 1:
         if cfg.data.balance:
             raise ConfigError(f"{args.config}: data.balance and concept_run > 1 do not combine")
         keys = (data.key(i) for i in range(len(data)))
-        groups = manifest_labels(
-            keys, read_manifest(manifest), ["concept"], f"{args.config}: concept_run"
-        )
+        groups = manifest_labels(keys, records, ["concept"], f"{args.config}: concept_run")
     model = CLIP(cfg.model)
     print(f"unclip: CLIP with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} samples")
     trainer = Trainer(
