@@ -296,6 +296,31 @@ def test_decoder_stage_grows_a_trained_decoder(shapes, tiny_clip_and_embeddings,
     assert "init" in err and str(clip_dir) in err and "Traceback" not in err
 
 
+def test_decoder_stage_stops_at_the_time_limit_and_resumes(
+    shapes, tiny_clip_and_embeddings, tmp_path, capsys
+):
+    """``--max-minutes`` ends the run early with a checkpoint and a usable final/; --resume
+    then finishes it."""
+    clip_dir, emb = tiny_clip_and_embeddings
+    cfg = _decoder_config(shapes, clip_dir, emb)
+    cfg["train"].update(steps=4, checkpoint_every=4)
+    path = tmp_path / "decoder.json"
+    path.write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    args = ["train", "decoder", "--config", str(path), "--run-dir", str(run), "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--max-minutes", "1e-6"]) == 0  # out of time after the first step
+    assert "stopped by the time limit at step 1 of 4" in capsys.readouterr().err
+    assert from_pretrained(run / "final").config.inpaint
+    assert (run / "checkpoints" / "step-1").is_dir()
+    assert main([*args, "--resume"]) == 0
+    assert "trained to step 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        main([*args, "--max-minutes", "0"])
+    assert exit_.value.code == 2
+    assert "--max-minutes: expected a number above 0" in capsys.readouterr().err
+
+
 def test_decoder_stage_balances_manifest_groups(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
     """``data.balance`` draws every (concept, style) group equally; a field the manifest
     lacks is a config error that names it."""

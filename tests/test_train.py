@@ -132,6 +132,23 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_noop(tmp_pat
     assert ckpt.state["train_config"]["steps"] == 4
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resume_finishes_the_same_run(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=4, seed=5, ema_decay=0.5)
+
+    def trainer(run_dir: Path) -> Trainer:
+        torch.manual_seed(0)  # the same initial weights
+        return Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, run_dir, progress=False)
+
+    straight = trainer(tmp_path / "straight").fit()
+    assert straight.finished
+    cut = trainer(tmp_path / "cut").fit(max_seconds=0.0)  # out of time after the first step
+    assert (cut.step, cut.finished) == (1, False)
+    assert cut.checkpoint == checkpoint_dir(tmp_path / "cut") / "step-1"
+    done = trainer(tmp_path / "cut").fit(resume=True, max_seconds=3600.0)
+    assert (done.step, done.finished) == (6, True)
+    assert_same_checkpoint(straight.checkpoint, done.checkpoint)
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=8, checkpoint_every=2)
     Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path, progress=False).fit()

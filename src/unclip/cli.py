@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from collections.abc import Callable
 
@@ -100,6 +101,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train, parser=p)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def add_common_train_args(p: argparse.ArgumentParser) -> None:
     """Flags every ``unclip train STAGE`` shares; the rest lives in the ``--config`` file."""
     p.add_argument(
@@ -111,6 +123,13 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (no bf16 autocast)")
+    p.add_argument(
+        "--max-minutes",
+        type=positive_float,
+        metavar="M",
+        help="stop after M minutes of training, with a checkpoint and final/ of the step reached "
+        "(--resume goes on later, on the same LR schedule)",
+    )
     p.add_argument(
         "--fsdp",
         action="store_true",

@@ -53,9 +53,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """Where :meth:`Trainer.fit` stopped: ``step``, its checkpoint, the last logged metrics,
+    and ``finished`` (False when a time limit stopped it before ``config.steps``)."""
+
     step: int
     checkpoint: Path | None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    finished: bool = True
 
 
 def default_device() -> torch.device:
@@ -349,9 +353,20 @@ class Trainer:
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         return loss.float(), metrics
 
-    def fit(self, resume: bool = False) -> TrainResult:
-        """Train until ``config.steps``; with ``resume``, continue from the latest checkpoint."""
+    def _out_of_time(self, deadline: float | None) -> bool:
+        """Whether some rank passed ``deadline`` with steps left (collective when it is set)."""
+        if deadline is None or self.step >= self.config.steps:
+            return False
+        return not distributed.all_true(time.monotonic() < deadline, self.device)
+
+    def fit(self, resume: bool = False, max_seconds: float | None = None) -> TrainResult:
+        """Train until ``config.steps``; with ``resume``, continue from the latest checkpoint.
+
+        ``max_seconds``: stop after the first step that ends this many seconds after the call
+        began, with a checkpoint of that step (``finished`` is then False; ``resume`` goes on
+        from it, on the same LR schedule). Under torchrun every rank stops at the same step."""
         cfg = self.config
+        deadline = time.monotonic() + max_seconds if max_seconds is not None else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             if self.dist.is_main:
@@ -447,6 +462,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     last_ckpt = self.save()
+                if self._out_of_time(deadline):
+                    if self.step % cfg.checkpoint_every:  # not saved just above
+                        last_ckpt = self.save()
+                    return TrainResult(self.step, last_ckpt, last, finished=False)
         finally:
             if metrics_file is not None:
                 metrics_file.close()

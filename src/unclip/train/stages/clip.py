@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from unclip.train.stages.common import (
         count_parameters,
         export_final,
+        fit,
         load_run_config,
         sample_weights,
     )
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         weights=sample_weights(cfg, data, args.config or args.run_dir),
         fsdp=args.fsdp,
     )
-    result = trainer.fit(resume=args.resume)
+    result = fit(trainer, args)
     export_final(trainer, result)
     if trainer.dist.is_main:
         tokenizer.save(trainer.run_dir / "final" / "tokenizer")

@@ -53,6 +53,13 @@ def export_final(trainer: Trainer, result: TrainResult, dtype: torch.dtype | Non
     loss = result.last_metrics.get("loss")
     tail = f", last loss {loss:.4f}" if loss is not None else ""
     print(f"unclip: trained to step {result.step}{tail}; model folder: {out}", file=sys.stderr)
+    if not result.finished:
+        print(
+            f"unclip: stopped by the time limit at step {result.step} of "
+            f"{trainer.config.steps}; {out} holds the weights so far, and --resume goes on "
+            f"from {result.checkpoint}",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -176,9 +183,17 @@ def open_images(cfg: Config):
     )
 
 
-def fit_and_export(trainer: Trainer, resume: bool, diffusion_config: Config | None = None) -> Path:
-    """Train (resuming if asked), then write ``final/`` (+ its ``diffusion.json``)."""
-    result = trainer.fit(resume=resume)
+def fit(trainer: Trainer, args: argparse.Namespace) -> TrainResult:
+    """``trainer.fit`` under the command line's ``--resume`` and ``--max-minutes``."""
+    minutes = getattr(args, "max_minutes", None)
+    return trainer.fit(resume=args.resume, max_seconds=minutes * 60 if minutes else None)
+
+
+def fit_and_export(
+    trainer: Trainer, args: argparse.Namespace, diffusion_config: Config | None = None
+) -> Path:
+    """Train (as :func:`fit`), then write ``final/`` (+ its ``diffusion.json``)."""
+    result = fit(trainer, args)
     out = export_final(trainer, result)
     if diffusion_config is not None and trainer.dist.is_main:
         save_diffusion_config(out, diffusion_config)

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         weights=weights,
         fsdp=args.fsdp,
     )
-    fit_and_export(trainer, args.resume, cfg.diffusion)
+    fit_and_export(trainer, args, cfg.diffusion)
     if images.skips.total:
         print(images.skips.summary())
     return 0

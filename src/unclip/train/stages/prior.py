@@ -149,7 +149,7 @@ def run_ar(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.no_progress, fsdp=args.fsdp,
         weights=sample_weights(cfg, shards, where),
     )  # fmt: skip
-    fit_and_export(trainer, args.resume)
+    fit_and_export(trainer, args)
     return 0
 
 
@@ -186,5 +186,5 @@ def run(args: argparse.Namespace) -> int:
         weights=sample_weights(cfg, shards, where),
         fsdp=args.fsdp,
     )
-    fit_and_export(trainer, args.resume, cfg.diffusion)
+    fit_and_export(trainer, args, cfg.diffusion)
     return 0

@@ -84,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
         weights=sample_weights(cfg, images, args.config or args.run_dir),
         fsdp=args.fsdp,
     )
-    fit_and_export(trainer, args.resume, cfg.diffusion)
+    fit_and_export(trainer, args, cfg.diffusion)
     return 0
