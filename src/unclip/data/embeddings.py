@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from unclip.config import write_text_atomic
 
-__all__ = ["EmbeddingShards", "compute_embeddings"]
+__all__ = ["EmbeddingShards", "compute_embeddings", "write_info", "write_shard"]
 
 INFO_NAME = "info.json"
 
@@ -45,6 +45,36 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_shard(
+    out: str | os.PathLike,
+    i: int,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    rows: Sequence[dict[str, str]],
+) -> None:
+    """Write shard ``i`` of the embedding folder ``out``: ``image_emb`` and ``text_emb``
+    ``[n, D]`` (stored as float16) and their ``n`` rows ``{"key", "caption"}``."""
+    if not len(image_emb) == len(text_emb) == len(rows):
+        raise ValueError(
+            f"shard {i}: {len(image_emb)} image, {len(text_emb)} text embeddings, {len(rows)} rows"
+        )
+    paths = _shard_paths(Path(out), i)
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _save_npy_atomic(paths["img"], np.asarray(image_emb, dtype=np.float16))
+    _save_npy_atomic(paths["text"], np.asarray(text_emb, dtype=np.float16))
+    lines = "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows)
+    write_text_atomic(paths["meta"], lines)
+
+
+def write_info(
+    out: str | os.PathLike, count: int, shards: int, dim: int | None, info: dict | None = None
+) -> None:
+    """Write ``info.json``, which marks the embedding folder ``out`` whole."""
+    doc = {"count": count, "shards": shards, "dim": dim, **(info or {})}
+    write_text_atomic(Path(out) / INFO_NAME, json.dumps(doc, indent=2) + "\n")
 
 
 def _collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,13 +141,9 @@ def compute_embeddings(
                 for k, c in zip(batch["key"], batch["caption"], strict=True)
             )
             bar.update(len(batch["key"]))
-        img = torch.cat(imgs).numpy().astype(np.float16)
-        text = torch.cat(texts).numpy().astype(np.float16)
+        img = torch.cat(imgs).numpy()
         dim = img.shape[1]
-        _save_npy_atomic(paths["img"], img)
-        _save_npy_atomic(paths["text"], text)
-        lines = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in meta)
-        write_text_atomic(paths["meta"], lines)
+        write_shard(out, i, img, torch.cat(texts).numpy(), meta)
         written += 1
     bar.close()
     if world_size > 1:
@@ -129,8 +155,7 @@ def compute_embeddings(
             return written
     if dim is None and n_shards:
         dim = int(np.load(_shard_paths(out, 0)["img"], mmap_mode="r").shape[1])
-    doc = {"count": n, "shards": n_shards, "dim": dim, **(info or {})}
-    write_text_atomic(out / INFO_NAME, json.dumps(doc, indent=2) + "\n")
+    write_info(out, n, n_shards, dim, info)
     return written
 
 
