@@ -244,6 +244,33 @@ def test_prior_stage_trains_from_embeddings(tiny_clip_and_embeddings, tmp_path, 
         assert -1.0 <= result[key] <= 1.0
 
 
+def test_frozen_text_encoder_tokenizes_each_caption_once(tiny_clip_and_embeddings, monkeypatch):
+    """Cached ids give the same features as fresh tokenization; past ``cache_size`` captions
+    are tokenized each time and still come out right."""
+    from unclip.train.stages.common import FrozenTextEncoder
+
+    clip_dir, _ = tiny_clip_and_embeddings
+    text = FrozenTextEncoder(clip_dir)
+    calls: list[int] = []
+    tokenize = text.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        text.tokenizer.__class__,
+        "__call__",
+        lambda self, texts, n=None: calls.append(len(texts)) or tokenize(self, texts, n),
+    )
+    captions = ["a red square", "a red square", "a blue circle"]
+    first = text(captions)
+    again = text(list(reversed(captions)))
+    assert calls == [2]  # two distinct captions, tokenized once
+    assert torch.equal(again[1], first[1].flip(0)) and torch.equal(again[2], first[2].flip(0))
+    expected = text.tokenizer(captions, text.context_length)
+    assert torch.equal(text.tokens(captions), expected)
+    text.cache_size = 2
+    assert torch.equal(text.tokens(["a green star", *captions])[0], tokenize(
+        text.tokenizer, ["a green star"], text.context_length)[0])  # fmt: skip
+    assert "a green star" not in text._ids
+
+
 def _decoder_config(shapes: Path, clip_dir: Path, emb: Path) -> dict:
     return {
         "model": {"image_size": 16, "model_channels": 16, "channel_mult": [1, 2],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -69,7 +70,13 @@ def count_parameters(model: nn.Module) -> int:
 
 class FrozenTextEncoder:
     """A trained CLIP's text side, frozen: captions -> (z_t [N, D], token features [N, L, W],
-    mask [N, L] bool with True for real tokens). Used inside the prior's and decoder's loss."""
+    mask [N, L] bool with True for real tokens). Used inside the prior's and decoder's loss.
+
+    A training run meets the same captions every epoch, so each distinct caption is tokenized
+    once and its ids kept (up to ``cache_size`` captions): tokenizing a batch of 256 emoji
+    captions takes 15 ms on one CPU core, as long as a GPU step of the decoder."""
+
+    cache_size = 1_000_000
 
     def __init__(self, clip_dir: str | Path, device: torch.device | str | None = None) -> None:
         from unclip.clip.convert import load_clip
@@ -80,6 +87,17 @@ class FrozenTextEncoder:
             self.model.to(device)
         self.tokenizer = Tokenizer.load(Path(clip_dir) / "tokenizer")
         self.context_length = self.model.config.context_length
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[N, L]`` of ``captions`` (cached per distinct caption)."""
+        new = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        fresh = dict(zip(new, self.tokenizer(new, self.context_length), strict=True)) if new else {}
+        for caption, row in fresh.items():
+            if len(self._ids) >= self.cache_size:
+                break
+            self._ids[caption] = row
+        return torch.stack([self._ids[c] if c in self._ids else fresh[c] for c in captions])
 
     @property
     def width(self) -> int:
@@ -91,7 +109,7 @@ class FrozenTextEncoder:
 
     @torch.no_grad()
     def __call__(self, captions, device: torch.device | str | None = None):
-        tokens = self.tokenizer(list(captions), self.context_length)
+        tokens = self.tokens(list(captions))
         param = next(self.model.parameters())
         tokens = tokens.to(device or param.device)
         if param.device != tokens.device:
