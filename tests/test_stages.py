@@ -582,6 +582,10 @@ def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings
     for key, value in ema.state_dict().items():
         assert torch.equal(model.state_dict()[key], value.half().float()), key
     assert (joined / "diffusion.json").exists() and (joined / "metrics.jsonl").exists()
+    shutil.rmtree(work / "run" / "final")  # a run that broke: its newest checkpoint goes back
+    assert kit.export(work / "run", tmp_path / "out2")["source"] == "step-6"
+    rejoined = from_pretrained(kit.join(tmp_path / "out2", tmp_path / "rejoined"))
+    assert all(torch.equal(rejoined.state_dict()[k], v) for k, v in model.state_dict().items())
 
     part = out / summary["parts"][0]
     part.write_bytes(b"x" + part.read_bytes()[1:])

@@ -264,13 +264,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
-    seconds["train"] = _unclip(["train", "decoder", *common, "--run-dir", str(run), "--steps",
-                                str(steps), "--max-minutes", f"{max(left, 1.0) / 60:.3f}"],
-                               log)  # fmt: skip
+    error = None
+    began = time.monotonic()
+    try:
+        _unclip(["train", "decoder", *common, "--run-dir", str(run), "--steps", str(steps),
+                 "--max-minutes", f"{max(left, 1.0) / 60:.3f}"], log)  # fmt: skip
+    except KitError as e:  # bring back what the run saved before it broke
+        error = str(e)
+    seconds["train"] = time.monotonic() - began
     name = torch.cuda.get_device_name() if device.startswith("cuda") else device
     began = time.monotonic()
     summary = export(run, out, extra={"steps": steps, "probe_steps_per_s": rate, "device": name})
     summary["seconds"] = {**seconds, "export": time.monotonic() - began}
+    if error:
+        summary["error"] = error
     (out / KIT_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -301,6 +308,7 @@ def export(run: Path, out: Path, extra: dict[str, Any] | None = None) -> dict[st
         for file in sorted(folder.iterdir()):
             tar.add(file, arcname=f"final/{file.name}")
     blob = buffer.getvalue()
+    out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("final.tar.part-*"):
         old.unlink()
     parts = []
@@ -396,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     Path(args.pipeline), device).items()}  # fmt: skip
         elif args.verb == "train":
             result = train(args)
+            if result.get("error"):
+                print(f"decoder_kit train: error: {result['error']}; exported {result['source']}",
+                      file=sys.stderr)  # fmt: skip
+                return 1
         else:
             result = {"folder": str(join(Path(args.folder), Path(args.out), args.overwrite))}
     except KitError as e:
