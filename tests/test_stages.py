@@ -533,7 +533,7 @@ def _decoder_kit():
     return module
 
 
-def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings, tmp_path):
+def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
     """scripts/gpu/decoder_kit.py: the unpacked data set gives the decoder stage the same
     images and image embeddings as the original; train returns parts that join into the run's
     EMA decoder in float16; a damaged part is refused."""
@@ -545,7 +545,11 @@ def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings
     pack = tmp_path / "shapes.pack"
     args = ["pack", "--data", str(shapes), "--split", "train", "--size", "16",
             "--embeddings", str(emb), "--out", str(pack)]  # fmt: skip
+    capsys.readouterr()
     assert kit.main(args) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert packed["count"] == 56 and packed["bytes"] == pack.stat().st_size
+    assert packed["travels_with_tracked_tree"].endswith(" MiB")
     pipeline = tmp_path / "pipeline"
     shutil.copytree(clip_dir, pipeline / "clip")
     work = tmp_path / "work"

@@ -50,6 +50,7 @@ FORMAT = "unclip-decoder-pack"
 PART_BYTES = 15 * 2**20
 KIT_NAME = "kit.json"
 PROBE_STEPS = 100
+TRAVEL_LIMIT = 64 * 2**20  # what the lent GPU machines take: the tracked tree + carried paths
 
 
 class KitError(RuntimeError):
@@ -125,7 +126,25 @@ def pack(data: str, split: str, size: int, embeddings: str, out: Path) -> dict[s
         _add(tar, "img_emb.f16.xz", _xz(emb.tobytes()))
     os.replace(tmp, out)
     meta["bytes"] = out.stat().st_size
+    tree = tracked_bytes()
+    if tree is not None:
+        meta["travels_with_tracked_tree"] = f"{(tree + meta['bytes']) / 2**20:.1f} MiB"
+        if tree + meta["bytes"] > TRAVEL_LIMIT:
+            print(f"decoder_kit pack: warning: the tracked tree ({tree / 2**20:.1f} MiB) and the "
+                  f"pack together exceed {TRAVEL_LIMIT // 2**20} MiB; see docs/gpu-training.md",
+                  file=sys.stderr)  # fmt: skip
     return meta
+
+
+def tracked_bytes() -> int | None:
+    """Bytes of the files git tracks in this checkout (None without git)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                               check=True).stdout.split(b"\0")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = (REPO / os.fsdecode(n) for n in names if n)
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def read_pack(path: Path) -> tuple[dict[str, Any], list[dict], np.ndarray, np.ndarray]:
