@@ -166,6 +166,11 @@ def test_clip_stage_reports_config_errors(shapes, tokenizer_dir, tmp_path, capsy
     config.write_text(json.dumps(doc))
     assert main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+    del doc["model"]["bogus"], doc["model"]["vocab_size"]
+    doc.update(concept_run=2, data={**doc["data"], "balance": ["concept"]})
+    config.write_text(json.dumps(doc))
+    assert main(["train", "clip", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "data.balance and concept_run > 1 do not combine" in capsys.readouterr().err
 
 
 def test_embed_command_writes_aligned_shards_with_a_tiny_clip(shapes, tokenizer_dir, tmp_path):
