@@ -200,13 +200,11 @@ def unpack(path: Path, work: Path, pipeline: Path, device: str) -> dict[str, Pat
     tokenizer = Tokenizer.load(clip / "tokenizer")
     captions = [r["caption"] for r in records]
     shard_size = 10_000
+    text = []
     with torch.no_grad():
-        text = [
-            model.encode_text(tokenizer(captions[i : i + 512], model.config.context_length).to(
-                device
-            )).float().cpu().numpy()
-            for i in range(0, len(captions), 512)
-        ]  # fmt: skip
+        for i in range(0, len(captions), 512):
+            tokens = tokenizer(captions[i : i + 512], model.config.context_length)
+            text.append(model.encode_text(tokens.to(device)).float().cpu().numpy())
     text_emb = np.concatenate(text)
     shards = (len(records) + shard_size - 1) // shard_size
     for i in range(shards):

@@ -74,7 +74,7 @@ class FrozenTextEncoder:
 
     A training run meets the same captions every epoch, so each distinct caption is tokenized
     once and its ids kept (up to ``cache_size`` captions): tokenizing a batch of 256 emoji
-    captions takes 15 ms on one CPU core, as long as a GPU step of the decoder."""
+    captions takes 15 ms on one CPU core, time that a GPU step would spend waiting."""
 
     cache_size = 1_000_000
 
