@@ -80,3 +80,28 @@ def test_bad_file_names_the_path(tmp_path):
     bad.write_text('{"nope": 1}')
     with pytest.raises(ConfigError, match=r"run\.json: unknown key 'nope'"):
         TrainConfig.load(bad)
+
+
+def test_every_shipped_run_config_loads():
+    """Each file in configs/ loads into the config class its stage reads (no stale or unknown
+    keys), so `make train-default` and the documented runs start."""
+    from pathlib import Path
+
+    from unclip.pipeline.config import SamplingConfig
+    from unclip.train.stages import run_configs as rc
+
+    classes = {"clip": rc.ClipRunConfig, "decoder": rc.DecoderRunConfig,
+               "upsampler": rc.UpsamplerRunConfig, "sampling": SamplingConfig}  # fmt: skip
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*/*.json"))
+    assert len(files) >= 9
+    for path in files:
+        stage = path.stem.split("-")[0]
+        if stage == "prior":
+            ar = json.loads(path.read_text()).get("type") == "ar"
+            cls = rc.ARPriorRunConfig if ar else rc.PriorRunConfig
+        else:
+            cls = classes[stage]
+        try:
+            cls.load(path)
+        except ConfigError as e:
+            pytest.fail(f"{path}: {e}")
