@@ -551,6 +551,8 @@ def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings
     args = ["pack", "--data", str(shapes), "--split", "train", "--size", "16",
             "--embeddings", str(emb), "--out", str(pack)]  # fmt: skip
     capsys.readouterr()
+    assert kit.main([*args[:-3], str(tmp_path / "none"), *args[-2:]]) == 2  # no embeddings
+    assert f"{tmp_path / 'none'}" in capsys.readouterr().err
     assert kit.main(args) == 0
     packed = json.loads(capsys.readouterr().out)
     assert packed["count"] == 56 and packed["bytes"] == pack.stat().st_size

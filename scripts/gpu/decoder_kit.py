@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         else:
             result = {"folder": str(join(Path(args.folder), Path(args.out), args.overwrite))}
-    except KitError as e:
+    except (KitError, ValueError, OSError) as e:  # bad input, said in one line (as unclip does)
         print(f"decoder_kit {args.verb}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
