@@ -78,11 +78,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def pack(data: str, split: str, size: int, embeddings: str, out: Path) -> dict[str, Any]:
     """Write the pack of ``split`` of ``data`` at ``size`` px with the ``embeddings`` rows."""
-    import torch
-
     from unclip.data.datasets import open_dataset
     from unclip.data.embeddings import EmbeddingShards
     from unclip.data.shards import read_manifest
+    from unclip.data.transforms import from_tensor
 
     images = open_dataset(data, size=size, split=split)
     shards = EmbeddingShards(embeddings)
@@ -98,8 +97,7 @@ def pack(data: str, split: str, size: int, embeddings: str, out: Path) -> dict[s
         keys.append(key)
         record = {k: v for k, v in manifest.get(key, {}).items() if k not in ("shard", "file")}
         records.append({**record, "key": key, "caption": item["caption"], "split": split})
-        u8 = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-        pixels.append(u8.to(torch.uint8).numpy())
+        pixels.append(np.asarray(from_tensor(item["image"])))  # exactly to_tensor's inverse
         rows.append(shards.index_of(key))
     if not keys:
         raise KitError(f"{data}: no sample of split {split!r} has an embedding in {embeddings}")
@@ -173,13 +171,11 @@ def read_pack(path: Path) -> tuple[dict[str, Any], list[dict], np.ndarray, np.nd
 def unpack(path: Path, work: Path, pipeline: Path, device: str) -> dict[str, Path]:
     """Unpack into ``work``: ``data/`` (shards + manifest), ``embeddings/`` and ``clip/`` (the
     pipeline's CLIP with its tokenizer, as a decoder run's ``clip`` expects)."""
-    import torch
     from PIL import Image
 
-    from unclip.clip.convert import load_clip
     from unclip.data.embeddings import write_info, write_shard
     from unclip.data.shards import ShardWriter, write_manifest
-    from unclip.tokenizer import Tokenizer
+    from unclip.train.stages.common import FrozenTextEncoder
 
     meta, records, images, emb = read_pack(path)
     data, embeddings, clip = work / "data", work / "embeddings", work / "clip"
@@ -196,16 +192,11 @@ def unpack(path: Path, work: Path, pipeline: Path, device: str) -> dict[str, Pat
     shutil.copytree(pipeline / "clip", clip)
     if not (clip / "tokenizer").exists():  # a pipeline keeps it beside the CLIP, a run inside
         shutil.copytree(pipeline / "tokenizer", clip / "tokenizer")
-    model = load_clip(clip).to(device).eval()
-    tokenizer = Tokenizer.load(clip / "tokenizer")
+    text = FrozenTextEncoder(clip, device)  # its z_t is CLIP's text embedding, as embed writes
     captions = [r["caption"] for r in records]
+    batches = (text(captions[i : i + 512])[0] for i in range(0, len(captions), 512))
+    text_emb = np.concatenate([z_t.cpu().numpy() for z_t in batches])
     shard_size = 10_000
-    text = []
-    with torch.no_grad():
-        for i in range(0, len(captions), 512):
-            tokens = tokenizer(captions[i : i + 512], model.config.context_length)
-            text.append(model.encode_text(tokens.to(device)).float().cpu().numpy())
-    text_emb = np.concatenate(text)
     shards = (len(records) + shard_size - 1) // shard_size
     for i in range(shards):
         lo, hi = i * shard_size, min(len(records), (i + 1) * shard_size)
@@ -314,12 +305,9 @@ def export(run: Path, out: Path, extra: dict[str, Any] | None = None) -> dict[st
     folder = run.parent / "export" / "final"
     shutil.rmtree(folder.parent, ignore_errors=True)
     save_pretrained(model, folder, dtype=torch.float16)
-    for name in ("diffusion.json",):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    for name in ("run_config.json", "metrics.jsonl"):
-        if (run / name).exists():
-            shutil.copy(run / name, folder / name)
+    for file in (source / "diffusion.json", run / "run_config.json", run / "metrics.jsonl"):
+        if file.exists():
+            shutil.copy(file, folder / file.name)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for file in sorted(folder.iterdir()):

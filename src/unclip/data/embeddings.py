@@ -111,8 +111,7 @@ def compute_embeddings(
     from tqdm import tqdm
 
     out = Path(out)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # write_shard makes the shard folders
     n = len(dataset)  # type: ignore[arg-type]
     n_shards = (n + shard_size - 1) // shard_size
     written = 0
