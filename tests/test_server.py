@@ -235,7 +235,9 @@ def test_variations_edits_interpolations(client):
 
 def test_json_errors(client):
     gen = "/v1/images/generations"
-    err = assert_error(client.post(gen, content=b"{not json"), 400, code="invalid_json")
+    json_type = {"Content-Type": "application/json"}
+    r = client.post(gen, content=b"{not json", headers=json_type)
+    err = assert_error(r, 400, code="invalid_json")
     assert "JSON" in err["message"]
     assert_error(client.post(gen, json=["a list"]), 400, code="invalid_json")
     err = assert_error(client.post(gen, json={"prompt": "x", "stepz": 3}), 400, "stepz")
@@ -282,8 +284,8 @@ def test_upload_errors(client):
     assert_error(client.post(variations, files={"image": ("a.svg", svg, "image/svg+xml")}),
                  400, "image", "invalid_image")  # fmt: skip
     assert_error(client.post(variations, files={"n": (None, "1")}), 400, "image")
-    assert_error(client.post(variations, data={"n": "1"}), 400, code="invalid_content_type")
-    assert_error(client.post(variations, json={"image": "x"}), 400, code="invalid_content_type")
+    assert_error(client.post(variations, data={"n": "1"}), 415, code="invalid_content_type")
+    assert_error(client.post(variations, json={"image": "x"}), 415, code="invalid_content_type")
     assert_error(client.post(variations, files={"image": image, "extra": image}), 400, "extra")
     # mask of another size; no mask and no transparency; a mask that keeps everything
     r = client.post(edits, files={"image": image, "mask": ("m.png", box_mask((8, 8)), "image/png")},

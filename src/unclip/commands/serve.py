@@ -1,11 +1,14 @@
 """``unclip serve``: the OpenAI-compatible Images API and the web page, with uvicorn.
 
-Light at import: FastAPI, uvicorn and the pipeline are imported by :func:`run_serve`.
+Light at import: FastAPI, uvicorn and the pipeline are imported by :func:`run_serve`, after
+it has checked that the ``server`` extra is installed and that the access settings make
+sense (a non-loopback address needs an API key, or an explicit ``--no-auth``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import os
 import sys
@@ -13,6 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unclip.commands import add_dtype_argument
+from unclip.server.limits import (
+    DEFAULT_GALLERY_MAX_DAYS,
+    DEFAULT_GALLERY_MAX_MB,
+    DEFAULT_LIMITS,
+    DEFAULT_QUEUE_SIZE,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -21,6 +30,13 @@ DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "UNCLIP_API_KEY"
+#: what the ``server`` extra installs: (distribution, the module names it may provide)
+SERVER_MODULES = (
+    ("fastapi", ("fastapi",)),
+    ("uvicorn", ("uvicorn",)),
+    ("python-multipart", ("python_multipart", "multipart")),
+)
+SERVER_EXTRA = "pip install 'unclip[server]'"
 
 
 def default_data_dir() -> Path:
@@ -38,6 +54,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def missing_server_modules() -> list[str]:
+    """The distributions of the ``server`` extra that are not installed (none imported)."""
+    return [
+        dist
+        for dist, modules in SERVER_MODULES
+        if all(importlib.util.find_spec(m) is None for m in modules)
+    ]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -47,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "in the shapes of the OpenAI Images API (the official openai client works with "
             "base_url=http://HOST:PORT/v1), progress as server-sent events, and a web page "
             "at / with a gallery kept in DATA_DIR. Bound to 127.0.0.1 unless --host says "
-            "otherwise; set an API key before serving beyond this machine."
+            f"otherwise; any other address needs an API key (${API_KEY_ENV} or "
+            "--api-key-file) or an explicit --no-auth. Needs the server extra: "
+            f"{SERVER_EXTRA}."
         ),
     )
     p.add_argument(
@@ -60,24 +87,90 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--workers", type=int, default=1, help="sampling threads (default 1)")
     p.add_argument(
-        "--queue-size", type=int, default=8, help="jobs that may wait; more get 429 (default 8)"
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        help=f"jobs that may wait; more get 429 (default {DEFAULT_QUEUE_SIZE})",
     )
-    p.add_argument(
+    access = p.add_argument_group("access")
+    access.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require 'Authorization: Bearer KEY' on /v1 routes, KEY being this file's "
+        f"content (default: ${API_KEY_ENV}, if set)",
+    )
+    access.add_argument(
         "--api-key",
-        default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})",
+        metavar="KEY",
+        help="the key itself (works, but other users of this machine see it in 'ps': "
+        f"prefer --api-key-file or ${API_KEY_ENV})",
     )
-    p.add_argument(
+    access.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without an API key: anyone who can reach the port "
+        "can use the server",
+    )
+    access.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web site (https://host[:port]) whose pages may call the API (POST/DELETE, "
+        "with CORS); repeatable. By default only the server's own page may",
+    )
+    gallery = p.add_argument_group("gallery")
+    gallery.add_argument(
         "--data-dir",
         metavar="DIR",
         help="gallery.sqlite and images/ (default: $XDG_DATA_HOME/unclip)",
     )
-    p.add_argument("--no-gallery", action="store_true", help="keep no gallery on disk")
-    p.add_argument("--timeout", type=float, default=300.0, help="request timeout in seconds")
-    p.add_argument("--max-n", type=int, default=10, help="most images per request (default 10)")
-    p.add_argument("--max-steps", type=int, default=250, help="most sampling steps per stage")
-    p.add_argument(
-        "--max-upload-mb", type=float, default=4.0, help="largest uploaded image, MiB (default 4)"
+    gallery.add_argument("--no-gallery", action="store_true", help="keep no gallery on disk")
+    gallery.add_argument(
+        "--gallery-max-mb",
+        type=float,
+        default=DEFAULT_GALLERY_MAX_MB,
+        metavar="MB",
+        help="the gallery's PNGs take at most this many MiB; the oldest images go first "
+        f"(default {DEFAULT_GALLERY_MAX_MB})",
+    )
+    gallery.add_argument(
+        "--gallery-max-days",
+        type=float,
+        default=DEFAULT_GALLERY_MAX_DAYS,
+        metavar="DAYS",
+        help=f"drop gallery images older than this; 0: never (default {DEFAULT_GALLERY_MAX_DAYS})",
+    )
+    gallery.add_argument(
+        "--gallery-keep-b64",
+        action="store_true",
+        help="store b64_json results in the gallery too (by default only url results, "
+        "which the web page asks for, are stored)",
+    )
+    limits = p.add_argument_group("limits")
+    limits.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_LIMITS.request_timeout,
+        help=f"request timeout in seconds (default {DEFAULT_LIMITS.request_timeout:g})",
+    )
+    limits.add_argument(
+        "--max-n",
+        type=int,
+        default=DEFAULT_LIMITS.max_n,
+        help=f"most images per request (default {DEFAULT_LIMITS.max_n})",
+    )
+    limits.add_argument(
+        "--max-steps",
+        type=int,
+        default=DEFAULT_LIMITS.max_steps,
+        help=f"most sampling steps per stage (default {DEFAULT_LIMITS.max_steps})",
+    )
+    limits.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_LIMITS.max_upload_bytes / 2**20,
+        help=f"largest uploaded image, MiB (default {DEFAULT_LIMITS.max_upload_bytes / 2**20:g})",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     add_dtype_argument(p)
@@ -89,12 +182,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
+def _checked_key(key: str, source: str) -> str:
+    if not key:
+        raise ValueError(f"{source}: the API key is empty")
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise ValueError(f"{source}: the API key must be printable ASCII without spaces")
+    return key
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """The API key from ``--api-key-file``, ``--api-key`` or ``$UNCLIP_API_KEY`` (in that
+    order; the first two together are an error), checked against ``--host`` and
+    ``--no-auth``: a non-loopback address without a key is refused unless ``--no-auth``.
+    Prints what ``--api-key`` and ``--no-auth`` imply. ValueError/OSError: one line."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    key: str | None
+    if args.api_key_file is not None:
+        text = Path(args.api_key_file).read_text(encoding="utf-8")
+        key = _checked_key(text.strip(), args.api_key_file)
+    elif args.api_key is not None:
+        key = _checked_key(args.api_key, "--api-key")
+        print(
+            "unclip serve: warning: --api-key is visible to every user of this machine "
+            f"(ps, /proc); prefer --api-key-file FILE or ${API_KEY_ENV}",
+            file=sys.stderr,
+        )
+    elif os.environ.get(API_KEY_ENV):
+        key = _checked_key(os.environ[API_KEY_ENV].strip(), f"${API_KEY_ENV}")
+    else:
+        key = None
+    if args.no_auth and key is not None:
+        raise ValueError("--no-auth, but an API key is set (--api-key, --api-key-file or "
+                         f"${API_KEY_ENV}): choose one")  # fmt: skip
+    if key is None and not is_loopback(args.host):
+        if not args.no_auth:
+            raise ValueError(
+                f"refusing to serve {args.host} without an API key: anyone who can reach it "
+                f"could use it; set ${API_KEY_ENV} or --api-key-file FILE (or pass --no-auth "
+                "to serve it open)"
+            )
+        print(
+            f"unclip serve: warning: --no-auth: anyone who can reach {args.host}:{args.port} "
+            "can generate images with this machine, read and delete the gallery and cancel "
+            "jobs (pages of other web sites are still refused)",
+            file=sys.stderr,
+        )
+    return key
+
+
 def build_app(args: argparse.Namespace) -> FastAPI:
     """The app for parsed ``serve`` arguments (checked first; loads the pipeline)."""
-    import torch
-
-    from unclip.server.app import LOOPBACK_HOSTS, Limits, create_app
-
     for name in ("workers", "queue_size", "max_n", "max_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -102,9 +240,19 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if not args.timeout > 0 or not args.max_upload_mb > 0:
         raise ValueError("--timeout and --max-upload-mb must be positive")
+    if not args.gallery_max_mb > 0 or not args.gallery_max_days >= 0:
+        raise ValueError("--gallery-max-mb must be positive and --gallery-max-days at least 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    key = resolve_api_key(args)
+
+    import torch
+
+    from unclip.server.app import LOOPBACK_HOSTS, Limits, create_app, normalize_origin
+    from unclip.server.gallery import DAY, Gallery
+
+    origins = tuple(normalize_origin(o) for o in args.allow_origin)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     limits = Limits(
         max_n=args.max_n,
@@ -116,8 +264,11 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     if not args.no_gallery:
         data = Path(args.data_dir) if args.data_dir else default_data_dir()
         data.mkdir(parents=True, exist_ok=True)
-        gallery = data / "gallery.sqlite"
-    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        gallery = Gallery(
+            data / "gallery.sqlite",
+            max_bytes=int(args.gallery_max_mb * 2**20),
+            max_age=args.gallery_max_days * DAY if args.gallery_max_days > 0 else None,
+        )
     return create_app(
         args.pipeline,
         workers=args.workers,
@@ -125,7 +276,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         limits=limits,
         api_key=key,
         gallery_db=gallery,
+        gallery_keep_b64=args.gallery_keep_b64,
         allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
+        allowed_origins=origins,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
@@ -133,21 +286,24 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    app = build_app(args)
-    server = app.state.unclip
-    if server.api_key is None and not is_loopback(args.host):
+    missing = missing_server_modules()
+    if missing:
         print(
-            f"unclip serve: warning: listening on {args.host} without an API key; anyone who "
-            f"can reach this port can use it (set --api-key or ${API_KEY_ENV})",
+            f"unclip serve: error: the server needs the 'server' extra ({', '.join(missing)} "
+            f"missing): {SERVER_EXTRA}",
             file=sys.stderr,
         )
+        return 2
+    app = build_app(args)
+    import uvicorn
+
+    server = app.state.unclip
     where = server.gallery.db_path if server.gallery is not None else "none"
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"unclip serve: {server.pipe.name} at http://{host}:{args.port}/ "
-        f"(API: http://{host}:{args.port}/v1, gallery: {where})",
+        f"(API: http://{host}:{args.port}/v1, gallery: {where}, "
+        f"API key: {'required' if server.api_key else 'none'})",
         file=sys.stderr,
     )
     uvicorn.run(

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -56,7 +57,11 @@ from unclip.server.jobs import (
     JobQueue,
     QueueFull,
 )
+from unclip.server.jsonbody import parse_json_object
+from unclip.server.limits import DEFAULT_QUEUE_SIZE, LOOPBACK_HOSTS, Limits
 from unclip.server.uploads import decode_image, png_bytes
+
+__all__ = ["LOOPBACK_HOSTS", "Limits", "create_app", "normalize_origin"]
 
 log = logging.getLogger("unclip.server")
 
@@ -64,34 +69,14 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: output sizes besides the pipeline's own: the OpenAI API's DALL·E 2 sizes, reached by a
 #: plain Lanczos resize of the pipeline's output (no model runs at these resolutions)
 OPENAI_SIZES = (256, 512, 1024)
-DEFAULT_QUEUE_SIZE = 8
 #: finished async jobs (and their results) are kept this long (seconds), at most this many,
 #: and results of at most this many bytes of PNG in all (oldest dropped first)
 JOB_TTL = 600.0
 MAX_KEPT_JOBS = 256
 MAX_KEPT_BYTES = 256 * 2**20
 MULTIPART_OVERHEAD = 256 * 1024
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. ``request_timeout`` (seconds) bounds queueing plus
-    sampling of a job; a synchronous request that runs past it gets 504."""
-
-    max_prompt_chars: int = 1000
-    max_n: int = 10
-    max_frames: int = 16
-    max_steps: int = 250
-    max_upload_bytes: int = 4 * 2**20
-    max_image_pixels: int = 2048 * 2048
-    max_json_bytes: int = 2**20
-    request_timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        for key, value in asdict(self).items():
-            if not value > 0:
-                raise ValueError(f"limit {key} must be positive, got {value}")
+#: methods that change nothing; every other method is checked against the Origin policy
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +193,13 @@ class _Server:
         limits: Limits,
         api_key: str | None,
         gallery: Gallery | None,
+        gallery_keep_b64: bool = False,
     ) -> None:
         self.pipe = pipe
         self.limits = limits
         self.api_key = api_key
         self.gallery = gallery
+        self.gallery_keep_b64 = gallery_keep_b64
         self.memory = MemoryStore()
         self.queue = JobQueue(workers, queue_size)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
@@ -261,37 +248,115 @@ def _state(request: Request) -> _Server:
 # Middleware: host and origin checks, body size limits, security headers
 
 
+def normalize_origin(origin: str) -> str:
+    """``origin`` as browsers send it (``scheme://host[:port]``, lower case, no default
+    port), or ``"null"``; ValueError for anything else (a path, another scheme, ``*``)."""
+    if origin == "null":
+        return origin
+    try:
+        u = urlsplit(origin.strip().lower())
+        port = u.port
+    except ValueError:
+        port, u = -1, None
+    if (
+        u is None or port == -1 or u.scheme not in ("http", "https") or not u.hostname
+        or u.path not in ("", "/") or u.query or u.fragment or u.username or u.password
+    ):  # fmt: skip
+        raise ValueError(
+            f"not an origin: {origin!r} (expected scheme://host[:port], e.g. "
+            "https://example.com, or null)"
+        )
+    default = 443 if u.scheme == "https" else 80
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether the ``Origin`` header names the server the request was sent to (its
+    ``Host`` header): same host name and port, the port defaulting to the origin's
+    scheme's."""
+    try:
+        o = urlsplit(origin.lower())
+        h = urlsplit(f"//{host.lower()}")
+        if o.scheme not in ("http", "https") or not o.hostname or not h.hostname:
+            return False
+        default = 443 if o.scheme == "https" else 80
+        return o.hostname == h.hostname and (o.port or default) == (h.port or default)
+    except ValueError:
+        return False
+
+
 class _Guard:
-    """Pure ASGI middleware. Refuses requests for a host not in ``allowed_hosts`` (a DNS
-    rebinding defence for a server on loopback), state-changing requests whose ``Origin``
-    is another site (cross-site form posts), and bodies above ``limit_for(path)`` bytes
-    (413, checked on Content-Length and while the body streams in)."""
+    """Pure ASGI middleware, in front of every route:
+
+    - a ``Host`` not in ``allowed_hosts`` is refused (400; a DNS-rebinding defence for a
+      server on loopback);
+    - a request with any method but GET, HEAD and OPTIONS is refused (403) when its
+      ``Origin`` is not the server's own (the ``Host`` it was sent to) and not one of
+      ``allowed_origins``; ``Origin: null`` (a sandboxed iframe, a ``data:`` or
+      ``file:`` page) counts as another site. Without an ``Origin``, a
+      ``Sec-Fetch-Site: cross-site`` or ``same-site`` is refused the same way;
+    - bodies above ``limit_for(path)`` bytes are refused (413, on Content-Length and while
+      the body streams in);
+    - an exception no route handled becomes a JSON 500 (logged once), so the client gets
+      an error object and its keep-alive connection stays open.
+    """
 
     def __init__(
         self,
         app: ASGIApp,
         limit_for: Callable[[str], int],
         allowed_hosts: tuple[str, ...] | None,
+        allowed_origins: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.limit_for = limit_for
         self.allowed_hosts = allowed_hosts
+        self.allowed_origins = frozenset(allowed_origins)
+
+    def cross_site(self, method: str, headers: dict[str, str]) -> str | None:
+        """Why a request is refused as cross-site, or None."""
+        if method in SAFE_METHODS:
+            return None
+        origin = headers.get("origin")
+        if origin is None:
+            site = headers.get("sec-fetch-site", "").lower()
+            if site in ("cross-site", "same-site"):
+                return f"a {site} request (Sec-Fetch-Site) without an Origin"
+            return None
+        if _same_origin(origin, headers.get("host", "")):
+            return None
+        try:
+            if normalize_origin(origin) in self.allowed_origins:
+                return None
+        except ValueError:
+            pass
+        return f"a {method} request from origin {origin[:100]!r}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host = headers.get("host", "")
         if self.allowed_hosts is not None:
-            hostname = urlsplit(f"//{host}").hostname or ""
+            hostname = ""
+            with contextlib.suppress(ValueError):
+                hostname = urlsplit(f"//{host}").hostname or ""
             if hostname not in self.allowed_hosts and "*" not in self.allowed_hosts:
-                await _send_error(send, APIError(400, f"invalid Host header {host!r}"))
+                await _send_error(send, APIError(400, f"invalid Host header {host[:100]!r}"))
                 return
-        origin = headers.get("origin")
-        unsafe = scope["method"] not in ("GET", "HEAD", "OPTIONS")
-        if unsafe and origin and origin != "null" and urlsplit(origin).netloc != host:
-            await _send_error(send, APIError(403, f"cross-origin request from {origin} refused"))
+        why = self.cross_site(scope["method"], headers)
+        if why is not None:
+            await _send_error(
+                send,
+                APIError(
+                    403,
+                    f"{why} refused: only the server's own page may send it (list another "
+                    "site with unclip serve --allow-origin)",
+                    code="cross_origin",
+                ),
+            )
             return
         limit = self.limit_for(scope["path"])
         length = headers.get("content-length")
@@ -330,6 +395,14 @@ class _Guard:
             if started:
                 raise
             await _send_error(send, e)
+        except Exception as e:
+            if started:
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            await _send_error(
+                send,
+                APIError(500, f"internal error ({type(e).__name__}); see the server's log"),
+            )
 
 
 _CSP = (
@@ -361,31 +434,41 @@ async def _send_error(send: Send, err: APIError) -> None:
 # Request parsing
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    if request.headers.get("content-type", "").startswith("multipart/"):
-        raise bad_request("this endpoint takes a JSON body, not multipart/form-data")
+JSON_TYPE = "application/json"
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def _json_body(request: Request, limits: Limits) -> dict[str, Any]:
+    """The request's JSON object, parsed with ``limits`` (:mod:`.jsonbody`). Only
+    ``Content-Type: application/json`` is read: a ``text/plain`` body is what a cross-site
+    form or ``fetch`` can send without asking the server first (a CORS "simple request")."""
+    ctype = _media_type(request)
+    if ctype != JSON_TYPE:
+        raise APIError(
+            415,
+            f"this endpoint takes a JSON body with Content-Type: {JSON_TYPE} (got: "
+            f"{ctype or 'none'}; curl: --json or -H 'Content-Type: {JSON_TYPE}')",
+            code="invalid_content_type",
+        )
     raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request(
-            "We could not parse the JSON body of your request. (HINT: send a JSON object "
-            "with Content-Type: application/json.)",
-            code="invalid_json",
-        ) from None
-    if not isinstance(data, dict):
-        raise bad_request("the JSON body must be an object", code="invalid_json")
-    return data
+    if len(raw) > 64 * 1024:  # parsing a large body takes milliseconds: off the event loop
+        return await run_in_threadpool(parse_json_object, raw, limits)
+    return parse_json_object(raw, limits)
 
 
 async def _form_body(
     request: Request, files: tuple[str, ...], limits: Limits
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Fields and uploaded files of a multipart body (``image[]`` is read as ``image``)."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        raise bad_request(
-            f"this endpoint takes multipart/form-data with the file field(s) {', '.join(files)}",
+    ctype = _media_type(request)
+    if ctype != "multipart/form-data":
+        raise APIError(
+            415,
+            f"this endpoint takes multipart/form-data with the file field(s) "
+            f"{', '.join(files)} (got: {ctype or 'none'})",
             code="invalid_content_type",
         )
     try:
@@ -520,9 +603,11 @@ def _make_job(
     size: int,
     response_format: str,
 ) -> Job:
-    """A job that runs ``work(progress)`` and turns its images into stored PNGs."""
+    """A job that runs ``work(progress)`` and turns its images into PNGs: ``url`` results
+    are stored (in the gallery, or in memory without one); ``b64_json`` results are sent
+    back and stored in the gallery only when the server keeps them (``gallery_keep_b64``)."""
     software = f"unclip {unclip.__version__}"
-    store_all = server.gallery is not None
+    store_all = server.gallery is not None and server.gallery_keep_b64
 
     def run(progress: Callable[[str, Any], None]) -> list[_Result]:
         results = []
@@ -668,6 +753,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "invalid request (bad JSON, bad image, mask mismatch, limits)"),
         (401, "missing or wrong API key"),
         (413, "upload too large"),
+        (415, "wrong Content-Type (JSON routes: application/json; uploads: multipart)"),
         (429, "job queue full; see Retry-After"),
         (504, "request timeout"),
     )
@@ -693,7 +779,7 @@ def _error_docs(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
 _V1_ERRORS = _error_docs(
     (400, "invalid request (bad parameter, bad Host header)"),
     (401, "missing or wrong API key"),
-    (403, "a state-changing request from another site (Origin)"),
+    (403, "a POST or DELETE from another site (Origin: null or not the server's own)"),
     (413, "request body too large"),
 )
 _NOT_FOUND = _error_docs((404, "no such job, gallery image or file (or no gallery)"))
@@ -731,8 +817,10 @@ def create_app(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     limits: Limits | None = None,
     api_key: str | None = None,
-    gallery_db: str | os.PathLike | None = None,
+    gallery_db: str | os.PathLike | Gallery | None = None,
+    gallery_keep_b64: bool = False,
     allowed_hosts: tuple[str, ...] | None = None,
+    allowed_origins: tuple[str, ...] | list[str] = (),
     device: str | None = None,
     dtype: Any = None,
     compile: bool = False,
@@ -742,12 +830,18 @@ def create_app(
     :meth:`~unclip.pipeline.UnclipPipeline.compile`).
 
     ``workers`` threads sample; at most ``queue_size`` jobs wait (more: 429). ``api_key``:
-    required as ``Authorization: Bearer KEY`` on every ``/v1`` route. ``gallery_db``: an
-    SQLite file for the gallery (PNGs in ``images/`` next to it); None: no gallery, and
-    ``url`` results live in memory (the most recent 64 MiB). ``allowed_hosts``: Host header
-    names accepted (None: any; ``unclip serve`` on loopback passes the loopback names).
+    required as ``Authorization: Bearer KEY`` on every ``/v1`` route. ``gallery_db``: a
+    :class:`~unclip.server.gallery.Gallery` (with its size and age limits) or an SQLite file
+    for one with the default limits (PNGs in ``images/`` next to it); None: no gallery, and
+    ``url`` results live in memory (the most recent 64 MiB). ``gallery_keep_b64``: store
+    ``b64_json`` results in the gallery too (by default only ``url`` results are stored).
+    ``allowed_hosts``: Host header names accepted (None: any; ``unclip serve`` on loopback
+    passes the loopback names). ``allowed_origins``: other sites (``https://host[:port]``)
+    whose pages may send POST/DELETE requests (and read the answers: CORS); by default only
+    the server's own page may.
     """
     limits = limits or Limits()
+    origins = tuple(normalize_origin(o) for o in allowed_origins)
     if isinstance(pipeline_or_path, (str, os.PathLike)):
         from unclip.pipeline import load_pipeline
 
@@ -756,7 +850,10 @@ def create_app(
         pipe = pipeline_or_path
     if compile:
         pipe.compile()
-    gallery = Gallery(gallery_db) if gallery_db is not None else None
+    if gallery_db is None or isinstance(gallery_db, Gallery):
+        gallery = gallery_db
+    else:
+        gallery = Gallery(gallery_db)
     server = _Server(
         pipe,
         workers=workers,
@@ -764,6 +861,7 @@ def create_app(
         limits=limits,
         api_key=api_key or None,
         gallery=gallery,
+        gallery_keep_b64=gallery_keep_b64,
     )
 
     @contextlib.asynccontextmanager
@@ -786,7 +884,17 @@ def create_app(
             return multipart_limit
         return limits.max_json_bytes
 
-    app.add_middleware(_Guard, limit_for=limit_for, allowed_hosts=allowed_hosts)
+    app.add_middleware(
+        _Guard, limit_for=limit_for, allowed_hosts=allowed_hosts, allowed_origins=origins
+    )
+    if origins:  # added last, so outermost: it answers the listed sites' preflights
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Preference-Applied"],
+        )
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -855,7 +963,7 @@ def create_app(
     )
     async def generations(request: Request) -> Response:
         req: GenerationRequest = _validate(
-            GenerationRequest, await _json_body(request), strict=True
+            GenerationRequest, await _json_body(request, limits), strict=True
         )
         _check_prompt(req.prompt, limits)
         _check_range(req.n, "n", 1, limits.max_n)
@@ -1129,7 +1237,7 @@ def create_app(
         image_id = name.removesuffix(".png")
         data = await run_in_threadpool(server.png, image_id)
         if data is None:
-            raise APIError(404, "no such image (memory-held images expire)")
+            raise APIError(404, "no such image (deleted, evicted from the gallery, or expired)")
         return Response(
             data,
             media_type="image/png",

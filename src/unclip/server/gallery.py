@@ -7,12 +7,16 @@ before they touch the file system.
 
 :class:`Gallery`: one table ``images`` in an SQLite file, PNGs in the ``images/`` folder next
 to it, each written to a temporary name and renamed, so a crash never leaves half a file.
+It holds at most ``max_bytes`` of PNG and nothing older than ``max_age`` seconds: each new
+image evicts the oldest ones past either limit (never itself), so whoever can reach the
+server cannot fill its disk.
 :class:`MemoryStore`: the most recent images up to a byte budget (for ``response_format=url``
 when no gallery is configured).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,8 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unclip.server.limits import DEFAULT_GALLERY_MAX_DAYS, DEFAULT_GALLERY_MAX_MB
+
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-SCHEMA_VERSION = 1
+#: 2: the ``bytes`` column (for the size limit); a version-1 gallery is upgraded on open
+SCHEMA_VERSION = 2
+DAY = 86400.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -38,7 +46,8 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     job TEXT,
-    info TEXT NOT NULL
+    info TEXT NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS images_created ON images (created DESC, id DESC);
 """
@@ -85,12 +94,24 @@ def _seed(info: dict[str, str]) -> int | None:
 
 
 class Gallery:
-    """Images persisted in SQLite (``db_path``) with their PNGs in ``db_path.parent/images``."""
+    """Images persisted in SQLite (``db_path``) with their PNGs in ``db_path.parent/images``,
+    at most ``max_bytes`` of PNG and none older than ``max_age`` seconds (None: no limit)."""
 
-    def __init__(self, db_path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        db_path: str | os.PathLike,
+        max_bytes: int | None = DEFAULT_GALLERY_MAX_MB * 2**20,
+        max_age: float | None = DEFAULT_GALLERY_MAX_DAYS * DAY,
+    ) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"the gallery's size limit must be positive, got {max_bytes}")
+        if max_age is not None and max_age <= 0:
+            raise ValueError(f"the gallery's age limit must be positive, got {max_age}")
         self.db_path = Path(db_path)
         self.folder = self.db_path.parent / "images"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_age = max_age
         self._lock = threading.Lock()
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -101,7 +122,16 @@ class Gallery:
                     f"unclip's ({SCHEMA_VERSION})"
                 )
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+            if "bytes" not in columns:  # version 1: sizes from the files
+                db.execute("ALTER TABLE images ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0")
+                for (image_id,) in db.execute("SELECT id FROM images").fetchall():
+                    with contextlib.suppress(OSError, ValueError):
+                        size = self.path(image_id).stat().st_size
+                        db.execute("UPDATE images SET bytes = ? WHERE id = ?", (size, image_id))
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self._lock:
+            self._evict()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.db_path, timeout=30)
@@ -124,15 +154,59 @@ class Gallery:
         os.replace(tmp, path)
         row = (
             image_id, time.time(), info.get("method", "unknown"), info.get("prompt"),
-            _seed(info), size[0], size[1], job, json.dumps(info),
+            _seed(info), size[0], size[1], job, json.dumps(info), len(png),
         )  # fmt: skip
         try:
-            with self._lock, self._connect() as db:
-                db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            with self._lock:
+                with self._connect() as db:
+                    db.execute(
+                        "INSERT INTO images (id, created, method, prompt, seed, width, height, "
+                        "job, info, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                self._evict(keep=image_id)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         return image_id
+
+    def _evict(self, keep: str | None = None) -> list[str]:
+        """Delete images older than ``max_age`` and then the oldest ones until the PNGs
+        total at most ``max_bytes``, never ``keep`` (the image just added). Returns the
+        ids deleted. Called with ``_lock`` held."""
+        gone: list[str] = []
+        with self._connect() as db:
+            if self.max_age is not None:
+                cutoff = time.time() - self.max_age
+                gone += [r[0] for r in db.execute(
+                    "SELECT id FROM images WHERE created < ? AND id IS NOT ?", (cutoff, keep)
+                )]  # fmt: skip
+                db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in gone])
+            if self.max_bytes is not None:
+                total = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM images").fetchone()[0]
+                if total > self.max_bytes:
+                    oldest = db.execute(
+                        "SELECT id, bytes FROM images WHERE id IS NOT ? "
+                        "ORDER BY created ASC, id ASC",
+                        (keep,),
+                    )
+                    evicted = []
+                    for image_id, size in oldest:
+                        if total <= self.max_bytes:
+                            break
+                        evicted.append(image_id)
+                        total -= size
+                    oldest.close()
+                    db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in evicted])
+                    gone += evicted
+        for image_id in gone:
+            self.path(image_id).unlink(missing_ok=True)
+        return gone
+
+    def total_bytes(self) -> int:
+        """The bytes of PNG the gallery holds (as recorded when each was stored)."""
+        with self._connect() as db:
+            return int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM images").fetchone()[0])
 
     def get_png(self, image_id: str) -> bytes | None:
         if not valid_id(image_id):
