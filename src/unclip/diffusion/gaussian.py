@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .schedules import NoiseSchedule, extract, make_betas
+from .schedules import NoiseSchedule, extract, make_betas, on_device
 
 if TYPE_CHECKING:  # only for the type hint: this package never imports the rest of unclip
     from unclip.config import DiffusionConfig
@@ -194,8 +194,11 @@ class GaussianDiffusion:
         return new
 
     def model_timesteps(self, t: Tensor) -> Tensor:
-        """Original timesteps (what the model sees) of indices t. LongTensor [N] -> [N]."""
-        return self.schedule.timestep_map[t.detach().cpu().long()].to(t.device)
+        """Original timesteps (what the model sees) of indices t. LongTensor [N] -> [N]
+        (on t's device, without a round trip through the host)."""
+        if t.device.type != "cpu":
+            return on_device(self.schedule.timestep_map, t.device, torch.long)[t.detach()]
+        return self.schedule.timestep_map[t.detach().long()]
 
     def sample_timesteps(
         self,

@@ -12,6 +12,8 @@ recomputed as ``1 - ᾱ_k / ᾱ_{k-1}`` over the kept timesteps so that ᾱ is u
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -101,14 +103,41 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: Spacing = "trailing
     return ts
 
 
+_COPIES: OrderedDict[tuple[int, str, torch.dtype], tuple[Tensor, Tensor]] = OrderedDict()
+_COPIES_MAX = 256  # schedule tables of a few KiB each: a respaced sampling run adds a dozen
+_COPIES_LOCK = threading.Lock()
+
+
+def on_device(values: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` (a schedule table, never changed in place) as ``dtype`` on ``device``, copied
+    once and kept (the most recent ``_COPIES_MAX`` tables), so indexing it with timesteps on an
+    accelerator needs no copy between host and device."""
+    key = (id(values), str(device), dtype)
+    with _COPIES_LOCK:
+        hit = _COPIES.get(key)
+        if hit is not None and hit[0] is values:
+            _COPIES.move_to_end(key)
+            return hit[1]
+    copy = values.to(dtype=dtype).to(device)  # cast on the host: MPS has no float64
+    with _COPIES_LOCK:
+        _COPIES[key] = (values, copy)  # holding values keeps its id from being reused
+        while len(_COPIES) > _COPIES_MAX:
+            _COPIES.popitem(last=False)
+    return copy
+
+
 def extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
     """Gather ``values[t]`` and shape it to broadcast against ``x``.
 
     values: [T] (float64, CPU); t: LongTensor [N]; x: [N, ...].
-    Returns: [N, 1, ..., 1] with x's dtype and device.
+    Returns: [N, 1, ..., 1] with x's dtype and device. Timesteps on an accelerator index a
+    device copy of ``values`` (:func:`on_device`): no synchronisation with the host.
     """
+    shape = (-1, *([1] * (x.dim() - 1)))
+    if t.device.type != "cpu":
+        return on_device(values, x.device, x.dtype)[t.detach().to(x.device)].reshape(shape)
     out = values[t.detach().to("cpu", torch.long)]
-    return out.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return out.to(device=x.device, dtype=x.dtype).reshape(shape)
 
 
 class NoiseSchedule:

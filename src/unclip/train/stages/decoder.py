@@ -43,7 +43,11 @@ class ImagesWithEmbeddings(Dataset):
 
 
 class DecoderLoss:
-    """Hybrid (or MSE) diffusion loss of the decoder on images [N, 3, S, S] in [-1, 1]."""
+    """Hybrid (or MSE) diffusion loss of the decoder on images [N, 3, S, S] in [-1, 1].
+
+    With ``inpaint``, a share ``inpaint_prob`` of the images get a random box or stroke mask
+    (:func:`~unclip.data.masks.training_inpaint_mask`, drawn on the images' device); the rest
+    an all-zero one (plain generation)."""
 
     def __init__(self, diffusion, text=None, inpaint: bool = False, inpaint_prob: float = 0.5):
         self.diffusion = diffusion
@@ -52,7 +56,7 @@ class DecoderLoss:
         self.inpaint_prob = inpaint_prob
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        from unclip.data.masks import random_inpaint_mask
+        from unclip.data.masks import training_inpaint_mask
         from unclip.train.stages.common import diffusion_metrics
 
         images, image_emb, captions = batch
@@ -61,10 +65,9 @@ class DecoderLoss:
         if self.text is not None:
             _z, feats, mask = self.text(captions, device)
             kwargs.update(text_tokens=feats, text_mask=mask)
-        if self.inpaint:
-            keep = random_inpaint_mask(n, images.shape[-1]).to(device)
-            used = (torch.rand(n) < self.inpaint_prob).to(device).view(n, 1, 1, 1)
-            kwargs.update(inpaint_image=images, inpaint_mask=keep * used)
+        if self.inpaint:  # masks drawn on the device, only for the images inpainted
+            keep = training_inpaint_mask(n, images.shape[-1], self.inpaint_prob, device=device)
+            kwargs.update(inpaint_image=images, inpaint_mask=keep)
         t = self.diffusion.sample_timesteps(n, device=device)
         return diffusion_metrics(self.diffusion.training_losses(model, images, t, kwargs))
 

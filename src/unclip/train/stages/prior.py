@@ -65,8 +65,8 @@ class PriorLoss:
         x0 = scale_embedding(image_emb, self.embed_scale)
         t = self.diffusion.sample_timesteps(len(x0), device=x0.device)
         terms = self.diffusion.training_losses(model, x0, t, kwargs)
-        loss = terms["loss"].mean()
-        return loss, {"mse": terms["mse"].mean().item()}
+        # metrics stay on the device: the trainer reads them when it logs
+        return terms["loss"].mean(), {"mse": terms["mse"].detach().mean()}
 
 
 class ARPriorLoss:
@@ -82,7 +82,7 @@ class ARPriorLoss:
             _z, feats, mask = self.text(captions, image_emb.device)
         module = getattr(model, "module", model)
         loss, acc = module.loss(image_emb, text_emb, feats, mask, model=model)
-        return loss, {"code_acc": acc.item()}
+        return loss, {"code_acc": acc.detach()}
 
 
 def prior_type(args: argparse.Namespace) -> str:

@@ -23,15 +23,19 @@ class Images:
 
 
 def random_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """One random ``size``² crop per image (torch's global RNG): [N, C, H, W] -> [N, C, s, s]."""
+    """One random ``size``² crop per image (the global RNG of the images' device), gathered as
+    one tensor operation: [N, C, H, W] -> [N, C, s, s]."""
     n, _, h, w = images.shape
     if size <= 0 or (size >= h and size >= w):
         return images
-    top = torch.randint(0, h - size + 1, (n,)).tolist()
-    left = torch.randint(0, w - size + 1, (n,)).tolist()
-    return torch.stack(
-        [img[:, y : y + size, x : x + size] for img, y, x in zip(images, top, left, strict=True)]
-    )
+    sh, sw = min(size, h), min(size, w)
+    top = torch.randint(0, h - sh + 1, (n, 1), device=images.device)  # [N, 1]
+    left = torch.randint(0, w - sw + 1, (n, 1), device=images.device)
+    rows = top + torch.arange(sh, device=images.device)  # [N, s]
+    cols = left + torch.arange(sw, device=images.device)
+    batch = torch.arange(n, device=images.device)[:, None, None]  # [N, 1, 1]
+    # advanced indices around a slice: the indexed dims come first -> [N, s, s, C]
+    return images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 class UpsamplerLoss:
