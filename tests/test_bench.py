@@ -146,6 +146,97 @@ def test_bench_in_cli() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# unclip bench train STAGE
+
+
+@pytest.fixture(scope="module")
+def tiny_run_configs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run configs of the four stages at the tiny sizes (clip.json beside the others gives the
+    synthetic text encoder its sizes); their data paths do not exist."""
+    from unclip.config import DataConfig, TrainConfig
+    from unclip.train.stages.run_configs import (
+        ClipRunConfig,
+        DecoderRunConfig,
+        PriorRunConfig,
+        UpsamplerRunConfig,
+    )
+
+    sc = bench.tiny_stage_configs()
+    folder = tmp_path_factory.mktemp("run-configs")
+    train = TrainConfig(batch_size=4, ema_decay=0.9, warmup_steps=1, steps=100)
+    missing = "no/such/data"
+    up, up_diffusion = sc.upsamplers[0]
+    configs = {
+        "clip": ClipRunConfig(model=sc.clip, train=train,
+                              data=DataConfig(path=missing, image_size=sc.clip.image_size)),
+        "prior": PriorRunConfig(model=sc.prior, diffusion=sc.prior_diffusion, train=train,
+                                clip="no/such/clip"),
+        "decoder": DecoderRunConfig(model=sc.decoder.replace(inpaint=True),
+                                    diffusion=sc.decoder_diffusion, train=train,
+                                    data=DataConfig(path=missing, image_size=16),
+                                    inpaint_prob=0.5),
+        "upsampler": UpsamplerRunConfig(model=up, diffusion=up_diffusion, train=train,
+                                        data=DataConfig(path=missing, image_size=32),
+                                        crop_size=16),
+    }  # fmt: skip
+    for name, cfg in configs.items():
+        cfg.save(folder / f"{name}.json")
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["clip", "prior", "decoder", "upsampler"])
+def test_bench_train_reports_every_part(tiny_run_configs: Path, stage: str) -> None:
+    from unclip.commands import bench_train
+
+    r = bench_train.profile(stage, tiny_run_configs / f"{stage}.json", batch=2, steps=2,
+                            warmup=1, peaks_gflops={"bf16": 100.0, "fp32": 100.0})  # fmt: skip
+    parts = r["parts_ms"]
+    assert list(parts) == list(bench_train.PARTS) and all(v >= 0 for v in parts.values())
+    # the parts are read between the same clock's start and stop: they add up to the step
+    assert sum(parts.values()) == pytest.approx(r["step_ms"], rel=0.05, abs=1.0)
+    for key in ("forward", "backward", "optimizer", "ema"):
+        assert parts[key] > 0
+    assert (parts["text"] > 0) == (stage in ("prior", "decoder"))
+    assert r["batch"] == 2 and r["data"] == "synthetic" and r["peak_gflops"] == 100.0
+    assert r["samples_per_s"] > 0 and r["free_samples_per_s"] > 0
+    assert r["gflops_per_sample"] > 0 and r["mfu"] > 0
+    assert 0 <= r["overhead_share"] < 1
+    loss = r["loss_outside_network_ms"]
+    assert loss["total"] > 0 and loss["total"] >= loss["text"] + loss["conditioning"]
+
+
+def test_bench_train_command(tiny_run_configs: Path, tmp_path: Path, capsys) -> None:
+    from unclip import cli
+
+    doc = tmp_path / "b.md"
+    argv = ["bench", "train", "decoder", "--config", str(tiny_run_configs / "decoder.json"),
+            "--batch", "2", "--steps", "1", "--warmup", "1", "--peak-bf16", "50",
+            "--peak-fp32", "50", "--doc", str(doc)]  # fmt: skip
+    assert cli.main([*argv, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["stage"] == "decoder" and r["peak_gflops"] == 50.0
+    text = doc.read_text()
+    assert "<!-- bench-train-decoder:start -->" in text and "| **step** |" in text
+    assert cli.main(["bench", "train", "vae", "--config", "x.json"]) == 2
+    assert "STAGE is one of clip, prior, decoder, upsampler" in capsys.readouterr().err
+    assert cli.main(["bench", "train", "decoder"]) == 2
+    assert "--config FILE" in capsys.readouterr().err
+    assert cli.main(["bench", "train", "decoder", "--config", str(tmp_path / "none.json")]) == 2
+    assert cli.main(["bench", "emoji-small", "decoder"]) == 2
+
+
+def test_stand_in_returns_zeros_of_the_recorded_structure() -> None:
+    import torch
+
+    from unclip.commands.bench_train import StandIn
+
+    out = (torch.ones(2, 3), torch.ones(2, 4, dtype=torch.bfloat16), torch.tensor(1.0))
+    zeros = StandIn(StandIn.spec_of(out))(torch.ones(1))
+    assert [z.shape for z in zeros] == [o.shape for o in out]
+    assert zeros[1].dtype == torch.bfloat16 and all(not z.any() for z in zeros)
+
+
+# ---------------------------------------------------------------------------------------------
 # benchmarks/*.py
 
 

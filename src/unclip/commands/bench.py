@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unclip.commands import add_dtype_argument
+from unclip.commands import add_dtype_argument, bench_train
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from unclip.pipeline import UnclipPipeline
 
 DEFAULT_PIPELINE = "emoji-small"
+#: ``unclip bench train STAGE``: the training-step profile (:mod:`unclip.commands.bench_train`)
+TRAIN = "train"
 #: where ``--configs`` falls back to when a pipeline name is not shipped (yet)
 CONFIGS_ROOT = Path("configs")
 #: the caption every benchmark encodes (its content does not change the cost)
@@ -725,7 +727,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "decoder, upsamplers) and end to end, the latency of one image and the throughput of "
         "a batch; the decoder's achieved FLOP/s against the measured fp32 and bf16 "
         "matrix-multiply peak (model FLOPs utilisation); and training samples/s per stage on "
-        "random data. Times are medians after a warm-up run.",
+        "random data. Times are medians after a warm-up run. `unclip bench train STAGE "
+        "--config FILE` profiles one training step of a stage instead: where its time goes.",
     )
     p.add_argument(
         "pipeline",
@@ -735,7 +738,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "falls back to random weights from configs/NAME/)",
     )
     p.add_argument("--configs", help="use random weights at the sizes of this run-config folder")
-    p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--batch", type=int,
+                   help="images per batch (default 8); with train: the training batch "
+                   "(default: the config's)")  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default 3)")
     add_dtype_argument(p, choices=("auto", "float32", "bfloat16"))
     p.add_argument(
@@ -760,12 +765,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a quick check: 2 steps per stage, batch 2, 1 repeat, 1 training step")  # fmt: skip
     p.add_argument("--doc", help="also write the tables as a section of this Markdown file")
     p.add_argument("--json", action="store_true", help="print JSON")
+    bench_train.add_args(p)
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
+    if args.pipeline == TRAIN:
+        return bench_train.run(args)
+    if args.stage is not None:
+        raise ValueError(f"unclip bench: STAGE {args.stage!r} goes with `unclip bench train`")
+    args.batch = 8 if args.batch is None else args.batch
     if args.threads:
         torch.set_num_threads(args.threads)
     for key in ("batch", "repeat", "train_batch", "prior_steps", "decoder_steps",
