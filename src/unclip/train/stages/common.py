@@ -14,17 +14,24 @@ from torch import nn
 from unclip.config import Config, TrainConfig
 from unclip.hub import save_pretrained
 from unclip.train import distributed
+from unclip.train.checkpoint import seed_everything
 from unclip.train.loop import Trainer, TrainResult
 
 C = TypeVar("C", bound=Config)
 
 RUN_CONFIG_NAME = "run_config.json"
 FINAL_NAME = "final"
+TOKENIZER_FOLDER = "tokenizer"  # a CLIP run's final/ and a pipeline folder keep it under this
 
 
 def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
-    """Read ``--config`` (or, on ``--resume`` without it, the run folder's copy) and apply the
-    command-line overrides (``--steps``, ``--no-bf16``)."""
+    """Read ``--config`` (or, on ``--resume`` without it, the run folder's copy), apply the
+    command-line overrides (``--steps``, ``--no-bf16``) and seed every RNG with
+    ``train.seed``.
+
+    Seeding here, before the stage builds its model, makes the initial weights a function of
+    the seed: torch seeds its default generator from the OS at start-up, so a model built
+    before :meth:`Trainer.fit` seeds would start from different weights in every process."""
     if not args.config and not args.resume:
         raise FileNotFoundError("--config is required (except with --resume)")
     path = Path(args.config) if args.config else Path(args.run_dir) / RUN_CONFIG_NAME
@@ -39,6 +46,7 @@ def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
         cfg = cfg.replace(train=train.replace(**changes))
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     cfg.save(Path(args.run_dir) / RUN_CONFIG_NAME)
+    seed_everything(cfg.train.seed)  # type: ignore[attr-defined]
     return cfg
 
 
@@ -68,6 +76,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def clip_tokenizer_dir(clip_dir: str | Path) -> Path:
+    """The tokenizer folder of the CLIP model at ``clip_dir``: its own ``tokenizer/`` (a CLIP
+    run's ``final/``, or a pipeline folder given whole), else, for a pipeline's ``clip/``, the
+    pipeline's ``tokenizer/`` beside it. Raises FileNotFoundError naming the paths tried."""
+    from unclip.pipeline.config import PIPELINE_FILE
+    from unclip.tokenizer import TOKENIZER_FILE
+
+    clip_dir = Path(clip_dir)
+    tried = [clip_dir / TOKENIZER_FOLDER]
+    if (clip_dir.parent / PIPELINE_FILE).is_file():
+        tried.append(clip_dir.parent / TOKENIZER_FOLDER)
+    for folder in tried:
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{clip_dir}: no tokenizer for this CLIP model; tried "
+        + ", ".join(str(f) for f in tried)
+        + " (give a CLIP run's final/, a pipeline folder or a pipeline's clip/)"
+    )
+
+
 class FrozenTextEncoder:
     """A trained CLIP's text side, frozen: captions -> (z_t [N, D], token features [N, L, W],
     mask [N, L] bool with True for real tokens). Used inside the prior's and decoder's loss.
@@ -85,7 +114,7 @@ class FrozenTextEncoder:
         self.model = load_clip(clip_dir).requires_grad_(False).eval()
         if device is not None:
             self.model.to(device)
-        self.tokenizer = Tokenizer.load(Path(clip_dir) / "tokenizer")
+        self.tokenizer = Tokenizer.load(clip_tokenizer_dir(clip_dir))
         self.context_length = self.model.config.context_length
         self._ids: dict[str, torch.Tensor] = {}
 
