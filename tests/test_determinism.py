@@ -1,6 +1,8 @@
 """Training is a function of the config and the seed, on one machine at one thread count:
 two runs give the same weights bit for bit, and so does a run killed mid-step and resumed."""
 
+# ruff: noqa: F401, F811 (the tiny data set, tokenizer and CLIP are test_stages' fixtures)
+
 from __future__ import annotations
 
 import json
@@ -14,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_stages import (  # noqa: F401 (fixtures)
+
+from test_stages import (
     _clip_config,
     _decoder_config,
     shapes,
     tiny_clip_and_embeddings,
     tokenizer_dir,
 )
-
 from unclip.cli import main
 
 # Imported into the killed process (PYTHONPATH): once a checkpoint is written, the next
@@ -137,3 +139,49 @@ def test_decoder_runs_and_a_killed_resumed_run_give_the_same_weights(
     before = load_file(runs["first"] / "checkpoints" / "step-4" / "model.safetensors")
     after = load_file(runs["first"] / "final" / "model.safetensors")
     assert sum(not torch.equal(before[k], after[k]) for k in after) > len(after) // 2
+
+
+def _stage_config(stage: str, data: Path, tokenizer: Path, clip_dir: Path, emb: Path):
+    """(train args, run config) of a tiny run of ``stage`` with every random draw it makes:
+    CLIP with caption variants, the priors with caption dropout, the upsampler with crops."""
+    train = {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "lr": 1e-3, "warmup_steps": 0}
+    if stage == "clip":
+        cfg = json.loads(_clip_config(data.parent, data, tokenizer, 3).read_text())
+        return ["clip"], {**cfg, "caption_variants": 0.5, "train": {**cfg["train"], **train}}
+    if stage in ("prior", "ar-prior"):
+        model = {"clip_dim": 16, "text_dim": 32, "text_len": 12, "width": 32, "layers": 1,
+                 "heads": 2}  # fmt: skip
+        if stage == "ar-prior":
+            model.update(buckets=16, dot_buckets=4, variance=0.95)
+            return ["prior", "--type", "ar"], {"model": model, "train": train,
+                                               "data": {"embeddings": str(emb)},
+                                               "clip": str(clip_dir)}  # fmt: skip
+        return ["prior"], {"model": model, "diffusion": {"timesteps": 50, "prediction": "x0"},
+                           "train": train, "data": {"embeddings": str(emb)},
+                           "clip": str(clip_dir)}  # fmt: skip
+    return ["upsampler"], {
+        "model": {"image_size": 16, "low_res_size": 8, "model_channels": 16,
+                  "channel_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 8,
+                  "learn_sigma": True},
+        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
+        "train": train,
+        "data": {"path": str(data), "split": "train", "image_size": 16},
+        "crop_size": 8,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["clip", "prior", "ar-prior", "upsampler"])
+def test_every_stage_trains_to_the_same_weights_twice(
+    shapes, tokenizer_dir, tiny_clip_and_embeddings, tmp_path, stage
+):
+    """Two runs of one config give equal weights (model and EMA) in every stage, here in one
+    process, whose global RNG the first run has moved on: the run seeds it itself."""
+    clip_dir, emb = tiny_clip_and_embeddings
+    command, cfg = _stage_config(stage, shapes, tokenizer_dir, clip_dir, emb)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(cfg))
+    for name in ("first", "second"):
+        args = ["train", *command, "--config", str(config), "--run-dir", str(tmp_path / name),
+                "--no-progress", "--threads", "1"]  # fmt: skip
+        assert main(args) == 0
+    _assert_same_weights(tmp_path / "first" / "final", tmp_path / "second" / "final")
