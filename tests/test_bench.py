@@ -217,6 +217,9 @@ def test_bench_train_command(tiny_run_configs: Path, tmp_path: Path, capsys) -> 
     assert r["stage"] == "decoder" and r["peak_gflops"] == 50.0
     text = doc.read_text()
     assert "<!-- bench-train-decoder:start -->" in text and "| **step** |" in text
+    assert cli.main([*argv, "--loss-only"]) == 0
+    assert "--loss-only`" in capsys.readouterr().out
+    assert "<!-- bench-train-decoder-loss:start -->" in doc.read_text()
     assert cli.main(["bench", "train", "vae", "--config", "x.json"]) == 2
     assert "STAGE is one of clip, prior, decoder, upsampler" in capsys.readouterr().err
     assert cli.main(["bench", "train", "decoder"]) == 2

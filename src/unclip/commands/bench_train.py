@@ -344,17 +344,19 @@ def profile(
     warmup: int = 1,
     real_data: bool = False,
     peaks_gflops: dict[str, float | None] | None = None,
+    loss_only: bool = False,
 ) -> dict[str, Any]:
     """Profile ``steps`` training steps of ``stage`` (after ``warmup`` untimed ones, the first
     of them counting FLOPs); returns the parts (ms per step), samples/s and MFU.
 
     ``peaks_gflops``: known peaks by precision (``"bf16"``, ``"fp32"``); the step's is
-    measured where it is missing."""
+    measured where it is missing. ``loss_only``: time only the loss outside the network
+    (one real forward, without gradients, gives the stand-in its output shapes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from unclip.train.checkpoint import seed_everything
-    from unclip.train.loop import Trainer, default_device
+    from unclip.train.loop import Trainer, autocast_context, default_device, move_to
 
     if steps < 1 or warmup < 1 or (batch is not None and batch < 1):
         raise ValueError("--steps, --warmup and --batch must be at least 1")
@@ -364,6 +366,7 @@ def profile(
         s = build_stage(stage, config, Path(tmp), real_data)
         cfg = s["cfg"]
         train = cfg.train.replace(batch_size=batch or cfg.train.batch_size)
+        n = train.batch_size
         dev = torch.device(device) if device else default_device()
         clock = Clock(dev, enabled=False)
         text = getattr(s["loss"], "text", None)
@@ -379,6 +382,15 @@ def profile(
         params = [p for p in net.parameters() if p.requires_grad]
         batches = iter(trainer.batches)
         net.train()
+        head = {"stage": stage, "config": str(config), "device": str(dev), "batch": n,
+                "data": "real" if real_data else "synthetic", "steps": steps,
+                "threads": torch.get_num_threads(),
+                "precision": "bf16 autocast" if train.bf16 else "float32"}  # fmt: skip
+        if loss_only:
+            with torch.no_grad(), autocast_context(dev, trainer.bf16):
+                s["loss"](net, move_to(next(batches), dev))
+            loss_ms = loss_outside_network(trainer, s["loss"], batches, spec[-1], steps)
+            return {**head, "loss_outside_network_ms": loss_ms}
         with FlopCounterMode(display=False) as counter:
             train_step(trainer, batches, clock, params)
         flops = counter.get_total_flops()
@@ -399,13 +411,9 @@ def profile(
     dtype = torch.bfloat16 if train.bf16 else torch.float32
     known = (peaks_gflops or {}).get("bf16" if train.bf16 else "fp32")
     peak = known * 1e9 if known else measure_peak(dev, dtype)
-    n = train.batch_size
     overhead = sum(v for k, v in parts.items() if k not in MODEL_PARTS)
     return {
-        "stage": stage, "config": str(config), "data": "real" if real_data else "synthetic",
-        "device": str(dev), "threads": torch.get_num_threads(), "batch": n,
-        "precision": "bf16 autocast" if train.bf16 else "float32", "steps": steps,
-        "parts_ms": parts, "step_ms": 1000 * step_s, "free_step_ms": 1000 * free,
+        **head, "parts_ms": parts, "step_ms": 1000 * step_s, "free_step_ms": 1000 * free,
         "overhead_share": overhead / (1000 * step_s), "samples_per_s": n / step_s,
         "free_samples_per_s": n / free, "gflops_per_sample": flops / n / 1e9,
         "peak_gflops": peak / 1e9, "mfu": flops / free / peak,
@@ -461,15 +469,26 @@ def format_markdown(r: dict[str, Any]) -> str:
     """A profile of :func:`profile` as a Markdown section."""
     from unclip.commands.bench import markdown_table
 
+    loss = r["loss_outside_network_ms"]
+    head = (
+        f"{r['config']}, batch {r['batch']}, {r['data']} data, {r['device']}, "
+        f"{r['precision']}, {r['threads']} threads"
+    )
+    loss_line = (
+        f"Loss with the network replaced by zeros: {loss['total']:.1f} ms (text "
+        f"{loss['text']:.1f}, conditioning {loss['conditioning']:.1f}, terms after the network "
+        f"{loss['rest']:.1f}), median of {r['steps']}."
+    )
+    if "parts_ms" not in r:
+        return "\n".join([f"## `unclip bench train {r['stage']} --loss-only`", "",
+                          f"{head}.", "", loss_line])  # fmt: skip
     step = r["step_ms"]
     rows = [(k, f"{v:.1f}", f"{100 * v / step:.1f}%") for k, v in r["parts_ms"].items()]
     rows.append(("**step**", f"{step:.1f}", f"{100 * sum(r['parts_ms'].values()) / step:.1f}%"))
-    loss = r["loss_outside_network_ms"]
     return "\n".join([
         f"## `unclip bench train {r['stage']}`",
         "",
-        f"{r['config']}, batch {r['batch']}, {r['data']} data, {r['device']}, {r['precision']}, "
-        f"{r['threads']} threads, mean of {r['steps']} steps.",
+        f"{head}, mean of {r['steps']} steps.",
         "",
         markdown_table(["part", "ms per step", "share"], rows),
         "",
@@ -477,9 +496,7 @@ def format_markdown(r: dict[str, Any]) -> str:
         f"{r['samples_per_s']:.4g} samples/s profiled, {r['free_samples_per_s']:.4g} free-running; "
         f"{r['gflops_per_sample']:.4g} GFLOP per sample (FlopCounterMode, forward + backward); "
         f"MFU {100 * r['mfu']:.2f}% of {r['peak_gflops']:.4g} GFLOP/s "
-        f"(a dense matrix product in the step's precision). Loss with the network replaced "
-        f"by zeros: {loss['total']:.1f} ms (text {loss['text']:.1f}, conditioning "
-        f"{loss['conditioning']:.1f}, terms after the network {loss['rest']:.1f}).",
+        f"(a dense matrix product in the step's precision). {loss_line}",
     ])  # fmt: skip
 
 
@@ -496,6 +513,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=3, help="with train: profiled steps (default 3)")
     g.add_argument("--warmup", type=int, default=2,
                    help="with train: untimed steps first, the first counting FLOPs (default 2)")  # fmt: skip
+    g.add_argument("--loss-only", action="store_true",
+                   help="with train: time only the loss with the network replaced by zeros "
+                   "(its own work: text encoder, masks, diffusion terms)")  # fmt: skip
     g.add_argument("--real-data", action="store_true",
                    help="with train: read the config's data set and embeddings (default: "
                    "synthetic data of the config's shapes)")  # fmt: skip
@@ -519,9 +539,10 @@ def run(args: argparse.Namespace) -> int:
     peaks = {"bf16": args.peak_bf16, "fp32": args.peak_fp32}
     result = profile(args.stage, args.config, batch=args.batch, device=args.device,
                      steps=args.steps, warmup=args.warmup, real_data=args.real_data,
-                     peaks_gflops=peaks)  # fmt: skip
+                     peaks_gflops=peaks, loss_only=args.loss_only)  # fmt: skip
     text = format_markdown(result)
     if args.doc:
-        write_doc_section(args.doc, DOC_SECTION.format(stage=args.stage), text)
+        name = DOC_SECTION.format(stage=args.stage) + ("-loss" if args.loss_only else "")
+        write_doc_section(args.doc, name, text)
     print(json.dumps(result, indent=2) if args.json else text, file=sys.stdout)
     return 0
