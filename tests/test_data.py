@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from unclip.cli import main
 from unclip.data.datasets import (
+    WHOLE_SET_SPLIT,
     DataError,
     FolderDataset,
     ShardDataset,
@@ -247,6 +249,32 @@ def test_manifest_splits_select_samples(tmp_path):
     assert len(open_dataset(tmp_path, size=4, split="train")) == 4
     with pytest.raises(DataError, match="no samples in split 'test'"):
         open_dataset(tmp_path, size=4, split="test")
+
+
+def test_data_sets_without_splits_are_one_training_split(messy_folder, tmp_path, capsys):
+    """An image folder, a table or shards without a manifest (or whose manifest names no
+    splits) have no splits: "train" (the training configs' default) reads all of it, with a
+    one-line note; no split reads all of it silently; any other split is an error."""
+    table = messy_folder / "pairs.csv"
+    table.write_text("path,caption\nred.png,a red square\nsub/blue.png,a blue rectangle\n")
+    write_shards(tmp_path / "bare", 3, 10)
+    keyed = tmp_path / "keyed"
+    write_shards(keyed, 3, 10)
+    (keyed / "manifest.jsonl").write_text("".join(
+        json.dumps({"key": f"{i:05d}", "style": "x"}) + "\n" for i in range(3)))  # fmt: skip
+    with pytest.warns(UserWarning):  # the messy folder's uncaptioned image
+        everything = len(open_dataset(messy_folder, size=4))
+    for spec, n in ((messy_folder, everything), (table, 2), (tmp_path / "bare", 3), (keyed, 3)):
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert len(open_dataset(spec, size=4, split=WHOLE_SET_SPLIT)) == n
+            note = capsys.readouterr().err
+            assert note.count("\n") == 1 and f"has no splits; split 'train' reads all {n}" in note
+            assert len(open_dataset(spec, size=4)) == n
+            assert capsys.readouterr().err == ""
+            with pytest.raises(DataError, match="has no splits, so no split 'val'"):
+                open_dataset(spec, size=4, split="val")
 
 
 # --- the emoji builder on a miniature copy of the packages ----------------------------------

@@ -400,6 +400,109 @@ def test_eval_clip_command_reports_recall_and_zero_shot(tiny_clip_and_embeddings
     assert result["text_to_image_r@10"] == 1.0  # 8 candidates: the match is always in the top 10
 
 
+def test_clip_stage_trains_on_a_plain_image_folder(tokenizer_dir, tmp_path, capsys):
+    """A folder of images with same-named .txt captions has no splits: the default split
+    "train" reads all of it (said in one line); another split is a one-line error."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, color in COLORS.items():
+        for shape in SHAPES:
+            for copy in range(2):
+                (folder / f"{name}-{shape}-{copy}.png").write_bytes(_image(color, shape))
+                (folder / f"{name}-{shape}-{copy}.txt").write_text(f"a {name} {shape}\n")
+    config = _clip_config(tmp_path, folder, tokenizer_dir, steps=2)
+    doc = json.loads(config.read_text())
+    del doc["data"]["split"]  # the default: "train"
+    config.write_text(json.dumps(doc))
+    args = ["train", "clip", "--config", str(config), "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--run-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert f"{folder} has no splits; split 'train' reads all 16 samples" in err
+    assert from_pretrained(tmp_path / "run" / "final").config.embed_dim == 16
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2]
+
+    doc["data"]["split"] = "val"
+    config.write_text(json.dumps(doc))
+    assert main([*args, "--run-dir", str(tmp_path / "val")]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: this data set has no splits, so no split 'val'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_text_encoder_reads_a_run_or_a_pipeline_clip_folder(
+    shapes, tiny_clip_and_embeddings, tmp_path, capsys
+):
+    """The frozen text encoder of the prior and decoder takes a CLIP run's final/ (tokenizer
+    inside), a pipeline folder, or a pipeline's clip/ (tokenizer beside it); a folder with
+    neither is a one-line error naming the paths tried."""
+    from unclip.train.stages.common import FrozenTextEncoder
+
+    clip_dir, emb = tiny_clip_and_embeddings
+    pipe = tmp_path / "pipe"
+    shutil.copytree(clip_dir, pipe / "clip", ignore=shutil.ignore_patterns("tokenizer"))
+    shutil.copytree(clip_dir / "tokenizer", pipe / "tokenizer")
+    (pipe / "pipeline.json").write_text("{}")
+    captions = ["a red square", "a blue circle"]
+    expected = FrozenTextEncoder(clip_dir)(captions)
+    for folder in (pipe, pipe / "clip"):
+        got = FrozenTextEncoder(folder)(captions)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+    cfg = _decoder_config(shapes, pipe / "clip", emb)
+    cfg["train"]["steps"] = 1
+    _run_stage("decoder", cfg, tmp_path / "from-pipeline")  # trains
+
+    shutil.rmtree(pipe / "tokenizer")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    args = ["train", "decoder", "--config", str(path), "--run-dir", str(tmp_path / "bad")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"tried {pipe / 'clip' / 'tokenizer'}, {pipe / 'tokenizer'}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_threads_flag_sets_torch_threads_for_the_run(shapes, tmp_path, monkeypatch, capsys):
+    """--threads N trains with N torch threads; without it, the physical cores (here faked
+    as 3); the caller's setting is back afterwards; 0 is a usage error."""
+    from unclip.train import distributed, loop
+
+    seen: list[int] = []
+    original = loop.Trainer._loss
+
+    def spy(self, batch):
+        seen.append(torch.get_num_threads())
+        return original(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "_loss", spy)
+    monkeypatch.setattr(distributed, "physical_cores", lambda: 3)
+    cfg = {
+        "model": {"image_size": 16, "low_res_size": 8, "model_channels": 8, "channel_mult": [1],
+                  "num_res_blocks": 1, "norm_groups": 4, "learn_sigma": False},
+        "diffusion": {"timesteps": 20, "learn_sigma": False, "loss": "mse"},
+        "train": {"steps": 1, "batch_size": 4},
+        "data": {"path": str(shapes), "image_size": 16},
+    }  # fmt: skip
+    path = tmp_path / "upsampler.json"
+    path.write_text(json.dumps(cfg))
+    before = torch.get_num_threads()
+    for run, extra, threads in (("one", ["--threads", "1"], 1), ("default", [], 3)):
+        args = ["train", "upsampler", "--config", str(path), "--run-dir", str(tmp_path / run),
+                "--no-progress", *extra]  # fmt: skip
+        assert main(args) == 0
+        assert seen[-1] == threads
+        assert torch.get_num_threads() == before
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "upsampler", "--run-dir", str(tmp_path / "x"), "--threads", "0"])
+    assert exit_.value.code == 2
+    assert "--threads: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
 def test_random_crop_takes_square_windows_of_the_images():
     from unclip.train.stages.upsampler import random_crop
 

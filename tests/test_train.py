@@ -287,3 +287,31 @@ def test_channels_last_only_where_it_pays(tmp_path):
 
     assert weight_format(batch_norm)
     assert not weight_format(group_norm.to(memory_format=torch.channels_last))
+
+
+def _cpuinfo(cores: list[tuple[int, int]]) -> str:
+    """/proc/cpuinfo text with one block per logical CPU: (physical id, core id)."""
+    return "\n\n".join(
+        f"processor\t: {cpu}\nvendor_id\t: x\nphysical id\t: {socket}\ncore id\t\t: {core}"
+        for cpu, (socket, core) in enumerate(cores)
+    )
+
+
+def test_physical_cores_count_hyperthread_siblings_once(monkeypatch):
+    from unclip.train import distributed
+
+    # two sockets of two cores with two hyperthreads each: CPUs 0-3, then their siblings 4-7
+    text = _cpuinfo([(0, 0), (0, 1), (1, 0), (1, 1)] * 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert distributed.physical_cores(text) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 4, 1}, raising=False)
+    assert distributed.physical_cores(text) == 2  # CPU 4 is CPU 0's sibling
+    arm = "processor\t: 0\nBogoMIPS\t: 50\n\nprocessor\t: 1\nBogoMIPS\t: 50"  # no core ids
+    assert distributed.physical_cores(arm) == 3  # the CPUs the process may use
+    monkeypatch.setattr(distributed, "physical_cores", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.default_threads() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's processes share the cores
+    assert distributed.default_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert distributed.default_threads() == 1

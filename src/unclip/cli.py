@@ -112,6 +112,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_common_train_args(p: argparse.ArgumentParser) -> None:
     """Flags every ``unclip train STAGE`` shares; the rest lives in the ``--config`` file."""
     p.add_argument(
@@ -137,6 +148,14 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
         "(FSDP) instead of replicating them (DDP); for models too large for one device",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: the machine's physical cores, not counting "
+        "hyperthreads, divided among the processes torchrun starts on it); on a busy machine "
+        "fewer threads than cores can be much faster",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -152,7 +171,18 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     module_name, _, attr = TRAIN_STAGES[args.stage][1].partition(":")
     fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), attr)
-    return fn(args)
+    if not hasattr(args, "threads"):  # a stage that does not train (tokenizer, pipeline)
+        return fn(args)
+    import torch
+
+    from unclip.train.distributed import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(args.threads)
+    try:
+        return fn(args)
+    finally:  # main() called from Python leaves the caller's setting as it was
+        torch.set_num_threads(before)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]

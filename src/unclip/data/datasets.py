@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from unclip.data.transforms import BadImageError, load_image, prepare_image, to_
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "WHOLE_SET_SPLIT",
     "DataError",
     "FolderDataset",
     "ImageTextDataset",
@@ -389,6 +391,23 @@ class StreamingShards(IterableDataset):
                 yield {"key": key, "image": image, "caption": caption}
 
 
+WHOLE_SET_SPLIT = "train"  # the split that means every sample of a data set without splits
+
+
+def _no_splits(where: Path | str, split: str | None, n: int) -> None:
+    """A data set without splits: ``split`` must be None or :data:`WHOLE_SET_SPLIT` (which
+    then reads all ``n`` samples, said in one line on stderr); any other split is an error."""
+    if split is None:
+        return
+    if split != WHOLE_SET_SPLIT:
+        raise DataError(
+            f"{where}: this data set has no splits, so no split {split!r}; splits need a shard "
+            f"folder whose manifest.jsonl gives each sample one (split {WHOLE_SET_SPLIT!r} or "
+            "an empty split reads the whole data set)"
+        )
+    print(f"unclip: {where} has no splits; split {split!r} reads all {n} samples", file=sys.stderr)
+
+
 def open_dataset(
     spec: str | os.PathLike,
     size: int = 64,
@@ -398,6 +417,12 @@ def open_dataset(
     """Open a data set from a path: a folder of shards (with an optional ``manifest.jsonl``
     naming splits), a folder of images + captions, a CSV/Parquet table, or shard paths/globs.
 
+    ``split``: the samples whose manifest record has this ``split`` (None: all). A data set
+    without splits (an image folder, a table, shards without a manifest or whose manifest
+    names none) is one training set: split ``"train"`` (:data:`WHOLE_SET_SPLIT`, the training
+    configs' default) reads all of it, with a one-line note on stderr; another split is a
+    :class:`DataError`.
+
     ``mode`` defaults to the manifest's ``"mode"`` (``pad`` for the emoji set) or ``crop``.
     """
     path = Path(spec)
@@ -405,26 +430,28 @@ def open_dataset(
         manifest = path / "manifest.jsonl"
         keys = None
         default_mode = "crop"
-        if manifest.exists():
-            records = read_manifest(manifest)
-            if split is not None:
-                keys = {r["key"] for r in records if r.get("split") == split}
-                if not keys:
-                    splits = sorted({str(r.get("split")) for r in records})
-                    raise DataError(f"{manifest}: no samples in split {split!r}; splits: {splits}")
+        records = read_manifest(manifest) if manifest.exists() else []
+        if records:
             default_mode = "pad" if any(r.get("mode") == "pad" for r in records[:1]) else "crop"
-        elif split is not None:
-            raise DataError(f"{path}: no manifest.jsonl, so no split {split!r}")
-        return ShardDataset(path, size, mode or default_mode, keys=keys)
-    if split is not None:
-        raise DataError(f"{path}: splits need a shard folder with a manifest.jsonl")
+        if split is not None and any("split" in r for r in records):
+            keys = {r["key"] for r in records if r.get("split") == split}
+            if not keys:
+                splits = sorted({str(r.get("split")) for r in records})
+                raise DataError(f"{manifest}: no samples in split {split!r}; splits: {splits}")
+        ds = ShardDataset(path, size, mode or default_mode, keys=keys)
+        if keys is None:
+            _no_splits(manifest if records else path, split, len(ds))
+        return ds
     if path.is_dir():
-        return FolderDataset(path, size, mode or "crop")
-    if path.suffix.lower() in (".csv", ".tsv", ".parquet", ".jsonl"):
-        return TableDataset(path, size, mode or "crop")
-    if path.suffix.lower() == ".tar" or any(c in str(spec) for c in "*?{"):
-        return ShardDataset(str(spec), size, mode or "crop")
-    raise DataError(f"{path}: not a data set (folder, .csv/.parquet table, or .tar shards)")
+        ds: ImageTextDataset = FolderDataset(path, size, mode or "crop")
+    elif path.suffix.lower() in (".csv", ".tsv", ".parquet", ".jsonl"):
+        ds = TableDataset(path, size, mode or "crop")
+    elif path.suffix.lower() == ".tar" or any(c in str(spec) for c in "*?{"):
+        ds = ShardDataset(str(spec), size, mode or "crop")
+    else:
+        raise DataError(f"{path}: not a data set (folder, .csv/.parquet table, or .tar shards)")
+    _no_splits(path, split, len(ds))
+    return ds
 
 
 def read_split_keys(manifest: str | os.PathLike, split: str) -> list[str]:

@@ -7,6 +7,7 @@ CPU, nccl on CUDA — and every ``unclip train STAGE`` runs unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ __all__ = [
     "DistInfo",
     "all_gather_objects",
     "barrier",
+    "default_threads",
     "exit_after_group",
     "is_distributed",
     "mean_over_ranks",
+    "physical_cores",
+    "set_threads",
     "setup",
     "teardown",
 ]
@@ -58,6 +62,57 @@ def setup(device: torch.device | None = None) -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def physical_cores(cpuinfo: str | None = None) -> int:
+    """Physical cores this process may run on: hyperthread siblings count once.
+
+    Linux: the distinct ``(physical id, core id)`` pairs of ``/proc/cpuinfo`` (or the text
+    ``cpuinfo``) among the CPUs of ``os.sched_getaffinity`` (a container or ``taskset`` may
+    allow fewer), never more than those CPUs; elsewhere, or where cpuinfo names no cores (some
+    ARM kernels), the CPUs the process may use."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    logical = len(allowed) if allowed else (os.cpu_count() or 1)
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip()] = value.strip()
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if allowed is not None and int(fields["processor"]) not in allowed:
+            continue
+        cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return max(1, min(len(cores), logical) if cores else logical)
+
+
+def default_threads() -> int:
+    """CPU threads for one training process: the physical cores, shared out among the
+    processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 1."""
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, physical_cores() // local_world)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Give torch ``threads`` intra-op threads (None: :func:`default_threads`); returns them.
+
+    The inter-op pool (used only by ``torch.jit.fork``) gets the same number where torch still
+    allows it (once per process, before any parallel work); otherwise it is left as it is."""
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise ValueError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # already set, or parallel work has started
+        torch.set_num_interop_threads(n)
+    return n
 
 
 def barrier() -> None:
