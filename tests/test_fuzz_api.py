@@ -18,6 +18,7 @@ enough that a request which passes validation samples the tiny pipeline in milli
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import pytest
 import schemathesis
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode, checks
@@ -205,3 +206,131 @@ def test_lookups_of_real_ids_keep_to_the_document(api_schema: Any) -> None:
                 api_schema[path][method], GenerationMode.POSITIVE, 5, path_parameters=known[path]
             )
             assert any(200 <= s < 300 for s in statuses), (method, path, statuses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile JSON: what a schema-driven fuzzer does not write (issue #28). Python's json recurses
+# per nesting level, lets NaN, huge numbers, lone surrogates and duplicate keys through; each
+# must be a 400 error object, never a 5xx.
+
+
+def _deep(depth: int, kind: str) -> bytes:
+    if kind == "[":
+        return b'{"prompt": "x", "user": ' + b"[" * depth + b"]" * depth + b"}"
+    return b'{"a": ' * depth + b"1" + b"}" * depth
+
+
+#: (family, body) -> the codes a 400 may carry
+_HOSTILE_CODES = {
+    "deep": {"json_too_deep"},
+    "huge int": {"number_too_long"},
+    "huge float": {"invalid_json", "number_too_long"},
+    "constant": {"invalid_json"},
+    "surrogate": {"invalid_json"},
+    "duplicate": {"invalid_json"},
+}
+_FIELDS = ["prompt", "n", "seed", "steps", "guidance", "size", "user", "sampler"]
+
+_hostile = st.one_of(
+    st.tuples(
+        st.just("deep"),
+        st.builds(_deep, st.integers(LIMITS.max_json_depth + 1, 1100), st.sampled_from("[{")),
+    ),
+    st.tuples(
+        st.just("huge int"),
+        st.builds(
+            lambda field, digits: b'{"prompt": "x", "%s": -%s}' % (field.encode(), b"9" * digits),
+            st.sampled_from(_FIELDS),
+            st.integers(LIMITS.max_json_number_chars, 3000),
+        ),
+    ),
+    st.tuples(
+        st.just("huge float"),
+        st.builds(
+            lambda field, exp: b'{"prompt": "x", "%s": 1.5e%d}' % (field.encode(), exp),
+            st.sampled_from(_FIELDS),
+            st.integers(309, 10**60),
+        ),
+    ),
+    st.tuples(
+        st.just("constant"),
+        st.builds(
+            lambda field, c: b'{"prompt": "x", "%s": %s}' % (field.encode(), c),
+            st.sampled_from(_FIELDS),
+            st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]),
+        ),
+    ),
+    st.tuples(
+        st.just("surrogate"),
+        st.builds(
+            lambda field, cp, in_key: (
+                b'{"prompt": "x", "\\u%04x": 1}' % cp
+                if in_key
+                else b'{"prompt": "x", "%s": "a\\u%04xb"}' % (field.encode(), cp)
+            ),
+            st.sampled_from(["prompt", "user", "size", "sampler"]),
+            st.integers(0xD800, 0xDFFF),
+            st.booleans(),
+        ),
+    ),
+    st.tuples(
+        st.just("duplicate"),
+        st.builds(
+            lambda field: b'{"prompt": "x", "%s": 1, "%s": 2}' % (field.encode(), field.encode()),
+            st.sampled_from([*_FIELDS, "unknown"]),
+        ),
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(case=_hostile)
+@example(case=("deep", b"[" * 1000 + b"]" * 1000))  # the issue's body: depth 1,000
+@example(case=("deep", b'{"a": ' * 1000 + b"1" + b"}" * 1000))
+def test_hostile_json_is_a_400(hostile_client: TestClient, case: tuple[str, bytes]) -> None:
+    family, body = case
+    assert len(body) <= LIMITS.max_json_bytes
+    r = hostile_client.post(
+        "/v1/images/generations", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400, (family, body[:80], r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["code"] in _HOSTILE_CODES[family]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(
+    prompt=st.none() | st.text(max_size=30),
+    extra=st.dictionaries(st.sampled_from([*_FIELDS, "x"]), _json_values, max_size=4),
+)
+def test_any_json_document_gets_an_error_object_or_images(
+    hostile_client: TestClient, prompt: str | None, extra: dict[str, Any]
+) -> None:
+    """Arbitrary JSON (NaN and infinities included, as Python writes them) in every field:
+    images, or a 4xx error object; never a 5xx."""
+    body = {**({"prompt": prompt} if prompt is not None else {}), **extra, "steps": 1}
+    r = hostile_client.post(
+        "/v1/images/generations",
+        content=json.dumps(body, allow_nan=True),
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def hostile_client(pipe: UnclipPipeline) -> Iterator[TestClient]:
+    app = create_app(pipe, limits=LIMITS, queue_size=4)
+    with TestClient(app) as client:
+        yield client

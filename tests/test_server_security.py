@@ -470,6 +470,8 @@ def test_a_public_address_needs_a_key(no_pipeline_load, capsys, monkeypatch, tmp
         (["--no-auth", "--api-key-file", str(tmp_path / "k")], "no such file"),
         (["--allow-origin", "*"], "not an origin"),
         (["--gallery-max-mb", "0"], "--gallery-max-mb"),
+        (["--allow-host", "example.com"], "non-loopback"),
+        (["--host", "0.0.0.0", "--no-auth", "--allow-host", "http://x"], "host name"),
     ):
         code, err = _serve([*argv, "--pipeline", "nowhere"], capsys)
         assert code == 2 and len(err) <= 2 and says in err[-1].lower(), (argv, err)
@@ -498,10 +500,21 @@ def test_serve_keys_and_no_auth(pipeline_dir, tmp_path, capsys, monkeypatch):
     assert app.state.unclip.api_key is None
     (warning,) = capsys.readouterr().err.strip().splitlines()
     assert "--no-auth" in warning and "anyone" in warning and "0.0.0.0:8000" in warning
-    with TestClient(app, base_url="http://192.168.1.20:8000") as c:  # no Host check here
-        assert c.get("/v1/models").status_code == 200
+    with TestClient(app, base_url="http://192.168.1.20:8000") as c:
+        assert c.get("/v1/models").status_code == 200  # an IP address: accepted
         r = c.post("/v1/images/generations", json={"prompt": "x"}, headers={"Origin": "null"})
         assert_error(r, 403, code="cross_origin")
+        # a name (what a DNS-rebinding page sends) only when listed with --allow-host
+        for host in ("rebound.example:8000", "mybox.local"):
+            assert_error(c.get("/v1/models", headers={"Host": host}), 400, code="invalid_host")
+    app = build_app(parser.parse_args([*common, "--host", "0.0.0.0", "--no-auth",
+                                       "--allow-host", "MyBox.local."]))  # fmt: skip
+    capsys.readouterr()
+    with TestClient(app, base_url="http://mybox.local:8000") as c:
+        assert c.get("/v1/models").status_code == 200
+        assert c.post("/v1/images/generations", json={"prompt": "x"},
+                      headers={"Origin": "http://mybox.local:8000"}).status_code == 200  # fmt: skip
+        assert_error(c.get("/v1/models", headers={"Host": "rebound.example"}), 400)
 
 
 def test_serve_gallery_flags(pipeline_dir, tmp_path):

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 from unclip.commands import add_dtype_argument
 from unclip.server.limits import (
+    ANY_IP_HOST,
     DEFAULT_GALLERY_MAX_DAYS,
     DEFAULT_GALLERY_MAX_MB,
     DEFAULT_LIMITS,
     DEFAULT_QUEUE_SIZE,
+    LOOPBACK_HOSTS,
 )
 
 if TYPE_CHECKING:
@@ -118,6 +120,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="ORIGIN",
         help="a web site (https://host[:port]) whose pages may call the API (POST/DELETE, "
         "with CORS); repeatable. By default only the server's own page may",
+    )
+    access.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="off loopback, a host name clients may reach the server by (the Host header); "
+        "repeatable; IP addresses are always accepted; '*': any name (no DNS-rebinding "
+        "defence)",
     )
     gallery = p.add_argument_group("gallery")
     gallery.add_argument(
@@ -231,6 +242,22 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     return key
 
 
+def allowed_hosts(host: str, names: list[str]) -> tuple[str, ...]:
+    """The Host header names a server bound to ``host`` answers: the loopback names on
+    loopback; elsewhere those, any IP address and ``names`` (``--allow-host``)."""
+    if is_loopback(host):
+        if names:
+            raise ValueError("--allow-host is for a non-loopback --host")
+        return LOOPBACK_HOSTS
+    cleaned = []
+    for name in names:
+        name = name.strip().lower().rstrip(".")
+        if not name or any(c in name for c in "/:@ "):
+            raise ValueError(f"--allow-host {name!r}: give a host name such as example.com")
+        cleaned.append(name)
+    return (*LOOPBACK_HOSTS, ANY_IP_HOST, *cleaned)
+
+
 def build_app(args: argparse.Namespace) -> FastAPI:
     """The app for parsed ``serve`` arguments (checked first; loads the pipeline)."""
     for name in ("workers", "queue_size", "max_n", "max_steps"):
@@ -248,10 +275,11 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     import torch
 
-    from unclip.server.app import LOOPBACK_HOSTS, Limits, create_app, normalize_origin
+    from unclip.server.app import Limits, create_app, normalize_origin
     from unclip.server.gallery import DAY, Gallery
 
     origins = tuple(normalize_origin(o) for o in args.allow_origin)
+    hosts = allowed_hosts(args.host, args.allow_host)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     limits = Limits(
@@ -277,7 +305,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         api_key=key,
         gallery_db=gallery,
         gallery_keep_b64=args.gallery_keep_b64,
-        allowed_hosts=LOOPBACK_HOSTS if is_loopback(args.host) else None,
+        allowed_hosts=hosts,
         allowed_origins=origins,
         device=args.device,
         dtype=args.dtype,

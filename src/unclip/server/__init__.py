@@ -4,6 +4,8 @@
 - :mod:`.jobs`: a bounded job queue served by worker threads, with progress events;
 - :mod:`.gallery`: the SQLite gallery (PNGs on disk) and the in-memory image store;
 - :mod:`.uploads`: checked decoding of uploaded images, PNG encoding;
+- :mod:`.jsonbody`: JSON bodies parsed with limits (depth, keys, strings, numbers);
+- :mod:`.limits`: :class:`Limits` and the defaults of ``unclip serve`` (no FastAPI);
 - :mod:`.errors`: OpenAI-style error objects.
 
 Started by ``unclip serve``. Needs the ``server`` extra (fastapi, uvicorn,

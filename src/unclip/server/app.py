@@ -13,8 +13,11 @@ Routes (see ``docs/server.md``):
 - ``GET /files/{id}.png``: a result image (capability URL: the id is 128 random bits).
 - ``GET /``: the web page; ``GET /openapi.json``, ``/docs``.
 
-Every ``/v1`` route checks the API key when one is set. Errors are OpenAI error objects
-(:mod:`.errors`). Generation runs on the :class:`~unclip.server.jobs.JobQueue`'s worker
+Every ``/v1`` route checks the API key when one is set. Before any route, :class:`_Guard`
+refuses a ``Host`` the server does not answer to, a POST/DELETE from another site (``Origin``
+not the server's own nor allowed, ``Origin: null`` included) and bodies over the limit; the
+JSON route reads only ``application/json``, parsed with limits (:mod:`.jsonbody`). Errors are
+OpenAI error objects (:mod:`.errors`). Generation runs on the :class:`~unclip.server.jobs.JobQueue`'s worker
 threads; a full queue answers 429 with Retry-After.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -58,10 +62,10 @@ from unclip.server.jobs import (
     QueueFull,
 )
 from unclip.server.jsonbody import parse_json_object
-from unclip.server.limits import DEFAULT_QUEUE_SIZE, LOOPBACK_HOSTS, Limits
+from unclip.server.limits import ANY_IP_HOST, DEFAULT_QUEUE_SIZE, LOOPBACK_HOSTS, Limits
 from unclip.server.uploads import decode_image, png_bytes
 
-__all__ = ["LOOPBACK_HOSTS", "Limits", "create_app", "normalize_origin"]
+__all__ = ["ANY_IP_HOST", "LOOPBACK_HOSTS", "Limits", "create_app", "normalize_origin"]
 
 log = logging.getLogger("unclip.server")
 
@@ -286,11 +290,23 @@ def _same_origin(origin: str, host: str) -> bool:
         return False
 
 
+def _host_allowed(hostname: str, allowed: tuple[str, ...]) -> bool:
+    if hostname in allowed or "*" in allowed:
+        return True
+    if ANY_IP_HOST in allowed:
+        try:
+            ipaddress.ip_address(hostname)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
 class _Guard:
     """Pure ASGI middleware, in front of every route:
 
-    - a ``Host`` not in ``allowed_hosts`` is refused (400; a DNS-rebinding defence for a
-      server on loopback);
+    - a ``Host`` not in ``allowed_hosts`` is refused (400; a DNS-rebinding defence:
+      ``"*"`` accepts any, :data:`ANY_IP_HOST` any IP address literal);
     - a request with any method but GET, HEAD and OPTIONS is refused (403) when its
       ``Origin`` is not the server's own (the ``Host`` it was sent to) and not one of
       ``allowed_origins``; ``Origin: null`` (a sandboxed iframe, a ``data:`` or
@@ -343,8 +359,16 @@ class _Guard:
             hostname = ""
             with contextlib.suppress(ValueError):
                 hostname = urlsplit(f"//{host}").hostname or ""
-            if hostname not in self.allowed_hosts and "*" not in self.allowed_hosts:
-                await _send_error(send, APIError(400, f"invalid Host header {host[:100]!r}"))
+            if not _host_allowed(hostname, self.allowed_hosts):
+                await _send_error(
+                    send,
+                    APIError(
+                        400,
+                        f"invalid Host header {host[:100]!r} (a name this server does not "
+                        "answer to; list it with unclip serve --allow-host)",
+                        code="invalid_host",
+                    ),
+                )
                 return
         why = self.cross_site(scope["method"], headers)
         if why is not None:
@@ -835,8 +859,9 @@ def create_app(
     for one with the default limits (PNGs in ``images/`` next to it); None: no gallery, and
     ``url`` results live in memory (the most recent 64 MiB). ``gallery_keep_b64``: store
     ``b64_json`` results in the gallery too (by default only ``url`` results are stored).
-    ``allowed_hosts``: Host header names accepted (None: any; ``unclip serve`` on loopback
-    passes the loopback names). ``allowed_origins``: other sites (``https://host[:port]``)
+    ``allowed_hosts``: Host header names accepted (None: any; :data:`ANY_IP_HOST` in it: any
+    IP address; ``unclip serve`` on loopback passes the loopback names, elsewhere those, any
+    IP address and its ``--allow-host`` names). ``allowed_origins``: other sites (``https://host[:port]``)
     whose pages may send POST/DELETE requests (and read the answers: CORS); by default only
     the server's own page may.
     """

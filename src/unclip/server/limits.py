@@ -18,6 +18,10 @@ DEFAULT_GALLERY_MAX_MB = 1024
 DEFAULT_GALLERY_MAX_DAYS = 90
 #: Host header names accepted by a server bound to a loopback address (DNS-rebinding defence)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+#: in an ``allowed_hosts`` list: any IP address literal (a DNS-rebinding page always sends a
+#: name, never an address); ``unclip serve`` off loopback accepts these, the loopback names
+#: and the names given with ``--allow-host``
+ANY_IP_HOST = "<ip>"
 
 
 @dataclass(frozen=True)
