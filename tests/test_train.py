@@ -315,3 +315,39 @@ def test_physical_cores_count_hyperthread_siblings_once(monkeypatch):
     assert distributed.default_threads() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert distributed.default_threads() == 1
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Sample i: (i, a draw from torch's, numpy's and Python's global RNG)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([i, float(torch.rand(())), np.random.rand(), random.random()])
+
+
+def test_loader_workers_draw_per_sample_seeds_that_resume_exactly():
+    """With loader workers, a data set's random draws depend on the seed, the epoch and the
+    sample's place in it, not on which worker loads it: a resumed source and one with another
+    worker count yield the same batches as an uninterrupted one."""
+    from unclip.train.batches import EpochBatches
+
+    def take(source, n):
+        return list(itertools.islice(iter(source), n))
+
+    straight = take(EpochBatches(_RandomDraws(), 4, seed=3, num_workers=2), 7)  # 2+ epochs
+    draws = torch.cat(straight)[:, 1:]
+    assert len(set(draws.flatten().tolist())) == draws.numel()  # no two draws alike
+    first = EpochBatches(_RandomDraws(), 4, seed=3, num_workers=1)
+    head = take(first, 4)
+    resumed = EpochBatches(_RandomDraws(), 4, seed=3, num_workers=1)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(straight, head + take(resumed, 3), strict=True):
+        assert torch.equal(a, b)
+    other_seed = take(EpochBatches(_RandomDraws(), 4, seed=4, num_workers=2), 1)[0]
+    assert not torch.equal(other_seed[:, 1:], straight[0][:, 1:])

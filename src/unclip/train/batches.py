@@ -6,15 +6,20 @@ is the source for map-style data sets: each epoch is a permutation drawn from
 ``(seed, epoch)`` alone, so a resumed run skips exactly the batches already consumed (by
 index, without loading them) and then sees the same order as an uninterrupted run.
 
-Data sets that draw random augmentations should derive them from the sample index, not from a
-worker's global RNG, if bit-identical resumption matters to them.
+A data set may draw random augmentations from the global RNGs (torch, numpy, ``random``). In
+the training process (``num_workers`` 0) those are the trainer's generators, saved in every
+checkpoint. In loader workers, whose generators no checkpoint holds, each sample's draws are
+seeded from ``(seed, epoch, rank, position in the epoch)`` alone (:class:`SeededSamples`), so a
+resumed run draws what an uninterrupted one drew, whichever worker loads the sample.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,6 +34,24 @@ def _generator(seed: int, epoch: int, salt: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % (2**63))
     return g
+
+
+class SeededSamples(Dataset):
+    """``dataset`` for loader workers: item ``(i, seed)`` is ``dataset[i]`` drawn after seeding
+    the worker's torch, numpy and ``random`` generators with ``seed``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        return self.dataset[index]
 
 
 class EpochBatches:
@@ -138,11 +161,24 @@ class EpochBatches:
         position[shuffled] = torch.arange(len(shuffled))
         return by_label[torch.sort(position[run_id], stable=True).indices]
 
+    def _seeded(self, epoch: int, batches: list[list[int]]) -> list[list[tuple[int, int]]]:
+        """``batches`` with each sample's seed: a function of (seed, epoch, rank, position)."""
+        base = int(torch.randint(2**62, (), generator=_generator(self.seed, epoch, 5)))
+        base += self.rank * 2**40  # each rank's samples are seeded differently
+        return [
+            [(i, (base + b * self.batch_size + k) % 2**63) for k, i in enumerate(batch)]
+            for b, batch in enumerate(batches)
+        ]
+
     def __iter__(self) -> Iterator[Any]:
         while True:
-            remaining = self.epoch_batches(self.epoch)[self.batches_done :]
+            batches = self.epoch_batches(self.epoch)
+            dataset = self.dataset
+            if self.num_workers > 0:  # see the module docstring
+                batches, dataset = self._seeded(self.epoch, batches), SeededSamples(dataset)
+            remaining = batches[self.batches_done :]
             loader = DataLoader(
-                self.dataset,
+                dataset,
                 batch_sampler=remaining,
                 collate_fn=self.collate_fn,
                 num_workers=self.num_workers,
