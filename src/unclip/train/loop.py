@@ -133,6 +133,12 @@ class Trainer:
     ``loss_fn`` receives the DDP-wrapped model; reach the module's own attributes with
     ``getattr(model, "module", model)``.
 
+    On the CPU a run is bit-exact on one machine at one thread count: :meth:`fit` seeds every
+    RNG with ``config.seed`` (plus the rank), data order comes from ``(seed, epoch)``, and a
+    checkpoint holds every RNG state. Seed the RNGs before building ``model`` too
+    (:func:`~unclip.train.checkpoint.seed_everything`; the stages do it when they read their
+    run config), or its initial weights differ from process to process.
+
     ``fsdp=True`` shards the model instead of replicating it (see :mod:`unclip.train.fsdp`);
     ``loss_fn`` then receives the sharded module itself and must run its parameters through
     ``forward`` (outside it they are shards). Checkpoints keep the unsharded format. In one

@@ -35,8 +35,10 @@ class ClipRunConfig(Config):
 
 @dataclasses.dataclass
 class PriorRunConfig(Config):
-    """``clip``: the CLIP folder (with ``tokenizer/``) whose text encoder gives the caption's
-    per-token features; ``data.embeddings``: the ``unclip embed`` output to train on."""
+    """``clip``: the CLIP model whose text encoder gives the caption's per-token features: a
+    CLIP run's ``final/`` (tokenizer inside), a pipeline folder or a pipeline's ``clip/``
+    (tokenizer beside it; see :func:`~unclip.train.stages.common.clip_tokenizer_dir`);
+    ``data.embeddings``: the ``unclip embed`` output to train on."""
 
     model: PriorConfig = dataclasses.field(default_factory=PriorConfig)
     diffusion: DiffusionConfig = dataclasses.field(
@@ -64,7 +66,8 @@ class ARPriorRunConfig(Config):
 
 @dataclasses.dataclass
 class DecoderRunConfig(Config):
-    """``inpaint_prob``: for an ``inpaint`` model, the fraction of samples trained with a
+    """``clip``: as in :class:`PriorRunConfig` (needed when ``model.text_dim`` > 0).
+    ``inpaint_prob``: for an ``inpaint`` model, the fraction of samples trained with a
     random mask (the rest see no known pixels and learn plain generation). ``init``: a decoder
     model folder (a run's ``final/``, a pipeline's ``decoder/``) whose weights start a new run;
     ``model`` may be grown from it (a larger ``mid_depth``): every weight of the folder must fit
