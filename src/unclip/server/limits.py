@@ -29,9 +29,10 @@ class Limits:
     """What one request may ask for. ``request_timeout`` (seconds) bounds queueing plus
     sampling of a job; a synchronous request that runs past it gets 504.
 
-    JSON bodies are refused (400) above ``max_json_bytes`` (413), nested deeper than
+    JSON bodies are refused above ``max_json_bytes`` (413), and (400) nested deeper than
     ``max_json_depth`` (an object of plain fields is depth 1), with more than
-    ``max_json_keys`` object members in all, with a string longer than
+    ``max_json_items`` keys and array elements in all (counted by the commas between
+    them), with a string longer than
     ``max_json_string_chars`` (or ``max_prompt_chars`` if that is larger), or with a number
     written with more than ``max_json_number_chars`` characters."""
 
@@ -43,7 +44,7 @@ class Limits:
     max_image_pixels: int = 2048 * 2048
     max_json_bytes: int = 2**20
     max_json_depth: int = 16
-    max_json_keys: int = 256
+    max_json_items: int = 256
     max_json_string_chars: int = 4096
     max_json_number_chars: int = 64
     request_timeout: float = 300.0
