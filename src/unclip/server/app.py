@@ -17,8 +17,9 @@ Every ``/v1`` route checks the API key when one is set. Before any route, :class
 refuses a ``Host`` the server does not answer to, a POST/DELETE from another site (``Origin``
 not the server's own nor allowed, ``Origin: null`` included) and bodies over the limit; the
 JSON route reads only ``application/json``, parsed with limits (:mod:`.jsonbody`). Errors are
-OpenAI error objects (:mod:`.errors`). Generation runs on the :class:`~unclip.server.jobs.JobQueue`'s worker
-threads; a full queue answers 429 with Retry-After.
+OpenAI error objects (:mod:`.errors`). Generation runs on the
+:class:`~unclip.server.jobs.JobQueue`'s worker threads; a full queue answers 429 with
+Retry-After.
 """
 
 from __future__ import annotations
@@ -257,13 +258,13 @@ def normalize_origin(origin: str) -> str:
     port), or ``"null"``; ValueError for anything else (a path, another scheme, ``*``)."""
     if origin == "null":
         return origin
+    u = urlsplit(origin.strip().lower())
     try:
-        u = urlsplit(origin.strip().lower())
         port = u.port
-    except ValueError:
-        port, u = -1, None
+    except ValueError:  # not a number, or out of range
+        port = -1
     if (
-        u is None or port == -1 or u.scheme not in ("http", "https") or not u.hostname
+        port == -1 or u.scheme not in ("http", "https") or not u.hostname
         or u.path not in ("", "/") or u.query or u.fragment or u.username or u.password
     ):  # fmt: skip
         raise ValueError(
