@@ -50,8 +50,9 @@ PARTS = ("data", "text", "conditioning", "forward", "backward", "grad_clip", "op
          "ema", "logging")  # fmt: skip
 #: the parts a step cannot do without; the rest is overhead to keep small
 MODEL_PARTS = ("forward", "backward", "grad_clip", "optimizer")
-#: samples in the synthetic data set (items repeat after it; the loader still collates each)
-SYNTHETIC_ITEMS = 1024
+#: samples in the synthetic data set: as many as a real one (an epoch's end restarts the
+#: loader's workers), drawn from a pool of distinct items (the loader still collates each)
+SYNTHETIC_ITEMS, SYNTHETIC_POOL = 1 << 16, 512
 DOC_SECTION = "bench-train-{stage}"
 
 
@@ -134,7 +135,7 @@ class StandIn:
 
 class SyntheticItems:
     """``SYNTHETIC_ITEMS`` items of the stage's shapes: ``fields`` names each item's parts
-    (``image``, ``emb``, ``caption``); item i is the same on every call."""
+    (``image``, ``emb``, ``caption``); item i is pool item i mod ``SYNTHETIC_POOL``."""
 
     def __init__(self, fields: tuple[str, ...], image_size: int = 0, dim: int = 0) -> None:
         import torch
@@ -142,7 +143,7 @@ class SyntheticItems:
         from unclip.commands.bench import CAPTIONS
 
         g = torch.Generator().manual_seed(0)
-        n = SYNTHETIC_ITEMS
+        n = SYNTHETIC_POOL
         self.fields = fields
         self.images = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
         emb = torch.randn(n, 2, max(dim, 1), generator=g)
@@ -153,6 +154,7 @@ class SyntheticItems:
         return SYNTHETIC_ITEMS
 
     def __getitem__(self, i: int) -> Any:
+        i %= SYNTHETIC_POOL
         parts = {"image": self.images[i], "emb": self.emb[i, 0], "emb2": self.emb[i, 1],
                  "caption": self.captions[i]}  # fmt: skip
         out = tuple(parts[f] for f in self.fields)
