@@ -6,14 +6,19 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One torch thread for the whole suite: its models and tensors are tiny, so intra-op threads
+# only add wake-up latency, and on a loaded machine a thread that waits for a busy core stalls
+# the other (five of the model test files took 48 s with two threads and 19 s with one on a
+# shared 2-core machine at load 6). One thread also keeps every result independent of the
+# machine's core count. A test that wants more threads sets them itself and restores them.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One torch thread for the module: tiny models and small tensors run fastest on one
-    (intra-op threads only add wake-up latency), and a shared 2-core machine is not
-    oversubscribed. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One torch thread for the module, whatever an earlier module left set (the suite's
+    default is one already). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -376,7 +376,10 @@ def test_one_generator_per_sample_gives_each_its_own_noise_in_any_batch(name):
     alone = [sample(d, model, (2, 5), 6, sampler=name, generator=_gen(s), **kw) for s in (3, 4, 5)]
     gens = [_gen(s) for s in (3, 4, 5)]  # blocks of 2 rows, one generator each
     batch = sample(d, model, (6, 5), 6, sampler=name, generator=gens, **kw)
-    assert torch.equal(batch, torch.cat(alone))
+    # the same noise per row; ATen's elementwise kernels may take a row through their vector
+    # loop in one shape and their scalar tail in the other (sin, exp: an ulp apart), so the
+    # rows agree to float32 rounding, not bit for bit (another generator would be O(1) away)
+    torch.testing.assert_close(batch, torch.cat(alone), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="2 generators cannot split a batch of 3 rows"):
         sample(d, model, (3, 5), 6, sampler=name, generator=[_gen(0), _gen(1)], **kw)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -100,7 +101,22 @@ def test_generate_writes_pngs_with_metadata_json_and_grid(pipeline_dir, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["generate-3-0.png", "generate-3-1.png"]
 
 
-def test_generate_from_a_prompts_file_is_one_grid_row_per_caption(pipeline_dir, tmp_path, capsys):
+@pytest.fixture
+def one_by_one(monkeypatch):
+    """Every image sampled on its own (``max_batch`` 1), as a single call samples it: then an
+    image of a bigger call is the single call's bit for bit by construction. (In a batch the
+    networks run at another batch size, which may round otherwise; the random tiny networks
+    amplify that rounding to whole grey levels, so no pixel tolerance would hold here.
+    test_default_model checks batches against single calls, within a tolerance, on the
+    shipped model.)"""
+    from unclip.pipeline import core
+
+    monkeypatch.setattr(core, "DEFAULT_MAX_BATCH", 1)
+
+
+def test_generate_from_a_prompts_file_is_one_grid_row_per_caption(
+    pipeline_dir, tmp_path, capsys, one_by_one
+):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# emoji to draw\na red square\n\na green circle\n")
     out, grid = tmp_path / "out", tmp_path / "grid.png"
@@ -124,7 +140,7 @@ def test_generate_from_a_prompts_file_is_one_grid_row_per_caption(pipeline_dir, 
     assert one_column[1] == two_columns[1] and one_column[0] < two_columns[0]  # rows = captions
 
 
-def test_same_seed_same_bytes_other_seed_other_image(pipeline_dir, tmp_path, capsys):
+def test_same_seed_same_bytes_other_seed_other_image(pipeline_dir, tmp_path, capsys, one_by_one):
     files = []
     for name, seed in (("one", 5), ("two", 5), ("three", 6)):
         rc, stdout, _ = run(
@@ -135,13 +151,14 @@ def test_same_seed_same_bytes_other_seed_other_image(pipeline_dir, tmp_path, cap
     assert files[0].read_bytes() == files[1].read_bytes()
     a, b = (np.asarray(Image.open(f)) for f in (files[0], files[2]))
     assert not np.array_equal(a, b)
-    # the batch image with seed 6 (second of -n 2 from seed 5) is the single image of seed 6
+    # image 2 of -n 2 from seed 5 is the single image of seed 6 (sampled one by one: exact)
     rc, stdout, _ = run(
         ["generate", "a green circle", "-n", "2", *common(pipeline_dir, tmp_path / "batch", 5)],
         capsys,
     )
-    batch = Path(stdout.split()[1])
-    assert np.array_equal(np.asarray(Image.open(batch)), b)
+    second = Path(stdout.split()[1])
+    assert np.array_equal(np.asarray(Image.open(second)), b)
+    assert Image.open(second).text["seed"] == "6"
 
 
 def test_generate_with_reranking_and_overrides(pipeline_dir, tmp_path, capsys):
@@ -338,6 +355,70 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
     assert message.format(**names) in lines[0]
     assert stdout == ""
     assert not out.exists() and not (tmp_path / "grid.png").exists()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a pipeline fails the test: a refusal must come before any model is read."""
+    import unclip.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the input was refused")
+
+    monkeypatch.setattr(unclip.pipeline, "load_pipeline", refuse)
+
+
+SURROGATE = "a red \ud800 square"  # a lone surrogate (what undecodable argv bytes become)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "a cat", "--out", "{blocked}"], "--out {blocked}: {file} is a file, not a folder"),
+        (["vary", "{a}", "--out", "{blocked}"], "--out {blocked}: {file} is a file, not a folder"),
+        (["interpolate", "{a}", "{b}", "--out", "{blocked}"], "is a file, not a folder"),
+        (["textdiff", "{a}", "--from", "a", "--to", "b", "--out", "{blocked}"], "is a file, not a folder"),
+        (["edit", "{a}", "a cat", "--mask", "{mask}", "--out", "{blocked}"], "is a file, not a folder"),
+        (["outpaint", "{a}", "a cat", "--left", "4", "--out", "{blocked}"], "is a file, not a folder"),
+        (["generate", "a cat", "--grid", "{blocked}/grid.png"], "--grid {blocked}: {file} is a file"),
+        (["rank", "a cat", "{a}", "--grid", "{blocked}/grid.png"], "--grid {blocked}: {file} is a file"),
+        (["generate", "a cat", "--out", "{readonly}/new"], "--out {readonly}/new: cannot write into the folder {readonly} (permission denied)"),
+        (["generate", "a cat", "--out", "{readonly}"], "--out {readonly}: cannot write into the folder (permission denied)"),
+        (["generate", SURROGATE], "the prompt has a lone surrogate (U+D800) at character 7"),
+        (["edit", "{a}", SURROGATE, "--mask", "{mask}"], "the prompt has a lone surrogate (U+D800) at character 7"),
+        (["textdiff", "{a}", "--from", "a", "--to", SURROGATE], "the --to caption has a lone surrogate (U+D800) at character 7"),
+        (["rank", SURROGATE, "{a}"], "lone surrogate"),
+        (["generate", "--prompts", "{bad_bytes}"], "--prompts {bad_bytes}: line 2 is not UTF-8 text"),
+        (["generate", "--prompts", "{folder}"], "--prompts {folder}: is a folder; give a text file"),
+        (["vary", "{text}"], "{text}: not a readable image (not in a format Pillow reads"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_refused_before_the_pipeline_is_loaded(
+    pipeline_dir, images, tmp_path, capsys, monkeypatch, no_loading, argv, message
+):
+    file = tmp_path / "notes.txt"
+    file.write_text("a file where a folder should be")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    # chmod does not stop root (tests may run as root): the access check is what is tested
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))
+    (tmp_path / "bad.txt").write_bytes(b"a red square\na \xed\xa0\x80 surrogate, UTF-8 encoded\n")
+    names = {k: str(v) for k, v in images.items()} | {
+        "file": str(file), "blocked": str(file / "out"), "readonly": str(readonly),
+        "bad_bytes": str(tmp_path / "bad.txt"), "folder": str(tmp_path),
+    }  # fmt: skip
+    argv = [a.format(**names) for a in argv]
+    extra = ["--pipeline", str(pipeline_dir), "--device", "cpu", "--no-progress"]
+    if "--out" not in argv and argv[0] != "rank":
+        extra += ["--out", str(tmp_path / "out")]
+    rc, stdout, err = run([*argv, *extra], capsys)
+    assert rc == 2 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"unclip {argv[0]}: error: ")
+    assert message.format(**names) in lines[0], lines[0]
+    assert "BytesIO" not in lines[0] and " at 0x" not in lines[0]
 
 
 def test_a_failure_while_writing_leaves_no_partial_files(

@@ -412,7 +412,19 @@ def test_truncated_and_fake_images_through_the_cli(pipe_dir: Path, tmp_path: Pat
         out = tmp_path / f"out-{name}"
         args = ["vary", str(bad), "-n", "1", "--pipeline", str(pipe_dir), "--out", str(out),
                 "--no-progress"]  # fmt: skip
-        refused_by_cli(args, capsys, str(bad), out=out)
+        err = refused_by_cli(args, capsys, str(bad), out=out)
+        assert "BytesIO" not in err and " at 0x" not in err, err  # the file, not our buffer
+
+
+def test_undecodable_bytes_are_named_as_the_upload_or_by_the_given_name() -> None:
+    for data in (b"hello, not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a" * 4):
+        with pytest.raises(BadImageError) as info:
+            load_image(data)
+        message = str(info.value)
+        assert message.startswith("the uploaded image: not a readable image"), message
+        assert "BytesIO" not in message and " at 0x" not in message, message
+        with pytest.raises(BadImageError, match=r"^upload\.png: not a readable image"):
+            load_image(data, name="upload.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ MASK_POLICY = (
 )
 OUTPUT_POLICY = (
     "Output: PNGs named OUT/COMMAND-SEED-I.png (I = 0, 1, …) with the prompt, seed, steps, "
-    "guidance, sampler and model in their text metadata; the same seed gives the same bytes. "
-    "Nothing is written unless every image succeeded."
+    "guidance, sampler and model in their text metadata; the same seed gives the same bytes "
+    "on the same machine (another CPU, precision or -n may change a few grey levels). The "
+    "output folder is checked before any model is loaded; nothing is written unless every "
+    "image succeeded."
 )
 
 
@@ -324,10 +326,28 @@ def _check_common(args: argparse.Namespace) -> None:
 
         args.seed = secrets.randbelow(2**31)  # drawn here so the file names can carry it
     out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    if args.grid and Path(args.grid).is_dir():
-        raise ValueError(f"--grid {args.grid}: is a folder; give a file name such as grid.png")
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out}: exists and is not a folder")
+        check_writable(Path(out), "--out")
+    if args.grid:
+        if Path(args.grid).is_dir():
+            raise ValueError(f"--grid {args.grid}: is a folder; give a file name such as grid.png")
+        check_writable(Path(args.grid).parent, "--grid")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Refuse, before any model is loaded, a folder that cannot be created or written: its
+    nearest existing ancestor must be a folder we may write into (a file in the way or a
+    read-only folder would otherwise fail only after sampling)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "folder" if existing == folder else f"folder {existing}"
+        raise ValueError(f"{flag} {folder}: cannot write into the {what} (permission denied)")
 
 
 def _load_images(paths: Sequence[str], what: str = "image") -> list[Any]:
@@ -511,12 +531,19 @@ def read_prompts(path: str) -> list[str]:
     from unclip.pipeline.core import check_prompt
 
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--prompts {path}: is a folder; give a text file, one caption per line")
     if not file.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        data = file.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read ({e.strerror})") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts {path}: not UTF-8 text ({e.reason})") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"--prompts {path}: line {line} is not UTF-8 text ({e.reason})") from None
     prompts = []
     for number, line in enumerate(lines, 1):
         line = line.strip()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -36,10 +36,11 @@ class BadImageError(ValueError):
 def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Decode a PNG/JPEG/WebP/GIF/SVG file (or its bytes) fully; raise :class:`BadImageError`.
 
-    SVG is rasterised at its own size (see :func:`rasterize_svg`). ``name`` is used in messages.
+    SVG is rasterised at its own size (see :func:`rasterize_svg`). ``name`` is used in messages
+    (default: the path, or "the uploaded image" for bytes).
     """
     if isinstance(source, (bytes, bytearray)):
-        data, label = bytes(source), name or "<bytes>"
+        data, label = bytes(source), name or "the uploaded image"
     else:
         label = name or str(source)
         try:
@@ -51,8 +52,9 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     head = data[:512].lstrip()
     if head.startswith(b"<?xml") or head.startswith(b"<svg") or label.lower().endswith(".svg"):
         return rasterize_svg(data.decode("utf-8", errors="replace"), name=label)
+    buffer = io.BytesIO(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(buffer)
         w, h = img.size
         if w * h > MAX_IMAGE_PIXELS:
             raise BadImageError(
@@ -61,8 +63,14 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         img.load()
     except BadImageError:
         raise
+    except UnidentifiedImageError:  # its message names our in-memory buffer, not the file
+        raise BadImageError(
+            f"{label}: not a readable image (not in a format Pillow reads, such as PNG, JPEG, "
+            "WebP, GIF or BMP, nor SVG)"
+        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"{label}: not a readable image ({e})") from None
+        reason = str(e).replace(repr(buffer), "the data")
+        raise BadImageError(f"{label}: not a readable image ({reason})") from None
     return img
 
 

@@ -248,13 +248,21 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The sampling precision ``load_pipeline`` picks: bfloat16 where :func:`native_bf16`,
-    else float32."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: environment variable that overrides what "auto" picks (float32, float16 or bfloat16), e.g.
+#: ``UNCLIP_DTYPE=float32`` to sample as a CPU without bf16 does; unset or "auto": per device
+DTYPE_ENV = "UNCLIP_DTYPE"
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The sampling precision ``load_pipeline`` picks for "auto": :data:`DTYPE_ENV` when set,
+    else bfloat16 where :func:`native_bf16`, else float32."""
+    forced = os.environ.get(DTYPE_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV} must be auto, {', '.join(DTYPES)}; got {forced!r}")
+        return DTYPES[forced]
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -282,7 +290,8 @@ def load_pipeline(
     upsamplers): float32, or float16/bfloat16 run under ``torch.autocast`` with float32
     weights and float32 sampler state, so every network is used as it was trained (with
     bf16 autocast). None or "auto": :func:`default_dtype` (bfloat16 on a CPU with AVX-512 BF16
-    or AMX, or a GPU with bf16; float32 elsewhere). CLIP always runs in float32, so
+    or AMX, or a GPU with bf16; float32 elsewhere; the ``UNCLIP_DTYPE`` environment variable
+    overrides it). CLIP always runs in float32, so
     embeddings and scores do not depend on it. The convolutional stages are kept in the
     channels-last memory format, which oneDNN and cuDNN run faster.
     """
@@ -397,7 +406,8 @@ def _guided(
 
 
 def check_prompt(prompt: Any, what: str = "prompt") -> str:
-    """A non-empty caption of at most :data:`MAX_PROMPT_CHARS` characters, or ValueError."""
+    """A non-empty caption of at most :data:`MAX_PROMPT_CHARS` characters of valid Unicode
+    (no lone surrogates), or ValueError naming ``what`` and the offending character."""
     if not isinstance(prompt, str):
         raise TypeError(f"{what} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -406,6 +416,12 @@ def check_prompt(prompt: Any, what: str = "prompt") -> str:
         raise ValueError(
             f"the {what} is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
         )
+    for i, ch in enumerate(prompt):
+        if "\ud800" <= ch <= "\udfff":  # from undecodable bytes; no tokenizer can encode it
+            raise ValueError(
+                f"the {what} has a lone surrogate (U+{ord(ch):04X}) at character {i + 1}; "
+                "it is not valid Unicode text (was it read with the wrong encoding?)"
+            )
     return prompt
 
 
