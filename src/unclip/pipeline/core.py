@@ -10,10 +10,11 @@ list are numbered prompt-major: prompt ``p``, image ``j`` of ``n`` is image ``pÂ
 each stage draws its noise from its own CPU ``torch.Generator`` derived from that seed. The
 images of a call are sampled together in batches of up to ``pipe.max_batch`` (default 8),
 and each image's rows of noise come from its own generators, so an image gets the same noise
-in any batch: it equals the single call with its seed up to float rounding (different batch
-sizes may sum in another order; in practice a grey level at a few pixels). The same call
-with the same seed gives the same bytes; set ``pipe.max_batch = 1`` to sample every image
-on its own. ``seed=None`` draws a random seed; the seed used is in every image's ``info``.
+in any batch: it equals the single call with its seed up to float rounding (the networks run
+at another batch size, which may sum in another order: on the shipped model about a grey level
+at a few pixels in float32, a few grey levels in bfloat16, whose roundings are coarser). The
+same call with the same seed gives the same bytes on the same machine; set
+``pipe.max_batch = 1`` to sample every image on its own, exactly as single calls do. ``seed=None`` draws a random seed; the seed used is in every image's ``info``.
 
 **Sampling overrides** (keyword arguments of every generating method; None = the
 pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
