@@ -1,3 +1,4 @@
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # shared 2-core machine at load 6). One thread also keeps every result independent of the
 # machine's core count. A test that wants more threads sets them itself and restores them.
 torch.set_num_threads(1)
+os.environ.setdefault("UNCLIP_THREADS", "1")  # and `unclip train` (--threads's default)
 
 
 @pytest.fixture(scope="module")

@@ -481,6 +481,7 @@ def test_threads_flag_sets_torch_threads_for_the_run(shapes, tmp_path, monkeypat
 
     monkeypatch.setattr(loop.Trainer, "_loss", spy)
     monkeypatch.setattr(distributed, "physical_cores", lambda: 3)
+    monkeypatch.delenv(distributed.THREADS_ENV, raising=False)
     cfg = {
         "model": {"image_size": 16, "low_res_size": 8, "model_channels": 8, "channel_mult": [1],
                   "num_res_blocks": 1, "norm_groups": 4, "learn_sigma": False},

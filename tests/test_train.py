@@ -309,12 +309,18 @@ def test_physical_cores_count_hyperthread_siblings_once(monkeypatch):
     arm = "processor\t: 0\nBogoMIPS\t: 50\n\nprocessor\t: 1\nBogoMIPS\t: 50"  # no core ids
     assert distributed.physical_cores(arm) == 3  # the CPUs the process may use
     monkeypatch.setattr(distributed, "physical_cores", lambda: 8)
+    monkeypatch.delenv(distributed.THREADS_ENV, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert distributed.default_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's processes share the cores
     assert distributed.default_threads() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert distributed.default_threads() == 1
+    monkeypatch.setenv(distributed.THREADS_ENV, "5")  # a job's choice wins
+    assert distributed.default_threads() == 5
+    monkeypatch.setenv(distributed.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="UNCLIP_THREADS='0'"):
+        distributed.default_threads()
 
 
 class _RandomDraws(torch.utils.data.Dataset):

@@ -152,9 +152,9 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         metavar="N",
-        help="CPU threads for torch (default: the machine's physical cores, not counting "
-        "hyperthreads, divided among the processes torchrun starts on it); on a busy machine "
-        "fewer threads than cores can be much faster",
+        help="CPU threads for torch (default: $UNCLIP_THREADS, else the machine's physical "
+        "cores, not counting hyperthreads, divided among the processes torchrun starts on it); "
+        "on a busy machine fewer threads than cores can be much faster",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -94,9 +94,20 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     return max(1, min(len(cores), logical) if cores else logical)
 
 
+#: ``UNCLIP_THREADS=N`` sets the default of ``unclip train --threads`` (a job script's choice
+#: for every command it runs; the test suite's one thread)
+THREADS_ENV = "UNCLIP_THREADS"
+
+
 def default_threads() -> int:
-    """CPU threads for one training process: the physical cores, shared out among the
-    processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 1."""
+    """CPU threads for one training process: ``UNCLIP_THREADS`` where set, else the physical
+    cores shared out among the processes ``torchrun`` started on this machine
+    (``LOCAL_WORLD_SIZE``); at least 1."""
+    chosen = os.environ.get(THREADS_ENV, "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"{THREADS_ENV}={chosen!r}: expected a whole number of at least 1")
+        return int(chosen)
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, physical_cores() // local_world)
 
