@@ -76,12 +76,13 @@ def _train_args(pack: Path, work: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_kit_measures_trains_two_stages_joins_and_continues(
-    shapes, tiny_clip_and_embeddings, tmp_path, capsys
+    shapes, tiny_clip_and_embeddings, tmp_path, capsys, monkeypatch
 ):
     """The pack derives the decoder's 8 px images from the 16 px ones exactly and carries the
-    CLIP text side only; train measures each stage by parts, chooses its options, trains both
-    stages and sends back their EMA weights in float16; join rebuilds both model folders and
-    refuses a damaged part; a second visit continues the decoder from the returned weights."""
+        CLIP text side only; train measures each stage by parts, chooses its options, trains both
+        stages and sends back their EMA weights in float16; join rebuilds both model folders and
+        refuses a damaged part; a second visit continues the decoder from the returned weights (and
+    trains it, unmeasured, when measuring fails)."""
     clip_dir, emb = tiny_clip_and_embeddings
     configs = _configs(tmp_path, shapes, clip_dir, emb)
     pack = tmp_path / "shapes.pack"
@@ -156,9 +157,17 @@ def test_kit_measures_trains_two_stages_joins_and_continues(
     assert kit.main(args) == 0
     assert json.loads(capsys.readouterr().out)["init"] == ["decoder"]
     out2 = tmp_path / "out2"
+
+    def broken(*args, **kwargs):  # measuring that fails: the stage still trains, unmeasured
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(kit, "measure", broken)
     assert kit.main(_train_args(again, tmp_path / "work2", out2, "--try", "")) == 0, (
         out2 / "train.log"
     ).read_text()
+    summary = json.loads((out2 / "kit.json").read_text())
+    assert "decoder not measured (RuntimeError: CUDA out of memory)" in summary["verdict"]
+    assert summary["stages"]["decoder"]["step"] == 4
     assert (
         f"decoder starts from {tmp_path / 'work2' / 'init' / 'decoder'}"
         in (out2 / "train.log").read_text()

@@ -572,6 +572,9 @@ def verdict(measured: dict[str, dict[str, Any]]) -> str:
     :data:`PROMISE_MFU` of the device's measured peak."""
     parts, far = [], False
     for stage, m in measured.items():
+        if "error" in m:
+            parts.append(f"{stage} not measured ({m['error']})")
+            continue
         ratio = m["samples_per_s"] / m["promised_samples_per_s"]
         far |= ratio < FAR_BELOW
         parts.append(
@@ -582,6 +585,15 @@ def verdict(measured: dict[str, dict[str, Any]]) -> str:
     head = "FAR BELOW what the FLOPs promise (see measure in kit.json, train.log)" if far else (
         "within reach of what the FLOPs promise")  # fmt: skip
     return f"{head}: " + "; ".join(parts)
+
+
+def need_seconds(config: dict[str, Any], measured: dict[str, Any], startup: float) -> float:
+    """Seconds a stage needs for its config's ``train.steps`` at its measured rate (unmeasured:
+    all it can get)."""
+    rate = measured["steps_per_s"]
+    if not rate:
+        return math.inf
+    return config["train"]["steps"] / (RATE_MARGIN * rate) + startup + measured["compile_s"]
 
 
 def split_seconds(seconds: float, needs: list[float], shares: list[float]) -> list[float]:
@@ -700,7 +712,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     for i, stage in enumerate(stages):
         stage_end = time.monotonic() + (measure_end - time.monotonic()) / (len(stages) - i)
         share = train_s * shares[i] / sum(shares)
-        m = measure(stage, run_configs[stage], device, stage_end, share, tries, peaks)
+        try:
+            m = measure(stage, run_configs[stage], device, stage_end, share, tries, peaks)
+        except Exception as e:  # one visit: train unmeasured rather than not at all
+            m = {"error": f"{type(e).__name__}: {e}", "choice": {}, "steps_per_s": None,
+                 "compile_s": 0.0}  # fmt: skip
+            _log(log, f"{stage}: measuring failed ({m['error']}); it trains for its share")
+            measured[stage] = m
+            continue
         measured[stage] = m
         _log(log, format_markdown(m["profile"]) + "\n")
         _log(log, f"{stage}: tried {json.dumps(m['trials'])}\n{stage}: chose "
@@ -717,19 +736,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rate = m["steps_per_s"]
         rest = list(range(i, len(stages)))
         left = deadline - time.monotonic() - args.reserve
-        needs = [configs[stages[j]]["train"]["steps"] / (RATE_MARGIN * measured[stages[j]][
-            "steps_per_s"]) + startup + measured[stages[j]]["compile_s"] for j in rest]  # fmt: skip
+        needs = [need_seconds(configs[stages[j]], measured[stages[j]], startup) for j in rest]
         allots = split_seconds(left, needs, [shares[j] for j in rest])
         allot = allots[0]
         # the run's own clock starts after its start-up; it may use what the others do not need
         limit = max(1.0, left - sum(allots[1:]) - startup)
-        fit = RATE_MARGIN * rate * (allot - startup - m["compile_s"])
-        steps = min(int(fit + 1e-6), cfg["train"]["steps"])
+        free = allot - startup - m["compile_s"]
+        fit = int(RATE_MARGIN * rate * free + 1e-6) if rate else 0  # unmeasured: --max-minutes
+        steps = min(fit, cfg["train"]["steps"]) if rate or free <= 0 else cfg["train"]["steps"]
         record: dict[str, Any] = {"planned_steps": steps, "seconds": allot,
                                   "options": m["choice"], "steps_per_s": rate}  # fmt: skip
         summary["stages"][stage] = record
         if steps < args.min_steps:
-            record["error"] = (f"{rate:.2f} steps/s leaves {steps} steps in the {allot:.0f} s "
+            record["error"] = (f"{rate or 0:.2f} steps/s leaves {steps} steps in the {allot:.0f} s "
                                f"of its share; at least {args.min_steps} are needed")  # fmt: skip
             continue
         cfg["train"]["steps"] = steps
@@ -741,7 +760,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             wall = _unclip(["train", stage, "--config", str(run_configs[stage]), "--device",
                             device, "--no-progress", "--run-dir", str(run), "--max-minutes",
                             f"{limit / 60:.3f}"], log)  # fmt: skip
-            startup = max(1.0, wall - steps / rate - m["compile_s"])  # for the next stage
+            if rate:  # the next stage's start-up: what the run took beyond its steps
+                startup = max(1.0, wall - steps / rate - m["compile_s"])
         except KitError as e:  # bring back what the run saved before it broke
             record["error"] = str(e)
         seconds[stage] = time.monotonic() - began
