@@ -295,8 +295,9 @@ def check_travel(meta: dict[str, Any], out: Path, leave_out: list[str]) -> dict[
     tree = travelling_bytes(leave_out)
     if tree is None:
         return {}
-    if out.resolve().is_relative_to(REPO) and out.exists():
-        tree["rest"] -= out.stat().st_size  # an ignored .gpu/ pack is not counted twice
+    if out.exists() and out.resolve().is_relative_to(REPO):  # a pack not ignored by git: once
+        listed = travelling_bytes([*leave_out, out.resolve().relative_to(REPO).as_posix()])
+        tree["rest"] = listed["rest"]
     total = tree["weights"] + tree["rest"] + meta["bytes"]
     report = {"travels": _mb(total), "limit": _mb(TRAVEL_LIMIT),
               "tree": _mb(tree["rest"] + tree["weights"]), "left_out": _mb(tree["left out"])}  # fmt: skip
