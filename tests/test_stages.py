@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -631,78 +630,3 @@ def test_eval_tables_name_the_feature_space(shapes, tiny_clip_and_embeddings, tm
     assert table.keys() == exact.keys()
     for name, value in exact.items():  # every metric, small ones (KID) included, to 4 figures
         assert table[name] == pytest.approx(value, rel=1e-3, abs=1e-12), name
-
-
-def _decoder_kit():
-    spec = importlib.util.spec_from_file_location(
-        "decoder_kit", Path(__file__).parents[1] / "scripts" / "gpu" / "decoder_kit.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_gpu_decoder_kit_packs_trains_and_joins(shapes, tiny_clip_and_embeddings, tmp_path, capsys):
-    """scripts/gpu/decoder_kit.py: the unpacked data set gives the decoder stage the same
-    images and image embeddings as the original; train returns parts that join into the run's
-    EMA decoder in float16; a damaged part is refused."""
-    from unclip.data.datasets import open_dataset
-    from unclip.data.embeddings import EmbeddingShards
-
-    kit = _decoder_kit()
-    clip_dir, emb = tiny_clip_and_embeddings
-    pack = tmp_path / "shapes.pack"
-    args = ["pack", "--data", str(shapes), "--split", "train", "--size", "16",
-            "--embeddings", str(emb), "--out", str(pack)]  # fmt: skip
-    capsys.readouterr()
-    assert kit.main([*args[:-3], str(tmp_path / "none"), *args[-2:]]) == 2  # no embeddings
-    assert f"{tmp_path / 'none'}" in capsys.readouterr().err
-    assert kit.main(args) == 0
-    packed = json.loads(capsys.readouterr().out)
-    assert packed["count"] == 56 and packed["bytes"] == pack.stat().st_size
-    assert packed["travels_with_tracked_tree"].endswith(" MiB")
-    pipeline = tmp_path / "pipeline"
-    shutil.copytree(clip_dir, pipeline / "clip")
-    work = tmp_path / "work"
-    assert kit.main(["unpack", "--pack", str(pack), "--work", str(work),
-                     "--pipeline", str(pipeline)]) == 0  # fmt: skip
-    before, after = open_dataset(shapes, 16, split="train"), open_dataset(work / "data", 16)
-    assert len(before) == len(after) == 56
-    old = {before[i]["key"]: before[i] for i in range(len(before))}
-    for i in range(len(after)):
-        item = after[i]
-        assert torch.equal(item["image"], old[item["key"]]["image"])
-        assert item["caption"] == old[item["key"]]["caption"]
-    old_emb, new_emb = EmbeddingShards(emb), EmbeddingShards(work / "embeddings")
-    for key in old:
-        a, b = old_emb[old_emb.index_of(key)], new_emb[new_emb.index_of(key)]
-        assert torch.equal(a["image_emb"], b["image_emb"])
-        assert torch.allclose(a["text_emb"], b["text_emb"], atol=2e-3)
-
-    cfg = _decoder_config(shapes, clip_dir, emb)
-    cfg["train"].update(steps=6, log_every=2, checkpoint_every=3)
-    cfg["data"]["balance"] = ["concept", "style"]
-    config = tmp_path / "decoder.json"
-    config.write_text(json.dumps(cfg))
-    out = tmp_path / "out"
-    args = ["train", "--pack", str(pack), "--work", str(work), "--pipeline", str(pipeline),
-            "--config", str(config), "--out", str(out), "--minutes", "5", "--probe-steps", "4",
-            "--min-steps", "2", "--device", "cpu"]  # fmt: skip
-    assert kit.main(args) == 0, (out / "train.log").read_text()
-    summary = json.loads((out / "kit.json").read_text())
-    assert summary["steps"] == summary["step"] == 6 and summary["source"] == "final"
-    joined = kit.join(out, tmp_path / "joined")
-    model = from_pretrained(joined)
-    ema = from_pretrained(work / "run" / "final")  # what the run samples with
-    for key, value in ema.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value.half().float()), key
-    assert (joined / "diffusion.json").exists() and (joined / "metrics.jsonl").exists()
-    shutil.rmtree(work / "run" / "final")  # a run that broke: its newest checkpoint goes back
-    assert kit.export(work / "run", tmp_path / "out2")["source"] == "step-6"
-    rejoined = from_pretrained(kit.join(tmp_path / "out2", tmp_path / "rejoined"))
-    assert all(torch.equal(rejoined.state_dict()[k], v) for k, v in model.state_dict().items())
-
-    part = out / summary["parts"][0]
-    part.write_bytes(b"x" + part.read_bytes()[1:])
-    assert kit.main(["join", str(out), "--out", str(tmp_path / "again")]) == 2
-    assert not (tmp_path / "again").exists()

@@ -227,7 +227,9 @@ class TrainConfig(Config):
     ``batch_size`` is the global batch of one optimizer step; it is split into
     ``grad_accum`` micro-batches (and, under torchrun, across ranks). ``compile``: run the
     model's forward and backward through ``torch.compile`` (minutes of compiling at the start,
-    faster steps after; not with FSDP).
+    faster steps after; not with FSDP). ``channels_last``: the memory format of the model's 4-d
+    weights and activations; None picks by device and model
+    (:func:`unclip.train.loop.channels_last_pays`), true/false force it.
     """
 
     steps: int = 1000
@@ -244,6 +246,7 @@ class TrainConfig(Config):
     ema_warmup: bool = True
     bf16: bool = True
     compile: bool = False
+    channels_last: bool | None = None
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

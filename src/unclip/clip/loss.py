@@ -70,10 +70,12 @@ def clip_loss(
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def clip_training_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+def clip_training_loss(
+    model: nn.Module, batch: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``loss_fn(model, batch)`` for the training loop; batch = (pixels, tokens) or a dict with
     ``"pixels"`` and ``"tokens"``. Reports the loss, the temperature's scale and the in-batch
-    image→text accuracy."""
+    image→text accuracy, as detached tensors (read by the host only when it logs)."""
     if isinstance(batch, dict):
         pixels, tokens = batch["pixels"], batch["tokens"]
     else:
@@ -92,9 +94,9 @@ def clip_training_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict
     # The backward pass needs the loss times the world size (module docstring); the log shows
     # the global loss itself.
     return loss * world, {
-        "loss": loss.item(),
-        "logit_scale": float(scale.detach()),
-        "acc": acc.float().mean().item(),
+        "loss": loss.detach(),
+        "logit_scale": scale.detach(),
+        "acc": acc.float().mean(),
     }
 
 

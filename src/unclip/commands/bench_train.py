@@ -12,8 +12,8 @@ clock read between the parts:
 - ``forward``: the network and the loss terms after it;
 - ``backward``; ``grad_clip`` (the trainer's gradient-norm clipping); ``optimizer`` (AdamW
   step and zeroing the gradients); ``ema``;
-- ``logging``: the learning rate and the host's reads of the loss and metrics (the finiteness
-  check, ``.item()``), as the trainer does them every step.
+- ``logging``: setting the learning rate, and the host's one read of the loss, metrics and
+  finiteness flag, which the trainer does only on the config's logging steps.
 
 On CUDA each clock reading follows ``torch.cuda.synchronize()``, so a part is charged its own
 GPU time; the same steps run without the clock give the free-running samples/s. Model FLOPs
@@ -268,49 +268,16 @@ def build_stage(stage: str, config: Path, tmp: Path, real: bool) -> dict[str, An
 
 
 def train_step(trainer: Any, batches: Any, clock: Clock, params: list[Any]) -> None:
-    """One optimizer step as :meth:`Trainer.fit` takes it (without checkpoints and the
-    progress bar), the clock read between the parts."""
-    import torch
-
-    from unclip.train.loop import autocast_context, move_to
-    from unclip.train.schedule import lr_at
-
-    cfg = trainer.config
+    """One optimizer step as :meth:`Trainer.fit` takes it (:meth:`Trainer.train_step`, without
+    checkpoints and the progress bar), the clock read between the parts. ``logging``: setting
+    the learning rate, and on the config's logging steps the host's read of the numbers."""
     clock.start()
-    lr = lr_at(trainer.step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
-               min_lr_ratio=cfg.min_lr_ratio)  # fmt: skip
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
+    trainer.set_lr()
     clock.lap("logging")
-    total, sums = 0.0, {}
-    for _ in range(cfg.grad_accum):
-        batch = move_to(next(batches), trainer.device)
-        clock.lap("data")
-        with autocast_context(trainer.device, trainer.bf16):
-            out = trainer.loss_fn(trainer.model, batch)
-        loss, extra = out if isinstance(out, tuple) else (out, {})
-        loss = loss.float()
-        clock.lap("forward")
-        finite = bool(torch.isfinite(loss))
-        clock.lap("logging")
-        if finite:
-            (loss / cfg.grad_accum).backward()
-        clock.lap("backward")
-        total += loss.item() / cfg.grad_accum
-        for k, v in extra.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-        clock.lap("logging")
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-    clock.lap("grad_clip")
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    clock.lap("optimizer")
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.model)
-    clock.lap("ema")
-    trainer.step += 1
-    _ = {"loss": total, "lr": lr, "grad_norm": float(grad_norm), **sums}
+    stats = trainer.train_step(batches, params, lap=clock.lap)
+    if trainer.step % trainer.config.log_every == 0:
+        trainer.check_finite()
+        _ = {k: float(v) for k, v in stats.items()}
     clock.lap("logging")
     clock.stop()
 

@@ -25,7 +25,37 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class BatchSource(Protocol):
-    def __iter__(self) -> Iterator[Any]: ...
+    def _schedule(self, epoch: int, done: int) -> Iterator[list[Any]]:
+        """Micro-batches of indices from batch ``done`` of ``epoch`` on, epoch after epoch."""
+        while True:
+            batches: list[Any] = self.epoch_batches(epoch)
+            if self.num_workers > 0:  # see the module docstring
+                batches = self._seeded(epoch, batches)
+            yield from batches[done:]
+            epoch, done = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # One loader for the whole run, so its workers and their prefetched batches carry on
+        # across epochs (a loader per epoch restarts every worker and stalls a GPU each time).
+        # The position advances as batches are *consumed*, not as the workers read ahead.
+        start = (self.epoch, self.batches_done)
+        loader = DataLoader(
+            SeededSamples(self.dataset) if self.num_workers > 0 else self.dataset,
+            batch_sampler=_Schedule(self, *start),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            # Its own generator: building a loader must not draw from the global RNG,
+            # or a resumed run would diverge from an uninterrupted one.
+            generator=_generator(self.seed, self.epoch, 2),
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            self.batches_done += 1
+            if self.batches_done >= self.batches_per_epoch:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+            yield batch
+
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -54,6 +84,16 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
 
+class _Schedule:
+    """The ``batch_sampler`` of :meth:`EpochBatches.__iter__`: its batches from a position on."""
+
+    def __init__(self, source: EpochBatches, epoch: int, done: int) -> None:
+        self.source, self.epoch, self.done = source, epoch, done
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return self.source._schedule(self.epoch, self.done)
+
+
 class EpochBatches:
     """Endless micro-batches of a map-style ``dataset``, reshuffled every epoch, resumable.
 
@@ -69,6 +109,8 @@ class EpochBatches:
     ``weights`` (one non-negative number per sample) makes each epoch ``len(dataset)`` draws
     with replacement, sample i with probability proportional to ``weights[i]``, instead of a
     permutation (see :mod:`unclip.data.balance`); it excludes ``group_run`` > 1.
+
+    ``pin_memory``: collate into page-locked memory, for asynchronous copies to a GPU.
     """
 
     def __init__(
@@ -85,8 +127,10 @@ class EpochBatches:
         groups: Sequence[int] | None = None,
         group_run: int = 1,
         weights: Sequence[float] | None = None,
+        pin_memory: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.pin_memory = pin_memory
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle

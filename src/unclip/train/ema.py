@@ -27,6 +27,7 @@ class EMA:
             for k, v in model.state_dict().items()
         }
         self._param_names = {name for name, _ in model.named_parameters()}
+        self._cache: tuple[nn.Module, list, list, list] | None = None
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -36,14 +37,34 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step towards ``model``'s weights: a few multi-tensor kernels for all of them (a
+        loop of per-tensor kernels costs the host more than a GPU's whole update)."""
         decay = self.current_decay()
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if k in self._param_names and s.is_floating_point():
-                s.lerp_(v.detach().float(), 1.0 - decay)
+        shadows, weights, buffers = self._pairs(model)
+        if shadows:
+            if any(_is_dtensor(s) for s in shadows):  # FSDP shards: one tensor at a time
+                for s, w in zip(shadows, weights, strict=True):
+                    s.lerp_(w.float(), 1.0 - decay)
             else:
-                s.copy_(v.detach())
+                torch._foreach_lerp_(shadows, [w.float() for w in weights], 1.0 - decay)
+        for s, b in buffers:
+            s.copy_(b)
         self.num_updates += 1
+
+    def _pairs(self, model: nn.Module) -> tuple[list, list, list]:
+        """(shadow parameters, model parameters, [(shadow, buffer)]) of ``model``, as views
+        that follow in-place updates; built once per model."""
+        if self._cache is None or self._cache[0] is not model:
+            shadows, weights, buffers = [], [], []
+            for k, v in model.state_dict(keep_vars=True).items():
+                s, v = self.shadow[k], v.detach()
+                if k in self._param_names and s.is_floating_point():
+                    shadows.append(s)
+                    weights.append(v)
+                else:
+                    buffers.append((s, v))
+            self._cache = (model, shadows, weights, buffers)
+        return self._cache[1], self._cache[2], self._cache[3]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -58,3 +79,7 @@ class EMA:
         """Load the averaged weights into ``model`` (cast to its dtypes)."""
         for k, v in model.state_dict().items():
             v.copy_(self.shadow[k].to(v.dtype))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"

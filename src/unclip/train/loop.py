@@ -62,6 +62,14 @@ class TrainResult:
     finished: bool = True
 
 
+#: called with a part's name ("data", "forward", …) as each part of a training step ends
+Lap = Callable[[str], None]
+
+
+def _no_lap(part: str) -> None:
+    pass
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -112,9 +120,12 @@ def channels_last_pays(model: nn.Module, device: torch.device) -> bool:
     return device.type != "cpu" or not gn
 
 
-def training_layout(model: nn.Module, device: torch.device) -> torch.memory_format:
-    """The memory format the trainer gives ``model``'s 4-d weights on ``device``."""
-    pays = channels_last_pays(model, device)
+def training_layout(
+    model: nn.Module, device: torch.device, channels_last: bool | None = None
+) -> torch.memory_format:
+    """The memory format the trainer gives ``model``'s 4-d weights on ``device``: channels-last
+    when ``channels_last`` says so, or (None) where :func:`channels_last_pays`."""
+    pays = channels_last_pays(model, device) if channels_last is None else channels_last
     return torch.channels_last if pays else torch.contiguous_format
 
 
@@ -175,7 +186,9 @@ class Trainer:
         if self.fsdp:
             self.model = sharding.shard_model(model, self.device)
         else:
-            self.model = model.to(self.device, memory_format=training_layout(model, self.device))
+            self.model = model.to(
+                self.device, memory_format=training_layout(model, self.device, config.channels_last)
+            )
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
         if per_rank % self.dist.world_size:
@@ -196,8 +209,10 @@ class Trainer:
                 groups=groups,
                 group_run=group_run,
                 weights=weights,
+                pin_memory=self.device.type == "cuda",
             )
         self.batches: BatchSource = data
+        self._reset_watch()
         self.optimizer = build_optimizer(self.model, config)
         self.ddp: nn.Module | None = None
         if self.dist.world_size > 1 and not self.fsdp:
@@ -359,6 +374,83 @@ class Trainer:
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         return loss.float(), metrics
 
+    def set_lr(self) -> float:
+        """Set the optimizer's learning rate for the coming step (warm-up + cosine); return it."""
+        cfg = self.config
+        lr = lr_at(self.step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                   min_lr_ratio=cfg.min_lr_ratio)  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(
+        self, batches: Iterator[Any], params: list[torch.Tensor], lap: Lap = _no_lap
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``grad_accum`` micro-batches from ``batches``, at the learning
+        rate already set. Returns the step's loss, metrics and gradient norm as device tensors:
+        nothing here waits for the device, so a GPU is never left idle by the host. A
+        non-finite loss is recorded on the device (see :meth:`check_finite`). ``lap(part)`` is
+        called after each part of the step (``unclip bench train`` times them)."""
+        cfg = self.config
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            batch = move_to(next(batches), self.device)
+            lap("data")
+            last_micro = micro == cfg.grad_accum - 1
+            # DDP: synchronise gradients once per optimizer step, not per micro-batch
+            sync = nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync()
+            with sync:
+                loss, extra = self._loss(batch)
+                lap("forward")
+                (loss / cfg.grad_accum).backward()
+                lap("backward")
+            self._watch(loss.detach())
+            for k, v in {"loss": loss, **extra}.items():
+                v = torch.as_tensor(v).detach().float() / cfg.grad_accum
+                sums[k] = sums[k] + v if k in sums else v
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        if self.fsdp:
+            sharding.sync_replicated_grads(params, self.device)
+            grad_norm = sharding.clip_grad_norm(params, max_norm, self.device)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lap("grad_clip")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+        if self.ema is not None:
+            self.ema.update(self.model)
+        lap("ema")
+        self.step += 1
+        return {**sums, "grad_norm": torch.as_tensor(grad_norm).detach()}
+
+    def _reset_watch(self) -> None:
+        self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
+
+    def _watch(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is not finite, and that loss, on the device."""
+        first = ~torch.isfinite(loss) & (self._bad_step == 0)
+        self._bad_step = torch.where(first, self.step + 1, self._bad_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a loss since the run began was NaN or infinite
+        (on any process: a collective under torchrun). One read of the device."""
+        step = int(self._bad_step)
+        if distributed.all_true(step == 0, self.device):
+            return
+        where = latest_checkpoint(self.run_dir)
+        said = f"loss is {float(self._bad_loss)} at step {step}" if step else "loss is not finite"
+        raise TrainingDiverged(
+            f"{said} (on some process); training stopped. "
+            + (
+                f"The last whole checkpoint is {where}."
+                if where
+                else "No checkpoint was written yet."
+            )
+        )
+
     def _out_of_time(self, deadline: float | None) -> bool:
         """Whether some rank passed ``deadline`` with steps left (collective when it is set)."""
         if deadline is None or self.step >= self.config.steps:
@@ -389,6 +481,7 @@ class Trainer:
         if self.step >= cfg.steps:
             return TrainResult(self.step, latest_checkpoint(self.run_dir))
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self._reset_watch()
         batches: Iterator[Any] = iter(self.batches)
         self.model.train()
         bar = tqdm(
@@ -406,58 +499,16 @@ class Trainer:
         last: dict[str, float] = {}
         try:
             while self.step < cfg.steps:
-                lr = lr_at(
-                    self.step,
-                    lr=cfg.lr,
-                    total_steps=cfg.steps,
-                    warmup_steps=cfg.warmup_steps,
-                    min_lr_ratio=cfg.min_lr_ratio,
-                )
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                total_loss = 0.0
-                sums: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = move_to(next(batches), self.device)
-                    last_micro = micro == cfg.grad_accum - 1
-                    # DDP: synchronise gradients once per optimizer step, not per micro-batch
-                    sync = nullcontext() if self.ddp is None or last_micro else self.ddp.no_sync()
-                    with sync:
-                        loss, extra = self._loss(batch)
-                        finite = distributed.all_true(bool(torch.isfinite(loss)), self.device)
-                        if finite:
-                            (loss / cfg.grad_accum).backward()
-                    if not finite:
-                        where = latest_checkpoint(self.run_dir)
-                        raise TrainingDiverged(
-                            f"loss is {loss.item()} at step {self.step + 1} (on some process); "
-                            "training stopped. "
-                            + (
-                                f"The last whole checkpoint is {where}."
-                                if where
-                                else "No checkpoint was written yet."
-                            )
-                        )
-                    total_loss += loss.item() / cfg.grad_accum
-                    for k, v in extra.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                if self.fsdp:
-                    sharding.sync_replicated_grads(params, self.device)
-                    grad_norm = sharding.clip_grad_norm(params, max_norm, self.device)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update(self.model)
-                self.step += 1
+                lr = self.set_lr()
+                stats = self.train_step(batches, params)
                 window_samples += cfg.batch_size
                 bar.update(1)
-                last = {"loss": total_loss, "lr": lr, "grad_norm": float(grad_norm), **sums}
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    for k in ("loss", *sums):  # the mean over ranks (a collective)
-                        last[k] = distributed.mean_over_ranks(last[k], self.device)
+                    self.check_finite()  # the host reads the step's numbers only here
+                    last = {"lr": lr, **{k: float(v) for k, v in stats.items()}}
+                    for k in stats:  # the mean over ranks (a collective); not the grad norm
+                        if k != "grad_norm":
+                            last[k] = distributed.mean_over_ranks(last[k], self.device)
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_t, 1e-9)
                     window_t, window_samples = now, 0
@@ -467,10 +518,13 @@ class Trainer:
                         metrics_file.flush()
                     bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.check_finite()  # never save weights a non-finite loss has reached
                     last_ckpt = self.save()
                 if self._out_of_time(deadline):
                     if self.step % cfg.checkpoint_every:  # not saved just above
+                        self.check_finite()
                         last_ckpt = self.save()
+                    last = {"lr": lr, **{k: float(v) for k, v in stats.items()}}
                     return TrainResult(self.step, last_ckpt, last, finished=False)
         finally:
             if metrics_file is not None:

@@ -155,9 +155,12 @@ def save_diffusion_config(folder: Path, diffusion_config: Config) -> None:
 DIFFUSION_NAME = "diffusion.json"
 
 
-def diffusion_metrics(terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(loss, metrics)`` of :meth:`GaussianDiffusion.training_losses`' per-sample terms."""
-    metrics = {k: terms[k].mean().item() for k in ("mse", "vlb") if k in terms}
+def diffusion_metrics(
+    terms: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss, metrics)`` of :meth:`GaussianDiffusion.training_losses`' per-sample terms; the
+    metrics stay detached device tensors (the trainer reads them when it logs)."""
+    metrics = {k: terms[k].detach().mean() for k in ("mse", "vlb") if k in terms}
     return terms["loss"].mean(), metrics
 
 
