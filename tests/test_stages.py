@@ -275,6 +275,43 @@ def test_frozen_text_encoder_tokenizes_each_caption_once(tiny_clip_and_embedding
     assert "a green star" not in text._ids
 
 
+def test_frozen_text_encoder_encodes_the_run_captions_once(tiny_clip_and_embeddings, monkeypatch):
+    """precompute: the run's captions are encoded at the first call, in one table; later calls
+    only look rows up (no text-encoder forward) and match a direct encoding; a table built
+    again (a resumed run) is bit for bit the same; a caption outside it is encoded per call;
+    a table over ``table_bytes`` is not built."""
+    from unclip.train.stages.common import FrozenTextEncoder
+
+    clip_dir, _ = tiny_clip_and_embeddings
+    captions = [f"shape {i}, style {i % 3}" for i in range(300)]  # more than one chunk
+    text = FrozenTextEncoder(clip_dir)
+    text.precompute(captions * 2)
+    forward = text.model.encode_text_condition
+    calls: list[int] = []
+    monkeypatch.setattr(
+        text.model, "encode_text_condition", lambda t: calls.append(len(t)) or forward(t)
+    )
+    batch = [captions[5], captions[299], captions[5]]
+    z_t, feats, mask = text(batch)
+    assert calls == [256, 44]  # the table: 300 distinct captions in chunks of 256
+    direct = FrozenTextEncoder(clip_dir)(batch)
+    torch.testing.assert_close(z_t, direct[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats, direct[1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(mask, direct[2]) and torch.equal(feats[0], feats[2])
+    text(batch)
+    assert calls == [256, 44]  # looked up
+    text(["a caption of no sample"])
+    assert calls == [256, 44, 1]
+    again = FrozenTextEncoder(clip_dir)
+    again.precompute(list(reversed(captions)))
+    assert all(torch.equal(a, b) for a, b in zip(again(batch), (z_t, feats, mask), strict=True))
+    small = FrozenTextEncoder(clip_dir)
+    small.table_bytes = 1000
+    small.precompute(captions)
+    small(batch)
+    assert small._table is None
+
+
 def _decoder_config(shapes: Path, clip_dir: Path, emb: Path) -> dict:
     return {
         "model": {"image_size": 16, "model_channels": 16, "channel_mult": [1, 2],

@@ -228,8 +228,11 @@ def build_stage(stage: str, config: Path, tmp: Path, real: bool) -> dict[str, An
             raise ValueError(f"{config}: bench train profiles the diffusion prior only")
         cfg = PriorRunConfig.load(config)
         text = _text_encoder(cfg, config, tmp, real, cfg.model.text_len)
-        data = (PriorItems(common.embedding_shards(cfg, where)) if real
-                else SyntheticItems(("emb", "emb2", "caption"), dim=cfg.model.clip_dim))  # fmt: skip
+        rows: Any = (common.embedding_shards(cfg, where) if real
+                     else SyntheticItems(("emb", "emb2", "caption"), dim=cfg.model.clip_dim))  # fmt: skip
+        data = PriorItems(rows) if real else rows
+        if text is not None:  # as `unclip train` does: the run's captions encoded once
+            text.precompute(rows.captions)
         loss = PriorLoss(GaussianDiffusion.from_config(cfg.diffusion), cfg.model.embed_scale, text)
         return dict(cfg=cfg, model=DiffusionPriorTransformer(cfg.model), loss=loss, data=data)
     if stage == "decoder":
@@ -240,12 +243,15 @@ def build_stage(stage: str, config: Path, tmp: Path, real: bool) -> dict[str, An
         common.check_pixel_stage(cfg, where)
         text = _text_encoder(cfg, config, tmp, real, None)
         if real:
-            data = ImagesWithEmbeddings(
-                common.open_images(cfg), common.embedding_shards(cfg, where)
-            )
+            shards = common.embedding_shards(cfg, where)
+            data = ImagesWithEmbeddings(common.open_images(cfg), shards)
+            captions = shards.captions
         else:
             data = SyntheticItems(("image", "emb", "caption"), cfg.data.image_size,
                                   cfg.model.clip_dim)  # fmt: skip
+            captions = data.captions
+        if text is not None:  # as `unclip train` does: the run's captions encoded once
+            text.precompute(captions)
         diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         loss = DecoderLoss(diffusion, text, cfg.model.inpaint, cfg.inpaint_prob)
         return dict(cfg=cfg, model=UNet(cfg.model), loss=loss, data=data)

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     where = args.config or args.run_dir
     check_pixel_stage(cfg, where)
     shards = embedding_shards(cfg, where)
-    text = text_encoder_for(cfg, where)
+    text = text_encoder_for(cfg, where, captions=shards.captions)
     images = open_images(cfg)
     data = ImagesWithEmbeddings(images, shards)
     weights = sample_weights(cfg, images, where)

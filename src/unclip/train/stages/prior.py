@@ -125,7 +125,7 @@ def run_ar(args: argparse.Namespace) -> int:
     cfg = load_run_config(ARPriorRunConfig, args)
     where = args.config or args.run_dir
     shards = embedding_shards(cfg, where)
-    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len)
+    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len, captions=shards.captions)
     m = cfg.model
     codebook = fit_codebook(
         torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)),
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(PriorRunConfig, args)
     where = args.config or args.run_dir
     shards = embedding_shards(cfg, where)
-    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len)
+    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len, captions=shards.captions)
     model = DiffusionPriorTransformer(cfg.model)
     print(f"unclip: prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} rows")
     trainer = Trainer(
