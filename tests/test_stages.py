@@ -424,6 +424,37 @@ def test_upsampler_stage_trains(shapes, tmp_path):
     assert from_pretrained(final).config.low_res_size == 8
 
 
+def test_upsampler_stage_continues_from_init(shapes, tmp_path, capsys):
+    """``init`` starts an upsampler run from a trained upsampler's weights (what the GPU kit's
+    second visit does); weights that do not fit the model are refused in one line."""
+    cfg = {
+        "model": {"image_size": 16, "low_res_size": 8, "model_channels": 16,
+                  "channel_mult": [1, 2], "num_res_blocks": 1, "norm_groups": 8,
+                  "learn_sigma": True},
+        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
+        "train": {"steps": 1, "batch_size": 8, "checkpoint_every": 1, "lr": 1e-12,
+                  "warmup_steps": 0, "ema_decay": 0.0},
+        "data": {"path": str(shapes), "split": "train", "image_size": 16},
+    }  # fmt: skip
+    first = _run_stage("upsampler", cfg, tmp_path / "first")
+    capsys.readouterr()
+    other_seed = {**cfg, "train": {**cfg["train"], "seed": 1}}  # would start elsewhere
+    second = _run_stage("upsampler", {**other_seed, "init": str(first)}, tmp_path / "second")
+    assert f"upsampler starts from {first}" in capsys.readouterr().out
+    old, new = from_pretrained(first).state_dict(), from_pretrained(second).state_dict()
+    for key, value in old.items():  # one step at lr 1e-12 from init: the same weights
+        torch.testing.assert_close(new[key], value, rtol=0, atol=1e-6, msg=key)
+    model = cfg["model"]
+    path = tmp_path / "bad.json"
+    path.write_text(
+        json.dumps({**cfg, "init": str(first), "model": {**model, "model_channels": 8}})
+    )
+    args = ["train", "upsampler", "--config", str(path), "--run-dir", str(tmp_path / "bad")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "init" in err and str(first) in err and "Traceback" not in err
+
+
 def test_eval_clip_command_reports_recall_and_zero_shot(tiny_clip_and_embeddings, shapes, capsys):
     clip_dir, _ = tiny_clip_and_embeddings
     rc = main(["eval", "clip", "--clip", str(clip_dir), "--data", str(shapes), "--split", "val",

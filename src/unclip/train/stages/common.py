@@ -293,3 +293,21 @@ def fit_and_export(
         save_diffusion_config(out, diffusion_config)
     distributed.teardown()  # every rank is done: leave the process group together
     return out
+
+
+def start_from(model: torch.nn.Module, folder: str, where: str, stage: str) -> None:
+    """Load the weights of the ``stage`` model folder ``folder`` (``init`` of the run config
+    ``where``) into ``model``, which may have more layers (they keep their initialisation).
+    A resumed run does not call this: its checkpoint replaces every weight."""
+    from unclip.config import ConfigError
+    from unclip.hub import HubError, from_pretrained, load_weights_into
+
+    try:
+        old = from_pretrained(folder)
+        if type(old) is not type(model) or type(old.config) is not type(model.config):
+            raise HubError(f"{folder}: not a {stage} model folder")
+        new = load_weights_into(model, old.state_dict(), folder, grow=True)
+    except HubError as e:
+        raise ConfigError(f"{where}: init: {e}") from None
+    added = sum(model.state_dict()[k].numel() for k in new)
+    print(f"unclip: {stage} starts from {folder} (+{added / 1e6:.2f}M new parameters)")

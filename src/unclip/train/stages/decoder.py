@@ -72,24 +72,6 @@ class DecoderLoss:
         return diffusion_metrics(self.diffusion.training_losses(model, images, t, kwargs))
 
 
-def start_from(model, folder: str, where: str) -> None:
-    """Load the decoder weights of ``folder`` (``init`` of the run config ``where``) into
-    ``model``, which may have more layers (they keep their initialisation)."""
-    from unclip.config import ConfigError
-    from unclip.decoder.unet import UNet
-    from unclip.hub import HubError, from_pretrained, load_weights_into
-
-    try:
-        old = from_pretrained(folder)
-        if not isinstance(old, UNet) or type(old.config) is not type(model.config):
-            raise HubError(f"{folder}: not a decoder model folder")
-        new = load_weights_into(model, old.state_dict(), folder, grow=True)
-    except HubError as e:
-        raise ConfigError(f"{where}: init: {e}") from None
-    added = sum(model.state_dict()[k].numel() for k in new)
-    print(f"unclip: decoder starts from {folder} (+{added / 1e6:.2f}M new parameters)")
-
-
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.unet import UNet
     from unclip.diffusion import GaussianDiffusion
@@ -103,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         load_run_config,
         open_images,
         sample_weights,
+        start_from,
         text_encoder_for,
     )
     from unclip.train.stages.run_configs import DecoderRunConfig
@@ -120,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         f"unclip: decoder with {count_parameters(model) / 1e6:.1f}M parameters, {len(data)} images"
     )
     if cfg.init and not (args.resume and latest_checkpoint(args.run_dir)):
-        start_from(model, cfg.init, where)  # a resumed run's checkpoint replaces it all
+        start_from(model, cfg.init, where, "decoder")  # a resumed run's checkpoint replaces it
     trainer = Trainer(
         model,
         DecoderLoss(

@@ -87,7 +87,8 @@ class DecoderRunConfig(Config):
 @dataclasses.dataclass
 class UpsamplerRunConfig(Config):
     """``crop_size`` > 0 trains on random square crops of that side (the paper trains its
-    upsamplers on quarter-size crops; a convolutional network samples at full size later)."""
+    upsamplers on quarter-size crops; a convolutional network samples at full size later).
+    ``init``: an upsampler model folder whose weights start a new run (as the decoder's)."""
 
     model: UpsamplerConfig = dataclasses.field(default_factory=UpsamplerConfig)
     diffusion: DiffusionConfig = dataclasses.field(
@@ -96,3 +97,4 @@ class UpsamplerRunConfig(Config):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     crop_size: int = 0
+    init: str = ""

@@ -60,6 +60,7 @@ class UpsamplerLoss:
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.upsampler import Upsampler
     from unclip.diffusion import GaussianDiffusion
+    from unclip.train.checkpoint import latest_checkpoint
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
         check_pixel_stage,
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         load_run_config,
         open_images,
         sample_weights,
+        start_from,
     )
     from unclip.train.stages.run_configs import UpsamplerRunConfig
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     model = Upsampler(cfg.model)
     print(f"unclip: upsampler with {count_parameters(model) / 1e6:.1f}M parameters, "
           f"{len(images)} images")  # fmt: skip
+    if cfg.init and not (args.resume and latest_checkpoint(args.run_dir)):
+        start_from(model, cfg.init, args.config or args.run_dir, "upsampler")
     trainer = Trainer(
         model,
         UpsamplerLoss(GaussianDiffusion.from_config(cfg.diffusion), cfg.model, cfg.crop_size),
