@@ -351,7 +351,7 @@ def test_a_pipeline_with_an_ar_prior_generates_images(tmp_path):
     again = pipe.text_to_image("a red square", n=2, seed=3)[0]
     assert again.tobytes() == images[0].tobytes()
     pipe.max_batch = 1  # each image on its own: image 0 is exactly the single call's
-    # (a random tiny decoder at guidance 8 magnifies batch rounding, so no nearly_same here)
+    # (a random tiny decoder at guidance 8 magnifies batch rounding: no tolerance holds here)
     alone = pipe.text_to_image("a red square", n=2, seed=3)
     assert alone[0].tobytes() == pipe.text_to_image("a red square", n=1, seed=3)[0].tobytes()
     assert seen.count("prior") == 2 * pipe.prior.model.config.components

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unclip.clip.model import CLIP, CLIPConfig
@@ -38,17 +37,6 @@ FAST_SAMPLING = SamplingConfig(
     decoder=DecoderSampling(steps=2, guidance=8.0),
     upsampler=UpsamplerSampling(steps=2),
 )
-
-
-def nearly_same(a, b, levels: int = 2, share: float = 0.02) -> bool:
-    """Two images equal up to float rounding (an image drawn in a batch vs on its own): no
-    value off by more than ``levels`` grey levels, at most ``share`` of the values off at all."""
-    x = np.asarray(a.convert("RGB"), dtype=np.int16)
-    y = np.asarray(b.convert("RGB"), dtype=np.int16)
-    if x.shape != y.shape:
-        return False
-    diff = np.abs(x - y)
-    return int(diff.max()) <= levels and float((diff > 0).mean()) <= share
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -21,5 +21,5 @@ def add_dtype_argument(
         default="auto",
         help="precision the sampling networks run in (default auto, as load_pipeline: "
         "bfloat16 on a CPU with AVX-512 BF16 or AMX or a GPU with bf16, else float32; "
-        "CLIP and the sampler state stay float32)",
+        "CLIP and the sampler state stay float32; UNCLIP_DTYPE in the environment overrides auto)",
     )

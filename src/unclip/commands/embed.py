@@ -37,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from unclip.data.embeddings import compute_embeddings
     from unclip.tokenizer import Tokenizer
     from unclip.train import distributed
+    from unclip.train.stages.common import clip_tokenizer_dir
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = distributed.setup(device)  # under torchrun each process embeds its own shards
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     model = load_clip(args.clip).to(device).eval()
-    tok_dir = Path(args.tokenizer) if args.tokenizer else Path(args.clip) / "tokenizer"
+    tok_dir = Path(args.tokenizer) if args.tokenizer else clip_tokenizer_dir(args.clip)
     tokenizer = Tokenizer.load(tok_dir)
     context = model.config.context_length
     data = open_dataset(args.data, size=args.size, split=args.split)

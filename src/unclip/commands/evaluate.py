@@ -151,9 +151,10 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
     from unclip.data.shards import read_manifest
     from unclip.eval.clip_eval import retrieval_metrics, zero_shot_accuracy
     from unclip.tokenizer import Tokenizer
+    from unclip.train.stages.common import clip_tokenizer_dir
 
     model = load_clip(clip_dir)
-    tok = Tokenizer.load(tokenizer or Path(clip_dir) / "tokenizer")
+    tok = Tokenizer.load(tokenizer or clip_tokenizer_dir(clip_dir))
     ctx = model.config.context_length
     ds = open_dataset(data, split=split)
     records = {r["key"]: r for r in read_manifest(Path(data) / "manifest.jsonl")}

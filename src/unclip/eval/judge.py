@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -32,10 +31,7 @@ class ClipJudge:
     ) -> None:
         from unclip.train.stages.common import FrozenTextEncoder
 
-        tokenizer_dir = Path(clip_dir) / "tokenizer"
-        if not tokenizer_dir.is_dir():
-            raise FileNotFoundError(f"{clip_dir}: no tokenizer/ folder beside the CLIP weights")
-        self.text = FrozenTextEncoder(clip_dir, device)
+        self.text = FrozenTextEncoder(clip_dir, device)  # a missing tokenizer: FileNotFoundError
         self.clip = self.text.model
         self.image_size = image_size
         self.device = torch.device(device)
