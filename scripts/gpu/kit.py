@@ -36,7 +36,6 @@ See docs/gpu-training.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import json
@@ -107,18 +106,6 @@ def run_config_class(stage: str) -> type:
     return {"decoder": DecoderRunConfig, "upsampler": UpsamplerRunConfig}[stage]
 
 
-def takes_init(stage: str) -> bool:
-    """Whether the stage's run config has ``init`` (weights that start a new run)."""
-    return "init" in {f.name for f in dataclasses.fields(run_config_class(stage))}
-
-
-def train_options() -> set[str]:
-    """The fields of TrainConfig (``channels_last`` exists in newer checkouts only)."""
-    from unclip.config import TrainConfig
-
-    return {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 # --- pack -----------------------------------------------------------------------------------
 
 
@@ -149,9 +136,6 @@ def pack(
     for stage in init:
         if stage not in stages:
             raise KitError(f"--init {stage}: not among the packed stages {','.join(stages)}")
-        if not takes_init(stage):
-            raise KitError(f"--init {stage}: the {stage} run config has no `init` field (the "
-                           f"{stage} stage cannot start from weights in this checkout)")  # fmt: skip
     for stage, folder in init.items():
         if not (Path(folder) / "config.json").is_file():
             raise KitError(f"--init {stage}: {folder} is not a model folder (no config.json)")
@@ -532,12 +516,7 @@ def measure(stage: str, config: Path, device: str, deadline: float, share_s: flo
         path.write_text(json.dumps(cfg, indent=2))
         return path
 
-    layouts = [None]
-    if "layout" in tries:
-        if "channels_last" in train_options():
-            layouts = [True, False]
-        else:
-            trials.append({"channels_last": "not tried: TrainConfig has no channels_last"})
+    layouts = [True, False] if "layout" in tries else [None]
     for layout in layouts:
         if time.monotonic() > deadline and trials:
             trials.append({"channels_last": layout, "why": "measuring time used up"})
