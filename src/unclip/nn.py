@@ -68,20 +68,13 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (bf16/fp16 statistics are too
     coarse), returned in the input's dtype. x: [N, C, ...] -> same shape and memory format.
 
-    bf16 input on the CPU goes to ATen's mixed-precision kernels where they are fast: they read
-    bf16 beside float32 weights and keep float32 statistics and arithmetic (the same numbers as
-    casting to float32 first, without the two copies). Which kernel is fast depends on the
-    layout (2 CPU cores, batch 2, microseconds per call):
-
-    - contiguous (NCHW): always the bf16 kernel (a decoder training step, batch 16: 313 ->
-      280 ms against the float32 path);
-    - channels-last, 32×32 and larger: its own bf16 kernel (2×48×32×32: 34 against 59 for the
-      float32 path; 2×144×32×32: 66 against 1,155);
-    - channels-last, smaller than 32×32: a copy to NCHW, the NCHW kernel and a copy back
-      (2×96×16×16: 74 against 133 for the float32 path and 277 for the channels-last kernel;
-      8×8: 49 against 75 and 86);
-    - channels-last with autograd on: the float32 path (the channels-last bf16 backward is
-      slower than the convolutions gain), as is any other dtype or device.
+    bf16 input on the CPU goes to ATen's mixed-precision kernels, which read bf16 beside
+    float32 weights and keep float32 statistics and arithmetic (the same numbers as casting to
+    float32 first, without the two copies). The kernel is chosen by layout: contiguous input
+    uses the bf16 kernel directly; channels-last input of 32×32 or more uses its own bf16
+    kernel, smaller channels-last input is normed as NCHW and copied back to channels-last;
+    channels-last input with autograd on, and any other dtype or device, takes the float32
+    path. Timings per layout: docs/benchmarks.md.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +105,7 @@ class GroupNorm32(nn.GroupNorm):
 
 def _bf16_group_norm_layout(x: torch.Tensor) -> str | None:
     """Which bf16 kernel :class:`GroupNorm32` uses for ``x`` ("direct", "via_nchw"), or None
-    for the float32 path (see its docstring for the measurements)."""
+    for the float32 path (the measurements per layout: docs/benchmarks.md)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return None
     if x.is_contiguous():
