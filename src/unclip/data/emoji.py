@@ -54,7 +54,7 @@ class EmojiSource:
     licence: str  # SPDX
     kind: str  # "png", "svg", "webp" (a folder of files named by code point) or "iconify"
     path: str  # folder (or, for iconify, the package root) inside the package
-    artists: str  # credit line for the README
+    artists: str  # credit line for the README and docs/model-card.md
 
 
 SOURCES: tuple[EmojiSource, ...] = (
