@@ -377,15 +377,29 @@ def diffusers_generate(
 
 
 class StageTimer:
-    """Wraps a pipeline's stage methods (as bound on the instance) to add up their time."""
+    """Wraps a pipeline's stage methods (as bound on the instance) and the stage runners its
+    methods call (functions of ``unclip.pipeline.core``, put back by :meth:`close`) to add up
+    their time."""
 
-    METHODS: ClassVar[dict[str, str]] = {"_text": "text", "_sample_prior": "prior", "_decode": "decoder",
-               "_upsample": "upsampler"}  # fmt: skip
+    METHODS: ClassVar[dict[str, str]] = {"_text": "text", "_sample_prior": "prior"}
+    RUNNERS: ClassVar[dict[str, str]] = {"decode": "decoder", "upsample": "upsampler"}
 
     def __init__(self, pipe: UnclipPipeline) -> None:
+        import unclip.pipeline.core as core
+
         self.times: dict[str, float] = {}
         for method, stage in self.METHODS.items():
             setattr(pipe, method, self._wrap(getattr(pipe, method), stage))
+        self._runners = {name: getattr(core, name) for name in self.RUNNERS}
+        for name, stage in self.RUNNERS.items():
+            setattr(core, name, self._wrap(self._runners[name], stage))
+
+    def close(self) -> None:
+        """Put the stage runners back."""
+        import unclip.pipeline.core as core
+
+        for name, fn in self._runners.items():
+            setattr(core, name, fn)
 
     def _wrap(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -609,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": n, "unclip_s_per_image": a, "diffusers_s_per_image": b,
             "ratio": {k: (a[k] / b[k] if b[k] else None) for k in a},
         })  # fmt: skip
+    timer.close()
 
     # each side trains as it samples: unclip's TrainConfig default is bf16 autocast, used here
     # when its sampling dtype resolved to bf16; diffusers' training scripts default to float32

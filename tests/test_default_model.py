@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import unclip
-from unclip.pipeline.core import resolve_pipeline
+from unclip.pipeline.loading import resolve_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

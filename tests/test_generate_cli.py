@@ -278,9 +278,9 @@ def test_train_pipeline_records_the_sampling_file(tmp_path, capsys):
 
 
 def test_unknown_pipeline_name_is_one_line(tmp_path, capsys, monkeypatch):
-    from unclip.pipeline import core
+    from unclip.pipeline import loading
 
-    monkeypatch.setattr(core, "WEIGHTS_DIR", tmp_path / "none")
+    monkeypatch.setattr(loading, "WEIGHTS_DIR", tmp_path / "none")
     rc, _, err = run(["generate", "a red square", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2
     assert err.strip() == (

@@ -22,9 +22,9 @@ from unclip.pipeline import (
     assemble_pipeline,
     load_pipeline,
 )
-from unclip.pipeline import core as pipeline_core
-from unclip.pipeline.core import is_compiled, plain_copy
+from unclip.pipeline import loading as pipeline_loading
 from unclip.pipeline.images import keep_mask, repaint_mask, slerp
+from unclip.pipeline.loading import is_compiled, plain_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,13 +118,13 @@ def test_assemble_refuses_stages_that_do_not_fit_and_leaves_nothing(tmp_path):
 
 
 def test_load_by_name_lists_the_shipped_pipelines(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline_core, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(pipeline_loading, "WEIGHTS_DIR", tmp_path / "weights")
     with pytest.raises(FileNotFoundError, match=r"no pipeline 'emoji-small'.*none in this version"):
         load_pipeline("emoji-small")
     import shutil
 
     shutil.copytree(folder, tmp_path / "weights" / "mini")
-    assert pipeline_core.shipped_pipelines() == ["mini"]
+    assert pipeline_loading.shipped_pipelines() == ["mini"]
     assert load_pipeline("mini", device="cpu").image_size == OUT
     with pytest.raises(FileNotFoundError, match=r"\(shipped: mini\)"):
         load_pipeline("other")
@@ -150,8 +150,10 @@ def record_start_noise(pipe, monkeypatch, outputs: bool = False) -> dict[str, li
     """{stage: [x_T of each sampler run]}: the first model input of every stage run of
     ``pipe`` (the noise drawn from the per-image generators), in call order; with
     ``outputs``, the (guided, float32) model output of that first call instead."""
+    from unclip.pipeline import runners
+
     starts: dict[str, list[torch.Tensor]] = {}
-    real_run = pipe._run
+    real_run = runners.sampler_steps
 
     def run(name, stage, fn, *args, **kwargs):
         first = []
@@ -165,7 +167,7 @@ def record_start_noise(pipe, monkeypatch, outputs: bool = False) -> dict[str, li
 
         return real_run(name, stage, recording, *args, **kwargs)
 
-    monkeypatch.setattr(pipe, "_run", run)
+    monkeypatch.setattr(runners, "sampler_steps", run)
     return starts
 
 
@@ -501,7 +503,7 @@ def test_compile_wraps_every_sampling_network_once(folder):
 
 
 def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(folder, monkeypatch):
-    from unclip.pipeline.core import DTYPE_ENV, default_dtype, native_bf16
+    from unclip.pipeline.loading import DTYPE_ENV, default_dtype, native_bf16
 
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     cpu = torch.device("cpu")
@@ -534,12 +536,12 @@ def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(folder, monkey
 
 
 def test_auto_dtype_choice_both_ways_and_the_environment_override(folder, monkeypatch):
-    from unclip.pipeline.core import DTYPE_ENV, resolve_dtype
+    from unclip.pipeline.loading import DTYPE_ENV, resolve_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(pipeline_core, "native_bf16", lambda device, v=native: v)
+        monkeypatch.setattr(pipeline_loading, "native_bf16", lambda device, v=native: v)
         assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == expected
         # UNCLIP_DTYPE overrides "auto" (a CI run samples as the other kind of CPU would) …
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):

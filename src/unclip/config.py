@@ -20,6 +20,9 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 C = TypeVar("C", bound="Config")
 
+#: the file that makes a folder a pipeline folder (its document: ``unclip.pipeline.config``)
+PIPELINE_FILE = "pipeline.json"
+
 
 class ConfigError(ValueError):
     """A config file or dict does not match its dataclass (unknown key, wrong type, bad value)."""

@@ -356,15 +356,15 @@ class RowCounter:
 
 
 def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ...], st: Any) -> Any:
-    from unclip.diffusion import SAMPLERS
-    from unclip.pipeline.core import stage_generator
+    from unclip.diffusion import final
+    from unclip.pipeline.runners import sampler_steps, stage_generator, stage_precision
 
-    options = {"eta": st.eta} if st.sampler == "ddim" else {}
-    steps = SAMPLERS[st.sampler](
-        stage.diffusion, fn, shape, st.steps, generator=stage_generator(0, "decoder"),
-        device=pipe.device, **options,
+    steps = sampler_steps(
+        "decoder", stage, fn, shape, st.sampler, st.steps, st.eta, stage_generator(0, "decoder"),
+        None, pipe.device,
     )  # fmt: skip
-    return pipe._drain(steps, stage.model)  # as the pipeline runs a stage
+    with stage_precision(stage.model, pipe.device, pipe.dtype):  # as the pipeline runs a stage
+        return final(steps)
 
 
 def stage_runners(
@@ -374,7 +374,10 @@ def stage_runners(
     batch, with the pipeline's guidance wiring) and the row counter of its network."""
     import torch
 
-    from unclip.pipeline.core import TextCondition, _autocast, _guided, _model_fn
+    from unclip.pipeline.runners import TextCondition, decoder_conditions
+    from unclip.pipeline.runners import autocast as _autocast
+    from unclip.pipeline.runners import guided as _guided
+    from unclip.pipeline.runners import model_fn as _model_fn
 
     dev, dtype = pipe.device, pipe.dtype
     text = pipe._text(CAPTION)
@@ -430,7 +433,7 @@ def stage_runners(
 
     dec, dst = pipe.decoder, settings.decoder
     z_i = torch.nn.functional.normalize(torch.randn(n, dec.model.config.clip_dim), dim=-1).to(dev)
-    cond, uncond = pipe._decoder_kwargs(dec, z_i, batch_text)
+    cond, uncond = decoder_conditions(dec.model, z_i, batch_text)
     dc = RowCounter(_model_fn(dec.model))
     dfn = _guided(dc, dst.guidance, cond, uncond, dec.diffusion.learn_sigma)
     s = pipe.base_size
@@ -577,30 +580,13 @@ def _overrides(settings: Any) -> dict[str, Any]:
 # Training benchmarks
 
 
-class TextFeatures:
-    """The frozen CLIP text side, as the prior's and decoder's training losses call it:
-    captions -> (z_t [N, D], token features [N, L, W] float32, mask [N, L] bool)."""
-
-    def __init__(self, clip: Any, tokenizer: Any) -> None:
-        self.clip = clip
-        self.tokenizer = tokenizer
-
-    def __call__(self, captions: Sequence[str], device: Any = None) -> tuple[Any, Any, Any]:
-        import torch
-
-        with torch.no_grad():
-            tokens = self.tokenizer(list(captions), self.clip.config.context_length)
-            tokens = tokens.to(device or next(self.clip.parameters()).device)
-            z_t, feats, mask = self.clip.encode_text_condition(tokens)
-        return z_t, feats.float(), mask
-
-
 def training_setups(
     pipe: UnclipPipeline, batch: dict[str, int], crop_size: int = 0
 ) -> dict[str, tuple[Any, Callable[..., Any], Callable[[], Any]]]:
     """Per stage: (the network, its training loss ``loss(model, batch)``, a random batch maker)."""
     import torch
 
+    from unclip.clip.text import TextEncoder
     from unclip.train.stages.clip import clip_stage_loss
     from unclip.train.stages.decoder import DecoderLoss
     from unclip.train.stages.prior import ARPriorLoss, PriorLoss
@@ -608,7 +594,7 @@ def training_setups(
 
     dev = pipe.device
     clip = pipe.clip
-    text = TextFeatures(clip, pipe.tokenizer)
+    text = TextEncoder(clip, pipe.tokenizer)  # as training: captions -> z_t, features, mask
     d = clip.config.embed_dim
 
     def captions(n: int) -> list[str]:

@@ -29,9 +29,9 @@ class ClipJudge:
     def __init__(
         self, clip_dir: str | os.PathLike, image_size: int, device: str | torch.device = "cpu"
     ) -> None:
-        from unclip.train.stages.common import FrozenTextEncoder
+        from unclip.clip.text import TextEncoder
 
-        self.text = FrozenTextEncoder(clip_dir, device)  # a missing tokenizer: FileNotFoundError
+        self.text = TextEncoder(clip_dir, device=device)  # a missing tokenizer: FileNotFoundError
         self.clip = self.text.model
         self.image_size = image_size
         self.device = torch.device(device)

@@ -38,32 +38,31 @@ def linear_map_predict(w: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 TextEncoder = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _best_of_candidates(
-    sample_batch: Callable[[torch.Tensor, Any, Any], torch.Tensor],
+def _sample_embeddings(
+    prior: torch.nn.Module,
+    diffusion: Any,
     text_encoder: TextEncoder,
     captions: Sequence[str],
     z_t: torch.Tensor,
-    *,
-    text_dim: int,
-    candidates: int,
+    settings: Any,
     batch_size: int,
+    seed: int,
 ) -> torch.Tensor:
-    """Run ``sample_batch(z_t [M, D], token features [M, L, W] | None, mask | None) -> z [M, D]``
-    on batches of captions, each repeated ``candidates`` times, and keep per caption the
-    candidate with the highest z_i·z_t (DALL·E 2 §2.2). Returns [N, D]."""
+    """:func:`unclip.pipeline.runners.sample_prior` (the pipeline's best-of-N sampler) on
+    batches of captions, all drawn from one generator seeded with ``seed``. Returns [N, D]."""
+    from unclip.pipeline.loading import Stage
+    from unclip.pipeline.runners import sample_prior
+
+    prior.eval()
+    stage = Stage(prior, diffusion)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for lo in range(0, len(captions), batch_size):
-        caps = list(captions[lo : lo + batch_size])
         zt = z_t[lo : lo + batch_size]
-        n = len(caps)
         feats = mask = None
-        if text_dim:
-            _, feats, mask = text_encoder(caps)
-            feats = feats.repeat_interleave(candidates, 0)
-            mask = mask.repeat_interleave(candidates, 0)
-        z = sample_batch(zt.repeat_interleave(candidates, 0), feats, mask).view(n, candidates, -1)
-        best = (z @ zt[:, :, None]).squeeze(-1).argmax(dim=1)  # [n]
-        out.append(z[torch.arange(n), best])
+        if prior.config.text_dim:
+            _, feats, mask = text_encoder(list(captions[lo : lo + batch_size]))
+        out.append(sample_prior(stage, zt, feats, mask, settings, g, device=zt.device))
     return torch.cat(out)
 
 
@@ -81,32 +80,20 @@ def sample_prior_embeddings(
     batch_size: int = 128,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Sample z_i for each caption with DDIM; keep the candidate with the highest z_i·z_t.
+    """Sample z_i for each caption with DDIM (η = 0); keep the candidate with the highest
+    z_i·z_t.
 
     text_encoder: captions -> (z_t, token features [N, L, W], mask [N, L]); z_t: [N, D] the
     caption embeddings. Returns [N, D] unit-norm embeddings.
     """
-    from unclip.diffusion import classifier_free_guidance, ddim_sample, final
-    from unclip.prior.model import unscale_embedding
+    from unclip.pipeline.config import PriorSampling
 
-    prior.eval()
-    g = torch.Generator().manual_seed(seed)
-
-    def sample_batch(zt: torch.Tensor, feats: Any, mask: Any) -> torch.Tensor:
-        m = len(zt)
-        cond, uncond = prior.sampling_conditions(zt, feats, mask)  # caption caches
-        fn: Any = prior
-        if guidance != 1.0:
-            fn = classifier_free_guidance(prior, guidance, cond, uncond)
-            cond = {}
-        x = final(ddim_sample(diffusion, fn, (m, prior.config.clip_dim), steps, generator=g,
-                              model_kwargs=cond or None))  # fmt: skip
-        return unscale_embedding(x, prior.config.embed_scale)
-
-    return _best_of_candidates(
-        sample_batch, text_encoder, captions, z_t,
-        text_dim=prior.config.text_dim, candidates=candidates, batch_size=batch_size,
-    )  # fmt: skip
+    settings = PriorSampling(
+        sampler="ddim", steps=steps, guidance=guidance, candidates=candidates, eta=0.0
+    )
+    return _sample_embeddings(
+        prior, diffusion, text_encoder, captions, z_t, settings, batch_size, seed
+    )
 
 
 @torch.no_grad()
@@ -130,16 +117,10 @@ def sample_ar_prior_embeddings(
     Arguments as in :func:`sample_prior_embeddings`; ``guidance`` acts on the code logits.
     Returns [N, D] unit-norm embeddings.
     """
-    prior.eval()
-    g = torch.Generator().manual_seed(seed)
+    from unclip.pipeline.config import PriorSampling
 
-    def sample_batch(zt: torch.Tensor, feats: Any, mask: Any) -> torch.Tensor:
-        return prior.sample(
-            zt, feats, mask, guidance=guidance, temperature=temperature, top_k=top_k,
-            top_p=top_p, generator=g,
-        )  # fmt: skip
-
-    return _best_of_candidates(
-        sample_batch, text_encoder, captions, z_t,
-        text_dim=prior.config.text_dim, candidates=candidates, batch_size=batch_size,
+    settings = PriorSampling(
+        candidates=candidates, ar_guidance=guidance, temperature=temperature, top_k=top_k,
+        top_p=top_p,
     )  # fmt: skip
+    return _sample_embeddings(prior, None, text_encoder, captions, z_t, settings, batch_size, seed)

@@ -1,8 +1,12 @@
 """The unCLIP pipeline: every DALL·E 2 capability as one method of :class:`UnclipPipeline`.
 
 - :mod:`.config`: ``pipeline.json`` (stages and default sampling settings);
-- :mod:`.core`: :func:`load_pipeline` and :class:`UnclipPipeline` (text to image, variations,
+- :mod:`.loading`: :func:`load_pipeline` (a folder or a shipped name -> stages, device, dtype);
+- :mod:`.core`: :class:`UnclipPipeline`, the capabilities (text to image, variations,
   interpolation, text diffs, inpainting, outpainting, CLIP re-ranking);
+- :mod:`.runners`: the stage runners (prior with best-of-N candidates, decode, upsample,
+  DDIM invert) as plain functions;
+- :mod:`.settings`: the limits of a call and the sampling overrides;
 - :mod:`.images`: the resize policy, the mask convention, slerp;
 - :mod:`.assemble`: :func:`assemble_pipeline` (trained stage folders -> a pipeline folder).
 
@@ -25,19 +29,17 @@ from unclip.pipeline.config import (
     StagesConfig,
     UpsamplerSampling,
 )
-from unclip.pipeline.core import (
-    MAX_IMAGES,
-    MAX_PROMPT_CHARS,
+from unclip.pipeline.core import UnclipPipeline
+from unclip.pipeline.loading import (
     PipelineError,
-    ProgressCallback,
     Stage,
-    UnclipPipeline,
-    check_prompt,
     load_pipeline,
     parse_device,
     resolve_pipeline,
     shipped_pipelines,
 )
+from unclip.pipeline.runners import ProgressCallback
+from unclip.pipeline.settings import MAX_IMAGES, MAX_PROMPT_CHARS, check_prompt
 
 __all__ = [
     "MAX_IMAGES",

@@ -73,7 +73,7 @@ def assemble_pipeline(
     """
     from unclip.clip import load_clip
     from unclip.hub import save_pretrained
-    from unclip.pipeline.core import PipelineError, load_pipeline
+    from unclip.pipeline.loading import PipelineError, load_pipeline
     from unclip.tokenizer import Tokenizer
 
     out = Path(out)

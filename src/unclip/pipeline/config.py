@@ -22,11 +22,11 @@ import dataclasses
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Literal
 
+from unclip.config import PIPELINE_FILE as PIPELINE_FILE  # its home; re-exported here
 from unclip.config import Config, ConfigError
 
 PIPELINE_TYPE = "unclip_pipeline"
 PIPELINE_FORMAT_VERSION = 1
-PIPELINE_FILE = "pipeline.json"
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 

@@ -11,6 +11,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from unclip.clip.text import TextEncoder
+from unclip.clip.text import clip_tokenizer_dir as clip_tokenizer_dir
 from unclip.config import Config, TrainConfig
 from unclip.hub import save_pretrained
 from unclip.train import distributed
@@ -21,7 +23,6 @@ C = TypeVar("C", bound=Config)
 
 RUN_CONFIG_NAME = "run_config.json"
 FINAL_NAME = "final"
-TOKENIZER_FOLDER = "tokenizer"  # a CLIP run's final/ and a pipeline folder keep it under this
 
 
 def load_run_config(cls: type[C], args: argparse.Namespace) -> C:
@@ -76,115 +77,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def clip_tokenizer_dir(clip_dir: str | Path) -> Path:
-    """The tokenizer folder of the CLIP model at ``clip_dir``: its own ``tokenizer/`` (a CLIP
-    run's ``final/``, or a pipeline folder given whole), else, for a pipeline's ``clip/``, the
-    pipeline's ``tokenizer/`` beside it. Raises FileNotFoundError naming the paths tried."""
-    from unclip.pipeline.config import PIPELINE_FILE
-    from unclip.tokenizer import TOKENIZER_FILE
-
-    clip_dir = Path(clip_dir)
-    tried = [clip_dir / TOKENIZER_FOLDER]
-    if (clip_dir.parent / PIPELINE_FILE).is_file():
-        tried.append(clip_dir.parent / TOKENIZER_FOLDER)
-    for folder in tried:
-        if (folder / TOKENIZER_FILE).is_file():
-            return folder
-    raise FileNotFoundError(
-        f"{clip_dir}: no tokenizer for this CLIP model; tried "
-        + ", ".join(str(f) for f in tried)
-        + " (give a CLIP run's final/, a pipeline folder or a pipeline's clip/)"
-    )
-
-
-class FrozenTextEncoder:
-    """A trained CLIP's text side, frozen: captions -> (z_t [N, D], token features [N, L, W],
-    mask [N, L] bool with True for real tokens). Used inside the prior's and decoder's loss.
-
-    A training run meets the same captions every epoch. Given the run's captions
-    (:meth:`precompute`), the encoder encodes each distinct one once, in float32, in sorted
-    order and fixed chunks, on the first call (so on the training device), and then only looks
-    rows up: a text-encoder forward per step (13 GFLOP for 256 captions) would otherwise cost
-    as much as a small network's whole step. The table is the same whenever it is built, so a
-    resumed run reads the same features as an uninterrupted one. It is kept while it fits in
-    ``table_bytes``; captions outside it are encoded per batch, their token ids cached (up to
-    ``cache_size`` captions)."""
-
-    cache_size = 1_000_000
-    table_bytes = 4 * 2**30
-    chunk = 256
-
-    def __init__(self, clip_dir: str | Path, device: torch.device | str | None = None) -> None:
-        from unclip.clip.convert import load_clip
-        from unclip.tokenizer import Tokenizer
-
-        self.model = load_clip(clip_dir).requires_grad_(False).eval()
-        if device is not None:
-            self.model.to(device)
-        self.tokenizer = Tokenizer.load(clip_tokenizer_dir(clip_dir))
-        self.context_length = self.model.config.context_length
-        self._ids: dict[str, torch.Tensor] = {}
-        self._pending: list[str] = []
-        self._rows: dict[str, int] = {}
-        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def precompute(self, captions: Sequence[str]) -> None:
-        """Encode these captions once, at the first call (see the class docstring); a table
-        larger than ``table_bytes`` is not built."""
-        unique = sorted(set(captions))
-        cfg = self.model.config
-        row_bytes = 4 * (cfg.embed_dim + self.context_length * cfg.text_width) + self.context_length
-        self._pending = unique if len(unique) * row_bytes <= self.table_bytes else []
-        self._rows, self._table = {}, None
-
-    def _build_table(self, device: torch.device) -> None:
-        captions, self._pending = self._pending, []
-        parts = []
-        with torch.autocast(device.type, enabled=False):
-            for i in range(0, len(captions), self.chunk):
-                tokens = self.tokens(captions[i : i + self.chunk]).to(device)
-                z_t, feats, mask = self.model.encode_text_condition(tokens)
-                parts.append((z_t.float(), feats.float(), mask))
-        self._table = tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[assignment]
-        self._rows = {c: i for i, c in enumerate(captions)}
-
-    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
-        """Token ids ``[N, L]`` of ``captions`` (cached per distinct caption)."""
-        new = [c for c in dict.fromkeys(captions) if c not in self._ids]
-        fresh = dict(zip(new, self.tokenizer(new, self.context_length), strict=True)) if new else {}
-        for caption, row in fresh.items():
-            if len(self._ids) >= self.cache_size:
-                break
-            self._ids[caption] = row
-        return torch.stack([self._ids[c] if c in self._ids else fresh[c] for c in captions])
-
-    @property
-    def width(self) -> int:
-        return self.model.config.text_width
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.embed_dim
-
-    @torch.no_grad()
-    def __call__(self, captions, device: torch.device | str | None = None):
-        captions = list(captions)
-        param = next(self.model.parameters())
-        device = torch.device(device) if device is not None else param.device
-        if param.device != device:
-            self.model.to(device)
-            self._table = None if self._table is None else tuple(t.to(device) for t in self._table)  # type: ignore[assignment]
-        if self._pending:
-            self._build_table(device)
-        if self._table is not None and all(c in self._rows for c in captions):
-            rows = torch.tensor([self._rows[c] for c in captions])
-            if device.type == "cuda":  # no wait for the device: a pinned, asynchronous copy
-                rows = rows.pin_memory()
-            rows = rows.to(device, non_blocking=True)
-            return tuple(t.index_select(0, rows) for t in self._table)
-        tokens = self.tokens(captions).to(device)
-        z_t, feats, mask = self.model.encode_text_condition(tokens)  # [N, D], [N, L, W], [N, L]
-        return z_t, feats.float(), mask
+#: the frozen CLIP text side of the prior's and decoder's losses: captions -> (z_t, token
+#: features, mask); built from a CLIP folder (``FrozenTextEncoder(clip_dir, device)``)
+FrozenTextEncoder = TextEncoder
 
 
 def save_diffusion_config(folder: Path, diffusion_config: Config) -> None:

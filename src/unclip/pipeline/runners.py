@@ -1,0 +1,390 @@
+"""The stage runners: prior sampling with best-of-N candidates, decoding, upsampling and DDIM
+inversion, as plain functions of a :class:`~unclip.pipeline.loading.Stage`, the conditions,
+the sampling settings of that stage, the noise generators, and the device and precision.
+
+No diffusion maths lives here: the samplers, guidance, inversion and RePaint are
+:mod:`unclip.diffusion`'s; a runner builds the model function and the conditions, runs the
+sampler inside the stage's precision context and returns the final sample. Each runner
+drains its sampler itself (``deque(steps, maxlen=1)``), so a network call sits four frames
+below the runner: sampler, step, guidance, model function.
+
+**Generators.** Noise is drawn from CPU generators: one per image of a batch (row block k
+from generator k alone, so an image gets the same noise in any batch; see
+:func:`unclip.diffusion.randn`), made from an image's seed and the stage by
+:func:`stage_generator`.
+
+**Progress:** ``progress(stage, step)`` is called after every model call with the stage
+name and the :class:`~unclip.diffusion.SampleStep`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unclip.diffusion import (
+    SAMPLERS,
+    SampleStep,
+    classifier_free_guidance,
+    ddim_invert,
+    randn,
+    repaint_sample,
+)
+from unclip.pipeline.config import DecoderSampling, PriorSampling, UpsamplerSampling
+from unclip.pipeline.loading import Stage
+
+ProgressCallback = Callable[[str, SampleStep], None]
+Generators = torch.Generator | Sequence[torch.Generator]
+
+_STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3}
+
+
+@dataclass
+class TextCondition:
+    """Captions encoded by CLIP, one row each (N = 1 for one caption): z_t [N, D] (unit norm),
+    per-token features tokens [N, L, W] and mask [N, L] (True up to and including the end
+    token). ``text`` is the caption (the first one's for N > 1)."""
+
+    text: str
+    z_t: Tensor
+    tokens: Tensor
+    mask: Tensor
+
+    @staticmethod
+    def cat(rows: Sequence[TextCondition]) -> TextCondition:
+        """The conditions stacked along dim 0 (each still encoded on its own)."""
+        return TextCondition(
+            rows[0].text,
+            torch.cat([r.z_t for r in rows]),
+            torch.cat([r.tokens for r in rows]),
+            torch.cat([r.mask for r in rows]),
+        )
+
+    def row(self, i: int) -> TextCondition:
+        """Row ``i`` as a one-caption condition."""
+        return TextCondition(
+            self.text, self.z_t[i : i + 1], self.tokens[i : i + 1], self.mask[i : i + 1]
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators, precision, model functions
+
+
+def upsampler_name(k: int) -> str:
+    """The stage name of upsampler ``k`` (0-based): ``upsampler``, ``upsampler2``, …"""
+    return "upsampler" if k == 0 else f"upsampler{k + 1}"
+
+
+def stage_generator(seed: int, stage: str) -> torch.Generator:
+    """A CPU generator for one stage of one image, seeded from (seed, stage) by NumPy's
+    ``SeedSequence``, so the stages draw independent noise and no stage's step count shifts
+    another stage's noise."""
+    stage_id = _STAGE_IDS.get(stage) or 100 + int(stage.removeprefix("upsampler") or 1)
+    state = np.random.SeedSequence([seed, stage_id]).generate_state(2, np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def stage_generators(seeds: int | Sequence[int], stage: str) -> list[torch.Generator]:
+    """One :func:`stage_generator` per image of a batch (a sampler draws row k's noise with
+    generator k alone, so an image gets the same noise in any batch)."""
+    return [stage_generator(s, stage) for s in ([seeds] if isinstance(seeds, int) else seeds)]
+
+
+def step_images(stage: str, step: Any) -> int:
+    """How many images a progress call's step is drawing: the batch size for the image stages
+    (decoder, inpaint, upsamplers), 1 for the others (the prior's rows are candidates)."""
+    x = getattr(step, "x", None)
+    image_stage = stage in ("decoder", "inpaint") or stage.startswith("upsampler")
+    return int(x.shape[0]) if image_stage and isinstance(x, Tensor) and x.dim() == 4 else 1
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """Mixed precision for ``dtype`` float16/bfloat16; a no-op context for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@contextmanager
+def stage_precision(model: nn.Module | None, device: torch.device, dtype: torch.dtype) -> Iterator:
+    """The context a whole sampler run goes in: one autocast context, so each weight is cast
+    to the low precision once per run rather than at every model call (autocast caches casts
+    until its outermost context exits), and a UNet's ``frozen_weights`` context (tensors
+    derived from its weights built once per run)."""
+    with ExitStack() as stack:
+        stack.enter_context(autocast(device, dtype))
+        frozen = getattr(model, "frozen_weights", None)
+        if frozen is not None:
+            stack.enter_context(frozen())
+        yield
+
+
+def model_fn(model: Callable[..., Tensor], **fixed: Any) -> Callable[..., Tensor]:
+    """The network as a diffusion model function with float32 output and the keyword
+    arguments ``fixed`` bound; it runs in the precision of the context around the sampler
+    (:func:`stage_precision`)."""
+
+    def fn(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        return model(x, t, **fixed, **kwargs).float()
+
+    return fn
+
+
+def guided(
+    model: Callable[..., Tensor],
+    guidance: float,
+    cond: dict[str, Any],
+    uncond: dict[str, Any],
+    learn_sigma: bool,
+) -> Callable[..., Tensor]:
+    """Classifier-free guidance of ``model`` (a network or model function); at scale 1 the
+    plain conditional model function (one pass)."""
+    if guidance == 1.0:
+        return model_fn(model, **cond)
+    return classifier_free_guidance(
+        model_fn(model), guidance, cond, uncond, learn_sigma=learn_sigma
+    )
+
+
+def sampler_steps(
+    name: str,
+    stage: Stage,
+    fn: Callable[..., Tensor],
+    start: tuple[int, ...] | Tensor,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+    generator: Generators,
+    progress: ProgressCallback | None,
+    device: torch.device,
+    **options: Any,
+) -> Iterator[SampleStep]:
+    """The sampler ``sampler`` of stage ``name`` over ``fn`` from ``start`` (a shape: noise
+    drawn from ``generator``; or x_T), as the generator of its steps (not yet run)."""
+    if sampler == "ddim":
+        options["eta"] = eta
+    callback = None if progress is None else (lambda step: progress(name, step))
+    return SAMPLERS[sampler](
+        stage.diffusion, fn, start, steps, generator=generator, progress=callback,
+        device=device, **options,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def sample_prior(
+    prior: Stage,
+    z_t: Tensor,
+    tokens: Tensor | None,
+    mask: Tensor | None,
+    settings: PriorSampling,
+    generator: Generators,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressCallback | None = None,
+) -> Tensor:
+    """z_i [N, D] (unit norm) for N captions: ``settings.candidates`` samples per caption, and
+    the one with the highest z_i·z_t kept (DALL·E 2 §2.2).
+
+    z_t [N, D], tokens [N, L, W] and mask [N, L] (or None) condition the prior. A diffusion
+    prior draws the N·C rows as one batch; an autoregressive one (``prior.diffusion`` None)
+    samples codes, guided on the logits by ``settings.ar_guidance``. ``generator``: one per
+    caption (caption j's candidates from generator j alone, so a caption gets the same sample
+    in any batch) or one for the whole batch.
+    """
+    from unclip.prior import unscale_embedding
+
+    model, st = prior.model, settings
+    n, c = z_t.shape[0], st.candidates
+    if prior.diffusion is None:
+        if not model.config.text_dim:
+            tokens = mask = None
+        k_total = model.config.components
+
+        def callback(k: int, codes: Tensor) -> None:
+            if progress is not None:
+                x = codes.float()
+                progress("prior", SampleStep(k, k_total, k_total - 1 - k, x, x))
+
+        one = isinstance(generator, torch.Generator)
+        groups = [range(n)] if one else [range(j, j + 1) for j in range(n)]
+        gens = [generator] if one else list(generator)
+        rows = []
+        for part, g in zip(groups, gens, strict=True):
+            sel = slice(part.start, part.stop)
+            with autocast(device, dtype):
+                rows.append(model.sample(
+                    z_t[sel].repeat_interleave(c, 0),
+                    None if tokens is None else tokens[sel].repeat_interleave(c, 0),
+                    None if mask is None else mask[sel].repeat_interleave(c, 0),
+                    guidance=st.ar_guidance, temperature=st.temperature, top_k=st.top_k,
+                    top_p=st.top_p, generator=g, callback=callback,
+                ))  # fmt: skip
+        z = F.normalize(torch.cat(rows).float(), dim=-1).view(n, c, -1)
+    else:
+        with autocast(device, dtype):  # [n·c] rows; the caption caches in that dtype
+            cond, uncond = model.sampling_conditions(
+                z_t.repeat_interleave(c, 0),
+                None if tokens is None else tokens.repeat_interleave(c, 0),
+                None if mask is None else mask.repeat_interleave(c, 0),
+            )
+        fn = guided(model, st.guidance, cond, uncond, False)
+        shape = (n * c, model.config.clip_dim)
+        steps = sampler_steps(
+            "prior", prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
+        )
+        with stage_precision(model, device, dtype):
+            x = deque(steps, maxlen=1).pop().x
+        z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
+    best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
+    return z[torch.arange(n, device=z.device), best]  # [n, D]
+
+
+def decoder_conditions(
+    model: nn.Module, z_i: Tensor, text: TextCondition | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cond, uncond) model kwargs of a decoder for z_i [N, D] and ``text`` [N] (or None);
+    uncond drops z_i and the caption."""
+    cond: dict[str, Any] = {"image_emb": z_i}
+    if text is not None and model.config.text_dim:
+        cond["text_tokens"] = text.tokens
+        cond["text_mask"] = text.mask
+    uncond = dict(cond)
+    yes = torch.ones(z_i.shape[0], dtype=torch.bool, device=z_i.device)
+    cond["drop_image_emb"] = cond["drop_text"] = ~yes
+    uncond["drop_image_emb"] = uncond["drop_text"] = yes
+    return cond, uncond
+
+
+def decode(
+    decoder: Stage,
+    z_i: Tensor,
+    text: TextCondition | None,
+    settings: DecoderSampling,
+    generator: Generators,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressCallback | None = None,
+    noise: Tensor | None = None,
+    known: tuple[Tensor, Tensor] | None = None,
+    repaint: dict[str, int] | None = None,
+    eta: float | None = None,
+) -> Tensor:
+    """Decode z_i [N, D] (``text`` [N] or None) to images [N, 3, s, s] at the decoder's
+    resolution, as one batch.
+
+    ``noise``: x_T [N or 1, 3, s, s] (None: drawn from ``generator``); ``eta``: DDIM η in place
+    of the settings' (None: keep). ``known``: (image [1, 3, s, s], keep mask [1, 1, s, s]) to
+    inpaint, and the known pixels are kept exactly: given to ``decoder`` as its inpainting
+    inputs (GLIDE §4), or with ``repaint`` (the options of
+    :func:`~unclip.diffusion.repaint_sample`) by RePaint with a plain decoder.
+    """
+    st, model = settings, decoder.model
+    n = z_i.shape[0]
+    cond, uncond = decoder_conditions(model, z_i, text)
+    if known is not None:
+        known = (known[0].expand(n, -1, -1, -1), known[1].expand(n, -1, -1, -1))
+        if repaint is None:
+            for kw in (cond, uncond):
+                kw["inpaint_image"], kw["inpaint_mask"] = known[0], known[1]
+    fn = guided(model, st.guidance, cond, uncond, decoder.diffusion.learn_sigma)
+    s = model.config.image_size
+    start = noise.expand(n, -1, -1, -1) if noise is not None else (n, 3, s, s)
+    if known is not None and repaint is not None:
+        steps = repaint_sample(
+            decoder.diffusion, fn, start, st.steps, x_known=known[0], keep_mask=known[1],
+            generator=generator, device=device, **repaint,
+            progress=None if progress is None else (lambda step: progress("inpaint", step)),
+        )  # fmt: skip
+    else:
+        name = "decoder" if known is None else "inpaint"
+        eta = st.eta if eta is None else eta
+        steps = sampler_steps(
+            name, decoder, fn, start, st.sampler, st.steps, eta, generator, progress, device
+        )
+    with stage_precision(model, device, dtype):
+        x = deque(steps, maxlen=1).pop().x
+    if known is not None and repaint is None:  # keep the known pixels exactly
+        x = known[1] * known[0] + (1 - known[1]) * x
+    return x
+
+
+def invert(
+    decoder: Stage,
+    image: Tensor,
+    z_i: Tensor,
+    steps: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressCallback | None = None,
+) -> Tensor:
+    """x_T [1, 3, s, s] of an image [1, 3, s, s] by DDIM inversion of the decoder in
+    ``steps`` steps, conditioned on its own z_i (no guidance: inverting a guided model is
+    unstable)."""
+    cond, _ = decoder_conditions(decoder.model, z_i, None)
+    callback = None if progress is None else (lambda step: progress("invert", step))
+    fn = model_fn(decoder.model, **cond)
+    run = ddim_invert(
+        decoder.diffusion, fn, image.to(device), steps, progress=callback, device=device
+    )
+    with stage_precision(decoder.model, device, dtype):
+        return deque(run, maxlen=1).pop().x
+
+
+def upsample(
+    upsamplers: Sequence[Stage],
+    x: Tensor,
+    settings: UpsamplerSampling,
+    seeds: Sequence[int],
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: ProgressCallback | None = None,
+) -> Tensor:
+    """Run the upsamplers in turn on a batch, image k with ``seeds[k]``: [N, 3, s, s] ->
+    [N, 3, S, S]. A stage trained with the (deterministic) blur augmentation gets the same
+    blur on its input, as in training; random (BSR) degradation is a training-only
+    corruption and is not applied. ``settings.strength`` < 1 starts from the noised bicubic
+    enlargement (SDEdit, Meng et al. 2022)."""
+    from unclip.decoder.upsampler import gaussian_blur
+
+    st = settings
+    for k, up in enumerate(upsamplers):
+        cfg = up.model.config
+        low = x.clamp(-1.0, 1.0)
+        if cfg.augment == "blur":
+            low = gaussian_blur(low, cfg.blur_kernel, cfg.blur_sigma)
+        side = low.shape[-1] * cfg.image_size // cfg.low_res_size
+        name = upsampler_name(k)
+        generator = stage_generators(seeds, name)
+        start: tuple[int, ...] | Tensor = (x.shape[0], 3, side, side)
+        steps: int | None = st.steps
+        extra: dict[str, Any] = {}
+        if st.strength < 1.0:  # SDEdit: start from the noised bicubic enlargement
+            t0 = round(st.strength * (up.diffusion.num_timesteps - 1))
+            ts = torch.linspace(t0, 0, st.steps).round().long().tolist()
+            extra["timesteps"] = sorted(set(ts), reverse=True)
+            steps = None
+            big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
+            noise = randn(big.shape, generator)  # on the CPU, row k from generator k
+            t = torch.full((x.shape[0],), t0, dtype=torch.long)
+            start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(device)
+        fn = model_fn(up.model, low_res=low)
+        run = sampler_steps(
+            name, up, fn, start, st.sampler, steps, st.eta, generator, progress, device, **extra
+        )
+        with stage_precision(up.model, device, dtype):
+            x = deque(run, maxlen=1).pop().x
+    return x

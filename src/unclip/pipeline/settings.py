@@ -1,0 +1,138 @@
+"""What one call of the pipeline may ask for: the limits on prompts, counts and seeds, and
+the sampling overrides (``decoder_steps=…``) applied to a pipeline's default settings."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from unclip.config import ConfigError
+from unclip.diffusion.samplers import SAMPLERS
+from unclip.pipeline.config import (
+    DecoderSampling,
+    PriorSampling,
+    SamplingConfig,
+    UpsamplerSampling,
+)
+
+#: the longest prompt accepted, in characters (CLIP reads at most its context length in
+#: tokens anyway; longer input is almost certainly a mistake)
+MAX_PROMPT_CHARS = 1000
+#: the most images (or frames) one call may draw
+MAX_IMAGES = 1024
+#: images of one call sampled together as a batch (UnclipPipeline.max_batch)
+DEFAULT_MAX_BATCH = 8
+#: the largest seed (seeds are non-negative; seed + index must stay below this)
+MAX_SEED = 2**63 - 1
+
+_PRIOR_KEYS = ("sampler", "steps", "guidance", "candidates", "eta")
+_PRIOR_KEYS += ("temperature", "top_k", "top_p", "ar_guidance")  # autoregressive prior
+OVERRIDES: dict[str, tuple[str, str]] = {
+    f"{stage}_{key}": (stage, key)
+    for stage, keys in (
+        ("prior", _PRIOR_KEYS),
+        ("decoder", ("sampler", "steps", "guidance", "eta")),
+        ("upsampler", ("sampler", "steps", "eta", "strength")),
+    )
+    for key in keys
+}
+
+
+def check_prompt(prompt: Any, what: str = "prompt") -> str:
+    """A non-empty caption of at most :data:`MAX_PROMPT_CHARS` characters of valid Unicode
+    (no lone surrogates), or ValueError naming ``what`` and the offending character."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{what} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError(f"the {what} is empty; describe the image in a few words")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"the {what} is {len(prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}"
+        )
+    for i, ch in enumerate(prompt):
+        if "\ud800" <= ch <= "\udfff":  # from undecodable bytes; no tokenizer can encode it
+            raise ValueError(
+                f"the {what} has a lone surrogate (U+{ord(ch):04X}) at character {i + 1}; "
+                "it is not valid Unicode text (was it read with the wrong encoding?)"
+            )
+    return prompt
+
+
+def check_count(value: Any, what: str, low: int = 1, high: int = MAX_IMAGES) -> int:
+    """An integer in [low, high], or ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, got {value!r}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{what} must be between {low} and {high:,}, got {value}")
+    return int(value)
+
+
+def check_seed(seed: int | None, count: int) -> int:
+    if seed is None:
+        return secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED - count:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED - count:,}, got {seed}")
+    return int(seed)
+
+
+def apply_overrides(
+    base: SamplingConfig, overrides: dict[str, Any], timesteps: Sequence[tuple[str, int]] = ()
+) -> SamplingConfig:
+    """``base`` with the sampling ``overrides`` of a call applied (keyword names as in
+    :data:`OVERRIDES` or ``sampler`` for every stage; None = keep), checked: a known sampler,
+    numbers of the right type, each stage's own limits, steps at most the stage's diffusion
+    timesteps (``timesteps``: (stage, T) pairs), at most 64 prior candidates."""
+    changes: dict[str, dict[str, Any]] = {"prior": {}, "decoder": {}, "upsampler": {}}
+    overrides = dict(overrides)
+    sampler = overrides.pop("sampler", None)
+    if sampler is not None:
+        for stage in changes:
+            changes[stage]["sampler"] = sampler
+    for name, value in overrides.items():
+        if name not in OVERRIDES:
+            known = ", ".join(["sampler", *OVERRIDES])
+            raise TypeError(f"unexpected keyword argument {name!r}; sampling options: {known}")
+        if value is not None:
+            stage, key = OVERRIDES[name]
+            changes[stage][key] = value
+    stages: dict[str, Any] = {}
+    for stage, cls in (
+        ("prior", PriorSampling),
+        ("decoder", DecoderSampling),
+        ("upsampler", UpsamplerSampling),
+    ):
+        current = getattr(base, stage).to_dict()
+        for key, value in changes[stage].items():
+            label = f"{stage}_{key}"
+            if key == "sampler" and value not in SAMPLERS:
+                raise ValueError(f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
+            if key in ("steps", "candidates", "top_k"):
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ValueError(f"{label} must be an integer, got {value!r}")
+                value = int(value)
+            if key in ("guidance", "eta", "strength", "temperature", "top_p", "ar_guidance"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{label} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{label} must be finite, got {value}")
+            current[key] = value
+        try:
+            stages[stage] = cls.from_dict(current, where=stage)
+        except ConfigError as e:
+            raise ValueError(str(e).replace(f"{stage}: ", f"{stage}_", 1)) from None
+    out = SamplingConfig(**stages)
+    for stage, total in timesteps:
+        steps = getattr(out, stage).steps
+        if steps > total:
+            raise ValueError(
+                f"{stage}_steps={steps} is more than the {stage}'s {total} diffusion timesteps"
+            )
+    if out.prior.candidates > 64:
+        raise ValueError(f"prior_candidates must be at most 64, got {out.prior.candidates}")
+    return out
