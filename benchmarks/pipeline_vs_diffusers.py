@@ -68,7 +68,7 @@ from unclip.commands.bench import (
     write_doc_section,
 )
 from unclip.pipeline import UnclipPipeline
-from unclip.pipeline.core import plain_copy
+from unclip.pipeline.loading import plain_copy
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"

@@ -275,7 +275,7 @@ def random_pipeline(
     from unclip.decoder.upsampler import Upsampler
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline import PipelineConfig, SamplingConfig, StagesConfig, UnclipPipeline
-    from unclip.pipeline.core import Stage, parse_device
+    from unclip.pipeline.loading import Stage, parse_device
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.tokenizer import train_tokenizer
 
@@ -404,7 +404,7 @@ def stage_runners(
         mask = text.mask.expand(rows, -1) if cfg.text_dim else None
 
         def sample_ar() -> Any:
-            from unclip.pipeline.core import stage_generator
+            from unclip.pipeline.runners import stage_generator
 
             with _autocast(dev, dtype):
                 return prior.model.sample(
@@ -661,7 +661,7 @@ def bench_training(
     import torch
 
     from unclip.config import TrainConfig
-    from unclip.pipeline.core import plain_copy
+    from unclip.pipeline.loading import plain_copy
     from unclip.train.loop import autocast_context, build_optimizer
 
     gflops = forward_gflops(pipe)

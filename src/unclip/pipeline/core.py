@@ -6,32 +6,22 @@ classifier-free guidance, DDIM inversion, RePaint); this module only wires condi
 seeds and image formats.
 
 **Seeds.** Image ``i`` of a call with ``seed=s`` is drawn with seed ``s + i`` (prompts of a
-list are numbered prompt-major: prompt ``p``, image ``j`` of ``n`` is image ``p·n + j``), and
-each stage draws its noise from its own CPU ``torch.Generator`` derived from that seed. The
-images of a call are sampled together in batches of up to ``pipe.max_batch`` (default 8),
-and each image's rows of noise come from its own generators, so an image gets the same noise
-in any batch: it equals the single call with its seed up to float rounding (the networks run
-at another batch size, which may sum in another order: on the shipped model about a grey level
-at a few pixels in float32, a few grey levels in bfloat16, whose roundings are coarser). The
-same call with the same seed gives the same bytes on the same machine; set
-``pipe.max_batch = 1`` to sample every image on its own, exactly as single calls do. ``seed=None`` draws a random seed; the seed used is in every image's ``info``.
+list are numbered prompt-major: prompt ``p``, image ``j`` of ``n`` is image ``p·n + j``);
+``seed=None`` draws a random seed; the seed used is in every image's ``info``. The images of
+a call are sampled in batches of up to ``pipe.max_batch`` (default 8) and each gets the same
+noise in any batch (see :mod:`unclip.pipeline.runners` for what batching may still change);
+``pipe.max_batch = 1`` samples every image exactly as its single call does.
 
-**Sampling overrides** (keyword arguments of every generating method; None = the
-pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
-``prior_steps``, ``prior_guidance``, ``prior_candidates``, ``prior_eta``, and for an
-autoregressive prior ``prior_temperature``, ``prior_top_k``, ``prior_top_p``,
-``prior_ar_guidance``,
-``decoder_sampler``, ``decoder_steps``, ``decoder_guidance``, ``decoder_eta``,
-``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``, ``upsampler_strength``.
+**Sampling overrides** (keyword arguments of every generating method, such as
+``decoder_steps=10``; None = the pipeline's default from ``pipeline.json``): see
+:mod:`unclip.pipeline.settings`.
 
 **Outputs** are RGB PIL images at the pipeline's output resolution; ``image.info`` holds
-the strings written into a PNG's text metadata: ``prompt``, ``seed``, ``model``,
-``method``, ``steps``, ``guidance``, ``sampler`` (the last three as JSON objects by stage)
-and, where it applies, ``clip_score``, ``frame``, ``theta``.
+the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, ``guidance``,
+``sampler`` (JSON objects by stage) and, where it applies, ``clip_score``, ``frame``, ``theta``.
 
-**Progress:** ``progress(stage, step)`` is called after every model call with the stage
-name (``"prior"``, ``"decoder"``, ``"inpaint"``, ``"invert"``, ``"upsampler"`` or
-``"upsampler2"``…) and the :class:`~unclip.diffusion.SampleStep`.
+**Progress:** ``progress(stage, step)`` after every model call, as in
+:mod:`unclip.pipeline.runners`.
 """
 
 from __future__ import annotations
@@ -53,20 +43,15 @@ from unclip.pipeline.images import (
     ImageInput,
     as_image,
     downscale_keep,
-    has_transparency,
-    keep_mask,
-    paste_canvas,
+    inpaint_inputs,
+    outpaint_inputs,
     prepare_image,
-    repaint_mask,
-    scale_box,
     slerp,
+    to_pil,
 )
 from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
 
 # re-exported for older imports (the CLI, the server, bench); their homes are the modules above
-from unclip.pipeline.loading import load_pipeline as load_pipeline
-from unclip.pipeline.loading import parse_device as parse_device
-from unclip.pipeline.loading import plain_copy as plain_copy
 from unclip.pipeline.loading import resolve_pipeline as resolve_pipeline
 from unclip.pipeline.runners import (
     ProgressCallback,
@@ -83,23 +68,16 @@ from unclip.pipeline.settings import (
     DEFAULT_MAX_BATCH,
     apply_overrides,
     check_count,
+    check_draw,
     check_prompt,
     check_seed,
+    sampling_info,
 )
 from unclip.pipeline.settings import MAX_IMAGES as MAX_IMAGES
 from unclip.pipeline.settings import MAX_SEED as MAX_SEED
 
 #: captions whose token ids a pipeline keeps (a server sees many distinct prompts)
 TOKEN_CACHE_SIZE = 4096
-
-
-def _to_pil(x: Tensor, info: dict[str, Any]) -> Image.Image:
-    """[1, 3, H, W] in [-1, 1] -> RGB image with ``info`` (values as strings)."""
-    from unclip.data.transforms import from_tensor
-
-    img = from_tensor(x[0])
-    img.info.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
-    return img
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +212,13 @@ class UnclipPipeline:
         seeds: int | Sequence[int],
         settings: SamplingConfig,
         progress: ProgressCallback | None,
+        use_prior: bool = True,
     ) -> Tensor:
         """z_i [N, D] for N captions (``text`` [N], one seed each): ``candidates`` samples per
-        caption, and the one closest to its z_t kept (:func:`~.runners.sample_prior`)."""
-        assert self.prior is not None
+        caption, and the one closest to its z_t kept (:func:`~.runners.sample_prior`); without
+        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
+        if not use_prior or self.prior is None:
+            return text.z_t
         return sample_prior(
             self.prior, text.z_t, text.tokens, text.mask, settings.prior,
             stage_generators(seeds, "prior"), device=self.device, dtype=self.dtype,
@@ -268,22 +249,12 @@ class UnclipPipeline:
     def _info(
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
     ) -> dict[str, Any]:
-        steps = {}
-        guidance = {}
-        samplers = {}
-        for stage in stages:
-            st = getattr(settings, "decoder" if stage == "inpaint" else stage)
-            if stage == "prior" and self.prior is not None and self.prior.diffusion is None:
-                steps[stage] = self.prior.model.config.components  # one code per step
-                samplers[stage] = "autoregressive"
-                guidance[stage] = st.ar_guidance
-                continue
-            steps[stage] = st.steps
-            samplers[stage] = st.sampler
-            if hasattr(st, "guidance"):
-                guidance[stage] = st.guidance
+        """An image's ``info``: method, seed, model, how each of ``stages`` was sampled, and the
+        ``extra`` entries that are not None."""
+        ar = self.prior is not None and self.prior.diffusion is None
+        codes = self.prior.model.config.components if ar else None  # type: ignore[union-attr]
         info: dict[str, Any] = {"method": method, "seed": str(seed), "model": self.name}
-        info.update(steps=steps, guidance=guidance, sampler=samplers)
+        info.update(sampling_info(settings, stages, codes))
         info.update({k: v for k, v in extra.items() if v is not None})
         return info
 
@@ -310,7 +281,7 @@ class UnclipPipeline:
                 stage_generators(batch_seeds, "decoder"), noise=x_t, eta=eta, **where,
             )  # fmt: skip
             x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, **where)
-            out += [_to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
+            out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
 
     def _batches(self, count: int) -> list[range]:
@@ -320,19 +291,6 @@ class UnclipPipeline:
 
     def _stages_used(self, *first: str) -> list[str]:
         return [*first, *(["upsampler"] if self.upsamplers else [])]
-
-    def _z_from_text(
-        self,
-        text: TextCondition,
-        seeds: int | Sequence[int],
-        settings: SamplingConfig,
-        use_prior: bool,
-        progress: ProgressCallback | None,
-    ) -> Tensor:
-        """z_i [N, D] for ``text`` [N]: prior samples, or z_t itself."""
-        if use_prior and self.prior is not None:
-            return self._sample_prior(text, seeds, settings, progress)
-        return text.z_t  # the paper's §5.1 baseline: the text embedding in place of z_i
 
     # -- capabilities ------------------------------------------------------------------------
 
@@ -358,40 +316,28 @@ class UnclipPipeline:
         happens when the pipeline has no prior). Image ``p·draw + i`` uses seed ``seed + p·draw
         + i`` where draw = ``candidates`` or ``n``.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
-        for p in prompts:
-            check_prompt(p)
-        n = check_count(n, "n")
-        if candidates is not None:
-            candidates = check_count(candidates, "candidates")
-            keep = check_count(n if keep is None else keep, "keep", 1, candidates)
-        elif keep is not None:
-            raise ValueError("keep needs candidates (keep the best K of N candidates)")
-        draw = candidates or n
-        check_count(draw * len(prompts), "the number of images")
+        prompts, draw, keep = check_draw(prompt, n, candidates, keep)
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, draw * len(prompts))
         used_prior = use_prior and self.prior is not None
         stages = self._stages_used(*(["prior"] if used_prior else []), "decoder")
+        prior = None if used_prior else "none (text embedding)"  # noted in each image's info
         texts = [self._text(t) for t in prompts]
         images: list[Image.Image] = []  # image k: prompt k // draw, seed base + k
         where = self._where(progress)
         for rows in self._batches(draw * len(prompts)):
             text = TextCondition.cat([texts[k // draw] for k in rows])
             seeds = [base + k for k in rows]
-            z = self._z_from_text(text, seeds, settings, use_prior, progress)
+            z = self._sample_prior(text, seeds, settings, progress, use_prior)
             gens = stage_generators(seeds, "decoder")
             x = decode(self.decoder, z, text, settings.decoder, gens, **where)
             x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
             for j, k in enumerate(rows):
+                p = prompts[k // draw]
                 info = self._info(
-                    "text_to_image", base + k, settings, stages, prompt=prompts[k // draw]
+                    "text_to_image", base + k, settings, stages, prompt=p, prior=prior
                 )
-                if not used_prior:
-                    info["prior"] = "none (text embedding)"
-                images.append(_to_pil(x[j : j + 1], info))
+                images.append(to_pil(x[j : j + 1], info))
         if candidates is None:
             return images
         out: list[Image.Image] = []
@@ -436,9 +382,7 @@ class UnclipPipeline:
         stages = self._stages_used("decoder")
         if invert:
             settings = settings.replace(decoder=settings.decoder.replace(sampler="ddim"))
-        extra = {"inverted": "true" if invert else None}
-        if eta is not None:
-            extra["eta"] = str(eta)
+        extra = {"inverted": "true" if invert else None, "eta": None if eta is None else str(eta)}
         seeds = [base + i for i in range(n)]
         infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
         return self._frames(z.expand(n, -1), noise, seeds, settings, progress, infos, eta)
@@ -476,18 +420,9 @@ class UnclipPipeline:
         ts = [k / (frames - 1) for k in range(frames)]
         z = torch.cat([slerp(za, zb, t) for t in ts])
         noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
-        infos = [
-            self._info(
-                "interpolate",
-                base,
-                settings,
-                self._stages_used("decoder"),
-                frame=str(k),
-                t=f"{t:.4f}",
-                inverted="true" if invert_noise else None,
-            )
-            for k, t in enumerate(ts)
-        ]
+        stages, inv = self._stages_used("decoder"), "true" if invert_noise else None
+        extra = [{"frame": str(k), "t": f"{t:.4f}", "inverted": inv} for k, t in enumerate(ts)]
+        infos = [self._info("interpolate", base, settings, stages, **e) for e in extra]
         return self._frames(z, noise, [base] * frames, settings, progress, infos)
 
     @torch.no_grad()
@@ -529,20 +464,12 @@ class UnclipPipeline:
             noise = torch.randn((1, 3, s, s), generator=stage_generator(base, "decoder"))
         noise = noise.to(self.device)
         thetas = [max_theta * k / (frames - 1) for k in range(frames)]
-        infos = [
-            self._info(
-                "text_diff",
-                base,
-                settings,
-                self._stages_used("decoder"),
-                source=source,
-                target=target,
-                frame=str(k),
-                theta=f"{theta:.4f}",
-                inverted="true" if invert else None,
-            )
+        stages, inv = self._stages_used("decoder"), "true" if invert else None
+        extra = [
+            {"source": source, "target": target, "frame": str(k), "theta": f"{theta:.4f}"}
             for k, theta in enumerate(thetas)
         ]
+        infos = [self._info("text_diff", base, settings, stages, **e, inverted=inv) for e in extra]
         zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
         return self._frames(zs, noise, [base] * frames, settings, progress, infos)
 
@@ -583,7 +510,7 @@ class UnclipPipeline:
         for rows in self._batches(n):
             seeds = [base + i for i in rows]
             texts = TextCondition.cat([text] * len(seeds))
-            z = self._z_from_text(texts, seeds, settings, use_prior, progress)
+            z = self._sample_prior(texts, seeds, settings, progress, use_prior)
             x = decode(
                 self.inpaint_decoder if with_model else self.decoder, z, texts,
                 settings.decoder, stage_generators(seeds, "decoder"), known=known,
@@ -596,7 +523,7 @@ class UnclipPipeline:
                     method, s, settings, stages, prompt=prompt,
                     inpainting="inpaint_decoder" if with_model else "repaint", **extra,
                 )  # fmt: skip
-                out.append(_to_pil(x[j : j + 1], info))
+                out.append(to_pil(x[j : j + 1], info))
         return out
 
     @torch.no_grad()
@@ -624,26 +551,7 @@ class UnclipPipeline:
         ``repaint_jump`` steps ``repaint_resample - 1`` times per jump point. z_i comes
         from the prior given the prompt. The kept pixels of the output equal the input's.
         """
-        img = as_image(image)
-        if mask is None:
-            if not has_transparency(img):
-                raise ValueError(
-                    "no mask given and the image has no transparent pixels; pass a mask "
-                    "(white or transparent = repaint)"
-                )
-            repaint_px = repaint_mask(img)
-        else:
-            mask_img = as_image(mask, "mask")
-            if mask_img.size != img.size:
-                raise ValueError(
-                    f"the mask is {mask_img.size[0]}×{mask_img.size[1]} but the image is "
-                    f"{img.size[0]}×{img.size[1]}; they must be the same size"
-                )
-            repaint_px = repaint_mask(mask_img)
-        keep = keep_mask(repaint_px, self.image_size)
-        if bool(keep.all()):
-            raise ValueError("the mask marks nothing to repaint (white or transparent = repaint)")
-        known = prepare_image(img, self.image_size)
+        known, keep = inpaint_inputs(as_image(image), mask, self.image_size)
         return self._inpaint_core(
             "inpaint", known, keep, prompt, n, seed, use_prior, repaint, repaint_resample,
             repaint_jump, progress, overrides, {},
@@ -673,23 +581,17 @@ class UnclipPipeline:
         painted too), the square is resized to the output resolution and inpainted, and the
         result is cropped back to the grown canvas: its longer side is the output size."""
         img = as_image(image)
-        w, h = img.size
         margins = {"left": left, "right": right, "top": top, "bottom": bottom}
-        limit = 4 * max(w, h)
         for key, value in margins.items():
-            check_count(value, key, 0, limit)
+            check_count(value, key, 0, 4 * max(img.size))
         if not any(margins.values()):
             raise ValueError("outpaint needs a margin: give left, right, top or bottom > 0")
-        canvas, repaint_px, box = paste_canvas(img, left, right, top, bottom)
-        size = self.image_size
-        keep = keep_mask(repaint_px, size)
-        known = prepare_image(canvas, size)
+        known, keep, crop = outpaint_inputs(img, left, right, top, bottom, self.image_size)
         images = self._inpaint_core(
             "outpaint", known, keep, prompt, n, seed, use_prior, repaint, repaint_resample,
             repaint_jump, progress, overrides,
             {"margins": json.dumps(margins)},
         )  # fmt: skip
-        crop = scale_box(box, size / canvas.size[0], size)
         out = []
         for im in images:
             cropped = im.crop(crop)

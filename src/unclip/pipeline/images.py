@@ -13,8 +13,10 @@ models use the opposite, ``keep`` masks (1 = known pixel); :func:`keep_mask` con
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +32,13 @@ __all__ = [
     "as_image",
     "crop_box",
     "has_transparency",
+    "inpaint_inputs",
     "keep_mask",
+    "outpaint_inputs",
     "prepare_image",
     "repaint_mask",
     "slerp",
+    "to_pil",
 ]
 
 
@@ -140,3 +145,53 @@ def scale_box(box: Sequence[int], factor: float, limit: int) -> tuple[int, int, 
     left, top = min(max(0, left), limit - 1), min(max(0, top), limit - 1)
     right, bottom = max(left + 1, min(limit, right)), max(top + 1, min(limit, bottom))
     return left, top, right, bottom
+
+
+def inpaint_inputs(
+    image: Image.Image, mask: ImageInput | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(known image [1, 3, size, size], keep mask [1, 1, size, size]) of an edit of ``image``:
+    ``mask`` (same size; white or transparent = repaint) or, None, the image's own transparent
+    pixels are repainted. ValueError for no mask on an opaque image, a mask of another size,
+    or a mask that marks nothing to repaint."""
+    if mask is None:
+        if not has_transparency(image):
+            raise ValueError(
+                "no mask given and the image has no transparent pixels; pass a mask "
+                "(white or transparent = repaint)"
+            )
+        repaint_px = repaint_mask(image)
+    else:
+        mask_img = as_image(mask, "mask")
+        if mask_img.size != image.size:
+            raise ValueError(
+                f"the mask is {mask_img.size[0]}×{mask_img.size[1]} but the image is "
+                f"{image.size[0]}×{image.size[1]}; they must be the same size"
+            )
+        repaint_px = repaint_mask(mask_img)
+    keep = keep_mask(repaint_px, size)
+    if bool(keep.all()):
+        raise ValueError("the mask marks nothing to repaint (white or transparent = repaint)")
+    return prepare_image(image, size), keep
+
+
+def to_pil(x: torch.Tensor, info: dict[str, Any]) -> Image.Image:
+    """[1, 3, H, W] in [-1, 1] -> RGB image with ``info`` (values as strings, others as
+    JSON)."""
+    from unclip.data.transforms import from_tensor
+
+    img = from_tensor(x[0])
+    img.info.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
+    return img
+
+
+def outpaint_inputs(
+    image: Image.Image, left: int, right: int, top: int, bottom: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """(known image [1, 3, size, size], keep mask [1, 1, size, size], crop box) to grow
+    ``image`` by the margins (pixels of the image): the grown canvas centred on a white square
+    (:func:`paste_canvas`), resized to ``size``; the crop box cuts the grown canvas out of the
+    result."""
+    canvas, repaint_px, box = paste_canvas(image, left, right, top, bottom)
+    known, keep = prepare_image(canvas, size), keep_mask(repaint_px, size)
+    return known, keep, scale_box(box, size / canvas.size[0], size)

@@ -11,7 +11,11 @@ below the runner: sampler, step, guidance, model function.
 **Generators.** Noise is drawn from CPU generators: one per image of a batch (row block k
 from generator k alone, so an image gets the same noise in any batch; see
 :func:`unclip.diffusion.randn`), made from an image's seed and the stage by
-:func:`stage_generator`.
+:func:`stage_generator`, so the stages draw independent noise. An image sampled in a batch
+equals the single call with its seed up to float rounding (the networks run at another batch
+size, which may sum in another order: a grey level or so at a few pixels in float32, a few in
+bfloat16, whose roundings are coarser). The same call with the same seed gives the same bytes
+on the same machine.
 
 **Progress:** ``progress(stage, step)`` is called after every model call with the stage
 name and the :class:`~unclip.diffusion.SampleStep`.

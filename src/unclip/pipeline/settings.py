@@ -1,5 +1,14 @@
 """What one call of the pipeline may ask for: the limits on prompts, counts and seeds, and
-the sampling overrides (``decoder_steps=…``) applied to a pipeline's default settings."""
+the sampling overrides applied to a pipeline's default settings.
+
+**Sampling overrides** (keyword arguments of every generating method; None = the
+pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sampler``,
+``prior_steps``, ``prior_guidance``, ``prior_candidates``, ``prior_eta``, and for an
+autoregressive prior ``prior_temperature``, ``prior_top_k``, ``prior_top_p``,
+``prior_ar_guidance``; ``decoder_sampler``, ``decoder_steps``, ``decoder_guidance``,
+``decoder_eta``; ``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``,
+``upsampler_strength``.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +80,28 @@ def check_count(value: Any, what: str, low: int = 1, high: int = MAX_IMAGES) -> 
     return int(value)
 
 
+def check_draw(
+    prompt: str | Sequence[str], n: Any, candidates: Any, keep: Any
+) -> tuple[list[str], int, int | None]:
+    """Checked text-to-image counts: (prompts, images drawn per prompt, images kept per
+    prompt or None for all). ``candidates`` draws that many per prompt and keeps ``keep``
+    (default ``n``) of them; without it ``n`` are drawn and ``keep`` must be None."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    for p in prompts:
+        check_prompt(p)
+    n = check_count(n, "n")
+    if candidates is not None:
+        candidates = check_count(candidates, "candidates")
+        keep = check_count(n if keep is None else keep, "keep", 1, candidates)
+    elif keep is not None:
+        raise ValueError("keep needs candidates (keep the best K of N candidates)")
+    draw = candidates or n
+    check_count(draw * len(prompts), "the number of images")
+    return prompts, draw, keep
+
+
 def check_seed(seed: int | None, count: int) -> int:
     if seed is None:
         return secrets.randbelow(2**31)
@@ -136,3 +167,29 @@ def apply_overrides(
     if out.prior.candidates > 64:
         raise ValueError(f"prior_candidates must be at most 64, got {out.prior.candidates}")
     return out
+
+
+def sampling_info(
+    settings: SamplingConfig, stages: Sequence[str], ar_codes: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """How an image's ``stages`` were sampled, for its metadata: ``{"steps": {stage: …},
+    "guidance": {…}, "sampler": {…}}`` (``inpaint`` reads the decoder's settings; upsamplers
+    have no guidance). ``ar_codes``: the prior is autoregressive and draws that many codes,
+    one per step, guided by ``ar_guidance``."""
+    steps: dict[str, Any] = {}
+    guidance: dict[str, Any] = {}
+    samplers: dict[str, Any] = {}
+    for stage in stages:
+        st = getattr(settings, "decoder" if stage == "inpaint" else stage)
+        if stage == "prior" and ar_codes is not None:
+            steps[stage], samplers[stage], guidance[stage] = (
+                ar_codes,
+                "autoregressive",
+                st.ar_guidance,
+            )
+            continue
+        steps[stage] = st.steps
+        samplers[stage] = st.sampler
+        if hasattr(st, "guidance"):
+            guidance[stage] = st.guidance
+    return {"steps": steps, "guidance": guidance, "sampler": samplers}
