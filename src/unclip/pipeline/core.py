@@ -44,7 +44,7 @@ from unclip.pipeline.images import (
     as_image,
     downscale_keep,
     inpaint_inputs,
-    outpaint_inputs,
+    outpaint_canvas,
     prepare_image,
     slerp,
     to_pil,
@@ -78,9 +78,6 @@ from unclip.pipeline.settings import MAX_SEED as MAX_SEED
 
 #: captions whose token ids a pipeline keeps (a server sees many distinct prompts)
 TOKEN_CACHE_SIZE = 4096
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class UnclipPipeline:
@@ -219,21 +216,18 @@ class UnclipPipeline:
         a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
         if not use_prior or self.prior is None:
             return text.z_t
+        gens, where = stage_generators(seeds, "prior"), self._where(progress)
         return sample_prior(
-            self.prior, text.z_t, text.tokens, text.mask, settings.prior,
-            stage_generators(seeds, "prior"), device=self.device, dtype=self.dtype,
-            progress=progress,
-        )  # fmt: skip
+            self.prior, text.z_t, text.tokens, text.mask, settings.prior, gens, **where
+        )
 
     def _invert(
         self, x: Tensor, z_i: Tensor, settings: SamplingConfig, progress: ProgressCallback | None
     ) -> Tensor:
         """x_T [1, 3, s, s] of an image [1, 3, S, S] at the output resolution (resized to the
         decoder's, antialiased), by DDIM inversion of the decoder given its z_i."""
-        return invert(
-            self.decoder, self._resize_to_base(x), z_i, settings.decoder.steps, device=self.device, dtype=self.dtype,
-            progress=progress,
-        )  # fmt: skip
+        x = self._resize_to_base(x)
+        return invert(self.decoder, x, z_i, settings.decoder.steps, **self._where(progress))
 
     def _resize_to_base(self, x: Tensor) -> Tensor:
         """[N, 3, S, S] at the output resolution -> the decoder's [N, 3, s, s] (antialiased)."""
@@ -270,16 +264,16 @@ class UnclipPipeline:
     ) -> list[Image.Image]:
         """Decode and upsample images from z [F, D] without a caption, image k with
         ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
-        batches; image k gets ``infos[k]``. ``eta``: as in ``_decode``."""
+        batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`."""
         out, where = [], self._where(progress)
         for rows in self._batches(len(infos)):
             part = slice(rows.start, rows.stop)
             batch_seeds = list(seeds[part])
             x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
+            gens = stage_generators(batch_seeds, "decoder")
             x = decode(
-                self.decoder, z[part], None, settings.decoder,
-                stage_generators(batch_seeds, "decoder"), noise=x_t, eta=eta, **where,
-            )  # fmt: skip
+                self.decoder, z[part], None, settings.decoder, gens, noise=x_t, eta=eta, **where
+            )
             x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, **where)
             out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
@@ -473,59 +467,6 @@ class UnclipPipeline:
         zs = torch.cat([slerp(z, z_d, theta) for theta in thetas])
         return self._frames(zs, noise, [base] * frames, settings, progress, infos)
 
-    def _inpaint_core(
-        self,
-        method: str,
-        known_full: Tensor,
-        keep_full: Tensor,
-        prompt: str,
-        n: int,
-        seed: int | None,
-        use_prior: bool,
-        repaint: bool,
-        repaint_resample: int,
-        repaint_jump: int,
-        progress: ProgressCallback | None,
-        overrides: dict[str, Any],
-        extra: dict[str, Any],
-    ) -> list[Image.Image]:
-        check_prompt(prompt)
-        n = check_count(n, "n")
-        repaint_resample = check_count(repaint_resample, "repaint_resample", 1, 100)
-        repaint_jump = check_count(repaint_jump, "repaint_jump", 1, 1000)
-        settings = self.sampling_settings(**overrides)
-        base = check_seed(seed, n)
-        text = self._text(prompt)
-        known_full, keep_full = known_full.to(self.device), keep_full.to(self.device)
-        known = (self._resize_to_base(known_full), downscale_keep(keep_full, self.base_size))
-        with_model = self.inpaint_decoder is not None and not repaint
-        options = {
-            "jump_length": max(1, min(repaint_jump, settings.decoder.steps // 2)),
-            "resample": repaint_resample,
-        }
-        used_prior = use_prior and self.prior is not None
-        stages = self._stages_used(*(["prior"] if used_prior else []), "inpaint")
-        out: list[Image.Image] = []
-        where = self._where(progress)
-        for rows in self._batches(n):
-            seeds = [base + i for i in rows]
-            texts = TextCondition.cat([text] * len(seeds))
-            z = self._sample_prior(texts, seeds, settings, progress, use_prior)
-            x = decode(
-                self.inpaint_decoder if with_model else self.decoder, z, texts,
-                settings.decoder, stage_generators(seeds, "decoder"), known=known,
-                repaint=None if with_model else options, **where,
-            )  # fmt: skip
-            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
-            x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
-            for j, s in enumerate(seeds):
-                info = self._info(
-                    method, s, settings, stages, prompt=prompt,
-                    inpainting="inpaint_decoder" if with_model else "repaint", **extra,
-                )  # fmt: skip
-                out.append(to_pil(x[j : j + 1], info))
-        return out
-
     @torch.no_grad()
     def inpaint(
         self,
@@ -551,11 +492,39 @@ class UnclipPipeline:
         ``repaint_jump`` steps ``repaint_resample - 1`` times per jump point. z_i comes
         from the prior given the prompt. The kept pixels of the output equal the input's.
         """
-        known, keep = inpaint_inputs(as_image(image), mask, self.image_size)
-        return self._inpaint_core(
-            "inpaint", known, keep, prompt, n, seed, use_prior, repaint, repaint_resample,
-            repaint_jump, progress, overrides, {},
-        )  # fmt: skip
+        known_full, keep_full = inpaint_inputs(as_image(image), mask, self.image_size)
+        check_prompt(prompt)
+        n = check_count(n, "n")
+        repaint_resample = check_count(repaint_resample, "repaint_resample", 1, 100)
+        repaint_jump = check_count(repaint_jump, "repaint_jump", 1, 1000)
+        settings = self.sampling_settings(**overrides)
+        base = check_seed(seed, n)
+        text = self._text(prompt)
+        known_full, keep_full = known_full.to(self.device), keep_full.to(self.device)
+        known = (self._resize_to_base(known_full), downscale_keep(keep_full, self.base_size))
+        with_model = self.inpaint_decoder is not None and not repaint
+        decoder = self.inpaint_decoder if with_model else self.decoder
+        jump = max(1, min(repaint_jump, settings.decoder.steps // 2))
+        options = None if with_model else {"jump_length": jump, "resample": repaint_resample}
+        used_prior = use_prior and self.prior is not None
+        stages = self._stages_used(*(["prior"] if used_prior else []), "inpaint")
+        how = "inpaint_decoder" if with_model else "repaint"
+        out: list[Image.Image] = []
+        where = self._where(progress)
+        for rows in self._batches(n):
+            seeds = [base + i for i in rows]
+            texts = TextCondition.cat([text] * len(seeds))
+            z = self._sample_prior(texts, seeds, settings, progress, use_prior)
+            gens = stage_generators(seeds, "decoder")
+            x = decode(
+                decoder, z, texts, settings.decoder, gens, known=known, repaint=options, **where
+            )
+            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
+            x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
+            for j, s in enumerate(seeds):
+                info = self._info("inpaint", s, settings, stages, prompt=prompt, inpainting=how)
+                out.append(to_pil(x[j : j + 1], info))
+        return out
 
     @torch.no_grad()
     def outpaint(
@@ -586,16 +555,16 @@ class UnclipPipeline:
             check_count(value, key, 0, 4 * max(img.size))
         if not any(margins.values()):
             raise ValueError("outpaint needs a margin: give left, right, top or bottom > 0")
-        known, keep, crop = outpaint_inputs(img, left, right, top, bottom, self.image_size)
-        images = self._inpaint_core(
-            "outpaint", known, keep, prompt, n, seed, use_prior, repaint, repaint_resample,
-            repaint_jump, progress, overrides,
-            {"margins": json.dumps(margins)},
+        canvas, mask, crop = outpaint_canvas(img, left, right, top, bottom, self.image_size)
+        images = self.inpaint(
+            canvas, mask, prompt, n, seed=seed, use_prior=use_prior, repaint=repaint,
+            repaint_resample=repaint_resample, repaint_jump=repaint_jump, progress=progress,
+            **overrides,
         )  # fmt: skip
         out = []
         for im in images:
             cropped = im.crop(crop)
-            cropped.info.update(im.info)
+            cropped.info.update(im.info, method="outpaint", margins=json.dumps(margins))
             out.append(cropped)
         return out
 

@@ -34,7 +34,7 @@ __all__ = [
     "has_transparency",
     "inpaint_inputs",
     "keep_mask",
-    "outpaint_inputs",
+    "outpaint_canvas",
     "prepare_image",
     "repaint_mask",
     "slerp",
@@ -185,13 +185,13 @@ def to_pil(x: torch.Tensor, info: dict[str, Any]) -> Image.Image:
     return img
 
 
-def outpaint_inputs(
+def outpaint_canvas(
     image: Image.Image, left: int, right: int, top: int, bottom: int, size: int
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
-    """(known image [1, 3, size, size], keep mask [1, 1, size, size], crop box) to grow
-    ``image`` by the margins (pixels of the image): the grown canvas centred on a white square
-    (:func:`paste_canvas`), resized to ``size``; the crop box cuts the grown canvas out of the
-    result."""
-    canvas, repaint_px, box = paste_canvas(image, left, right, top, bottom)
-    known, keep = prepare_image(canvas, size), keep_mask(repaint_px, size)
-    return known, keep, scale_box(box, size / canvas.size[0], size)
+) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
+    """(canvas, mask, crop box) to grow ``image`` by the margins (pixels of the image): the
+    grown canvas centred on a white square (:func:`paste_canvas`), a mask of the same size
+    (white = repaint: the new area), and the box that cuts the grown canvas out of the square
+    once it is resized to ``size``."""
+    canvas, repaint, box = paste_canvas(image, left, right, top, bottom)
+    mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
+    return canvas, mask, scale_box(box, size / canvas.size[0], size)
