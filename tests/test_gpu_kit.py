@@ -70,8 +70,10 @@ def _pack_args(configs: dict[str, Path], clip_dir: Path, out: Path, *extra: str)
 
 
 def _train_args(pack: Path, work: Path, out: Path, *extra: str) -> list[str]:
+    # Budgets far above what the tiny stages need (their configs cap the steps), so that a
+    # loaded or slow machine still measures both layouts and trains every planned step.
     return ["train", "--pack", str(pack), "--work", str(work), "--out", str(out), "--device",
-            "cpu", "--minutes", "4", "--measure-seconds", "20", "--reserve", "5",
+            "cpu", "--minutes", "15", "--measure-seconds", "240", "--reserve", "5",
             "--min-steps", "2", *extra]  # fmt: skip
 
 
