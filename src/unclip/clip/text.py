@@ -47,8 +47,9 @@ class TextEncoder:
     """A CLIP's text side: captions -> (z_t [N, D] unit norm, token features [N, L, W] float32,
     mask [N, L] bool, True up to and including the end token).
 
-    ``clip`` is a CLIP model (used as it is; ``tokenizer`` is then required) or a CLIP folder
-    (loaded, frozen and put in eval mode; its tokenizer found by :func:`clip_tokenizer_dir`).
+    ``clip`` is a CLIP model (used as it is; ``tokenizer=`` is then required) or a CLIP folder
+    (loaded, frozen and put in eval mode; its tokenizer found by :func:`clip_tokenizer_dir`),
+    moved to ``device`` when one is given.
     Each row is encoded on its own by the network, so it does not depend on the other
     captions of the call; token ids are cached per distinct caption (up to ``cache_size``).
 
@@ -68,9 +69,9 @@ class TextEncoder:
     def __init__(
         self,
         clip: torch.nn.Module | str | os.PathLike,
-        tokenizer: object | None = None,
         device: torch.device | str | None = None,
         *,
+        tokenizer: object | None = None,
         cache_size: int | None = None,
     ) -> None:
         if isinstance(clip, (str, os.PathLike)):
@@ -82,7 +83,7 @@ class TextEncoder:
                 tokenizer = Tokenizer.load(clip_tokenizer_dir(clip))
             clip = model
         if tokenizer is None:
-            raise TypeError("TextEncoder(model) needs the model's tokenizer")
+            raise TypeError("TextEncoder(model) needs tokenizer=, the model's tokenizer")
         if device is not None:
             clip.to(device)
         self.model = clip

@@ -594,7 +594,7 @@ def training_setups(
 
     dev = pipe.device
     clip = pipe.clip
-    text = TextEncoder(clip, pipe.tokenizer)  # as training: captions -> z_t, features, mask
+    text = TextEncoder(clip, tokenizer=pipe.tokenizer)  # captions -> z_t, features, mask
     d = clip.config.embed_dim
 
     def captions(n: int) -> list[str]:

@@ -31,7 +31,7 @@ class ClipJudge:
     ) -> None:
         from unclip.clip.text import TextEncoder
 
-        self.text = TextEncoder(clip_dir, device=device)  # a missing tokenizer: FileNotFoundError
+        self.text = TextEncoder(clip_dir, device)  # a missing tokenizer: FileNotFoundError
         self.clip = self.text.model
         self.image_size = image_size
         self.device = torch.device(device)

@@ -107,7 +107,7 @@ class UnclipPipeline:
         self.tokenizer = tokenizer
         self.clip = clip
         #: captions -> CLIP text condition (float32 always; token ids cached per caption)
-        self.text_encoder = TextEncoder(clip, tokenizer, cache_size=TOKEN_CACHE_SIZE)
+        self.text_encoder = TextEncoder(clip, tokenizer=tokenizer, cache_size=TOKEN_CACHE_SIZE)
         self.prior = prior
         self.decoder = decoder
         # a decoder trained with the inpainting inputs part of the time (GLIDE §4) paints
