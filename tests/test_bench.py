@@ -154,7 +154,7 @@ def tiny_run_configs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run configs of the four stages at the tiny sizes (clip.json beside the others gives the
     synthetic text encoder its sizes); their data paths do not exist."""
     from unclip.config import DataConfig, TrainConfig
-    from unclip.train.stages.run_configs import (
+    from unclip.run_configs import (
         ClipRunConfig,
         DecoderRunConfig,
         PriorRunConfig,

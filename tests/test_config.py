@@ -88,7 +88,7 @@ def test_every_shipped_run_config_loads():
     from pathlib import Path
 
     from unclip.pipeline.config import SamplingConfig
-    from unclip.train.stages import run_configs as rc
+    from unclip import run_configs as rc
 
     classes = {"clip": rc.ClipRunConfig, "decoder": rc.DecoderRunConfig,
                "upsampler": rc.UpsamplerRunConfig, "sampling": SamplingConfig}  # fmt: skip

@@ -99,7 +99,7 @@ def _mb(n: float) -> str:
 
 
 def run_config_class(stage: str) -> type:
-    from unclip.train.stages.run_configs import DecoderRunConfig, UpsamplerRunConfig
+    from unclip.run_configs import DecoderRunConfig, UpsamplerRunConfig
 
     if stage not in STAGES:
         raise KitError(f"unknown stage {stage!r}; the kit trains {', '.join(STAGES)}")
@@ -429,7 +429,9 @@ def write_embeddings(folder: Path, records: list[dict], emb: np.ndarray, clip: P
     from unclip.train.stages.common import FrozenTextEncoder
 
     shutil.rmtree(folder, ignore_errors=True)
-    text = FrozenTextEncoder(clip, device=device)  # its z_t is CLIP's text embedding, as embed writes
+    text = FrozenTextEncoder(
+        clip, device=device
+    )  # its z_t is CLIP's text embedding, as embed writes
     captions = [r["caption"] for r in records]
     batches = (text(captions[i : i + 512])[0] for i in range(0, len(captions), 512))
     text_emb = np.concatenate([z_t.cpu().numpy() for z_t in batches])

@@ -177,7 +177,7 @@ def stage_configs_from_dir(folder: str | Path) -> StageConfigs:
     """The stage configs in a folder of run configs (``clip.json``, ``decoder.json`` and
     optionally ``prior.json``, ``upsampler.json``). The pipeline's decoder is the plain one
     (``inpaint`` off), as a pipeline folder's ``decoder/`` must be."""
-    from unclip.train.stages.run_configs import (
+    from unclip.run_configs import (
         ClipRunConfig,
         DecoderRunConfig,
         PriorRunConfig,

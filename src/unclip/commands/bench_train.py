@@ -173,8 +173,8 @@ def _text_encoder(cfg: Any, config: Path, tmp: Path, real: bool, max_len: int | 
     """The frozen text encoder of a prior/decoder run config (None without ``text_dim``)."""
     from unclip.clip.model import CLIP, CLIPConfig
     from unclip.hub import save_pretrained
+    from unclip.run_configs import ClipRunConfig
     from unclip.train.stages.common import text_encoder_for
-    from unclip.train.stages.run_configs import ClipRunConfig
 
     if not cfg.model.text_dim:
         return None
@@ -196,13 +196,13 @@ def _text_encoder(cfg: Any, config: Path, tmp: Path, real: bool, max_len: int | 
 def build_stage(stage: str, config: Path, tmp: Path, real: bool) -> dict[str, Any]:
     """The stage's run config, network, loss and data (+ collate_fn), as ``unclip train``."""
     from unclip.diffusion import GaussianDiffusion
-    from unclip.train.stages import common
-    from unclip.train.stages.run_configs import (
+    from unclip.run_configs import (
         ClipRunConfig,
         DecoderRunConfig,
         PriorRunConfig,
         UpsamplerRunConfig,
     )
+    from unclip.train.stages import common
 
     where = str(config)
     if stage == "clip":

@@ -304,7 +304,7 @@ def run_config_stage(doc: dict[str, Any], path: Path, stage: str | None = None) 
 
 
 def _run_config_source(path: Path, doc: dict[str, Any], stage: str | None) -> ModelSource:
-    from unclip.train.stages.run_configs import (
+    from unclip.run_configs import (
         ARPriorRunConfig,
         ClipRunConfig,
         DecoderRunConfig,

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from unclip.data.balance import manifest_labels
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
+    from unclip.run_configs import ClipRunConfig
     from unclip.tokenizer import Tokenizer
     from unclip.train import distributed
     from unclip.train.loop import Trainer
@@ -100,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         load_run_config,
         sample_weights,
     )
-    from unclip.train.stages.run_configs import ClipRunConfig
 
     cfg = load_run_config(ClipRunConfig, args)
     if not cfg.data.tokenizer:

@@ -78,7 +78,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 #: the frozen CLIP text side of the prior's and decoder's losses: captions -> (z_t, token
-#: features, mask); built from a CLIP folder (``FrozenTextEncoder(clip_dir, device)``)
+#: features, mask); built from a CLIP folder (``FrozenTextEncoder(clip_dir, device=device)``)
 FrozenTextEncoder = TextEncoder
 
 

@@ -75,6 +75,7 @@ class DecoderLoss:
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.unet import UNet
     from unclip.diffusion import GaussianDiffusion
+    from unclip.run_configs import DecoderRunConfig
     from unclip.train.checkpoint import latest_checkpoint
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
@@ -88,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         start_from,
         text_encoder_for,
     )
-    from unclip.train.stages.run_configs import DecoderRunConfig
 
     cfg = load_run_config(DecoderRunConfig, args)
     where = args.config or args.run_dir

@@ -111,6 +111,7 @@ def run_ar(args: argparse.Namespace) -> int:
     import numpy as np
 
     from unclip.prior.ar import ARPrior, fit_codebook
+    from unclip.run_configs import ARPriorRunConfig
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
         count_parameters,
@@ -120,7 +121,6 @@ def run_ar(args: argparse.Namespace) -> int:
         sample_weights,
         text_encoder_for,
     )
-    from unclip.train.stages.run_configs import ARPriorRunConfig
 
     cfg = load_run_config(ARPriorRunConfig, args)
     where = args.config or args.run_dir
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         return run_ar(args)
     from unclip.diffusion import GaussianDiffusion
     from unclip.prior.model import DiffusionPriorTransformer
+    from unclip.run_configs import PriorRunConfig
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
         count_parameters,
@@ -167,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
         sample_weights,
         text_encoder_for,
     )
-    from unclip.train.stages.run_configs import PriorRunConfig
 
     cfg = load_run_config(PriorRunConfig, args)
     where = args.config or args.run_dir

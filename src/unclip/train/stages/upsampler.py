@@ -60,6 +60,7 @@ class UpsamplerLoss:
 def run(args: argparse.Namespace) -> int:
     from unclip.decoder.upsampler import Upsampler
     from unclip.diffusion import GaussianDiffusion
+    from unclip.run_configs import UpsamplerRunConfig
     from unclip.train.checkpoint import latest_checkpoint
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
@@ -71,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         sample_weights,
         start_from,
     )
-    from unclip.train.stages.run_configs import UpsamplerRunConfig
 
     cfg = load_run_config(UpsamplerRunConfig, args)
     check_pixel_stage(cfg, args.config or args.run_dir)
