@@ -87,8 +87,8 @@ def test_every_shipped_run_config_loads():
     keys), so `make train-default` and the documented runs start."""
     from pathlib import Path
 
-    from unclip.pipeline.config import SamplingConfig
     from unclip import run_configs as rc
+    from unclip.pipeline.config import SamplingConfig
 
     classes = {"clip": rc.ClipRunConfig, "decoder": rc.DecoderRunConfig,
                "upsampler": rc.UpsamplerRunConfig, "sampling": SamplingConfig}  # fmt: skip

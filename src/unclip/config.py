@@ -190,6 +190,10 @@ def write_text_atomic(path: Path, text: str) -> None:
 # Diffusion
 
 
+#: the file a diffusion stage's model folder keeps its DiffusionConfig in
+DIFFUSION_FILE = "diffusion.json"
+
+
 @dataclasses.dataclass
 class DiffusionConfig(Config):
     """A Gaussian diffusion process (Ho et al. 2020; Nichol & Dhariwal 2021).

@@ -275,6 +275,7 @@ def random_pipeline(
     from unclip.decoder.upsampler import Upsampler
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline import PipelineConfig, SamplingConfig, StagesConfig, UnclipPipeline
+    from unclip.pipeline.config import upsampler_name
     from unclip.pipeline.loading import Stage, parse_device
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.tokenizer import train_tokenizer
@@ -294,7 +295,7 @@ def random_pipeline(
         prior = stage(DiffusionPriorTransformer(sc.prior), sc.prior_diffusion, 1)
     decoder = stage(UNet(sc.decoder), sc.decoder_diffusion, 2)
     ups = [stage(Upsampler(m), d, 3 + i) for i, (m, d) in enumerate(sc.upsamplers)]
-    names = ["upsampler" if i == 0 else f"upsampler{i + 1}" for i in range(len(ups))]
+    names = [upsampler_name(i) for i in range(len(ups))]
     config = PipelineConfig(
         name=sc.name,
         stages=StagesConfig(prior="prior" if prior else None, upsamplers=names),
@@ -374,6 +375,7 @@ def stage_runners(
     batch, with the pipeline's guidance wiring) and the row counter of its network."""
     import torch
 
+    from unclip.pipeline.config import upsampler_name
     from unclip.pipeline.runners import TextCondition, decoder_conditions
     from unclip.pipeline.runners import autocast as _autocast
     from unclip.pipeline.runners import guided as _guided
@@ -450,7 +452,7 @@ def stage_runners(
         def ufn(x: Any, t: Any, low: Any = low, uc: RowCounter = uc, **kw: Any) -> Any:
             return uc(x, t, low_res=low, **kw)
 
-        name = "upsampler" if k == 0 else f"upsampler{k + 1}"
+        name = upsampler_name(k)
         shape = (n, 3, size, size)
         out[name] = (
             lambda up=up, ufn=ufn, shape=shape: _run_sampler(
@@ -474,6 +476,7 @@ def _stage_model(pipe: UnclipPipeline, name: str) -> Any:
 def forward_gflops(pipe: UnclipPipeline) -> dict[str, float]:
     """GFLOPs of one forward pass on one sample, per diffusion stage (and the text encoder)."""
     from unclip.eval.model_stats import model_stats
+    from unclip.pipeline.config import upsampler_name
 
     text_len = pipe.clip.config.context_length
     out = {"text": model_stats(pipe.clip.config, text_len=text_len).flops["caption"] / 1e9}
@@ -481,7 +484,7 @@ def forward_gflops(pipe: UnclipPipeline) -> dict[str, float]:
         out["prior"] = model_stats(pipe.prior.model.config).gflops
     out["decoder"] = model_stats(pipe.decoder.model.config, text_len=text_len).gflops
     for k, up in enumerate(pipe.upsamplers):
-        out["upsampler" if k == 0 else f"upsampler{k + 1}"] = model_stats(up.model.config).gflops
+        out[upsampler_name(k)] = model_stats(up.model.config).gflops
     return out
 
 
@@ -587,6 +590,7 @@ def training_setups(
     import torch
 
     from unclip.clip.text import TextEncoder
+    from unclip.pipeline.config import upsampler_name
     from unclip.train.stages.clip import clip_stage_loss
     from unclip.train.stages.decoder import DecoderLoss
     from unclip.train.stages.prior import ARPriorLoss, PriorLoss
@@ -638,7 +642,7 @@ def training_setups(
     for k, up in enumerate(pipe.upsamplers):
         nu = batch.get("upsampler", 16)
         size = up.model.config.image_size
-        name = "upsampler" if k == 0 else f"upsampler{k + 1}"
+        name = upsampler_name(k)
         out[name] = (
             up.model,
             UpsamplerLoss(up.diffusion, up.model.config, crop_size),

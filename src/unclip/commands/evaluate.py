@@ -216,7 +216,7 @@ def _eval_prior(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from unclip.config import DiffusionConfig
+    from unclip.config import DIFFUSION_FILE, DiffusionConfig
     from unclip.data.embeddings import EmbeddingShards
     from unclip.diffusion import GaussianDiffusion
     from unclip.eval.prior_eval import (
@@ -235,7 +235,7 @@ def _eval_prior(args: argparse.Namespace) -> int:
     diffusion = None
     if not is_ar:
         diffusion = GaussianDiffusion.from_config(
-            DiffusionConfig.load(Path(args.prior) / "diffusion.json")
+            DiffusionConfig.load(Path(args.prior) / DIFFUSION_FILE)
         )
     text = FrozenTextEncoder(args.clip)
     train = EmbeddingShards(args.train_embeddings)

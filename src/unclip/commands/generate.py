@@ -22,8 +22,6 @@ from unclip.commands import SAMPLER_NAMES, add_dtype_argument
 
 DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_OUT = "unclip-out"
-MAX_STEPS = 1000
-MAX_GUIDANCE = 100.0
 
 RESIZE_POLICY = (
     "Input images: any file Pillow reads (PNG, JPEG, WebP, GIF, BMP…) or SVG; RGBA and "
@@ -312,13 +310,14 @@ def _check_float(value: float | None, flag: str, low: float, high: float) -> Non
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    from unclip.pipeline.core import MAX_IMAGES, MAX_SEED
+    from unclip.pipeline.config import MAX_CANDIDATES, MAX_GUIDANCE, MAX_STEPS
+    from unclip.pipeline.settings import MAX_IMAGES, MAX_SEED
 
     for flag in ("prior_steps", "decoder_steps", "upsampler_steps"):
         _check_int(getattr(args, flag, None), "--" + flag.replace("_", "-"), 1, MAX_STEPS)
     for flag in ("prior_guidance", "decoder_guidance"):
         _check_float(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0.0, MAX_GUIDANCE)
-    _check_int(getattr(args, "prior_candidates", None), "--prior-candidates", 1, 64)
+    _check_int(getattr(args, "prior_candidates", None), "--prior-candidates", 1, MAX_CANDIDATES)
     _check_int(getattr(args, "num", None), "-n", 1, MAX_IMAGES)
     _check_int(getattr(args, "seed", None), "--seed", 0, MAX_SEED - MAX_IMAGES)
     if getattr(args, "seed", "absent") is None:
@@ -421,10 +420,12 @@ class _Progress:
 
 
 def _progress(args: argparse.Namespace, images: int, pipe: Any) -> _Progress:
+    from unclip.pipeline.config import upsampler_name
+
     last = "inpaint" if args.command in ("edit", "outpaint") else "decoder"
     if pipe.upsamplers:
         n = len(pipe.upsamplers)
-        last = "upsampler" if n == 1 else f"upsampler{n}"
+        last = upsampler_name(n - 1)
     return _Progress(not args.no_progress, images, last)
 
 
@@ -557,7 +558,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from unclip.pipeline.core import MAX_IMAGES, check_prompt
+    from unclip.pipeline.settings import MAX_IMAGES, check_prompt
 
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give either a CAPTION or --prompts FILE (one caption per line)")
@@ -609,7 +610,7 @@ def run_vary(args: argparse.Namespace) -> int:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    from unclip.pipeline.core import MAX_IMAGES
+    from unclip.pipeline.settings import MAX_IMAGES
 
     _check_common(args)
     _check_int(args.frames, "--frames", 2, MAX_IMAGES)
@@ -629,7 +630,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
 
 
 def run_textdiff(args: argparse.Namespace) -> int:
-    from unclip.pipeline.core import MAX_IMAGES, check_prompt
+    from unclip.pipeline.settings import MAX_IMAGES, check_prompt
 
     check_prompt(args.source, "--from caption")
     check_prompt(args.target, "--to caption")
@@ -656,6 +657,8 @@ def run_textdiff(args: argparse.Namespace) -> int:
 
 
 def _check_inpaint(args: argparse.Namespace) -> None:
+    from unclip.pipeline.config import MAX_STEPS
+
     _check_int(args.resample, "--resample", 1, 100)
     _check_int(args.jump, "--jump", 1, MAX_STEPS)
 

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import torch
 
-from unclip.config import DiffusionConfig
-from unclip.pipeline.config import PIPELINE_FILE, PipelineConfig, SamplingConfig, StagesConfig
-
-DIFFUSION_FILE = "diffusion.json"
+from unclip.config import DIFFUSION_FILE, DiffusionConfig
+from unclip.pipeline.config import (
+    PIPELINE_FILE,
+    PipelineConfig,
+    SamplingConfig,
+    StagesConfig,
+    upsampler_name,
+)
 
 
 def stage_folder(path: str | os.PathLike, what: str) -> Path:
@@ -93,7 +97,7 @@ def assemble_pipeline(
         sources.append(
             ("inpaint_decoder", stage_folder(inpaint_decoder, "inpaint decoder"), "inpaint decoder")
         )
-    up_names = ["upsampler" if i == 0 else f"upsampler{i + 1}" for i in range(len(upsamplers))]
+    up_names = [upsampler_name(i) for i in range(len(upsamplers))]
     for sub, path in zip(up_names, upsamplers, strict=True):
         sources.append((sub, stage_folder(path, "upsampler"), "upsampler"))
 

@@ -28,6 +28,12 @@ from unclip.config import Config, ConfigError
 PIPELINE_TYPE = "unclip_pipeline"
 PIPELINE_FORMAT_VERSION = 1
 
+# Limits of the sampling settings a caller may ask for (command line, server, pipeline.json):
+# their one home, which the CLI and the server import.
+MAX_STEPS = 1000  # the diffusion schedules' length: more steps than timesteps mean nothing
+MAX_GUIDANCE = 100.0
+MAX_CANDIDATES = 64  # prior samples per image, each a full prior run
+
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
 
 
@@ -110,6 +116,11 @@ class SamplingConfig(Config):
     upsampler: UpsamplerSampling = dataclasses.field(default_factory=UpsamplerSampling)
 
 
+def upsampler_name(k: int) -> str:
+    """The stage name of upsampler ``k`` (0-based): ``upsampler``, ``upsampler2``, …"""
+    return "upsampler" if k == 0 else f"upsampler{k + 1}"
+
+
 @dataclasses.dataclass
 class StagesConfig(Config):
     """Subfolders of the pipeline folder. ``prior`` may be null (the decoder is then fed the
@@ -162,8 +173,8 @@ def _check_common(steps: int, eta: float) -> None:
 
 
 def _check_guidance(guidance: float) -> None:
-    if not 0.0 <= guidance <= 100.0:
-        raise ConfigError(f"guidance must be in [0, 100], got {guidance}")
+    if not 0.0 <= guidance <= MAX_GUIDANCE:
+        raise ConfigError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
 
 
 def _check_relative(key: str, value: str) -> None:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from unclip.config import PIPELINE_FILE, DiffusionConfig
+from unclip.config import DIFFUSION_FILE, PIPELINE_FILE, DiffusionConfig
 from unclip.diffusion import GaussianDiffusion
 from unclip.pipeline.config import PipelineConfig
 
 if TYPE_CHECKING:
     from unclip.pipeline.core import UnclipPipeline
 
-DIFFUSION_FILE = "diffusion.json"
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 

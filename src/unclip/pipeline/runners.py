@@ -42,7 +42,7 @@ from unclip.diffusion import (
     randn,
     repaint_sample,
 )
-from unclip.pipeline.config import DecoderSampling, PriorSampling, UpsamplerSampling
+from unclip.pipeline.config import DecoderSampling, PriorSampling, UpsamplerSampling, upsampler_name
 from unclip.pipeline.loading import Stage
 
 ProgressCallback = Callable[[str, SampleStep], None]
@@ -81,11 +81,6 @@ class TextCondition:
 
 # ---------------------------------------------------------------------------------------------
 # Generators, precision, model functions
-
-
-def upsampler_name(k: int) -> str:
-    """The stage name of upsampler ``k`` (0-based): ``upsampler``, ``upsampler2``, …"""
-    return "upsampler" if k == 0 else f"upsampler{k + 1}"
 
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:

@@ -13,7 +13,7 @@ from torch import nn
 
 from unclip.clip.text import TextEncoder
 from unclip.clip.text import clip_tokenizer_dir as clip_tokenizer_dir
-from unclip.config import Config, TrainConfig
+from unclip.config import DIFFUSION_FILE, Config, TrainConfig
 from unclip.hub import save_pretrained
 from unclip.train import distributed
 from unclip.train.checkpoint import seed_everything
@@ -84,10 +84,7 @@ FrozenTextEncoder = TextEncoder
 
 def save_diffusion_config(folder: Path, diffusion_config: Config) -> None:
     """A diffusion stage's folder keeps the schedule it was trained with (``diffusion.json``)."""
-    diffusion_config.save(folder / DIFFUSION_NAME)
-
-
-DIFFUSION_NAME = "diffusion.json"
+    diffusion_config.save(folder / DIFFUSION_FILE)
 
 
 def diffusion_metrics(
