@@ -32,7 +32,7 @@ from tiny_pipeline import OUT, write_tiny_pipeline
 from unclip import cli
 from unclip.pipeline import load_pipeline
 from unclip.server import Limits, create_app
-from unclip.server.app import MULTIPART_OVERHEAD
+from unclip.server.bodies import MULTIPART_OVERHEAD
 from unclip.server.jobs import Job, JobCancelled, JobQueue, QueueFull
 from unclip.server.uploads import png_text
 
@@ -455,9 +455,9 @@ def test_cancel_jobs(pipe):
 
 
 def test_finished_jobs_are_forgotten(pipe, monkeypatch):
-    from unclip.server import app as app_module
+    from unclip.server import state
 
-    monkeypatch.setattr(app_module, "MAX_KEPT_JOBS", 2)
+    monkeypatch.setattr(state, "MAX_KEPT_JOBS", 2)
     with TestClient(create_app(pipe, limits=LIMITS)) as c:
         ids = []
         for i in range(3):

@@ -1,6 +1,12 @@
 """The unclip HTTP server: an OpenAI-compatible Images API and a browser page.
 
-- :mod:`.app`: :func:`create_app` (FastAPI), the routes, the request limits;
+- :mod:`.app`: :func:`create_app` (FastAPI): wires the state, the middleware and the routes;
+- :mod:`.routes_images`, :mod:`.routes_jobs`, :mod:`.routes_gallery`: the route handlers;
+- :mod:`.bodies`: request models, body parsing and the checks of a request;
+- :mod:`.responses`: jobs made from requests, and the JSON answers built from them;
+- :mod:`.state`: the per-app state the handlers read (``request.app.state.unclip``);
+- :mod:`.guard`: the Host/Origin checks and body limits in front of every route;
+- :mod:`.auth`: the API key; :mod:`.openapi`: what the OpenAPI document says by hand;
 - :mod:`.jobs`: a bounded job queue served by worker threads, with progress events;
 - :mod:`.gallery`: the SQLite gallery (PNGs on disk) and the in-memory image store;
 - :mod:`.uploads`: checked decoding of uploaded images, PNG encoding;
