@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,6 +51,8 @@ def body_limit(limits: Limits, path: str) -> int:
 
 class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    #: a multipart request's file fields (name: required), in the order they are read
+    files: ClassVar[dict[str, bool]] = {}
 
     model: str | None = Field(None, description="ignored: the server runs one pipeline")
     user: str | None = Field(None, description="ignored")
@@ -95,6 +97,8 @@ class GenerationRequest(WithPrior):
 class EditRequest(WithPrior):
     """``POST /v1/images/edits`` (multipart; files ``image`` and optional ``mask``)."""
 
+    files: ClassVar[dict[str, bool]] = {"image": True, "mask": False}
+
     prompt: str
     n: int = 1
     repaint: bool = Field(False, description="RePaint with the plain decoder")
@@ -103,6 +107,8 @@ class EditRequest(WithPrior):
 class VariationRequest(ImageRequest):
     """``POST /v1/images/variations`` (multipart; file ``image``)."""
 
+    files: ClassVar[dict[str, bool]] = {"image": True}
+
     n: int = 1
     invert: bool = Field(False, description="start from the image's DDIM-inverted noise")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM η")
@@ -110,6 +116,8 @@ class VariationRequest(ImageRequest):
 
 class InterpolationRequest(ImageRequest):
     """``POST /v1/images/interpolations`` (multipart; files ``image_a`` and ``image_b``)."""
+
+    files: ClassVar[dict[str, bool]] = {"image_a": True, "image_b": True}
 
     frames: int = 5
     invert_noise: bool = False

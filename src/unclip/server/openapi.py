@@ -75,9 +75,10 @@ def json_doc(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def form_doc(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:
-    """The ``openapi_extra`` of a multipart route: ``model``'s fields and the file fields
-    ``files`` (name: required)."""
+def form_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The ``openapi_extra`` of a multipart route: ``model``'s fields and its file fields
+    (``model.files``, name: required)."""
+    files: dict[str, bool] = getattr(model, "files", {})
     schema = model.model_json_schema()
     for name in files:
         schema["properties"] = {

@@ -37,16 +37,17 @@ router = APIRouter(tags=["images"], responses=ERRORS)
 
 
 async def _read_form(
-    request: Request, model: type[ImageRequest], files: tuple[str, ...]
+    request: Request, model: type[ImageRequest]
 ) -> tuple[Any, int, list[Image.Image | None]]:
-    """A multipart request: its checked fields as ``model``, its output size and its
-    ``files`` decoded (the first required, the others too unless named ``mask``)."""
+    """A multipart request: its checked fields as ``model``, its output size and its files
+    (``model.files``) decoded, None for an optional file not sent."""
     server = state(request)
-    fields, uploads = await form_body(request, files, server.limits)
+    fields, uploads = await form_body(request, tuple(model.files), server.limits)
     req = validate(model, fields)
     size = check_request(req, server.limits, server.pipe.image_size)
     images = [
-        await read_image(uploads, name, server.limits, required=name != "mask") for name in files
+        await read_image(uploads, name, server.limits, required=required)
+        for name, required in model.files.items()
     ]
     return req, size, images
 
@@ -56,14 +57,14 @@ async def _submit(
     req: ImageRequest,
     kind: str,
     sample: Callable[..., list[Image.Image]],
-    *,
-    first: str,
-    images: int,
     size: int,
+    first: str = "decoder",
 ) -> Response:
     """Check the sampling settings of ``req``, then run ``sample(progress=…, **settings)``
-    as a job of ``kind`` whose first stage after the prior is ``first``."""
+    as a job of ``kind`` (images of ``size`` pixels) whose first stage after the prior is
+    ``first``."""
     server = state(request)
+    images = req.frames if isinstance(req, InterpolationRequest) else req.n
     overrides = sampling_overrides(req, server.pipe, server.limits)
     prior = (
         isinstance(req, WithPrior)
@@ -95,18 +96,16 @@ async def generations(request: Request) -> Response:
     sample = partial(
         server.pipe.text_to_image, req.prompt, n=req.n, seed=req.seed, use_prior=req.use_prior
     )
-    return await _submit(
-        request, req, "generations", sample, first="decoder", images=req.n, size=size
-    )
+    return await _submit(request, req, "generations", sample, size)
 
 
 @router.post(
     "/images/edits",
     summary="Edit an image with a mask and a prompt (white or transparent = repaint)",
-    openapi_extra=form_doc(EditRequest, {"image": True, "mask": False}),
+    openapi_extra=form_doc(EditRequest),
 )
 async def edits(request: Request) -> Response:
-    req, size, (image, mask) = await _read_form(request, EditRequest, ("image", "mask"))
+    req, size, (image, mask) = await _read_form(request, EditRequest)
     assert image is not None
     pipe = state(request).pipe
     check_mask(image, mask, pipe.image_size)
@@ -114,34 +113,30 @@ async def edits(request: Request) -> Response:
         pipe.inpaint, image, mask, req.prompt, n=req.n, seed=req.seed, use_prior=req.use_prior,
         repaint=req.repaint,
     )  # fmt: skip
-    return await _submit(request, req, "edits", sample, first="inpaint", images=req.n, size=size)
+    return await _submit(request, req, "edits", sample, size, first="inpaint")
 
 
 @router.post(
     "/images/variations",
     summary="Variations of an image (same CLIP image embedding, new noise)",
-    openapi_extra=form_doc(VariationRequest, {"image": True}),
+    openapi_extra=form_doc(VariationRequest),
 )
 async def variations(request: Request) -> Response:
-    req, size, (image,) = await _read_form(request, VariationRequest, ("image",))
+    req, size, (image,) = await _read_form(request, VariationRequest)
     pipe = state(request).pipe
     sample = partial(pipe.variations, image, n=req.n, invert=req.invert, eta=req.eta, seed=req.seed)
-    return await _submit(
-        request, req, "variations", sample, first="decoder", images=req.n, size=size
-    )
+    return await _submit(request, req, "variations", sample, size)
 
 
 @router.post(
     "/images/interpolations",
     summary="Frames between two images (slerp of CLIP image embeddings; extension)",
-    openapi_extra=form_doc(InterpolationRequest, {"image_a": True, "image_b": True}),
+    openapi_extra=form_doc(InterpolationRequest),
 )
 async def interpolations(request: Request) -> Response:
-    req, size, (a, b) = await _read_form(request, InterpolationRequest, ("image_a", "image_b"))
+    req, size, (a, b) = await _read_form(request, InterpolationRequest)
     pipe = state(request).pipe
     sample = partial(
         pipe.interpolate, a, b, frames=req.frames, invert_noise=req.invert_noise, seed=req.seed
     )
-    return await _submit(
-        request, req, "interpolations", sample, first="decoder", images=req.frames, size=size
-    )
+    return await _submit(request, req, "interpolations", sample, size)
