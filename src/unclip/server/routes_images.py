@@ -76,10 +76,17 @@ async def _submit(
     def work(progress: Callable[[str, Any], None]) -> list[Image.Image]:
         return sample(progress=progress, **overrides)
 
+    response_format = req.response_format or "url"
     job = make_job(
-        server, request, kind, work, images=images, stages=stages, size=size,
-        response_format=req.response_format or "url",
-    )  # fmt: skip
+        server,
+        request,
+        kind,
+        work,
+        images=images,
+        stages=stages,
+        size=size,
+        response_format=response_format,
+    )
     return await dispatch(request, job)
 
 
@@ -110,9 +117,15 @@ async def edits(request: Request) -> Response:
     pipe = state(request).pipe
     check_mask(image, mask, pipe.image_size)
     sample = partial(
-        pipe.inpaint, image, mask, req.prompt, n=req.n, seed=req.seed, use_prior=req.use_prior,
+        pipe.inpaint,
+        image,
+        mask,
+        req.prompt,
+        n=req.n,
+        seed=req.seed,
+        use_prior=req.use_prior,
         repaint=req.repaint,
-    )  # fmt: skip
+    )
     return await _submit(request, req, "edits", sample, size, first="inpaint")
 
 

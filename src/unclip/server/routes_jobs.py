@@ -83,13 +83,13 @@ async def _events(job: Job, last_id: int) -> AsyncIterator[str]:
 @about.get("/models", summary="The pipeline, as an OpenAI model list")
 async def models(request: Request) -> dict[str, Any]:
     server = state(request)
-    return {
-        "object": "list",
-        "data": [
-            {"id": server.pipe.name, "object": "model", "created": int(server.started),
-             "owned_by": "unclip"}
-        ],
-    }  # fmt: skip
+    model = {
+        "id": server.pipe.name,
+        "object": "model",
+        "created": int(server.started),
+        "owned_by": "unclip",
+    }
+    return {"object": "list", "data": [model]}
 
 
 @about.get("/status", summary="Pipeline, defaults, limits and queue state")
