@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _default_model() -> Path:
     """The CLIP of the shipped default pipeline (emoji-small)."""
-    from unclip.pipeline.core import resolve_pipeline
+    from unclip.pipeline.loading import resolve_pipeline
 
     try:
         return resolve_pipeline("emoji-small")

@@ -397,7 +397,7 @@ class _Progress:
 
         if self.bar is None:
             self.bar = tqdm(file=sys.stderr, leave=False, dynamic_ncols=True)
-        from unclip.pipeline.core import step_images
+        from unclip.pipeline.runners import step_images
 
         count = step_images(stage, step)
         if step.index == 0:
@@ -529,7 +529,7 @@ MAX_PROMPTS = 256
 
 def read_prompts(path: str) -> list[str]:
     """Captions of a ``--prompts`` file: one per line, blank and ``#`` lines skipped."""
-    from unclip.pipeline.core import check_prompt
+    from unclip.pipeline.settings import check_prompt
 
     file = Path(path)
     if file.is_dir():
@@ -664,8 +664,8 @@ def _check_inpaint(args: argparse.Namespace) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from unclip.pipeline.core import check_prompt
     from unclip.pipeline.images import has_transparency
+    from unclip.pipeline.settings import check_prompt
 
     check_prompt(args.prompt)
     _check_common(args)
@@ -705,7 +705,7 @@ def _paint_options(args: argparse.Namespace, bar: Any) -> dict[str, Any]:
 
 
 def run_outpaint(args: argparse.Namespace) -> int:
-    from unclip.pipeline.core import check_prompt
+    from unclip.pipeline.settings import check_prompt
 
     check_prompt(args.prompt)
     _check_common(args)
@@ -725,7 +725,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
 
 def run_rank(args: argparse.Namespace) -> int:
     from unclip.data.sheet import contact_sheet
-    from unclip.pipeline.core import check_prompt
+    from unclip.pipeline.settings import check_prompt
 
     check_prompt(args.prompt)
     _check_common(args)

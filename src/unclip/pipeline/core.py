@@ -50,20 +50,16 @@ from unclip.pipeline.images import (
     to_pil,
 )
 from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
-
-# re-exported for older imports (the CLI, the server, bench); their homes are the modules above
-from unclip.pipeline.loading import resolve_pipeline as resolve_pipeline
 from unclip.pipeline.runners import (
     ProgressCallback,
     TextCondition,
     decode,
     invert,
     sample_prior,
+    stage_generator,
     stage_generators,
     upsample,
 )
-from unclip.pipeline.runners import stage_generator as stage_generator
-from unclip.pipeline.runners import step_images as step_images
 from unclip.pipeline.settings import (
     DEFAULT_MAX_BATCH,
     apply_overrides,
@@ -73,8 +69,6 @@ from unclip.pipeline.settings import (
     check_seed,
     sampling_info,
 )
-from unclip.pipeline.settings import MAX_IMAGES as MAX_IMAGES
-from unclip.pipeline.settings import MAX_SEED as MAX_SEED
 
 #: captions whose token ids a pipeline keeps (a server sees many distinct prompts)
 TOKEN_CACHE_SIZE = 4096

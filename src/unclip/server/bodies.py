@@ -318,10 +318,14 @@ def sampling_overrides(req: ImageRequest, pipe: Any, limits: Limits) -> dict[str
     if with_prior:
         out["prior_guidance"] = req.prior_guidance
     out["sampler"] = req.sampler
+    from unclip.pipeline.config import MAX_GUIDANCE
+
     for key in ("decoder_guidance", "prior_guidance"):
         value = out.get(key)
-        if value is not None and not 0.0 <= value <= 100.0:
-            raise bad_request(f"{key} must be between 0 and 100, got {value}", param=key)
+        if value is not None and not 0.0 <= value <= MAX_GUIDANCE:
+            raise bad_request(
+                f"{key} must be between 0 and {MAX_GUIDANCE:g}, got {value}", param=key
+            )
     try:
         pipe.sampling_settings(**out)
     except (ValueError, TypeError) as e:

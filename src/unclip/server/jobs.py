@@ -196,7 +196,7 @@ class Job:
         self.check()
         total = int(getattr(step, "total", 1))
         index = int(getattr(step, "index", 0))
-        from unclip.pipeline.core import step_images  # here: this module needs no torch
+        from unclip.pipeline.runners import step_images  # here: this module needs no torch
 
         info = self._tracker.update(stage, index, total, step_images(stage, step))
         self.progress_info = info

@@ -90,8 +90,10 @@ class ServerState:
         self.jobs[job.id] = job
 
     def upsampler_stages(self) -> list[str]:
+        from unclip.pipeline.config import upsampler_name
+
         n = len(getattr(self.pipe, "upsamplers", []) or [])
-        return ["upsampler" if k == 0 else f"upsampler{k + 1}" for k in range(n)]
+        return [upsampler_name(k) for k in range(n)]
 
 
 def result_bytes(job: Job) -> int:
