@@ -56,16 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.commands import add_dtype_argument
-from unclip.commands.bench import (
+from unclip.commands.bench_report import machine_info, markdown_table, write_doc_section
+from unclip.commands.random_pipelines import (
     CAPTION,
     StageConfigs,
-    machine_info,
-    markdown_table,
     random_pipeline,
     randomize_zeros,
     stage_configs_from_dir,
     tiny_stage_configs,
-    write_doc_section,
 )
 from unclip.pipeline import UnclipPipeline
 from unclip.pipeline.loading import plain_copy

@@ -41,7 +41,7 @@ from xml.sax.saxutils import escape
 import torch
 
 from unclip.commands import SAMPLER_NAMES, add_dtype_argument
-from unclip.commands.bench import machine_info, markdown_table, write_doc_section
+from unclip.commands.bench_report import machine_info, markdown_table, write_doc_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"

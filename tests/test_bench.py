@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from unclip.commands import bench
+from unclip.commands import bench, bench_measure, bench_report, random_pipelines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,9 +60,9 @@ def bench_args(*argv: str) -> argparse.Namespace:
 
 def test_write_doc_section_replaces_only_its_section(tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "b.md"
-    bench.write_doc_section(doc, "one", "first\n")
-    bench.write_doc_section(doc, "two", "second")
-    bench.write_doc_section(doc, "one", "third")
+    bench_report.write_doc_section(doc, "one", "first\n")
+    bench_report.write_doc_section(doc, "two", "second")
+    bench_report.write_doc_section(doc, "one", "third")
     text = doc.read_text()
     assert text.startswith("# Benchmarks")
     assert "first" not in text and text.count("<!-- one:start -->") == 1
@@ -70,19 +70,19 @@ def test_write_doc_section_replaces_only_its_section(tmp_path: Path) -> None:
 
 
 def test_markdown_table_and_timed() -> None:
-    table = bench.markdown_table(["a", "b"], [(1, 0.123456), ("x", None)])
+    table = bench_report.markdown_table(["a", "b"], [(1, 0.123456), ("x", None)])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |", "| x |  |"]
     calls = []
-    t = bench.timed(lambda: calls.append(1), repeat=2)
+    t = bench_measure.timed(lambda: calls.append(1), repeat=2)
     assert len(calls) == 3 and t["runs"] == 2 and 0 <= t["best_s"] <= t["median_s"]
 
 
 def test_random_pipeline_from_configs_generates() -> None:
-    pipe = bench.random_pipeline(bench.tiny_stage_configs())
+    pipe = random_pipelines.random_pipeline(random_pipelines.tiny_stage_configs())
     img = pipe.text_to_image("a red square", seed=0, prior_steps=1, decoder_steps=1,
                              upsampler_steps=1)[0]  # fmt: skip
     assert img.size == (pipe.image_size, pipe.image_size)
-    sc = bench.stage_configs_from_dir(REPO / "configs" / "emoji-small")
+    sc = random_pipelines.stage_configs_from_dir(REPO / "configs" / "emoji-small")
     assert not sc.decoder.inpaint and sc.prior is not None and len(sc.upsamplers) == 1
     assert sc.train_batch["decoder"] >= 1
 
@@ -161,7 +161,7 @@ def tiny_run_configs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         UpsamplerRunConfig,
     )
 
-    sc = bench.tiny_stage_configs()
+    sc = random_pipelines.tiny_stage_configs()
     folder = tmp_path_factory.mktemp("run-configs")
     train = TrainConfig(batch_size=4, ema_decay=0.9, warmup_steps=1, steps=100)
     missing = "no/such/data"

@@ -140,7 +140,7 @@ class SyntheticItems:
     def __init__(self, fields: tuple[str, ...], image_size: int = 0, dim: int = 0) -> None:
         import torch
 
-        from unclip.commands.bench import CAPTIONS
+        from unclip.commands.random_pipelines import CAPTIONS
 
         g = torch.Generator().manual_seed(0)
         n = SYNTHETIC_POOL
@@ -162,7 +162,7 @@ class SyntheticItems:
 
 
 def _tokenizer(vocab_size: int, context_length: int) -> Any:
-    from unclip.commands.bench import CAPTIONS
+    from unclip.commands.random_pipelines import CAPTIONS
     from unclip.tokenizer import train_tokenizer
 
     return train_tokenizer(CAPTIONS * 4, max(600, min(vocab_size, 1024)),
@@ -292,7 +292,7 @@ def measure_peak(device: Any, dtype: Any) -> float:
     """FLOP/s of the best of a few dense matrix products in ``dtype`` on ``device``."""
     import torch
 
-    from unclip.commands.bench import matmul_peak
+    from unclip.commands.bench_measure import matmul_peak
 
     if device.type != "cuda":
         return matmul_peak(dtype, 2048, 5)
@@ -442,7 +442,7 @@ class _Hooked:
 
 def format_markdown(r: dict[str, Any]) -> str:
     """A profile of :func:`profile` as a Markdown section."""
-    from unclip.commands.bench import markdown_table
+    from unclip.commands.bench_report import markdown_table
 
     loss = r["loss_outside_network_ms"]
     head = (
@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from unclip.commands.bench import write_doc_section
+    from unclip.commands.bench_report import write_doc_section
 
     if args.stage not in STAGES:
         raise ValueError(f"unclip bench train STAGE --config FILE: STAGE is one of "
