@@ -1,0 +1,165 @@
+"""Options the generation commands share: their argument groups and help texts, and the
+pipeline they name (``--pipeline/--device/--dtype/--compile``) and the sampling overrides
+(``--sampler``, ``--*-steps``, ``--*-guidance``…) turned into pipeline keyword arguments.
+
+A flag and the keyword it becomes live here together; nothing here imports torch (the
+pipeline is imported inside :func:`load_pipeline_from`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from unclip.commands import SAMPLER_NAMES, add_dtype_argument
+
+DEFAULT_PIPELINE = "emoji-small"
+DEFAULT_OUT = "unclip-out"
+
+RESIZE_POLICY = (
+    "Input images: any file Pillow reads (PNG, JPEG, WebP, GIF, BMP…) or SVG; RGBA and "
+    "palette images are composited onto white, then the centre square is cropped (the "
+    "shorter side is kept whole) and resized with Lanczos to the pipeline's output "
+    "resolution."
+)
+MASK_POLICY = (
+    "Mask convention: white or transparent = repaint, black = keep. A mask with any "
+    "transparent pixel is read by its alpha channel only (alpha < 128 = repaint), otherwise "
+    "by its grey level (>= 128 = repaint). The mask must have the image's size; it gets the "
+    "same centre crop and a nearest-neighbour resize."
+)
+OUTPUT_POLICY = (
+    "Output: PNGs named OUT/COMMAND-SEED-I.png (I = 0, 1, …) with the prompt, seed, steps, "
+    "guidance, sampler and model in their text metadata; the same seed gives the same bytes "
+    "on the same machine (another CPU, precision or -n may change a few grey levels). The "
+    "output folder is checked before any model is loaded; nothing is written unless every "
+    "image succeeded."
+)
+
+
+class _ParagraphFormatter(argparse.HelpFormatter):
+    """Wraps description and epilog paragraph by paragraph (blank lines are kept)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return "\n\n".join(
+            textwrap.fill(" ".join(part.split()), width, initial_indent=indent,
+                          subsequent_indent=indent)
+            for part in text.split("\n\n")
+        )  # fmt: skip
+
+
+def command_parser(
+    sub: argparse._SubParsersAction, name: str, help_text: str, description: str
+) -> argparse.ArgumentParser:
+    """A generation command's parser; its epilog states the output naming (not for rank)."""
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=OUTPUT_POLICY if name != "rank" else None,
+        formatter_class=_ParagraphFormatter,
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--pipeline``, ``--device``, ``--dtype``, ``--compile``."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        metavar="NAME_OR_PATH",
+        help=f"a pipeline folder, or the name of a shipped pipeline (default: {DEFAULT_PIPELINE})",
+    )
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    add_dtype_argument(g)
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the sampling networks: minutes of compiling first, faster "
+        "sampling after (pays off for many images)",
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, prior: bool, guidance: bool = True) -> None:
+    """Seed, sampler and per-stage step/guidance overrides (prior ones if ``prior``)."""
+    g = p.add_argument_group("sampling (defaults: the pipeline's pipeline.json)")
+    g.add_argument("--seed", type=int, help="seed of the first image; image i uses SEED+i "
+                   "(default: random, reported in the metadata and --json)")  # fmt: skip
+    g.add_argument(
+        "--sampler", choices=SAMPLER_NAMES, help="sampler for every stage (default per stage)"
+    )
+    if prior:
+        g.add_argument("--prior-steps", type=int, metavar="N", help="prior sampling steps")
+        g.add_argument(
+            "--prior-guidance", type=float, metavar="W", help="prior guidance scale (1 = off)"
+        )
+        g.add_argument(
+            "--prior-candidates",
+            type=int,
+            metavar="N",
+            help="z_i samples per image; the one closest to the caption's z_t is kept",
+        )
+        g.add_argument(
+            "--no-prior",
+            action="store_true",
+            help="feed the decoder the text embedding instead of a prior sample (§5.1 baseline)",
+        )
+    g.add_argument("--decoder-steps", type=int, metavar="N", help="decoder sampling steps")
+    if guidance:
+        g.add_argument(
+            "--decoder-guidance", type=float, metavar="W", help="decoder guidance scale (1 = off)"
+        )
+    g.add_argument("--upsampler-steps", type=int, metavar="N", help="steps of each upsampler")
+    g.add_argument(
+        "--upsampler-strength",
+        type=float,
+        metavar="S",
+        help="start each upsampler from its input noised to S·T (0 < S ≤ 1; 1 = pure noise)",
+    )
+
+
+def add_output_args(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """``--out`` (if the command writes images), ``--grid``, ``--json``, ``--no-progress``."""
+    g = p.add_argument_group("output")
+    if images:
+        g.add_argument(
+            "--out",
+            default=DEFAULT_OUT,
+            metavar="DIR",
+            help=f"folder for the PNGs (created if needed; default: {DEFAULT_OUT})",
+        )
+    g.add_argument("--grid", metavar="PATH", help="also write a contact sheet PNG of the results")
+    g.add_argument("--json", action="store_true", help="print machine-readable results to stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_inpaint_args(p: argparse.ArgumentParser) -> None:
+    """``-n`` and the RePaint options of ``edit`` and ``outpaint``."""
+    p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="images (default 1)")
+    g = p.add_argument_group("inpainting")
+    g.add_argument("--repaint", action="store_true",
+                   help="use RePaint even if the pipeline has an inpainting decoder")  # fmt: skip
+    g.add_argument("--resample", type=int, default=4, metavar="R",
+                   help="RePaint: passes over each jump, 1-100 (default 4)")  # fmt: skip
+    g.add_argument("--jump", type=int, default=5, metavar="J",
+                   help="RePaint: steps to jump back up (default 5, at most half the steps)")  # fmt: skip
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given on the command line, as pipeline keyword arguments."""
+    keys = ("sampler", "prior_steps", "prior_guidance", "prior_candidates", "decoder_steps",
+            "decoder_guidance", "upsampler_steps", "upsampler_strength")  # fmt: skip
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def load_pipeline_from(args: argparse.Namespace) -> Any:
+    """The pipeline ``--pipeline/--device/--dtype`` name, compiled with ``--compile``."""
+    from unclip.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
+    return pipe.compile() if getattr(args, "compile", False) else pipe
