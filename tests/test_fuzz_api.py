@@ -121,8 +121,9 @@ def examples_from_the_document_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     the examples depend on the OpenAPI document alone."""
     from hypothesis.internal.conjecture import providers
 
-    if hasattr(providers, "_get_local_constants"):
-        empty = providers.Constants()
+    constants = getattr(providers, "Constants", None)  # private: absent in other versions
+    if constants is not None and hasattr(providers, "_get_local_constants"):
+        empty = constants()
         monkeypatch.setattr(providers, "_get_local_constants", lambda: empty)
 
 
