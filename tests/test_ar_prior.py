@@ -16,10 +16,10 @@ from unclip.prior.ar import (
     ARPrior,
     ARPriorConfig,
     filter_logits,
-    fit_codebook,
     ordinal_targets,
     sample_logits,
 )
+from unclip.prior.codebook import fit_codebook
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

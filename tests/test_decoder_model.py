@@ -21,7 +21,7 @@ from unclip.decoder import (
     make_low_res,
     widen_to_inpainting,
 )
-from unclip.decoder.unet import ResBlock
+from unclip.decoder.blocks import ResBlock
 from unclip.decoder.upsampler import gaussian_kernel1d
 from unclip.hub import HubError, from_pretrained, load_weights_into, save_pretrained
 

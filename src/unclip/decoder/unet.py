@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config, ConfigError
+from unclip.decoder.blocks import AttentionBlock, Downsample, ResBlock, UNetStage, Upsample
 from unclip.nn import (
-    Attention,
     TimestepEmbedder,
     apply_null,
     condition_drop_mask,
-    maybe_checkpoint,
     normalization,
     zero_module,
 )
@@ -150,158 +149,6 @@ class UNetConfig(Config):
 
     def heads_for(self, channels: int) -> int:
         return channels // self.num_head_channels if self.num_head_channels else self.num_heads
-
-
-class Downsample(nn.Module):
-    """[N, C, H, W] -> [N, out, H/2, W/2]: a stride-2 3×3 conv, or 2×2 average pooling."""
-
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
-        super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
-        elif out_channels == channels:
-            self.op = nn.AvgPool2d(2)
-        else:
-            raise ValueError("pooling cannot change the channel count")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """[N, C, H, W] -> [N, out, 2H, 2W]: nearest-neighbour ×2, then optionally a 3×3 conv."""
-
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
-        super().__init__()
-        out_channels = out_channels or channels
-        if not use_conv and out_channels != channels:
-            raise ValueError("upsampling without a conv cannot change the channel count")
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.conv is not None else x
-
-
-class ResBlock(nn.Module):
-    """ADM residual block. x: [N, C, H, W], emb_out: [N, E'] -> [N, out, H', W'].
-
-    ``emb_out`` is the block's projection of the timestep embedding emb [N, E],
-    ``emb_proj(silu(emb))`` (:meth:`project`; E' = 2·out with scale-shift norm, else out). The
-    UNet computes the projections of all its blocks as one matmul
-    (:meth:`UNet.block_embeddings`), since each is only N rows. ``up``/``down`` resample
-    inside the block (BigGAN, Brock et al. 2019): H' = 2H or H/2. With
-    ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second group
-    norm, ``norm(h) * (1 + scale) + shift``; otherwise it is added before it. The last conv
-    starts at zero, so a new block is the identity (on its skip path).
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        out_channels: int | None = None,
-        *,
-        dropout: float = 0.0,
-        use_scale_shift_norm: bool = True,
-        up: bool = False,
-        down: bool = False,
-        groups: int = 32,
-    ) -> None:
-        super().__init__()
-        out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_norm = normalization(channels, groups)
-        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.updown = up or down
-        if up:
-            self.h_upd: nn.Module = Upsample(channels, False)
-            self.x_upd: nn.Module = Upsample(channels, False)
-        elif down:
-            self.h_upd = Downsample(channels, False)
-            self.x_upd = Downsample(channels, False)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        self.emb_proj = nn.Linear(
-            emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels
-        )
-        self.out_norm = normalization(out_channels, groups)
-        self.dropout = nn.Dropout(dropout)
-        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
-
-    def project(self, emb: torch.Tensor) -> torch.Tensor:
-        """emb [N, E] -> this block's ``emb_out`` [N, E'], with autocast off (float32 in a
-        float32 model: see UNet.condition)."""
-        with torch.autocast(emb.device.type, enabled=False):
-            return self.emb_proj(F.silu(emb))
-
-    def forward(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
-        if self.updown:
-            h, x = self.h_upd(h), self.x_upd(x)
-        h = self.in_conv(h)
-        e = emb_out[:, :, None, None]  # [N, E', 1, 1]
-        if self.use_scale_shift_norm:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm.modulate(h, scale, shift)
-        else:
-            h = self.out_norm(h + e.to(h.dtype))
-        return self.skip(x) + self.out_conv(self.dropout(F.silu(h)))
-
-
-class AttentionBlock(nn.Module):
-    """Spatial self-attention that also attends to context tokens (GLIDE's encoder_kv).
-
-    x: [N, C, H, W]; context: [N, Lc, context_dim]; context_mask: [N, Lc] bool (True = real
-    token). Returns x + attention output, [N, C, H, W]. The output projection starts at zero.
-    """
-
-    def __init__(
-        self, channels: int, num_heads: int, context_dim: int | None = None, groups: int = 32
-    ) -> None:
-        super().__init__()
-        self.norm = normalization(channels, groups)
-        self.attn = Attention(channels, num_heads, context_dim=context_dim)
-        zero_module(self.attn.proj)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        n, c, h, w = x.shape
-        seq = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
-        if context is None:
-            context_mask = None
-        out = self.attn(seq, context=context, context_mask=context_mask)  # [N, HW, C]
-        return x + out.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
-
-
-class UNetStage(nn.ModuleList):
-    """A sequence of ResBlock / AttentionBlock / resampling layers applied in order; each
-    ResBlock takes the next of ``emb_outs`` (its embedding projection, in execution order)."""
-
-    def forward(  # type: ignore[override]
-        self,
-        h: torch.Tensor,
-        emb_outs: Iterator[torch.Tensor],
-        context: torch.Tensor | None,
-        context_mask: torch.Tensor | None,
-        use_checkpoint: bool = False,
-    ) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                h = maybe_checkpoint(layer, h, next(emb_outs), enabled=use_checkpoint)
-            elif isinstance(layer, AttentionBlock):
-                h = maybe_checkpoint(layer, h, context, context_mask, enabled=use_checkpoint)
-            else:
-                h = layer(h)
-        return h
 
 
 class UNet(nn.Module):

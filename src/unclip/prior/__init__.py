@@ -3,7 +3,8 @@ embedding z_i. :mod:`.model` is the diffusion prior, :mod:`.ar` the autoregressi
 
 from __future__ import annotations
 
-from unclip.prior.ar import ARPrior, ARPriorConfig, Codebook, fit_codebook
+from unclip.prior.ar import ARPrior, ARPriorConfig
+from unclip.prior.codebook import Codebook, fit_codebook
 from unclip.prior.model import (
     DiffusionPriorTransformer,
     PriorConfig,

@@ -110,7 +110,8 @@ def run_ar(args: argparse.Namespace) -> int:
     """Train the autoregressive prior: fit the code book on every training row, then train."""
     import numpy as np
 
-    from unclip.prior.ar import ARPrior, fit_codebook
+    from unclip.prior.ar import ARPrior
+    from unclip.prior.codebook import fit_codebook
     from unclip.run_configs import ARPriorRunConfig
     from unclip.train.loop import Trainer
     from unclip.train.stages.common import (
