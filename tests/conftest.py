@@ -2,9 +2,13 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from unclip.pipeline import UnclipPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 # One torch thread for the whole suite: its models and tensors are tiny, so intra-op threads
@@ -25,3 +29,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline folder (tests/tiny_pipeline.py), written once per module; a test
+    that changes it works on a copy."""
+    from tiny_pipeline import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("pipeline") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir: Path) -> "UnclipPipeline":
+    """The tiny pipeline loaded on the CPU, once per module."""
+    from unclip.pipeline import load_pipeline
+
+    return load_pipeline(pipeline_dir, device="cpu")

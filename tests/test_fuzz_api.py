@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import schemathesis
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -33,9 +32,11 @@ from PIL import Image
 from schemathesis import GenerationMode, checks
 from schemathesis.python import asgi
 
-from tiny_pipeline import write_tiny_pipeline
-from unclip.pipeline import UnclipPipeline, load_pipeline
+from unclip.pipeline import UnclipPipeline
 from unclip.server import Limits, create_app
+
+# the tiny pipeline is conftest's module-scoped `pipe`, run on one torch thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_EXAMPLES = 25
 API_KEY = "fuzz-key-0123456789"
@@ -102,14 +103,6 @@ def _maybe_real_images(case: Any, data: st.DataObject) -> None:
     for field in FILE_FIELDS:
         if field in body:
             body[field] = _png(mask if field == "mask" else image)
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnclipPipeline]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_pipeline(write_tiny_pipeline(tmp_path_factory.mktemp("fuzz") / "tiny"), "cpu")
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

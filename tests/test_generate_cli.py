@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_pipeline import OUT, write_stages, write_tiny_pipeline
+from tiny_pipeline import OUT, write_stages
 from unclip import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,11 +32,6 @@ def registered(monkeypatch):
 
         stages = dict(cli.TRAIN_STAGES, pipeline=(stage.HELP, "unclip.train.stages.pipeline:run"))
         monkeypatch.setattr(cli, "TRAIN_STAGES", stages)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("cli") / "tiny")
 
 
 @pytest.fixture(scope="module")

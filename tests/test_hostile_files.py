@@ -25,7 +25,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import unclip
-from tiny_pipeline import write_tiny_pipeline
 from unclip import cli
 from unclip.config import ConfigError
 from unclip.data.datasets import DataError, open_dataset
@@ -35,15 +34,10 @@ from unclip.hub import HubError, UnsafeWeightsError, from_pretrained
 STAGE_WEIGHTS = "decoder/model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def clean_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("hostile") / "tiny")
-
-
 @pytest.fixture
-def pipe_dir(clean_pipeline: Path, tmp_path: Path) -> Path:
+def pipe_dir(pipeline_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny pipeline, to tamper with."""
-    return Path(shutil.copytree(clean_pipeline, tmp_path / "pipe"))
+    return Path(shutil.copytree(pipeline_dir, tmp_path / "pipe"))
 
 
 def refused_by_cli(

@@ -30,21 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return load_pipeline(folder, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def base_pipe(folder):
+def base_pipe(pipeline_dir):
     """The same stages without upsampler: outputs at the decoder's 8 px."""
-    stages = folder.parent / f"{folder.name}-stages"
+    stages = pipeline_dir.parent / f"{pipeline_dir.name}-stages"
     out = assemble_pipeline(
-        folder.parent / "base", clip=stages / "clip", prior=stages / "prior",
+        pipeline_dir.parent / "base", clip=stages / "clip", prior=stages / "prior",
         decoder=stages / "decoder", sampling=FAST_SAMPLING,
     )  # fmt: skip
     return load_pipeline(out, device="cpu")
@@ -70,8 +60,8 @@ def picture(pipe):
 # -- the folder ----------------------------------------------------------------------------------
 
 
-def test_assembled_folder_has_fp16_ema_weights_and_a_strict_pipeline_json(folder):
-    doc = json.loads((folder / "pipeline.json").read_text())
+def test_assembled_folder_has_fp16_ema_weights_and_a_strict_pipeline_json(pipeline_dir):
+    doc = json.loads((pipeline_dir / "pipeline.json").read_text())
     assert doc["type"] == "unclip_pipeline" and doc["format_version"] == 1
     assert doc["stages"] == {
         "tokenizer": "tokenizer", "clip": "clip", "prior": "prior", "decoder": "decoder",
@@ -79,12 +69,12 @@ def test_assembled_folder_has_fp16_ema_weights_and_a_strict_pipeline_json(folder
     }  # fmt: skip
     assert doc["sampling"]["prior"]["candidates"] == 2
     for stage in ("clip", "prior", "decoder", "inpaint_decoder", "upsampler"):
-        assert not (folder / stage / "ema.safetensors").exists()
-        state = load_state_dict(folder / stage / "model.safetensors")
+        assert not (pipeline_dir / stage / "ema.safetensors").exists()
+        state = load_state_dict(pipeline_dir / stage / "model.safetensors")
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     for stage in ("prior", "decoder", "upsampler"):
-        assert (folder / stage / "diffusion.json").is_file()
-    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+        assert (pipeline_dir / stage / "diffusion.json").is_file()
+    assert (pipeline_dir / "tokenizer" / "tokenizer.json").is_file()
 
     bad = dict(doc, stages=dict(doc["stages"], extra="x"))
     with pytest.raises(ConfigError, match="unknown key 'extra'"):
@@ -117,13 +107,13 @@ def test_assemble_refuses_stages_that_do_not_fit_and_leaves_nothing(tmp_path):
     assert small.prior is None and small.image_size == 8 and not small.upsamplers
 
 
-def test_load_by_name_lists_the_shipped_pipelines(folder, tmp_path, monkeypatch):
+def test_load_by_name_lists_the_shipped_pipelines(pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline_loading, "WEIGHTS_DIR", tmp_path / "weights")
     with pytest.raises(FileNotFoundError, match=r"no pipeline 'emoji-small'.*none in this version"):
         load_pipeline("emoji-small")
     import shutil
 
-    shutil.copytree(folder, tmp_path / "weights" / "mini")
+    shutil.copytree(pipeline_dir, tmp_path / "weights" / "mini")
     assert pipeline_loading.shipped_pipelines() == ["mini"]
     assert load_pipeline("mini", device="cpu").image_size == OUT
     with pytest.raises(FileNotFoundError, match=r"\(shipped: mini\)"):
@@ -293,13 +283,13 @@ def test_prior_keeps_the_candidate_closest_to_the_caption(pipe, monkeypatch):
     assert len(set(scores.tolist())) == 6  # six different candidates to choose from
 
 
-def test_without_prior_the_decoder_gets_the_text_embedding(pipe, folder, tmp_path):
+def test_without_prior_the_decoder_gets_the_text_embedding(pipe, pipeline_dir, tmp_path):
     with_prior = pipe.text_to_image("a red square", seed=3)[0]
     baseline = pipe.text_to_image("a red square", seed=3, use_prior=False)[0]
     assert not same(with_prior, baseline) and "prior" not in json.loads(baseline.info["steps"])
     import shutil
 
-    shutil.copytree(folder, tmp_path / "noprior")
+    shutil.copytree(pipeline_dir, tmp_path / "noprior")
     doc = json.loads((tmp_path / "noprior" / "pipeline.json").read_text())
     doc["stages"]["prior"] = None
     (tmp_path / "noprior" / "pipeline.json").write_text(json.dumps(doc))
@@ -460,18 +450,17 @@ def test_fast_sampling_defaults_are_what_the_folder_says(pipe):
     assert pipe.sampling_settings().decoder.steps == 2  # overrides never mutate the defaults
 
 
-def test_reduced_precision_runs_under_autocast(folder):
-    half = load_pipeline(folder, device="cpu", dtype=torch.bfloat16)
+def test_reduced_precision_runs_under_autocast(pipeline_dir):
+    half = load_pipeline(pipeline_dir, device="cpu", dtype=torch.bfloat16)
     assert next(half.decoder.model.parameters()).dtype == torch.float32  # weights stay fp32
     a = half.text_to_image("a red square", seed=0)[0]
     assert a.size == (OUT, OUT) and same(a, half.text_to_image("a red square", seed=0)[0])
     torch.testing.assert_close(half.encode_text("a cat").norm(dim=-1), torch.ones(1))
     with pytest.raises(ValueError, match="dtype must be"):
-        load_pipeline(folder, device="cpu", dtype=torch.int8)
+        load_pipeline(pipeline_dir, device="cpu", dtype=torch.int8)
 
 
 def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
-    from tiny_pipeline import write_tiny_pipeline
     from unclip.pipeline import load_pipeline
 
     pipe = load_pipeline(write_tiny_pipeline(tmp_path / "p"))
@@ -484,10 +473,10 @@ def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
         pipe.text_to_image("a cat", seed=3, upsampler_strength=0.0, **kw)
 
 
-def test_compile_wraps_every_sampling_network_once(folder):
+def test_compile_wraps_every_sampling_network_once(pipeline_dir):
     """``compile`` puts torch.compile on the prior, decoder and upsamplers; with the "eager"
     backend (dynamo tracing, no code generation) the images are the uncompiled ones."""
-    pipe = load_pipeline(folder, device="cpu")
+    pipe = load_pipeline(pipeline_dir, device="cpu")
     plain = pipe.text_to_image("a red square", n=2, seed=4)
     assert pipe.compile(backend="eager") is pipe
     stages = [pipe.prior, pipe.decoder, *pipe.upsamplers]
@@ -502,16 +491,16 @@ def test_compile_wraps_every_sampling_network_once(folder):
     assert all(same(a, b) for a, b in zip(plain, again, strict=True))
 
 
-def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(folder, monkeypatch):
+def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, monkeypatch):
     from unclip.pipeline.loading import DTYPE_ENV, default_dtype, native_bf16
 
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if native_bf16(cpu) else torch.float32
     assert default_dtype(cpu) == expected
-    assert load_pipeline(folder, device="cpu").dtype == expected
-    assert load_pipeline(folder, device="cpu", dtype="auto").dtype == expected
-    assert load_pipeline(folder, device="cpu", dtype="float32").dtype == torch.float32
+    assert load_pipeline(pipeline_dir, device="cpu").dtype == expected
+    assert load_pipeline(pipeline_dir, device="cpu", dtype="auto").dtype == expected
+    assert load_pipeline(pipeline_dir, device="cpu", dtype="float32").dtype == torch.float32
     # the CPU probes both ways: AVX-512 BF16 or AMX -> bf16; neither (bf16 emulated, slower
     # than float32, as on an AVX2-only CPU) -> float32
     for avx512_bf16, amx, native in ((False, False, False), (True, False, True),
@@ -524,18 +513,18 @@ def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(folder, monkey
     with pytest.raises(
         ValueError, match="dtype must be auto, float32, float16, bfloat16; got 'fp8'"
     ):
-        load_pipeline(folder, device="cpu", dtype="fp8")
-    pipe = load_pipeline(folder, device="cpu", dtype="bfloat16")
+        load_pipeline(pipeline_dir, device="cpu", dtype="fp8")
+    pipe = load_pipeline(pipeline_dir, device="cpu", dtype="bfloat16")
     z = pipe.encode_text("a red square")  # CLIP stays float32 whatever the sampling dtype
     torch.testing.assert_close(
         z,
-        load_pipeline(folder, device="cpu", dtype="float32").encode_text("a red square"),
+        load_pipeline(pipeline_dir, device="cpu", dtype="float32").encode_text("a red square"),
         rtol=0,
         atol=0,
     )
 
 
-def test_auto_dtype_choice_both_ways_and_the_environment_override(folder, monkeypatch):
+def test_auto_dtype_choice_both_ways_and_the_environment_override(pipeline_dir, monkeypatch):
     from unclip.pipeline.loading import DTYPE_ENV, resolve_dtype
 
     cpu = torch.device("cpu")
@@ -554,22 +543,22 @@ def test_auto_dtype_choice_both_ways_and_the_environment_override(folder, monkey
         assert resolve_dtype(None, cpu) == expected
         monkeypatch.delenv(DTYPE_ENV)
     # load_pipeline's "auto" is that choice
-    assert load_pipeline(folder, device="cpu").dtype == torch.float32  # native_bf16 False
+    assert load_pipeline(pipeline_dir, device="cpu").dtype == torch.float32  # native_bf16 False
     monkeypatch.setenv(DTYPE_ENV, "bfloat16")
-    assert load_pipeline(folder, device="cpu").dtype == torch.bfloat16
+    assert load_pipeline(pipeline_dir, device="cpu").dtype == torch.bfloat16
     monkeypatch.setenv(DTYPE_ENV, "fp8")
     with pytest.raises(ValueError, match=f"{DTYPE_ENV} must be auto, float32, float16, bfloat16"):
-        load_pipeline(folder, device="cpu")
+        load_pipeline(pipeline_dir, device="cpu")
 
 
-def test_both_sampling_precisions_give_valid_images_from_close_networks(folder, monkeypatch):
+def test_both_sampling_precisions_give_valid_images_from_close_networks(pipeline_dir, monkeypatch):
     """float32 and bfloat16 (what auto picks on CPUs without and with native bf16) each give
     valid images, and given the same inputs their networks agree within bf16's precision.
     The images themselves are not compared: these random networks amplify any difference
     to whole grey levels (test_default_model compares them on the shipped model)."""
     first: dict[torch.dtype, dict[str, torch.Tensor]] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        pipe = load_pipeline(folder, device="cpu", dtype=dtype)
+        pipe = load_pipeline(pipeline_dir, device="cpu", dtype=dtype)
         assert pipe.dtype == dtype
         dtypes: set[torch.dtype] = set()
         hook = pipe.decoder.model.register_forward_hook(

@@ -4,9 +4,7 @@ is refused with a one-line ValueError; nothing else escapes, and nothing is half
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,20 +17,6 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory) -> Path:
-    from tiny_pipeline import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("props") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def pipe(pipe_dir):
-    from unclip.pipeline import load_pipeline
-
-    return load_pipeline(pipe_dir)
 
 
 FAST = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 2}
@@ -117,9 +101,9 @@ def test_masks_of_other_sizes_or_modes(pipe, mask_mode, mw, mh):
 
 @SETTINGS
 @given(prompt=st.text(max_size=40), num=st.integers(-3, 40), steps=st.integers(-3, 3))
-def test_cli_generate_never_tracebacks(pipe_dir, tmp_path_factory, prompt, num, steps, capsys):
+def test_cli_generate_never_tracebacks(pipeline_dir, tmp_path_factory, prompt, num, steps, capsys):
     out = tmp_path_factory.mktemp("cli")
-    args = ["generate", prompt, "-n", str(num), "--pipeline", str(pipe_dir), "--out", str(out),
+    args = ["generate", prompt, "-n", str(num), "--pipeline", str(pipeline_dir), "--out", str(out),
             "--decoder-steps", str(steps), "--prior-steps", "2", "--upsampler-steps", "2",
             "--seed", "0", "--no-progress"]  # fmt: skip
     try:

@@ -28,9 +28,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tiny_pipeline import OUT, write_tiny_pipeline
+from tiny_pipeline import OUT
 from unclip import cli
-from unclip.pipeline import load_pipeline
 from unclip.server import Limits, create_app
 from unclip.server.bodies import MULTIPART_OVERHEAD
 from unclip.server.jobs import Job, JobCancelled, JobQueue, QueueFull
@@ -48,16 +47,6 @@ LIMITS = Limits(
     max_json_bytes=16 * 1024,
     request_timeout=60.0,
 )
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("server") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(pipeline_dir):
-    return load_pipeline(pipeline_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from test_server import LIMITS, assert_error, box_mask, png, serving
-from tiny_pipeline import write_tiny_pipeline
 from unclip import cli
-from unclip.pipeline import load_pipeline
 from unclip.server import Limits, create_app
 from unclip.server.app import normalize_origin
 from unclip.server.errors import APIError
@@ -34,16 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = "http://127.0.0.1:8000"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("security") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(pipeline_dir):
-    return load_pipeline(pipeline_dir, device="cpu")
 
 
 class CountingPipeline:
