@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .gaussian import GaussianDiffusion, Generators, ModelFn, randn_like
-from .samplers import ProgressFn, SampleStep, _emit, _full, initial_noise, sampling_timesteps
+from .samplers import ProgressFn, SampleStep, _emit, _full, respaced_start
 from .schedules import Spacing
 
 
@@ -84,10 +84,10 @@ def repaint_sample(
     ``timestep`` is the level reached and ``pred_x0`` the last prediction. The last move
     returns the known region exactly.
     """
-    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
-    d = diffusion.respace(ts)
+    d, x = respaced_start(
+        diffusion, shape_or_noise, steps, timesteps, spacing, generator, device, dtype
+    )
     levels = repaint_levels(d.num_timesteps, jump_length, resample)
-    x = initial_noise(shape_or_noise, generator, device, dtype)
     if x_known.shape != x.shape:
         raise ValueError(f"x_known {tuple(x_known.shape)} must match the sample {tuple(x.shape)}")
     x_known = x_known.to(device=x.device, dtype=x.dtype)

@@ -111,6 +111,22 @@ def initial_noise(
     return randn(tuple(shape_or_noise), generator, device, dtype or torch.float32)
 
 
+def respaced_start(
+    diffusion: GaussianDiffusion,
+    shape_or_noise: Sequence[int] | Tensor,
+    steps: int | None,
+    timesteps: Sequence[int] | None,
+    spacing: Spacing,
+    generator: Generators,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> tuple[GaussianDiffusion, Tensor]:
+    """The prologue every sampler shares: the diffusion respaced to the sampling timesteps
+    (:func:`sampling_timesteps`) and the starting x [N, ...] (:func:`initial_noise`)."""
+    d = diffusion.respace(sampling_timesteps(diffusion, steps, timesteps, spacing))
+    return d, initial_noise(shape_or_noise, generator, device, dtype)
+
+
 def _full(i: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
 
@@ -162,9 +178,9 @@ def ddpm_sample(
     diffusion's fixed one. With fewer steps the process is respaced (IDDPM §4). Noise is drawn
     at every step except the last.
     """
-    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
-    d = diffusion.respace(ts)
-    x = initial_noise(shape_or_noise, generator, device, dtype)
+    d, x = respaced_start(
+        diffusion, shape_or_noise, steps, timesteps, spacing, generator, device, dtype
+    )
     return _ddpm_loop(
         d, model_fn, x, generator, model_kwargs, clip_denoised, dynamic_threshold, progress
     )
@@ -208,9 +224,9 @@ def ddim_sample(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
-    d = diffusion.respace(ts)
-    x = initial_noise(shape_or_noise, generator, device, dtype)
+    d, x = respaced_start(
+        diffusion, shape_or_noise, steps, timesteps, spacing, generator, device, dtype
+    )
     return _ddim_loop(
         d, model_fn, x, eta, generator, model_kwargs, clip_denoised, dynamic_threshold, progress
     )
@@ -268,9 +284,7 @@ def ddim_invert(
     del generator  # deterministic; kept for the common signature
     if fixed_point_iters < 0:
         raise ValueError(f"fixed_point_iters must be >= 0, got {fixed_point_iters}")
-    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
-    d = diffusion.respace(ts)
-    x = initial_noise(x0, None, device, dtype)
+    d, x = respaced_start(diffusion, x0, steps, timesteps, spacing, None, device, dtype)
     return _invert_loop(
         d, model_fn, x, model_kwargs, clip_denoised, dynamic_threshold, progress, fixed_point_iters
     )
@@ -321,9 +335,9 @@ def dpmpp_2m_sample(
     returns x̂₀ (first order, as diffusers' ``lower_order_final``/``final_sigmas_type="zero"``).
     Deterministic; ``generator`` only draws the starting noise when a shape is given.
     """
-    ts = sampling_timesteps(diffusion, steps, timesteps, spacing)
-    d = diffusion.respace(ts)
-    x = initial_noise(shape_or_noise, generator, device, dtype)
+    d, x = respaced_start(
+        diffusion, shape_or_noise, steps, timesteps, spacing, generator, device, dtype
+    )
     return _dpmpp_2m_loop(d, model_fn, x, model_kwargs, clip_denoised, dynamic_threshold, progress)
 
 
