@@ -33,7 +33,7 @@ from torch import nn
 from unclip.config import Config, ConfigError
 from unclip.nn import apply_null, attention, condition_drop_mask
 from unclip.prior.codebook import Codebook, pca_dequantize, pca_quantize
-from unclip.prior.model import caption_tokens, check_prior_transformer
+from unclip.prior.model import PreNormBlock, caption_tokens, check_prior_transformer
 
 #: tokens between the caption and the codes: z_t, dot
 NUM_EXTRA_TOKENS = 2
@@ -142,7 +142,7 @@ def sample_logits(
 # The network
 
 
-class ARBlock(nn.Module):
+class ARBlock(PreNormBlock):
     """Pre-LayerNorm causal Transformer block with an optional key/value cache.
 
     h: [N, S, W]; key_mask: [N, S_past + S] bool (True = real token) or None;
@@ -150,18 +150,10 @@ class ARBlock(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        hidden = int(width * mlp_ratio)
+        qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        super().__init__(width, mlp_ratio, dropout, qkv=qkv, proj=proj)
         self.heads = heads
         self.dropout = dropout
-        self.ln_1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
-        )
-        self.drop = nn.Dropout(dropout)
 
     def forward(
         self,
@@ -177,8 +169,7 @@ class ARBlock(nn.Module):
             q, k, v, self.heads, key_mask=key_mask, causal=True,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
-        h = h + self.drop(self.proj(a))
-        return h + self.drop(self.mlp(self.ln_2(h))), (k, v)
+        return self.residual_mlp(h, self.proj(a)), (k, v)
 
 
 class ARPrior(nn.Module):

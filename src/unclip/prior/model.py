@@ -164,7 +164,34 @@ def _with_extra_keys(caption_mask: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([caption_mask.bool(), ones], dim=1)
 
 
-class PriorBlock(nn.Module):
+class PreNormBlock(nn.Module):
+    """The parts every pre-LayerNorm prior block shares: ``ln_1`` (before attention), ``ln_2``
+    and the GELU MLP, and residual dropout. ``attention``: the subclass's attention modules,
+    built before this call and registered between ``ln_1`` and ``ln_2``, so parameters are
+    initialised and state-dict keys ordered as in a block written out in full.
+    """
+
+    def __init__(
+        self, width: int, mlp_ratio: float, dropout: float, **attention: nn.Module
+    ) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        for name, module in attention.items():
+            self.add_module(name, module)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def residual_mlp(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """h + drop(attn_out), then the MLP residual. h, attn_out: [N, S, W] -> [N, S, W]."""
+        h = h + self.drop(attn_out)
+        return h + self.drop(self.mlp(self.ln_2(h)))
+
+
+class PriorBlock(PreNormBlock):
     """Pre-LayerNorm Transformer block with causal self-attention. h: [N, S, W] -> [N, S, W].
 
     ``past``: cached (keys, values) [N, Sp, W] of earlier tokens (see
@@ -172,15 +199,7 @@ class PriorBlock(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        hidden = int(width * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout=dropout)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
-        )
-        self.drop = nn.Dropout(dropout)
+        super().__init__(width, mlp_ratio, dropout, attn=Attention(width, heads, dropout=dropout))
 
     def forward(
         self,
@@ -188,8 +207,7 @@ class PriorBlock(nn.Module):
         key_mask: torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        h = h + self.drop(self.attn(self.ln_1(h), mask=key_mask, causal=True, past=past))
-        return h + self.drop(self.mlp(self.ln_2(h)))
+        return self.residual_mlp(h, self.attn(self.ln_1(h), mask=key_mask, causal=True, past=past))
 
 
 class DiffusionPriorTransformer(nn.Module):
