@@ -106,6 +106,18 @@ def prior_type(args: argparse.Namespace) -> str:
     return flag or declared or "diffusion"
 
 
+def _run_inputs(config_cls: type, args: argparse.Namespace) -> tuple[Any, str, Any, Any]:
+    """What both priors' training starts from: (run config, the folder its relative paths are
+    resolved against, the embedding shards, the caption text encoder)."""
+    from unclip.train.stages.common import embedding_shards, load_run_config, text_encoder_for
+
+    cfg = load_run_config(config_cls, args)
+    where = args.config or args.run_dir
+    shards = embedding_shards(cfg, where)
+    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len, captions=shards.captions)
+    return cfg, where, shards, text
+
+
 def run_ar(args: argparse.Namespace) -> int:
     """Train the autoregressive prior: fit the code book on every training row, then train."""
     import numpy as np
@@ -114,19 +126,9 @@ def run_ar(args: argparse.Namespace) -> int:
     from unclip.prior.codebook import fit_codebook
     from unclip.run_configs import ARPriorRunConfig
     from unclip.train.loop import Trainer
-    from unclip.train.stages.common import (
-        count_parameters,
-        embedding_shards,
-        fit_and_export,
-        load_run_config,
-        sample_weights,
-        text_encoder_for,
-    )
+    from unclip.train.stages.common import count_parameters, fit_and_export, sample_weights
 
-    cfg = load_run_config(ARPriorRunConfig, args)
-    where = args.config or args.run_dir
-    shards = embedding_shards(cfg, where)
-    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len, captions=shards.captions)
+    cfg, where, shards, text = _run_inputs(ARPriorRunConfig, args)
     m = cfg.model
     codebook = fit_codebook(
         torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)),
@@ -161,19 +163,9 @@ def run(args: argparse.Namespace) -> int:
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.run_configs import PriorRunConfig
     from unclip.train.loop import Trainer
-    from unclip.train.stages.common import (
-        count_parameters,
-        embedding_shards,
-        fit_and_export,
-        load_run_config,
-        sample_weights,
-        text_encoder_for,
-    )
+    from unclip.train.stages.common import count_parameters, fit_and_export, sample_weights
 
-    cfg = load_run_config(PriorRunConfig, args)
-    where = args.config or args.run_dir
-    shards = embedding_shards(cfg, where)
-    text = text_encoder_for(cfg, where, max_len=cfg.model.text_len, captions=shards.captions)
+    cfg, where, shards, text = _run_inputs(PriorRunConfig, args)
     model = DiffusionPriorTransformer(cfg.model)
     print(f"unclip: prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} rows")
     trainer = Trainer(
