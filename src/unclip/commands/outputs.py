@@ -19,11 +19,11 @@ def _pnginfo(info: dict[str, Any]) -> Any:
     from PIL.PngImagePlugin import PngInfo
 
     import unclip
+    from unclip.pipeline.events import png_text
 
     meta = PngInfo()
-    for key, value in info.items():
-        if isinstance(value, str):
-            meta.add_itxt(key, value)
+    for key, value in png_text(info).items():
+        meta.add_itxt(key, value)
     meta.add_itxt("software", f"unclip {unclip.__version__}")
     return meta
 
@@ -45,27 +45,6 @@ def atomic_save(items: Sequence[tuple[Any, Path, Any]]) -> None:
                 tmp.unlink()
 
 
-def _decoded(info: dict[str, Any]) -> dict[str, Any]:
-    """Image info for --json: the JSON-valued fields parsed, numbers as numbers."""
-    out: dict[str, Any] = {}
-    for key, value in info.items():
-        if not isinstance(value, str):
-            continue
-        if key in ("steps", "guidance", "sampler", "margins"):
-            try:
-                out[key] = json.loads(value)
-                continue
-            except json.JSONDecodeError:
-                pass
-        if key in ("seed", "frame", "rank_index"):
-            out[key] = int(value)
-        elif key in ("clip_score", "theta", "t", "eta"):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    return out
-
-
 def write_results(
     args: argparse.Namespace,
     images: Sequence[Any],
@@ -77,6 +56,7 @@ def write_results(
     """Write the PNGs (and the grid) atomically, then report paths (or JSON) on stdout.
     ``names``: file name suffixes (default 0, 1, …); ``columns``: of the grid (default ≤ 8)."""
     from unclip.data.sheet import contact_sheet
+    from unclip.pipeline.events import image_fields
 
     out_dir = Path(args.out)
     names = names or [str(i) for i in range(len(images))]
@@ -93,7 +73,7 @@ def write_results(
             "command": args.command,
             "pipeline": str(args.pipeline),
             "images": [
-                {"path": str(path), **_decoded(img.info)}
+                {"path": str(path), **image_fields(img.info)}
                 for img, path in zip(images, paths, strict=True)
             ],
             "grid": args.grid,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unclip.pipeline.events import ProgressEvent
 
 
 class Progress:
-    """A tqdm bar on stderr fed by the pipeline's (stage, step) callback; one bar per stage
+    """A tqdm bar on stderr fed by the pipeline's progress events; one bar per stage
     run, labelled with the stage and the images it is drawing (a batch: "images 1-8/16")."""
 
     def __init__(self, enabled: bool, images: int, last_stage: str = "decoder") -> None:
@@ -18,25 +21,23 @@ class Progress:
         self.done = 0
         self.bar: Any = None
 
-    def __call__(self, stage: str, step: Any) -> None:
+    def __call__(self, stage: str, event: ProgressEvent) -> None:
         if not self.enabled:
             return
         from tqdm import tqdm
 
         if self.bar is None:
             self.bar = tqdm(file=sys.stderr, leave=False, dynamic_ncols=True)
-        from unclip.pipeline.runners import step_images
-
-        count = step_images(stage, step)
-        if step.index == 0:
+        count = event.images
+        if event.index == 0:
             first = min(self.done + 1, self.images)
             last = min(self.done + count, self.images)
             label = f"image {first}" if last <= first else f"images {first}-{last}"
             # the new label first: reset() redraws, and must not show the last stage's name
             self.bar.set_description(f"{label}/{self.images} {stage}", refresh=False)
-            self.bar.reset(total=step.total)
+            self.bar.reset(total=event.total)
         self.bar.update(1)
-        if step.index == step.total - 1 and stage == self.last_stage:
+        if event.last and stage == self.last_stage:
             self.done += count
 
     def __enter__(self) -> Progress:

@@ -7,6 +7,7 @@
 - :mod:`.runners`: the stage runners (prior with best-of-N candidates, decode, upsample,
   DDIM invert) as plain functions;
 - :mod:`.settings`: the limits of a call and the sampling overrides;
+- :mod:`.events`: the progress event and the typed image metadata (no torch);
 - :mod:`.images`: the resize policy, the mask convention, slerp;
 - :mod:`.assemble`: :func:`assemble_pipeline` (trained stage folders -> a pipeline folder).
 
@@ -30,6 +31,7 @@ from unclip.pipeline.config import (
     UpsamplerSampling,
 )
 from unclip.pipeline.core import UnclipPipeline
+from unclip.pipeline.events import ProgressCallback, ProgressEvent, image_fields
 from unclip.pipeline.loading import (
     PipelineError,
     Stage,
@@ -38,7 +40,6 @@ from unclip.pipeline.loading import (
     resolve_pipeline,
     shipped_pipelines,
 )
-from unclip.pipeline.runners import ProgressCallback
 from unclip.pipeline.settings import MAX_IMAGES, MAX_PROMPT_CHARS, check_prompt
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "PipelineError",
     "PriorSampling",
     "ProgressCallback",
+    "ProgressEvent",
     "SamplingConfig",
     "Stage",
     "StagesConfig",
@@ -57,6 +59,7 @@ __all__ = [
     "UpsamplerSampling",
     "assemble_pipeline",
     "check_prompt",
+    "image_fields",
     "load_pipeline",
     "parse_device",
     "resolve_pipeline",

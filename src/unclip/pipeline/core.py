@@ -18,10 +18,11 @@ noise in any batch (see :mod:`unclip.pipeline.runners` for what batching may sti
 
 **Outputs** are RGB PIL images at the pipeline's output resolution; ``image.info`` holds
 the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, ``guidance``,
-``sampler`` (JSON objects by stage) and, where it applies, ``clip_score``, ``frame``, ``theta``.
+``sampler`` (JSON objects by stage) and, where it applies, ``clip_score``, ``frame``, ``theta``;
+:func:`unclip.pipeline.events.image_fields` gives them typed.
 
-**Progress:** ``progress(stage, step)`` after every model call, as in
-:mod:`unclip.pipeline.runners`.
+**Progress:** ``progress(stage, event)`` after every model call, with a
+:class:`~unclip.pipeline.events.ProgressEvent` (see :mod:`unclip.pipeline.events`).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ size, which may sum in another order: a grey level or so at a few pixels in floa
 bfloat16, whose roundings are coarser). The same call with the same seed gives the same bytes
 on the same machine.
 
-**Progress:** ``progress(stage, step)`` is called after every model call with the stage
-name and the :class:`~unclip.diffusion.SampleStep`.
+**Progress:** ``progress(stage, event)`` is called after every model call with the stage
+name and a :class:`~unclip.pipeline.events.ProgressEvent` (made here by :func:`step_event`,
+the one place that knows how many images a step draws).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from unclip.diffusion import (
     repaint_sample,
 )
 from unclip.pipeline.config import DecoderSampling, PriorSampling, UpsamplerSampling, upsampler_name
+from unclip.pipeline.events import ProgressCallback, ProgressEvent
 from unclip.pipeline.loading import Stage
 
-ProgressCallback = Callable[[str, SampleStep], None]
 Generators = torch.Generator | Sequence[torch.Generator]
 
 _STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3}
@@ -98,12 +99,27 @@ def stage_generators(seeds: int | Sequence[int], stage: str) -> list[torch.Gener
     return [stage_generator(s, stage) for s in ([seeds] if isinstance(seeds, int) else seeds)]
 
 
-def step_images(stage: str, step: Any) -> int:
+def _step_images(stage: str, step: Any) -> int:
     """How many images a progress call's step is drawing: the batch size for the image stages
     (decoder, inpaint, upsamplers), 1 for the others (the prior's rows are candidates)."""
     x = getattr(step, "x", None)
     image_stage = stage in ("decoder", "inpaint") or stage.startswith("upsampler")
     return int(x.shape[0]) if image_stage and isinstance(x, Tensor) and x.dim() == 4 else 1
+
+
+def step_event(stage: str, step: SampleStep) -> ProgressEvent:
+    """The :class:`~unclip.pipeline.events.ProgressEvent` of a sampler step of ``stage``."""
+    return ProgressEvent(stage, int(step.index), int(step.total), _step_images(stage, step), step)
+
+
+def stage_callback(
+    progress: ProgressCallback | None, stage: str
+) -> Callable[[SampleStep], None] | None:
+    """A sampler's ``progress(step)`` callback that reports ``stage``'s steps to ``progress``
+    as events (None when there is no ``progress``)."""
+    if progress is None:
+        return None
+    return lambda step: progress(stage, step_event(stage, step))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:
@@ -169,7 +185,7 @@ def sampler_steps(
     drawn from ``generator``; or x_T), as the generator of its steps (not yet run)."""
     if sampler == "ddim":
         options["eta"] = eta
-    callback = None if progress is None else (lambda step: progress(name, step))
+    callback = stage_callback(progress, name)
     return SAMPLERS[sampler](
         stage.diffusion, fn, start, steps, generator=generator, progress=callback,
         device=device, **options,
@@ -213,7 +229,8 @@ def sample_prior(
         def callback(k: int, codes: Tensor) -> None:
             if progress is not None:
                 x = codes.float()
-                progress("prior", SampleStep(k, k_total, k_total - 1 - k, x, x))
+                step = SampleStep(k, k_total, k_total - 1 - k, x, x)
+                progress("prior", step_event("prior", step))
 
         one = isinstance(generator, torch.Generator)
         groups = [range(n)] if one else [range(j, j + 1) for j in range(n)]
@@ -304,7 +321,7 @@ def decode(
         steps = repaint_sample(
             decoder.diffusion, fn, start, st.steps, x_known=known[0], keep_mask=known[1],
             generator=generator, device=device, **repaint,
-            progress=None if progress is None else (lambda step: progress("inpaint", step)),
+            progress=stage_callback(progress, "inpaint"),
         )  # fmt: skip
     else:
         name = "decoder" if known is None else "inpaint"
@@ -333,7 +350,7 @@ def invert(
     ``steps`` steps, conditioned on its own z_i (no guidance: inverting a guided model is
     unstable)."""
     cond, _ = decoder_conditions(decoder.model, z_i, None)
-    callback = None if progress is None else (lambda step: progress("invert", step))
+    callback = stage_callback(progress, "invert")
     fn = model_fn(decoder.model, **cond)
     run = ddim_invert(
         decoder.diffusion, fn, image.to(device), steps, progress=callback, device=device

@@ -4,8 +4,8 @@ A :class:`Job` wraps one pipeline call ``fn(progress)``. :class:`JobQueue` holds
 ``queue_size`` waiting jobs; :meth:`JobQueue.submit` raises :class:`QueueFull` (with a
 Retry-After estimate) instead of waiting, so the server answers 429 and never piles up work.
 Each job records a short list of events (``queued``, ``started``, ``progress``, ``done``)
-that the SSE endpoint replays and follows; the pipeline's ``progress(stage, step)``
-callback feeds them and is also where a job notices that it was cancelled or ran past its
+that the SSE endpoint replays and follows; the pipeline's ``progress(stage, event)``
+callback (a :class:`~unclip.pipeline.events.ProgressEvent`) feeds them and is also where a job notices that it was cancelled or ran past its
 deadline (it raises :class:`JobCancelled`, which unwinds the sampler at the next step).
 
 Nothing here imports FastAPI or torch: the queue is plain threads and can be tested alone.
@@ -24,7 +24,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unclip.pipeline.events import ProgressEvent
 
 log = logging.getLogger("unclip.server")
 
@@ -73,7 +76,7 @@ class Event:
 
 @dataclass
 class _Tracker:
-    """Turns ``progress(stage, step)`` calls into image numbers and a fraction done.
+    """Turns ``progress(stage, event)`` calls into image numbers and a fraction done.
 
     ``stages``: the stages each image goes through, in order; a batch of ``count`` images is
     done at the last step of the last one (stages not listed, such as ``invert``, count as 0).
@@ -191,14 +194,11 @@ class Job:
                 self.cancel_reason = self.cancel_reason or "timeout"
             raise JobCancelled(self.cancel_reason)
 
-    def progress(self, stage: str, step: Any) -> None:
+    def progress(self, stage: str, event: ProgressEvent) -> None:
         """The pipeline's progress callback: record a progress event, honour cancellation."""
         self.check()
-        total = int(getattr(step, "total", 1))
-        index = int(getattr(step, "index", 0))
-        from unclip.pipeline.runners import step_images  # here: this module needs no torch
-
-        info = self._tracker.update(stage, index, total, step_images(stage, step))
+        index, total = event.index, event.total
+        info = self._tracker.update(stage, index, total, event.images)
         self.progress_info = info
         now = time.monotonic()
         if index == total - 1 or now - self._last_progress >= PROGRESS_INTERVAL:

@@ -51,11 +51,13 @@ def make_job(
     store_all = server.gallery is not None and server.gallery_keep_b64
 
     def run(progress: Callable[[str, Any], None]) -> list[Result]:
+        from unclip.pipeline.events import png_text  # here: the server imports no torch
+
         results = []
         for img in work(progress):
             img = _resize(img, size)
             png = png_bytes(img, software)
-            info = {k: v for k, v in img.info.items() if isinstance(v, str)}
+            info = png_text(img.info)
             image_id = None
             if store_all or response_format == "url":
                 image_id = server.store.put(png, info, img.size, job.id)
