@@ -44,13 +44,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from unclip.pipeline import assemble_pipeline
     from unclip.pipeline.config import SamplingConfig
+    from unclip.pipeline.loading import DTYPES
 
     sampling = SamplingConfig.load(args.sampling) if args.sampling else None
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     out = assemble_pipeline(
         args.out,
         clip=args.clip,
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         upsamplers=args.upsampler,
         name=args.name,
         sampling=sampling,
-        dtype=dtype[args.dtype],
+        dtype=DTYPES[args.dtype],
         overwrite=args.overwrite,
     )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
