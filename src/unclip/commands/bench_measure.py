@@ -47,20 +47,36 @@ def timed(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> dict[str, 
     return {"median_s": statistics.median(times), "best_s": min(times), "runs": len(times)}
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeat: int = 10) -> float:
-    """Best-of-``repeat`` FLOP/s of a ``size``² matrix product in ``dtype`` (the method of
-    ``benchmarks/matmul_peak.py``, which the package cannot import)."""
+def matmul_peak(
+    dtype: torch.dtype, size: int = 2048, repeat: int = 10, budget_s: float = 3.0
+) -> float:
+    """Best-of-``repeat`` FLOP/s of a square matrix product in ``dtype`` (the method of
+    ``benchmarks/matmul_peak.py``, which the package cannot import), within about
+    ``budget_s`` seconds. The side doubles from 256 up to ``size`` while the next product
+    would take under a tenth of the budget, so where ``dtype`` is emulated (bfloat16 on a CPU
+    without AVX-512 BF16 or AMX, hundreds of times slower) it stays small; the repeats stop
+    when the budget is spent."""
     import torch
 
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b  # warm-up
-    best = float("inf")
+    def product(n: int) -> tuple[float, Any]:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        t = time.perf_counter()
+        a @ b
+        return time.perf_counter() - t, (a, b)
+
+    n = min(256, size)
+    took, (a, b) = product(n)
+    while n < size and 8 * took < budget_s / 10:  # the next side up takes about 8× as long
+        n *= 2
+        took, (a, b) = product(n)
+    best, start = took, time.perf_counter()
     for _ in range(max(1, repeat)):
+        if time.perf_counter() - start > budget_s:
+            break
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best
+    return 2 * n**3 / best
 
 
 # ---------------------------------------------------------------------------------------------
