@@ -70,6 +70,11 @@ def _no_lap(part: str) -> None:
     pass
 
 
+def _host_numbers(stats: dict[str, torch.Tensor], lr: float) -> dict[str, float]:
+    """A step's device numbers (loss, metrics, grad norm) read on the host, with the rate."""
+    return {"lr": lr, **{k: float(v) for k, v in stats.items()}}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -451,6 +456,11 @@ class Trainer:
             )
         )
 
+    def _save_finite(self) -> Path:
+        """Checkpoint this step; never weights that a non-finite loss has reached."""
+        self.check_finite()
+        return self.save()
+
     def _out_of_time(self, deadline: float | None) -> bool:
         """Whether some rank passed ``deadline`` with steps left (collective when it is set)."""
         if deadline is None or self.step >= self.config.steps:
@@ -505,7 +515,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self.check_finite()  # the host reads the step's numbers only here
-                    last = {"lr": lr, **{k: float(v) for k, v in stats.items()}}
+                    last = _host_numbers(stats, lr)
                     for k in stats:  # the mean over ranks (a collective); not the grad norm
                         if k != "grad_norm":
                             last[k] = distributed.mean_over_ranks(last[k], self.device)
@@ -518,13 +528,11 @@ class Trainer:
                         metrics_file.flush()
                     bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.1f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.check_finite()  # never save weights a non-finite loss has reached
-                    last_ckpt = self.save()
+                    last_ckpt = self._save_finite()
                 if self._out_of_time(deadline):
                     if self.step % cfg.checkpoint_every:  # not saved just above
-                        self.check_finite()
-                        last_ckpt = self.save()
-                    last = {"lr": lr, **{k: float(v) for k, v in stats.items()}}
+                        last_ckpt = self._save_finite()
+                    last = _host_numbers(stats, lr)
                     return TrainResult(self.step, last_ckpt, last, finished=False)
         finally:
             if metrics_file is not None:
