@@ -62,7 +62,18 @@ class UNetConfig(Config):
 
     Conditioning: ``clip_dim`` width of z_i (0 = none), projected to ``clip_tokens`` context
     tokens; ``text_dim`` width of the CLIP text encoder's per-token features (0 = no caption).
-    Context tokens have width ``4 * model_channels`` (that of the timestep embedding).
+    Context tokens have width ``context_dim`` (0: ``4 * model_channels``, that of the timestep
+    embedding).
+
+    Options for converted checkpoints (Karlo / diffusers' unCLIP decoder with its
+    ``UnCLIPTextProjModel``; all off by default): ``text_emb_dim`` > 0 also projects the CLIP
+    text embedding z_t and adds it to the timestep embedding with z_i's projection;
+    ``context_norm`` ``"text"`` layer-normalises the caption tokens only (``"all"``: every
+    context token, after concatenation); ``null_caption_len`` > 0 makes the null caption the
+    text encoder's output for the empty caption (its first ``null_caption_len`` token features
+    and its z_t, stored as buffers and projected like any caption) instead of a learned token;
+    ``low_res_mode`` ``"bicubic_antialias"`` resizes the low-res input as diffusers' unCLIP
+    pipeline does (``F.interpolate(..., antialias=True)``, a different bicubic kernel).
     """
 
     type_name = "decoder_unet"
@@ -87,20 +98,37 @@ class UNetConfig(Config):
     clip_dim: int = 512
     clip_tokens: int = 4
     text_dim: int = 512
+    context_dim: int = 0
+    text_emb_dim: int = 0
+    context_norm: Literal["all", "text"] = "all"
+    null_caption_len: int = 0
     image_emb_drop_prob: float = 0.1
     text_drop_prob: float = 0.5
     inpaint: bool = False
     low_res_cond: bool = False
-    low_res_mode: Literal["bilinear", "bicubic"] = "bicubic"
+    low_res_mode: Literal["bilinear", "bicubic", "bicubic_antialias"] = "bicubic"
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for key in ("image_size", "in_channels", "out_channels", "model_channels", "norm_groups"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("num_res_blocks", "clip_dim", "clip_tokens", "text_dim", "num_head_channels"):
+        for key in (
+            "num_res_blocks",
+            "clip_dim",
+            "clip_tokens",
+            "text_dim",
+            "num_head_channels",
+            "context_dim",
+            "text_emb_dim",
+            "null_caption_len",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.context_norm == "text" and not self.text_dim:
+            raise ConfigError("context_norm 'text' needs a caption (text_dim > 0)")
+        if self.null_caption_len and not self.text_dim:
+            raise ConfigError("null_caption_len > 0 needs a caption (text_dim > 0)")
         if self.mid_depth < 1:
             raise ConfigError(f"mid_depth must be at least 1, got {self.mid_depth}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -129,6 +157,11 @@ class UNetConfig(Config):
         return 4 * self.model_channels
 
     @property
+    def context_width(self) -> int:
+        """Width of the context tokens the attention layers read."""
+        return self.context_dim or self.time_embed_dim
+
+    @property
     def input_channels(self) -> int:
         """Channels entering the first conv: noised image, low-res image, masked image, mask."""
         c = self.in_channels
@@ -155,14 +188,18 @@ class UNet(nn.Module):
     """The DALL·E 2 decoder network (also the base of the inpainting decoder and upsamplers).
 
     Call as ``model(x, t, *, image_emb=None, text_tokens=None, text_mask=None, low_res=None,
-    inpaint_image=None, inpaint_mask=None, drop_image_emb=None, drop_text=None)``:
+    inpaint_image=None, inpaint_mask=None, drop_image_emb=None, drop_text=None,
+    text_emb=None)``:
 
     - x: [N, in_channels, H, W] noised image; H, W divisible by 2^(len(channel_mult) - 1);
     - t: [N] long timestep indices (a scalar is broadcast);
     - image_emb: [N, clip_dim] CLIP image embedding z_i (unit norm, as CLIP returns it);
       None = the learned null embedding for every row (needs ``clip_dim > 0``);
     - text_tokens: [N, L, text_dim] CLIP text encoder per-token features; text_mask: [N, L]
-      bool, True for real tokens (None: all real); text_tokens None = the learned null token;
+      bool, True for real tokens (None: all real); text_tokens None = the null caption (the
+      learned null token, or the stored empty caption with ``null_caption_len``);
+    - text_emb: [N, text_emb_dim] CLIP text embedding z_t (``text_emb_dim`` models; None =
+      the null caption's), dropped with the caption;
     - low_res: [N, in_channels, h, w] (``low_res_cond`` models, required): the lower-resolution
       image, resized to H×W with ``low_res_mode`` and concatenated to the input;
     - inpaint_image: [N, in_channels, H, W] and inpaint_mask: [N, 1, H, W] with 1 = known pixel
@@ -186,17 +223,30 @@ class UNet(nn.Module):
         mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
         self.time_embed = TimestepEmbedder(mc, ted)
 
+        cw = cfg.context_width
         if cfg.clip_dim:
             self.null_image_emb = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
             self.clip_emb_proj = nn.Linear(cfg.clip_dim, ted)
             self.clip_tokens_proj = (
-                nn.Linear(cfg.clip_dim, cfg.clip_tokens * ted) if cfg.clip_tokens else None
+                nn.Linear(cfg.clip_dim, cfg.clip_tokens * cw) if cfg.clip_tokens else None
             )
         if cfg.text_dim:
-            self.text_proj = nn.Linear(cfg.text_dim, ted)
-            self.null_text_token = nn.Parameter(torch.randn(ted) * 0.02)
-        self.context_norm = nn.LayerNorm(ted) if cfg.has_context else None
-        context_dim = ted if cfg.has_context else None
+            self.text_proj = nn.Linear(cfg.text_dim, cw)
+            if cfg.null_caption_len:  # the empty caption's encoding, set by a converter
+                self.register_buffer(
+                    "null_caption_tokens", torch.zeros(cfg.null_caption_len, cfg.text_dim)
+                )
+            else:
+                self.null_text_token = nn.Parameter(torch.randn(cw) * 0.02)
+        if cfg.text_emb_dim:
+            self.text_emb_proj = nn.Linear(cfg.text_emb_dim, ted)
+            if cfg.null_caption_len:
+                self.register_buffer("null_text_emb", torch.zeros(cfg.text_emb_dim))
+            else:
+                d = cfg.text_emb_dim
+                self.null_text_emb = nn.Parameter(torch.randn(d) / math.sqrt(d))
+        self.context_norm = nn.LayerNorm(cw) if cfg.has_context else None
+        context_dim = cw if cfg.has_context else None
 
         def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
             return ResBlock(
@@ -273,11 +323,13 @@ class UNet(nn.Module):
 
     def null_parameters(self) -> list[nn.Parameter]:
         """The learned null-condition parameters (trained only on dropped rows)."""
-        out = []
-        if self.config.clip_dim:
+        cfg, out = self.config, []
+        if cfg.clip_dim:
             out.append(self.null_image_emb)
-        if self.config.text_dim:
+        if cfg.text_dim and not cfg.null_caption_len:
             out.append(self.null_text_token)
+        if cfg.text_emb_dim and not cfg.null_caption_len:
+            out.append(self.null_text_emb)
         return out
 
     @contextmanager
@@ -321,20 +373,23 @@ class UNet(nn.Module):
         text_mask: torch.Tensor | None = None,
         drop_image_emb: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(emb [N, E], context [N, Lc, E] or None, context_mask [N, Lc] or None), E = 4·model_channels.
+        """(emb [N, E], context [N, Lc, C] or None, context_mask [N, Lc] or None), E =
+        4·model_channels, C = ``config.context_width``.
 
-        Lc = clip_tokens + L (L = 1 for the null caption token alone). Arguments as in
-        :meth:`forward`.
+        Lc = clip_tokens + L (L = 1 for the learned null caption token alone,
+        ``null_caption_len`` for the stored empty caption). Arguments as in :meth:`forward`.
         """
         cfg = self.config
         device = t.device
-        # The [N, E] embedding path (timestep MLP, z_i projection, each ResBlock's scale and
-        # shift) runs in float32 with autocast off: the conditioning keeps full precision at
-        # no cost (matmuls of N rows; measured on 2 CPU cores: sampling the same, a decoder
-        # training step 4% faster than with these in bf16).
+        # The [N, E] embedding path (timestep MLP, z_i and z_t projections, each ResBlock's
+        # scale and shift) runs in float32 with autocast off: the conditioning keeps full
+        # precision at no cost (matmuls of N rows; measured on 2 CPU cores: sampling the
+        # same, a decoder training step 4% faster than with these in bf16).
         with torch.autocast(device.type, enabled=False):
             emb = self.time_embed(t)  # [N, E]
+        added: list[torch.Tensor] = []  # projections of z_i, z_t added to emb
         tokens: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
 
@@ -351,51 +406,51 @@ class UNet(nn.Module):
                     )
                 z = apply_null(image_emb, self.null_image_emb, drop)  # [N, D]
             with torch.autocast(device.type, enabled=False):
-                emb = emb + self.clip_emb_proj(z.to(emb.dtype))  # [N, E]
+                added.append(self.clip_emb_proj(z.to(emb.dtype)))  # [N, E]
             if self.clip_tokens_proj is not None:
-                ct = self.clip_tokens_proj(z).reshape(n, cfg.clip_tokens, -1)  # [N, K, E]
+                ct = self.clip_tokens_proj(z).reshape(n, cfg.clip_tokens, -1)  # [N, K, C]
                 tokens.append(ct)
                 masks.append(None)
         elif image_emb is not None:
             raise ValueError("image_emb given but this model has clip_dim=0")
-
-        if cfg.text_dim:
-            if text_tokens is None:
-                tokens.append(self.null_text_token.expand(n, 1, -1))  # [N, 1, E]
-                masks.append(None)
-            else:
-                if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
-                    raise ValueError(
-                        f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
-                    )
-                length = text_tokens.shape[1]
-                drop = condition_drop_mask(
-                    n, cfg.text_drop_prob, drop_text, training=self.training, device=device
-                )
-                tt = self.text_proj(text_tokens)  # [N, L, E]
-                keep = text_mask.bool() if text_mask is not None else None
-                # with a mask, no data-dependent branch (torch.compile traces one graph):
-                # undropped rows pass through torch.where unchanged
-                if keep is not None or drop.any():
-                    # dropped rows: the null token first, the rest masked out
-                    first = torch.zeros(length, dtype=torch.bool, device=device)
-                    first[0] = True
-                    null_row = torch.where(
-                        first[:, None], self.null_text_token.to(tt.dtype), tt.new_zeros(())
-                    )  # [L, E]
-                    tt = apply_null(tt, null_row, drop)
-                    if keep is None:
-                        keep = torch.ones(n, length, dtype=torch.bool, device=device)
-                    keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
-                tokens.append(tt)
-                masks.append(keep)
-        elif text_tokens is not None:
+        if text_tokens is not None and not cfg.text_dim:
             raise ValueError("text_tokens given but this model has text_dim=0")
+        if text_emb is not None and not cfg.text_emb_dim:
+            raise ValueError("text_emb given but this model has text_emb_dim=0")
+
+        # one drop mask for the caption's tokens and its z_t
+        drop = None
+        if text_tokens is not None or text_emb is not None:
+            drop = condition_drop_mask(
+                n, cfg.text_drop_prob, drop_text, training=self.training, device=device
+            )
+        if cfg.text_emb_dim:
+            if text_emb is None:
+                zt = self.null_text_emb.expand(n, -1)
+            else:
+                if text_emb.shape != (n, cfg.text_emb_dim):
+                    raise ValueError(
+                        f"text_emb must be [N, {cfg.text_emb_dim}], got {tuple(text_emb.shape)}"
+                    )
+                zt = apply_null(text_emb, self.null_text_emb, drop)  # [N, D_t]
+            with torch.autocast(device.type, enabled=False):
+                added.append(self.text_emb_proj(zt.to(emb.dtype)))  # [N, E]
+        if cfg.text_dim:
+            tt, keep = self._caption(n, text_tokens, text_mask, drop)  # [N, L, C], [N, L]
+            if cfg.context_norm == "text":
+                tt = self.context_norm(tt)
+            tokens.append(tt)
+            masks.append(keep)
+        if added:  # t + (z_i + z_t), the order of diffusers' unCLIP
+            with torch.autocast(device.type, enabled=False):
+                emb = emb + (added[0] if len(added) == 1 else added[0] + added[1])  # [N, E]
 
         if not tokens:
             return emb, None, None
         dtype = tokens[0].dtype
-        context = self.context_norm(torch.cat([x.to(dtype) for x in tokens], dim=1))  # [N, Lc, E]
+        context = torch.cat([x.to(dtype) for x in tokens], dim=1)  # [N, Lc, C]
+        if cfg.context_norm == "all":
+            context = self.context_norm(context)
         context_mask = None
         if any(m is not None for m in masks):
             context_mask = torch.cat(
@@ -408,6 +463,52 @@ class UNet(nn.Module):
                 dim=1,
             )  # [N, Lc]
         return emb, context, context_mask
+
+    def _caption(
+        self,
+        n: int,
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        drop: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption's projected tokens [N, L, C] and mask [N, L] (None: all real), rows
+        where ``drop`` [N] is True replaced by the null caption: the learned null token, or
+        with ``null_caption_len`` = k the stored empty caption's k token features (projected
+        like any caption), then masked-out positions."""
+        cfg = self.config
+        k = cfg.null_caption_len
+        if text_tokens is None:
+            if k:
+                return self.text_proj(self.null_caption_tokens.expand(n, -1, -1)), None
+            return self.null_text_token.expand(n, 1, -1), None  # [N, 1, C]
+        if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
+            raise ValueError(
+                f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}"
+            )
+        assert drop is not None
+        length = text_tokens.shape[1]
+        keep = text_mask.bool() if text_mask is not None else None
+        # with a mask, no data-dependent branch (torch.compile traces one graph):
+        # undropped rows pass through torch.where unchanged
+        if keep is None and not drop.any():
+            return self.text_proj(text_tokens), None
+        if k > length:
+            raise ValueError(f"a caption of {length} tokens is shorter than the null caption ({k})")
+        device = text_tokens.device
+        first = torch.arange(length, device=device) < max(k, 1)  # [L]: the null caption's
+        if k:
+            pad = self.null_caption_tokens.new_zeros(length - k, cfg.text_dim)
+            null_row = torch.cat([self.null_caption_tokens, pad])  # [L, text_dim]
+            tt = self.text_proj(apply_null(text_tokens, null_row, drop))  # [N, L, C]
+        else:
+            tt = self.text_proj(text_tokens)  # [N, L, C]
+            null_row = torch.where(
+                first[:, None], self.null_text_token.to(tt.dtype), tt.new_zeros(())
+            )  # [L, C]
+            tt = apply_null(tt, null_row, drop)
+        if keep is None:
+            keep = torch.ones(n, length, dtype=torch.bool, device=device)
+        return tt, torch.where(drop[:, None], first[None], keep)  # [N, L]
 
     def forward(
         self,
@@ -422,6 +523,7 @@ class UNet(nn.Module):
         inpaint_mask: torch.Tensor | None = None,
         drop_image_emb: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         n, c, height, width = x.shape
@@ -432,7 +534,7 @@ class UNet(nn.Module):
             raise ValueError(f"image size {height}×{width} is not divisible by {factor}")
         t = t.reshape(1).expand(n) if t.ndim == 0 else t
         emb, context, context_mask = self.condition(
-            n, t, image_emb, text_tokens, text_mask, drop_image_emb, drop_text
+            n, t, image_emb, text_tokens, text_mask, drop_image_emb, drop_text, text_emb
         )
 
         inputs = [x]
@@ -441,11 +543,13 @@ class UNet(nn.Module):
                 raise ValueError(
                     "this model is conditioned on a low-resolution image: pass low_res"
                 )
+            aa = cfg.low_res_mode == "bicubic_antialias"
             up = F.interpolate(
                 low_res.to(x.dtype),
                 size=(height, width),
-                mode=cfg.low_res_mode,
+                mode="bicubic" if aa else cfg.low_res_mode,
                 align_corners=False,
+                antialias=aa,
             )  # [N, C, H, W]
             inputs.append(up)
         elif low_res is not None:
