@@ -201,8 +201,9 @@ class DiffusionConfig(Config):
     ``prediction`` is what the network outputs: ``eps`` (noise), ``x0`` (the clean sample, as
     the DALL·E 2 prior does) or ``v`` (Salimans & Ho 2022). ``learn_sigma`` doubles the output
     channels for the learned-range variance of Improved DDPM, trained with the ``hybrid`` loss.
-    ``clip_denoised`` clips predicted x₀ to [-1, 1] when sampling; ``dynamic_threshold`` > 0 (a
-    percentile such as 0.995) uses Imagen's dynamic thresholding instead; 0 turns it off.
+    ``clip_denoised`` clips predicted x₀ to [-clip_range, clip_range] (default [-1, 1]) when
+    sampling; ``dynamic_threshold`` > 0 (a percentile such as 0.995) uses Imagen's dynamic
+    thresholding instead; 0 turns it off.
     """
 
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -213,8 +214,11 @@ class DiffusionConfig(Config):
     vlb_weight: float = 0.001
     clip_denoised: bool = True
     dynamic_threshold: float = 0.0
+    clip_range: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.clip_range > 0:
+            raise ConfigError(f"clip_range must be positive, got {self.clip_range}")
         if not 0.0 <= self.dynamic_threshold < 1.0:
             raise ConfigError(f"dynamic_threshold must be in [0, 1), got {self.dynamic_threshold}")
         if self.timesteps < 1:

@@ -46,6 +46,8 @@ class CLIPConfig(Config):
     ``vision_heads`` heads; ``image_size`` must be a multiple of 32.
     ``*_mlp_dim`` default to 4 × width. ``eot_token_id`` None pools the text at the largest id
     (the end token in CLIP's vocabulary layout), otherwise at its first occurrence.
+    ``vision_type="none"``: a text encoder alone (such as the ``text_encoder/`` of a diffusers
+    unCLIP folder); :meth:`CLIP.encode_image` then raises.
     """
 
     type_name = "clip"
@@ -56,7 +58,7 @@ class CLIPConfig(Config):
     text_layers: int = 4
     text_heads: int = 4
     text_mlp_dim: int | None = None
-    vision_type: Literal["vit", "resnet"] = "vit"
+    vision_type: Literal["vit", "resnet", "none"] = "vit"
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 256
@@ -100,7 +102,7 @@ class CLIPConfig(Config):
                     f"vision_width {self.vision_width} is not divisible by vision_heads "
                     f"{self.vision_heads}"
                 )
-        else:
+        elif self.vision_type == "resnet":
             if self.image_size % 32:
                 raise ValueError(
                     f"a ResNet needs image_size a multiple of 32, got {self.image_size}"
@@ -351,9 +353,11 @@ class CLIP(nn.Module):
         )
         self.ln_final = nn.LayerNorm(width, eps=eps)
         self.text_projection = nn.Linear(width, config.embed_dim, bias=False)
-        self.visual: nn.Module = (
-            VisionTransformer(config) if config.vision_type == "vit" else ModifiedResNet(config)
-        )
+        self.visual: nn.Module | None = None
+        if config.vision_type == "vit":
+            self.visual = VisionTransformer(config)
+        elif config.vision_type == "resnet":
+            self.visual = ModifiedResNet(config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self.register_buffer(
             "image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False
@@ -396,14 +400,15 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text_condition(
-        self, tokens: torch.Tensor
+        self, tokens: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the prior and the decoder are conditioned on, from one pass of the encoder:
-        tokens [N, L] -> (z_t [N, embed_dim] L2-normalised, per-token states [N, L, W],
-        mask [N, L] bool, True up to and including the end token)."""
+        tokens [N, L] -> (z_t [N, embed_dim] L2-normalised (unless ``normalize=False``),
+        per-token states [N, L, W], mask [N, L] bool, True up to and including the end token)."""
         states = self.encode_text_tokens(tokens)  # [N, L, W]
         pos = self.eot_positions(tokens)  # [N]
-        z_t = F.normalize(self._project_text(states, pos), dim=-1)
+        z_t = self._project_text(states, pos)
+        z_t = F.normalize(z_t, dim=-1) if normalize else z_t
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= pos[:, None]
         return z_t, states, mask
 
@@ -412,6 +417,8 @@ class CLIP(nn.Module):
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings: pixels [N, 3, S, S] (model normalisation, see :meth:`preprocess`)
         -> [N, embed_dim], L2-normalised by default."""
+        if self.visual is None:
+            raise ValueError("this CLIP model is a text encoder alone: it has no image encoder")
         size = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (size, size):
             raise ValueError(f"pixels must be [N, 3, {size}, {size}], got {tuple(pixels.shape)}")

@@ -44,8 +44,8 @@ def clip_tokenizer_dir(clip_dir: str | os.PathLike) -> Path:
 
 
 class TextEncoder:
-    """A CLIP's text side: captions -> (z_t [N, D] unit norm, token features [N, L, W] float32,
-    mask [N, L] bool, True up to and including the end token).
+    """A CLIP's text side: captions -> (z_t [N, D] unit norm (see ``normalize``), token
+    features [N, L, W] float32, mask [N, L] bool, True up to and including the end token).
 
     ``clip`` is a CLIP model (used as it is; ``tokenizer=`` is then required) or a CLIP folder
     (loaded, frozen and put in eval mode; its tokenizer found by :func:`clip_tokenizer_dir`),
@@ -65,6 +65,9 @@ class TextEncoder:
     cache_size = 1_000_000
     table_bytes = 4 * 2**30
     chunk = 256
+    #: False: z_t as CLIP's projection gives it, not L2-normalised (what a converted Karlo
+    #: pipeline's stages take); set it before the first call
+    normalize = True
 
     def __init__(
         self,
@@ -121,7 +124,7 @@ class TextEncoder:
         with torch.autocast(device.type, enabled=False):
             for i in range(0, len(captions), self.chunk):
                 tokens = self.tokens(captions[i : i + self.chunk]).to(device)
-                z_t, feats, mask = self.model.encode_text_condition(tokens)
+                z_t, feats, mask = self.model.encode_text_condition(tokens, self.normalize)
                 parts.append((z_t.float(), feats.float(), mask))
         self._table = tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[assignment]
         self._rows = {c: i for i, c in enumerate(captions)}
@@ -157,5 +160,5 @@ class TextEncoder:
             rows = rows.to(device, non_blocking=True)
             return tuple(t.index_select(0, rows) for t in self._table)  # type: ignore[return-value]
         tokens = self.tokens(captions).to(device)
-        z_t, feats, mask = self.model.encode_text_condition(tokens)  # [N, D], [N, L, W], [N, L]
+        z_t, feats, mask = self.model.encode_text_condition(tokens, self.normalize)  # [N, D], …
         return z_t, feats.float(), mask

@@ -7,7 +7,8 @@ Imports only torch: a model is passed in as a function ``model_fn(x, t, **model_
 - :mod:`.gaussian`: :class:`GaussianDiffusion` (q_sample, posteriors, p_mean_variance,
   ε/x₀/v conversions, training losses) and the closed forms (normal_kl, discretised likelihood);
 - :mod:`.samplers`: DDPM, DDIM, DDIM inversion, DPM-Solver++(2M), all generators of
-  :class:`SampleStep`; :func:`final` / :func:`sample` run one to the end;
+  :class:`SampleStep`; :func:`final` / :func:`sample` run one to the end; :mod:`.karlo`:
+  Karlo's ancestral sampler (diffusers' ``UnCLIPScheduler``), for converted Karlo weights;
 - :mod:`.guidance`: classifier-free guidance as a model-function wrapper;
 - :mod:`.inpaint`: RePaint inpainting for any model.
 
@@ -35,6 +36,7 @@ from .gaussian import (
 )
 from .guidance import classifier_free_guidance
 from .inpaint import repaint_levels, repaint_sample
+from .karlo import karlo_sample, karlo_timesteps
 from .samplers import (
     SAMPLERS,
     SampleStep,
@@ -57,6 +59,8 @@ from .schedules import (
     space_timesteps,
 )
 
+SAMPLERS.setdefault("karlo", karlo_sample)  # registered here: samplers.py does not import it
+
 __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
@@ -76,6 +80,8 @@ __all__ = [
     "extract",
     "final",
     "initial_noise",
+    "karlo_sample",
+    "karlo_timesteps",
     "linear_betas",
     "make_betas",
     "mean_flat",

@@ -93,12 +93,13 @@ def dynamic_threshold(x0: Tensor, percentile: float) -> Tensor:
     return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).reshape(x0.shape)
 
 
-def process_x0(x0: Tensor, clip: bool, threshold: float = 0.0) -> Tensor:
-    """Apply dynamic thresholding (``threshold`` > 0, a percentile) or else clipping to [-1, 1]."""
+def process_x0(x0: Tensor, clip: bool, threshold: float = 0.0, clip_range: float = 1.0) -> Tensor:
+    """Apply dynamic thresholding (``threshold`` > 0, a percentile) or else clipping to
+    [-clip_range, clip_range]."""
     if threshold > 0:
         return dynamic_threshold(x0, threshold)
     if clip:
-        return x0.clamp(-1.0, 1.0)
+        return x0.clamp(-clip_range, clip_range)
     return x0
 
 
@@ -115,7 +116,8 @@ class GaussianDiffusion:
         learn_sigma: the model also outputs the learned-range variance (IDDPM §3.1).
         loss: ``"mse"`` (L_simple) or ``"hybrid"`` (L_simple + λ L_vlb, IDDPM §3.1).
         vlb_weight: λ of the hybrid loss (0.001 in IDDPM).
-        clip_denoised: default for clipping predicted x₀ to [-1, 1] when sampling.
+        clip_denoised: default for clipping predicted x₀ to [-clip_range, clip_range] when
+            sampling (``clip_range`` 1 by default; Karlo's prior clips at 5).
         dynamic_threshold: default Imagen dynamic-thresholding percentile (0 = off); when on it
             replaces clipping.
         fixed_variance: without ``learn_sigma``, the reverse variance: ``"small"`` β̃_t
@@ -135,6 +137,7 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         dynamic_threshold: float = 0.0,
         fixed_variance: Literal["small", "large"] = "small",
+        clip_range: float = 1.0,
     ):
         if prediction not in ("eps", "x0", "v"):
             raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
@@ -154,6 +157,7 @@ class GaussianDiffusion:
         self.clip_denoised = clip_denoised
         self.dynamic_threshold = dynamic_threshold
         self.fixed_variance = fixed_variance
+        self.clip_range = float(clip_range)
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig, **overrides: Any) -> GaussianDiffusion:
@@ -165,6 +169,7 @@ class GaussianDiffusion:
             vlb_weight=cfg.vlb_weight,
             clip_denoised=cfg.clip_denoised,
             dynamic_threshold=cfg.dynamic_threshold,
+            clip_range=cfg.clip_range,
         )
         kwargs.update(overrides)
         return cls(make_betas(cfg.schedule, cfg.timesteps), **kwargs)
@@ -366,7 +371,7 @@ class GaussianDiffusion:
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         threshold = self.dynamic_threshold if dynamic_threshold is None else dynamic_threshold
         if clip or threshold > 0:
-            x0 = process_x0(x0, clip, threshold)
+            x0 = process_x0(x0, clip, threshold, self.clip_range)
             eps = self.predict_eps_from_x0(x, t, x0)
         return x0, eps
 

@@ -34,7 +34,7 @@ MAX_STEPS = 1000  # the diffusion schedules' length: more steps than timesteps m
 MAX_GUIDANCE = 100.0
 MAX_CANDIDATES = 64  # prior samples per image, each a full prior run
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "karlo"]
 
 
 @dataclasses.dataclass

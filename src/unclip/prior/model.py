@@ -15,13 +15,19 @@ towards. The prior therefore works on embeddings rescaled to norm ``image_embed_
 variance per coordinate: train on ``scale_embedding(z_i, s)`` and map a sample back with
 ``unscale_embedding(x, s)``. The text embedding condition is rescaled the same way inside
 :meth:`DiffusionPriorTransformer.forward`, so callers pass CLIP's unit-norm ``z_t``.
+
+A prior converted from Karlo (diffusers' ``PriorTransformer``) works on CLIP's *raw*
+embeddings instead (``embeddings="raw"``): z_t is fed as the text encoder's projection gives
+it, and the diffusion runs on z_i standardised per coordinate with the training set's
+``clip_mean``/``clip_std`` (:meth:`DiffusionPriorTransformer.to_latent` /
+:meth:`~DiffusionPriorTransformer.from_latent`), whose sample is a raw (not unit) z_i.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +72,12 @@ class PriorConfig(Config):
     (z_t and tokens) by the learned null condition (DALL·E 2 uses 10%).
     ``image_embed_scale``: the norm embeddings are scaled to (None = ``sqrt(clip_dim)``).
     ``use_checkpoint``: recompute each block's activations in the backward pass.
+
+    Off by default (a prior converted from Karlo turns them on): ``embeddings="raw"`` takes
+    z_t as given and diffuses z_i standardised by the learned ``clip_mean``/``clip_std``
+    (see the module docstring) instead of unit embeddings scaled to ``image_embed_scale``;
+    ``null_text_tokens`` > 1 gives the null caption that many learned tokens (Karlo's null
+    caption is the empty caption, whose start and end tokens are two).
     """
 
     type_name = "diffusion_prior"
@@ -81,11 +93,20 @@ class PriorConfig(Config):
     text_drop_prob: float = 0.1
     image_embed_scale: float | None = None
     use_checkpoint: bool = False
+    embeddings: Literal["unit", "raw"] = "unit"
+    null_text_tokens: int = 1
 
     def __post_init__(self) -> None:
         check_prior_transformer(self)
         if self.image_embed_scale is not None and self.image_embed_scale <= 0:
             raise ConfigError(f"image_embed_scale must be positive, got {self.image_embed_scale}")
+        if self.embeddings not in ("unit", "raw"):
+            raise ConfigError(f"embeddings must be 'unit' or 'raw', got {self.embeddings!r}")
+        if not 1 <= self.null_text_tokens <= self.text_len:
+            raise ConfigError(
+                f"null_text_tokens must be in 1..text_len={self.text_len}, "
+                f"got {self.null_text_tokens}"
+            )
 
     @property
     def embed_scale(self) -> float:
@@ -106,23 +127,26 @@ def caption_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The caption part of a prior's input sequence, shared by both priors.
 
-    text_tokens: [N, L, text_dim] or None (the null token alone); text_mask: [N, L] bool;
-    drop: [N] bool, rows given the null caption (the null token first, the rest masked out).
-    ``text_proj`` None means ``text_dim == 0``: no caption tokens at all.
+    text_tokens: [N, L, text_dim] or None (the null caption alone); text_mask: [N, L] bool;
+    drop: [N] bool, rows given the null caption (its k tokens first, the rest masked out).
+    null_token: [W], or [k, W] for a null caption of k tokens. ``text_proj`` None means
+    ``text_dim == 0``: no caption tokens at all.
     Returns (tokens [N, L', W] in ``dtype``, key mask [N, L'] bool or None = all visible).
     """
     n = drop.shape[0]
+    null = null_token.reshape(-1, null_token.shape[-1])  # [k, W]
+    k = null.shape[0]
     if text_proj is None:
         if text_tokens is not None:
             raise ValueError("text_tokens given but the config has text_dim=0")
         return null_token.new_zeros((n, 0, null_token.shape[-1]), dtype=dtype), None
     if text_tokens is None:
-        return null_token.expand(n, 1, -1).to(dtype), None  # [N, 1, W]
+        return null.expand(n, k, -1).to(dtype), None  # [N, k, W]
     if text_tokens.ndim != 3 or text_tokens.shape[0] != n:
         raise ValueError(f"text_tokens must be [N, L, text_dim], got {tuple(text_tokens.shape)}")
     length = text_tokens.shape[1]
-    if not 1 <= length <= text_len:
-        raise ValueError(f"caption length {length} is outside 1..text_len={text_len}")
+    if not k <= length <= text_len:
+        raise ValueError(f"caption length {length} is outside {k}..text_len={text_len}")
     tokens = text_proj(text_tokens.float())  # [N, L, W]
     keep = text_mask.bool() if text_mask is not None else None
     # with a mask, no data-dependent branch (torch.compile traces one graph): undropped rows
@@ -130,9 +154,8 @@ def caption_tokens(
     if keep is None and not drop.any():
         return tokens.to(dtype), None
     first = torch.zeros(length, dtype=torch.bool, device=drop.device)
-    first[0] = True
-    null_row = null_token.to(tokens.dtype).expand(length, -1)
-    null_row = torch.where(first[:, None], null_row, tokens.new_zeros(()))  # [L, W]
+    first[:k] = True
+    null_row = torch.cat([null.to(tokens.dtype), tokens.new_zeros(length - k, null.shape[-1])])
     tokens = apply_null(tokens, null_row, drop)
     keep = keep if keep is not None else torch.ones_like(first).expand(n, -1)
     keep = torch.where(drop[:, None], first[None], keep)  # [N, L]
@@ -217,12 +240,13 @@ class DiffusionPriorTransformer(nn.Module):
 
     - x: [N, D] noised image embedding, in the scaled space (see :func:`scale_embedding`);
     - t: [N] long timestep indices (a scalar is broadcast);
-    - text_emb: [N, D] CLIP text embedding z_t (any norm; rescaled inside);
+    - text_emb: [N, D] CLIP text embedding z_t (any norm; rescaled inside, or with
+      ``embeddings="raw"`` taken as given);
     - text_tokens: [N, L, text_dim] CLIP text encoder per-token features, L <= text_len
       (None: the null token stands in when the config has ``text_dim > 0``);
     - text_mask: [N, L] bool, True for real tokens, False for padding (None: all real);
     - drop_text: [N] bool, rows that get the null caption condition (learned null z_t and a
-      single learned null token) whatever the inputs; in training mode, rows are also
+      ``null_text_tokens`` learned null tokens) whatever the inputs; in training mode, rows are also
       dropped at random with probability ``config.text_drop_prob``;
     - caption_kv, caption_mask: instead of text_tokens and text_mask, the caption's cached
       keys and values from :meth:`caption_cache` (sampling only; the same drop_text).
@@ -246,7 +270,11 @@ class DiffusionPriorTransformer(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS, w) * 0.02)
         # null condition (classifier-free guidance): z_t in the scaled space, one caption token
         self.null_text_emb = nn.Parameter(torch.randn(d) * (config.embed_scale / math.sqrt(d)))
-        self.null_text_token = nn.Parameter(torch.randn(w) * 0.02)
+        k = config.null_text_tokens
+        self.null_text_token = nn.Parameter(torch.randn(*((k,) if k > 1 else ()), w) * 0.02)
+        if config.embeddings == "raw":  # per-coordinate statistics of the raw z_i
+            self.register_buffer("clip_mean", torch.zeros(d))
+            self.register_buffer("clip_std", torch.ones(d))
         self.blocks = nn.ModuleList(
             PriorBlock(w, config.heads, config.mlp_ratio, config.dropout)
             for _ in range(config.layers)
@@ -258,6 +286,22 @@ class DiffusionPriorTransformer(nn.Module):
     def embed_scale(self) -> float:
         """The norm the prior's embeddings are scaled to (``config.embed_scale``)."""
         return self.config.embed_scale
+
+    def to_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings z: [N, D] -> the space the diffusion runs in, [N, D] float32:
+        unit z scaled to ``embed_scale`` (:func:`scale_embedding`), or with
+        ``embeddings="raw"`` the raw z standardised by ``clip_mean``/``clip_std``."""
+        if self.config.embeddings == "raw":
+            return (z.float() - self.clip_mean.float()) / self.clip_std.float()
+        return scale_embedding(z, self.embed_scale)
+
+    def from_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_latent` for a sample x: [N, D] -> z_i [N, D] float32,
+        unit norm (:func:`unscale_embedding`), or with ``embeddings="raw"`` a raw CLIP image
+        embedding ``x · clip_std + clip_mean`` (diffusers' ``post_process_latents``)."""
+        if self.config.embeddings == "raw":
+            return x.float() * self.clip_std.float() + self.clip_mean.float()
+        return unscale_embedding(x, self.embed_scale)
 
     def null_parameters(self) -> list[nn.Parameter]:
         """The learned null-condition parameters (trained only on dropped rows)."""
@@ -301,7 +345,9 @@ class DiffusionPriorTransformer(nn.Module):
         if text_emb.shape != x.shape:
             raise ValueError(f"text_emb must be [N, {cfg.clip_dim}], got {tuple(text_emb.shape)}")
         t = t.reshape(1).expand(n) if t.ndim == 0 else t
-        zt = apply_null(scale_embedding(text_emb, cfg.embed_scale), self.null_text_emb, drop)
+        raw = cfg.embeddings == "raw"
+        zt = text_emb.float() if raw else scale_embedding(text_emb, cfg.embed_scale)
+        zt = apply_null(zt, self.null_text_emb, drop)
         parts = [self.text_emb_proj(zt), self.time_embed(t), self.x_proj(x)]  # 3 × [N, W]
         parts.append(self.query.expand(n, -1))
         dtype = parts[0].dtype

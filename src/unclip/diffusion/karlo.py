@@ -1,0 +1,159 @@
+"""The ancestral sampler of Karlo (Kakao Brain's unCLIP), as diffusers' ``UnCLIPScheduler``.
+
+Karlo samples every stage with a DDPM step between two sampling timesteps (Ho et al. 2020,
+Eq. 7, with β recomputed from ᾱ for the skipped steps, IDDPM §4), but differs in details
+that change the numbers, so it is its own sampler here (``sampler="karlo"``) rather than a
+setting of :func:`~unclip.diffusion.samplers.ddpm_sample`:
+
+- timesteps ``round(k · (T-1)/(n-1))`` for k = n-1 … 0 (both ends included);
+- the variance is computed in float32 from ᾱ of the two timesteps; learned-range
+  interpolates between log β̃ and log β without clipping the first posterior variance;
+- x₀ is clipped to ``[-clip_range, clip_range]`` (Karlo's prior clips at 5) and the mean is
+  taken from the clipped x₀ (ε is never recomputed);
+- noise ``randn(x.shape)`` is drawn from ``generator`` at every step but the last (t = 0),
+  after the starting noise, so one ``torch.Generator`` shared by every stage, as diffusers'
+  ``UnCLIPPipeline`` shares it, gives the same draws in the same order.
+
+Same signature and :class:`~unclip.diffusion.samplers.SampleStep` stream as the other
+samplers. Only torch; the model is a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .gaussian import GaussianDiffusion, Generators, ModelFn, randn
+from .gaussian import dynamic_threshold as threshold_x0
+from .samplers import ProgressFn, SampleStep, initial_noise, sampling_timesteps
+
+
+def karlo_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """Karlo's sampling timesteps, descending: ``round(k · (T-1)/(steps-1))`` for k =
+    steps-1 … 0 (rounding half to even, as NumPy), e.g. T=1000, 4 steps → [999, 666, 333, 0].
+    One step is [T-1]."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    ratio = (num_timesteps - 1) / (steps - 1)
+    ts = (torch.arange(steps, dtype=torch.float64) * ratio).round().long()  # half to even
+    return ts.flip(0).tolist()
+
+
+def karlo_sample(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape_or_noise: Sequence[int] | Tensor,
+    steps: int | None = None,
+    *,
+    timesteps: Sequence[int] | None = None,
+    spacing: Any = None,
+    generator: Generators = None,
+    model_kwargs: dict[str, Any] | None = None,
+    clip_denoised: bool | None = None,
+    dynamic_threshold: float | None = None,
+    progress: ProgressFn | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Iterator[SampleStep]:
+    """Karlo's ancestral sampling (``UnCLIPScheduler.step``; see the module docstring).
+
+    ``steps`` picks :func:`karlo_timesteps`; ``timesteps`` (descending original timesteps)
+    overrides it; neither: all T. ``spacing`` is ignored (Karlo has its own). The last step
+    goes to ᾱ = 1 (x₀), which is Karlo's ``t - 1`` whenever the last timestep is 0 (always,
+    with its spacing and two steps or more). The variance is the learned range with
+    ``diffusion.learn_sigma`` (Karlo's decoder), else the fixed small one (its prior and
+    super-resolution stages); ``diffusion.prediction`` ``eps`` or ``x0`` (its prior).
+    """
+    del spacing  # Karlo's own spacing; kept for the common signature
+    if diffusion.is_respaced:
+        raise ValueError("the karlo sampler takes the diffusion over all its timesteps")
+    if diffusion.prediction not in ("eps", "x0"):
+        raise ValueError(
+            f"the karlo sampler needs eps or x0 predictions, not {diffusion.prediction!r}"
+        )
+    if not diffusion.learn_sigma and diffusion.fixed_variance != "small":
+        raise ValueError("the karlo sampler has the fixed small variance only")
+    total_t = diffusion.num_timesteps
+    if timesteps is not None:
+        ts = sampling_timesteps(diffusion, steps, timesteps)
+    elif steps is not None:
+        ts = karlo_timesteps(total_t, steps)
+    else:
+        ts = list(range(total_t - 1, -1, -1))
+    x = initial_noise(shape_or_noise, generator, device, dtype)
+    clip = diffusion.clip_denoised if clip_denoised is None else clip_denoised
+    threshold = diffusion.dynamic_threshold if dynamic_threshold is None else dynamic_threshold
+    return _karlo_loop(
+        diffusion, model_fn, x, ts, generator, model_kwargs, clip, threshold, progress
+    )
+
+
+def _karlo_loop(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    x: Tensor,
+    ts: list[int],
+    generator: Generators,
+    model_kwargs: dict[str, Any] | None,
+    clip: bool,
+    threshold: float,
+    progress: ProgressFn | None,
+) -> Iterator[SampleStep]:
+    # float32 as diffusers keeps them: β rounded from float64, ᾱ its float32 cumulative product
+    betas = diffusion.schedule.betas.to(torch.float32)
+    alphas = 1.0 - betas
+    abar = torch.cumprod(alphas, dim=0)
+    one = torch.tensor(1.0)
+    r = diffusion.clip_range
+    for n, t in enumerate(ts):
+        prev = ts[n + 1] if n + 1 < len(ts) else -1
+        with torch.no_grad():
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            output = model_fn(x, t_batch, **(model_kwargs or {}))
+            var_values = None
+            if diffusion.learn_sigma:
+                output, var_values = torch.split(output, x.shape[1], dim=1)
+            abar_t = abar[t]
+            abar_prev = abar[prev] if prev >= 0 else one
+            beta_prod_t, beta_prod_prev = 1 - abar_t, 1 - abar_prev
+            if prev == t - 1:
+                beta, alpha = betas[t], alphas[t]
+            else:
+                beta = 1 - abar_t / abar_prev
+                alpha = 1 - beta
+            if diffusion.prediction == "eps":
+                x0 = (x - beta_prod_t**0.5 * output) / abar_t**0.5
+            else:
+                x0 = output
+            if threshold > 0:
+                x0 = threshold_x0(x0, threshold)
+            elif clip:
+                x0 = x0.clamp(-r, r)
+            x0_coef = (abar_prev**0.5 * beta) / beta_prod_t  # Ho et al. Eq. 7
+            xt_coef = alpha**0.5 * beta_prod_prev / beta_prod_t
+            mean = x0_coef.to(x.device) * x0 + xt_coef.to(x.device) * x
+            if t > 0:
+                noise = randn(output.shape, generator, output.device, output.dtype)
+                variance = beta_prod_prev / beta_prod_t * beta  # β̃ between the two timesteps
+                if var_values is None:  # Karlo's "fixed_small_log"
+                    std = torch.exp(0.5 * torch.log(torch.clamp(variance, min=1e-20)))
+                    x = mean + std.to(x.device) * noise
+                else:  # "learned_range" (IDDPM Eq. 15, with the unclipped log β̃)
+                    frac = (var_values + 1) / 2
+                    min_log, max_log = variance.log().to(x.device), beta.log().to(x.device)
+                    log_var = frac * max_log + (1 - frac) * min_log
+                    x = mean + (0.5 * log_var).exp() * noise
+            else:
+                x = mean
+        yield _emit(SampleStep(n, len(ts), t, x, x0), progress)
+
+
+def _emit(step: SampleStep, progress: ProgressFn | None) -> SampleStep:
+    if progress is not None:
+        progress(step)
+    return step
