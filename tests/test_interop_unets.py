@@ -308,3 +308,34 @@ def test_unclip_native_models_say_what_diffusers_cannot_express():
     up = Upsampler(UpsamplerConfig(**small, model_channels=8, low_res_size=8))
     with pytest.raises(ConfigError, match="bicubic_antialias.*augment 'none'"):
         upsampler_to_diffusers(up)
+
+
+@torch.no_grad()
+def test_text_emb_with_a_learned_null_is_dropped_with_the_caption():
+    """The UNetConfig options off the diffusers path: z_t with a learned null embedding."""
+    cfg = UNetConfig(
+        image_size=8, model_channels=8, channel_mult=(1, 2), num_head_channels=8, clip_dim=6,
+        text_dim=5, text_emb_dim=4, context_dim=12, context_norm="text",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _randomize(UNet(cfg), 0)
+    assert any(p is model.null_text_emb for p in model.null_parameters())
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([3, 900])
+    z, tokens = torch.randn(2, 6, generator=g), torch.randn(2, 7, 5, generator=g)
+    zt = torch.randn(2, 4, generator=g)
+    cond = model(x, t, image_emb=z, text_tokens=tokens, text_emb=zt)
+    assert not torch.allclose(cond, model(x, t, image_emb=z, text_tokens=tokens, text_emb=-zt))
+    dropped = model(x, t, image_emb=z, text_tokens=tokens, text_emb=zt, drop_text=[True, True])
+    torch.testing.assert_close(dropped, model(x, t, image_emb=z), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="text_emb must be"):
+        model(x, t, text_emb=zt[:, :3])
+
+
+def test_a_caption_shorter_than_the_null_caption_is_refused():
+    *_, model = _decoder_pair()
+    x, tokens = torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, D)
+    with pytest.raises(ValueError, match="shorter than the null caption"):
+        model(x, torch.tensor([1]), text_tokens=tokens, drop_text=torch.tensor([True]))
+    with pytest.raises(ConfigError, match="null_caption_len > 0 needs a caption"):
+        UNetConfig(text_dim=0, null_caption_len=2)
