@@ -428,19 +428,16 @@ def decoder_config_to_diffusers(cfg: UNetConfig) -> tuple[dict[str, Any], dict[s
 def upsampler_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     """A super-res ``config.json`` as a dict for an upsampler diffusers can express exactly;
     any other gives :class:`ConfigError` saying what it lacks."""
+    conditioned = bool(cfg.clip_dim or cfg.text_dim or cfg.text_emb_dim)
+    blurred = getattr(cfg, "augment", "none") != "none"  # unclip blurs the input as trained
     _check_writable(
         cfg,
         {
-            "no CLIP or caption conditioning": not (
-                cfg.clip_dim or cfg.text_dim or cfg.text_emb_dim
-            ),
+            "no CLIP or caption conditioning": not conditioned,
             "low_res_cond true": cfg.low_res_cond,
             "low_res_mode 'bicubic_antialias'": cfg.low_res_mode == "bicubic_antialias",
-            "augment 'none' (diffusers does not blur the low-res input)": getattr(
-                cfg, "augment", "none"
-            )
-            == "none",
-            "num_head_channels > 0 or num_heads == 1": cfg.num_head_channels > 0
+            "augment 'none' (diffusers does not blur the low-res input)": not blurred,
+            "num_head_channels > 0 or num_heads == 1": bool(cfg.num_head_channels)
             or cfg.num_heads == 1,
         },
         "upsampler",
