@@ -124,10 +124,15 @@ class TextEncoder:
         with torch.autocast(device.type, enabled=False):
             for i in range(0, len(captions), self.chunk):
                 tokens = self.tokens(captions[i : i + self.chunk]).to(device)
-                z_t, feats, mask = self.model.encode_text_condition(tokens, self.normalize)
+                z_t, feats, mask = self._encode(tokens)
                 parts.append((z_t.float(), feats.float(), mask))
         self._table = tuple(torch.cat(x) for x in zip(*parts, strict=True))  # type: ignore[assignment]
         self._rows = {c: i for i, c in enumerate(captions)}
+
+    def _encode(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.normalize:
+            return self.model.encode_text_condition(tokens)
+        return self.model.encode_text_condition(tokens, normalize=False)
 
     def tokens(self, captions: Sequence[str]) -> Tensor:
         """Token ids ``[N, L]`` of ``captions`` (cached per distinct caption)."""
@@ -160,5 +165,5 @@ class TextEncoder:
             rows = rows.to(device, non_blocking=True)
             return tuple(t.index_select(0, rows) for t in self._table)  # type: ignore[return-value]
         tokens = self.tokens(captions).to(device)
-        z_t, feats, mask = self.model.encode_text_condition(tokens, self.normalize)  # [N, D], …
+        z_t, feats, mask = self._encode(tokens)  # [N, D], [N, L, W], [N, L]
         return z_t, feats.float(), mask

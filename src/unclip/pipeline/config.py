@@ -145,13 +145,17 @@ class StagesConfig(Config):
 
 @dataclasses.dataclass
 class PipelineConfig(Config):
-    """The document in ``pipeline.json``."""
+    """The document in ``pipeline.json``. ``embeddings``: what the stages take as z_t and z_i:
+    ``"unit"`` CLIP's L2-normalised embeddings (unclip's own stages), ``"raw"`` CLIP's
+    projections unnormalised (stages converted from Karlo, trained that way); the pipeline's
+    ``encode_text``/``encode_image`` and CLIP scores are unit-norm either way."""
 
     type: str = PIPELINE_TYPE
     format_version: int = PIPELINE_FORMAT_VERSION
     name: str = ""
     stages: StagesConfig = dataclasses.field(default_factory=StagesConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    embeddings: Literal["unit", "raw"] = "unit"
 
     def __post_init__(self) -> None:
         if self.type != PIPELINE_TYPE:

@@ -115,9 +115,13 @@ class UnclipPipeline:
         self.path = path
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
+        #: the stages take CLIP's embeddings unnormalised (a converted Karlo pipeline)
+        self.raw_embeddings = self.config.embeddings == "raw"
+        self.text_encoder.normalize = not self.raw_embeddings
         for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
             if stage is not None:
-                stage.model.to(memory_format=torch.channels_last)
+                for net in stage.networks():
+                    net.to(memory_format=torch.channels_last)
         #: images sampled together in one batch (see the module docstring on seeds)
         self.max_batch = DEFAULT_MAX_BATCH
         self.name = self.config.name or (path.name if path else "unclip")
@@ -141,8 +145,9 @@ class UnclipPipeline:
         calls run faster (fused GroupNorm/SiLU/residual kernels). Worth it for a server or a
         long batch job, not for one image. Returns the pipeline."""
         for stage in (self.prior, self.decoder, self.inpaint_decoder, *self.upsamplers):
-            if stage is not None and not is_compiled(stage.model):
-                stage.model.compile(**options)  # in place: same module, same state dict
+            for net in stage.networks() if stage is not None else []:
+                if not is_compiled(net):
+                    net.compile(**options)  # in place: same module, same state dict
         return self
 
     @property
@@ -173,7 +178,9 @@ class UnclipPipeline:
     def encode_text(self, texts: str | Sequence[str]) -> Tensor:
         """CLIP text embeddings z_t, L2-normalised: N captions -> [N, D] float32."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return torch.cat([self._text(t).z_t for t in texts]) if texts else torch.zeros(0)
+        if not texts:
+            return torch.zeros(0)
+        return torch.cat([self._unit(self._text(t).z_t) for t in texts])
 
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
@@ -184,17 +191,24 @@ class UnclipPipeline:
         rows = [self._clip_image(prepare_image(as_image(img), self.image_size)) for img in images]
         return torch.cat(rows) if rows else torch.zeros(0)
 
-    def _clip_image(self, x: Tensor) -> Tensor:
-        """[1, 3, H, W] in [-1, 1] -> z_i [1, D] float32."""
+    def _clip_image(self, x: Tensor, unit: bool = True) -> Tensor:
+        """[1, 3, H, W] in [-1, 1] -> z_i [1, D] float32, L2-normalised (``unit=False``: as
+        the stages take it, unnormalised in a raw-embedding pipeline)."""
         pixels = self.clip.preprocess(x.to(self.device))
-        z = self.clip.encode_image(pixels)  # float32 always (see load_pipeline)
-        return F.normalize(z.float(), dim=-1)
+        z = self.clip.encode_image(pixels, normalize=False).float()  # float32 (load_pipeline)
+        return z if self.raw_embeddings and not unit else F.normalize(z, dim=-1)
+
+    def _unit(self, z: Tensor) -> Tensor:
+        """A stage embedding [..., D] L2-normalised (it already is without raw embeddings)."""
+        return F.normalize(z, dim=-1) if self.raw_embeddings else z
 
     def _text(self, text: str) -> TextCondition:
-        """Encode one caption (on its own, so results do not depend on batch composition)."""
+        """Encode one caption (on its own, so results do not depend on batch composition);
+        z_t as the stages take it (unit norm, or unnormalised with raw embeddings)."""
         check_prompt(text)
         z_t, feats, mask = self.text_encoder([text], self.device)  # [1, D], [1, L, W], [1, L]
-        return TextCondition(text, F.normalize(z_t.float(), dim=-1), feats, mask)
+        z_t = z_t.float() if self.raw_embeddings else F.normalize(z_t.float(), dim=-1)
+        return TextCondition(text, z_t, feats, mask)
 
     # -- stage glue -------------------------------------------------------------------------
 
@@ -205,13 +219,16 @@ class UnclipPipeline:
         settings: SamplingConfig,
         progress: ProgressCallback | None,
         use_prior: bool = True,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """z_i [N, D] for N captions (``text`` [N], one seed each): ``candidates`` samples per
         caption, and the one closest to its z_t kept (:func:`~.runners.sample_prior`); without
-        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
+        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline. ``generator``:
+        one generator for the batch instead of the seeds' (see ``text_to_image``)."""
         if not use_prior or self.prior is None:
             return text.z_t
-        gens, where = stage_generators(seeds, "prior"), self._where(progress)
+        gens = generator or stage_generators(seeds, "prior")
+        where = self._where(progress)
         return sample_prior(
             self.prior, text.z_t, text.tokens, text.mask, settings.prior, gens, **where
         )
@@ -256,20 +273,24 @@ class UnclipPipeline:
         progress: ProgressCallback | None,
         infos: Sequence[dict[str, Any]],
         eta: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> list[Image.Image]:
         """Decode and upsample images from z [F, D] without a caption, image k with
         ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
-        batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`."""
+        batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`;
+        ``generator``: one for every stage instead of the seeds' (see ``text_to_image``)."""
         out, where = [], self._where(progress)
         for rows in self._batches(len(infos)):
             part = slice(rows.start, rows.stop)
             batch_seeds = list(seeds[part])
             x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
-            gens = stage_generators(batch_seeds, "decoder")
+            gens = generator or stage_generators(batch_seeds, "decoder")
             x = decode(
                 self.decoder, z[part], None, settings.decoder, gens, noise=x_t, eta=eta, **where
             )
-            x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, **where)
+            x = upsample(
+                self.upsamplers, x, settings.upsampler, batch_seeds, generator=generator, **where
+            )
             out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
 
@@ -294,6 +315,7 @@ class UnclipPipeline:
         keep: int | None = None,
         use_prior: bool = True,
         progress: ProgressCallback | None = None,
+        generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> list[Image.Image]:
         """Text to image (DALL·E 2 §2): ``n`` images per prompt, prompt-major order.
@@ -304,6 +326,11 @@ class UnclipPipeline:
         text embedding z_t instead of a prior sample (the paper's §5.1 baseline; also what
         happens when the pipeline has no prior). Image ``p·draw + i`` uses seed ``seed + p·draw
         + i`` where draw = ``candidates`` or ``n``.
+
+        ``generator``: one ``torch.Generator`` (on the CPU) that draws every stage's noise of a
+        batch in turn, as diffusers' ``UnCLIPPipeline`` draws from the one it is given: with
+        the ``karlo`` sampler and all images in one batch, a converted Karlo pipeline then
+        draws the same numbers as diffusers does (the images no longer follow ``seed``).
         """
         prompts, draw, keep = check_draw(prompt, n, candidates, keep)
         settings = self.sampling_settings(**overrides)
@@ -317,10 +344,12 @@ class UnclipPipeline:
         for rows in self._batches(draw * len(prompts)):
             text = TextCondition.cat([texts[k // draw] for k in rows])
             seeds = [base + k for k in rows]
-            z = self._sample_prior(text, seeds, settings, progress, use_prior)
-            gens = stage_generators(seeds, "decoder")
+            z = self._sample_prior(text, seeds, settings, progress, use_prior, generator)
+            gens = generator or stage_generators(seeds, "decoder")
             x = decode(self.decoder, z, text, settings.decoder, gens, **where)
-            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
+            x = upsample(
+                self.upsamplers, x, settings.upsampler, seeds, generator=generator, **where
+            )
             for j, k in enumerate(rows):
                 p = prompts[k // draw]
                 info = self._info(
@@ -332,7 +361,7 @@ class UnclipPipeline:
         out: list[Image.Image] = []
         for p, text in enumerate(texts):
             group = images[p * draw : (p + 1) * draw]
-            scores = self.encode_image(group) @ text.z_t[0]  # as delivered (8-bit), as `rank`
+            scores = self.encode_image(group) @ self._unit(text.z_t[0])  # as delivered, as `rank`
             for img, score in zip(group, scores.tolist(), strict=True):
                 img.info["clip_score"] = f"{score:.4f}"
             order = sorted(range(draw), key=lambda j: -scores[j])[:keep]
@@ -349,13 +378,15 @@ class UnclipPipeline:
         eta: float | None = None,
         seed: int | None = None,
         progress: ProgressCallback | None = None,
+        generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> list[Image.Image]:
         """Variations of an image (DALL·E 2 §3.1): its CLIP embedding z_i decoded with new
         noise. ``invert=True`` starts every sample from the image's DDIM-inverted x_T and
         samples with DDIM at ``eta`` (default 0.5; η = 0 reconstructs the image), giving
         variations close to the original; otherwise each seed draws fresh noise (``eta``
-        default: the pipeline's decoder η)."""
+        default: the pipeline's decoder η). ``generator``: as in :meth:`text_to_image` (as
+        diffusers' ``UnCLIPImageVariationPipeline`` draws)."""
         img = as_image(image)
         n = check_count(n, "n")
         if eta is not None and not 0.0 <= eta <= 1.0:
@@ -363,7 +394,7 @@ class UnclipPipeline:
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, n)
         x_full = prepare_image(img, self.image_size).to(self.device)
-        z = self._clip_image(x_full)
+        z = self._clip_image(x_full, unit=False)
         noise = None
         if invert:
             noise = self._invert(x_full, z, settings, progress)
@@ -374,7 +405,9 @@ class UnclipPipeline:
         extra = {"inverted": "true" if invert else None, "eta": None if eta is None else str(eta)}
         seeds = [base + i for i in range(n)]
         infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
-        return self._frames(z.expand(n, -1), noise, seeds, settings, progress, infos, eta)
+        return self._frames(
+            z.expand(n, -1), noise, seeds, settings, progress, infos, eta, generator
+        )
 
     @torch.no_grad()
     def interpolate(
@@ -398,7 +431,7 @@ class UnclipPipeline:
         base = check_seed(seed, 1)
         xa = prepare_image(img_a, self.image_size).to(self.device)
         xb = prepare_image(img_b, self.image_size).to(self.device)
-        za, zb = self._clip_image(xa), self._clip_image(xb)
+        za, zb = self._clip_image(xa, unit=False), self._clip_image(xb, unit=False)
         if invert_noise:
             na = self._invert(xa, za, settings, progress)
             nb = self._invert(xb, zb, settings, progress)
@@ -441,11 +474,13 @@ class UnclipPipeline:
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, 1)
         x_full = prepare_image(img, self.image_size).to(self.device)
-        z = self._clip_image(x_full)
+        z = self._clip_image(x_full, unit=False)
         diff = self._text(target).z_t - self._text(source).z_t
         if float(diff.norm()) < 1e-6:
             raise ValueError("the source and target captions have the same CLIP embedding")
         z_d = diff / diff.norm(dim=-1, keepdim=True)
+        if self.raw_embeddings:  # slerp keeps the image embedding's own norm
+            z_d = z_d * z.norm(dim=-1, keepdim=True)
         if invert:
             noise = self._invert(x_full, z, settings, progress)
         else:
@@ -569,7 +604,7 @@ class UnclipPipeline:
         check_prompt(prompt)
         if not images:
             return torch.zeros(0)
-        z_t = self._text(prompt).z_t[0]
+        z_t = self._unit(self._text(prompt).z_t[0])
         return (self.encode_image(list(images)) @ z_t).cpu()
 
     @torch.no_grad()

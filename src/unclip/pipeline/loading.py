@@ -30,13 +30,24 @@ class PipelineError(ValueError):
     """A pipeline folder that cannot be used (missing stage, stages that do not fit)."""
 
 
+#: a stage folder's subfolder holding the network of its last sampling step, when it has one
+LAST_STEP_FOLDER = "last_step"
+
+
 @dataclass
 class Stage:
     """A stage: its network and the diffusion process it was trained with (None for the
-    autoregressive prior, which samples codes instead)."""
+    autoregressive prior, which samples codes instead). ``last_step``: a second network that
+    takes the last sampling step (t = 0) in place of ``model`` (Karlo's ``super_res_last``;
+    the stage folder's ``last_step/``), or None."""
 
     model: nn.Module
     diffusion: GaussianDiffusion | None
+    last_step: nn.Module | None = None
+
+    def networks(self) -> list[nn.Module]:
+        """The stage's networks: ``model``, then ``last_step`` when there is one."""
+        return [self.model] + ([self.last_step] if self.last_step is not None else [])
 
 
 def is_ar_prior(model: nn.Module) -> bool:
@@ -114,7 +125,15 @@ def load_stage(folder: Path, what: str, device: torch.device) -> Stage:
             f"{folder}: the model's learn_sigma ({learn_sigma}) and {DIFFUSION_FILE}'s "
             f"({diffusion.learn_sigma}) disagree"
         )
-    return Stage(model, diffusion)
+    last = None
+    if (folder / LAST_STEP_FOLDER).is_dir():
+        last = from_pretrained(folder / LAST_STEP_FOLDER, device=device)
+        if (
+            type(last) is not type(model)
+            or getattr(last.config, "learn_sigma", False) != learn_sigma
+        ):
+            raise PipelineError(f"{folder / LAST_STEP_FOLDER}: not a network of the same kind")
+    return Stage(model, diffusion, last)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -167,7 +186,8 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
 ) -> UnclipPipeline:
     """Load a pipeline folder (or a shipped pipeline by name) onto ``device`` (default: CUDA
-    when available, else CPU).
+    when available, else CPU). A diffusers unCLIP folder (``model_index.json``, Karlo's
+    layout) is converted on load (:mod:`unclip.interop.diffusers_folder`).
 
     ``dtype`` is the compute precision of the sampling networks (prior, decoders,
     upsamplers): float32, or float16/bfloat16 run under ``torch.autocast`` with float32
@@ -179,8 +199,11 @@ def load_pipeline(
     channels-last memory format, which oneDNN and cuDNN run faster.
     """
     from unclip.clip import load_clip
+    from unclip.interop.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
     from unclip.tokenizer import Tokenizer
 
+    if is_diffusers_folder(name_or_path):  # Karlo's layout: converted on load
+        return load_diffusers_pipeline(name_or_path, device=device, dtype=dtype)
     folder = resolve_pipeline(name_or_path)
     config = PipelineConfig.load(folder / PIPELINE_FILE)
     dev = parse_device(device)

@@ -261,6 +261,11 @@ def sample_prior(
         )
         with stage_precision(model, device, dtype):
             x = deque(steps, maxlen=1).pop().x
+        if model.config.embeddings == "raw":  # a raw CLIP image embedding, as Karlo's
+            z = model.from_latent(x).view(n, c, -1)
+            cos = (F.normalize(z, dim=-1) * F.normalize(z_t, dim=-1)[:, None]).sum(-1)
+            best = cos.argmax(1)
+            return z[torch.arange(n, device=z.device), best]  # [n, D]
         z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
     best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
     return z[torch.arange(n, device=z.device), best]  # [n, D]
@@ -270,11 +275,14 @@ def decoder_conditions(
     model: nn.Module, z_i: Tensor, text: TextCondition | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cond, uncond) model kwargs of a decoder for z_i [N, D] and ``text`` [N] (or None);
-    uncond drops z_i and the caption."""
+    uncond drops z_i and the caption. A decoder that also takes z_t (``text_emb_dim``, as
+    Karlo's) gets ``text.z_t``."""
     cond: dict[str, Any] = {"image_emb": z_i}
     if text is not None and model.config.text_dim:
         cond["text_tokens"] = text.tokens
         cond["text_mask"] = text.mask
+    if text is not None and getattr(model.config, "text_emb_dim", 0):
+        cond["text_emb"] = text.z_t
     uncond = dict(cond)
     yes = torch.ones(z_i.shape[0], dtype=torch.bool, device=z_i.device)
     cond["drop_image_emb"] = cond["drop_text"] = ~yes
@@ -368,12 +376,15 @@ def upsample(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     progress: ProgressCallback | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Run the upsamplers in turn on a batch, image k with ``seeds[k]``: [N, 3, s, s] ->
     [N, 3, S, S]. A stage trained with the (deterministic) blur augmentation gets the same
     blur on its input, as in training; random (BSR) degradation is a training-only
     corruption and is not applied. ``settings.strength`` < 1 starts from the noised bicubic
-    enlargement (SDEdit, Meng et al. 2022)."""
+    enlargement (SDEdit, Meng et al. 2022). A stage with a ``last_step`` network runs it for
+    the step at t = 0 (Karlo's ``super_res_last``). ``generator``: one generator for every
+    stage instead of the seeds' (as diffusers draws)."""
     from unclip.decoder.upsampler import gaussian_blur
 
     st = settings
@@ -384,7 +395,7 @@ def upsample(
             low = gaussian_blur(low, cfg.blur_kernel, cfg.blur_sigma)
         side = low.shape[-1] * cfg.image_size // cfg.low_res_size
         name = upsampler_name(k)
-        generator = stage_generators(seeds, name)
+        gens: Generators = generator or stage_generators(seeds, name)
         start: tuple[int, ...] | Tensor = (x.shape[0], 3, side, side)
         steps: int | None = st.steps
         extra: dict[str, Any] = {}
@@ -394,13 +405,27 @@ def upsample(
             extra["timesteps"] = sorted(set(ts), reverse=True)
             steps = None
             big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
-            noise = randn(big.shape, generator)  # on the CPU, row k from generator k
+            noise = randn(big.shape, gens)  # on the CPU, row k from generator k
             t = torch.full((x.shape[0],), t0, dtype=torch.long)
             start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(device)
         fn = model_fn(up.model, low_res=low)
+        if up.last_step is not None:
+            fn = last_step_switch(fn, model_fn(up.last_step, low_res=low))
         run = sampler_steps(
-            name, up, fn, start, st.sampler, steps, st.eta, generator, progress, device, **extra
+            name, up, fn, start, st.sampler, steps, st.eta, gens, progress, device, **extra
         )
-        with stage_precision(up.model, device, dtype):
+        with stage_precision(up.model, device, dtype), stage_precision(up.last_step, device, dtype):
             x = deque(run, maxlen=1).pop().x
     return x
+
+
+def last_step_switch(
+    fn: Callable[..., Tensor], last: Callable[..., Tensor]
+) -> Callable[..., Tensor]:
+    """A model function that calls ``last`` where every row is at t = 0 (the last sampling
+    step) and ``fn`` elsewhere."""
+
+    def switched(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        return (last if bool((t == 0).all()) else fn)(x, t, **kwargs)
+
+    return switched

@@ -1,0 +1,481 @@
+"""A diffusers unCLIP folder (Karlo's layout) -> an unclip pipeline, and back.
+
+A folder with ``model_index.json`` naming ``UnCLIPPipeline`` (text to image: ``prior/``,
+``decoder/``, ``text_proj/``, ``super_res_first/``, ``super_res_last/``, ``text_encoder/``,
+``tokenizer/``, ``prior_scheduler/``, ``decoder_scheduler/``, ``super_res_scheduler/``) or
+``UnCLIPImageVariationPipeline`` (the same without the prior, with ``image_encoder/`` and
+``feature_extractor/``) is read as JSON and safetensors (diffusers and transformers are not
+imported) and converted exactly:
+
+- ``text_encoder`` (+ ``image_encoder``) -> unclip's CLIP, ``tokenizer`` -> its tokenizer
+  (:mod:`.diffusers_clip`);
+- ``prior`` -> :class:`~unclip.prior.model.DiffusionPriorTransformer` (:mod:`.diffusers_prior`);
+- ``decoder`` + ``text_proj`` -> the decoder UNet, ``super_res_first``/``super_res_last`` ->
+  an upsampler stage whose ``last_step`` network is ``super_res_last`` (:mod:`.diffusers_unets`);
+- each ``UnCLIPScheduler`` -> the stage's ``diffusion.json`` (:mod:`.diffusers_schedulers`),
+  sampled with the ``karlo`` sampler, with Karlo's defaults: prior 25 steps at guidance 4 and
+  one candidate, decoder 25 steps at guidance 8, super-resolution 7 steps;
+- the pipeline takes CLIP's embeddings unnormalised (``embeddings: "raw"``), as Karlo's stages
+  were trained, and the null conditions of guidance are the empty caption's encoding.
+
+:func:`load_diffusers_pipeline` builds an :class:`~unclip.pipeline.core.UnclipPipeline` from
+such a folder (what ``unclip.load_pipeline`` does when it sees ``model_index.json``);
+:func:`write_unclip_folder` writes the conversion as a plain unclip pipeline folder and
+:func:`write_diffusers_folder` writes an unclip pipeline back in diffusers' layout (``unclip
+convert``). Anything the converters cannot express is a one-line
+:class:`~unclip.config.ConfigError` naming the folder, file and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from unclip.config import DIFFUSION_FILE, PIPELINE_FILE, ConfigError, DiffusionConfig
+from unclip.interop.diffusers_clip import (
+    HF_WEIGHTS,
+    clip_from_diffusers,
+    clip_to_diffusers,
+    empty_caption,
+    read_json,
+    read_weights,
+    tokenizer_from_diffusers,
+    tokenizer_to_diffusers,
+)
+from unclip.interop.diffusers_prior import prior_from_diffusers, prior_to_diffusers
+from unclip.interop.diffusers_schedulers import diffusion_from_scheduler, scheduler_from_diffusion
+
+if TYPE_CHECKING:
+    from unclip.clip.model import CLIP
+    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.loading import Stage
+    from unclip.tokenizer import Tokenizer
+
+MODEL_INDEX = "model_index.json"
+TEXT_TO_IMAGE = "UnCLIPPipeline"
+VARIATION = "UnCLIPImageVariationPipeline"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULER_FILE = "scheduler_config.json"
+
+_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+_COMMON = {
+    "decoder": ("UNet2DConditionModel",),
+    "text_proj": ("UnCLIPTextProjModel",),
+    "super_res_first": ("UNet2DModel",),
+    "super_res_last": ("UNet2DModel",),
+    "text_encoder": ("CLIPTextModelWithProjection",),
+    "tokenizer": _TOKENIZERS,
+    "decoder_scheduler": ("UnCLIPScheduler",),
+    "super_res_scheduler": ("UnCLIPScheduler",),
+}
+#: the components of each pipeline class, and the classes unclip converts for each
+COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
+    TEXT_TO_IMAGE: {
+        "prior": ("PriorTransformer",),
+        "prior_scheduler": ("UnCLIPScheduler",),
+        **_COMMON,
+    },
+    VARIATION: {
+        **_COMMON,
+        "image_encoder": ("CLIPVisionModelWithProjection",),
+        "feature_extractor": ("CLIPImageProcessor", "CLIPFeatureExtractor"),
+    },
+}
+_LIBRARIES = {
+    "text_encoder": "transformers", "tokenizer": "transformers", "image_encoder": "transformers",
+    "feature_extractor": "transformers",
+}  # fmt: skip
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding ``model_index.json`` and no ``pipeline.json``."""
+    p = Path(path)
+    return p.is_dir() and (p / MODEL_INDEX).is_file() and not (p / PIPELINE_FILE).is_file()
+
+
+def karlo_sampling() -> Any:
+    """The sampling settings of diffusers' ``UnCLIPPipeline`` (Karlo's defaults)."""
+    from unclip.pipeline.config import (
+        DecoderSampling,
+        PriorSampling,
+        SamplingConfig,
+        UpsamplerSampling,
+    )
+
+    return SamplingConfig(
+        prior=PriorSampling(sampler="karlo", steps=25, guidance=4.0, candidates=1),
+        decoder=DecoderSampling(sampler="karlo", steps=25, guidance=8.0),
+        upsampler=UpsamplerSampling(sampler="karlo", steps=7),
+    )
+
+
+@dataclass
+class Converted:
+    """A diffusers folder converted: unclip modules (float32, eval mode, CPU) and each
+    diffusion stage's :class:`DiffusionConfig`."""
+
+    name: str
+    tokenizer: Tokenizer
+    clip: CLIP
+    decoder: tuple[nn.Module, DiffusionConfig]
+    upsampler: tuple[nn.Module, nn.Module, DiffusionConfig]
+    prior: tuple[nn.Module, DiffusionConfig] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _index(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """The pipeline class and its expected components, with every component checked."""
+    doc = read_json(folder / MODEL_INDEX)
+    cls = doc.get("_class_name")
+    if cls not in COMPONENTS:
+        raise ConfigError(
+            f"{folder / MODEL_INDEX}: pipeline {cls!r} is not supported "
+            f"(unclip converts {TEXT_TO_IMAGE} and {VARIATION})"
+        )
+    expected = COMPONENTS[cls]
+    for name in doc:
+        if not name.startswith("_") and name not in expected:
+            raise ConfigError(f"{folder / MODEL_INDEX}: unknown component {name!r} for {cls}")
+    for name, classes in expected.items():
+        entry = doc.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            raise ConfigError(f"{folder / MODEL_INDEX}: component {name!r} is missing")
+        if entry[1] not in classes:
+            raise ConfigError(
+                f"{folder / MODEL_INDEX}: {name} is a {entry[1]!r}; unclip converts "
+                + " or ".join(repr(c) for c in classes)
+            )
+        if not (folder / name).is_dir():
+            raise ConfigError(f"{folder / name}: the {name} folder is missing")
+    return cls, expected
+
+
+def _component(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, weights) of a diffusers model component."""
+    return read_json(folder / name / "config.json"), read_weights(folder / name, DIFFUSERS_WEIGHTS)
+
+
+def _diffusion(folder: Path, name: str) -> DiffusionConfig:
+    where = folder / name / SCHEDULER_FILE
+    return diffusion_from_scheduler(read_json(where), str(where))
+
+
+def _located(e: ConfigError, folder: Path) -> ConfigError:
+    """An error from a converter that names a file relative to the folder, made absolute."""
+    msg = str(e)
+    return ConfigError(msg if msg.startswith(str(folder)) else f"{folder}/{msg}")
+
+
+def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
+    """Read and convert a diffusers unCLIP folder (see the module docstring)."""
+    from unclip.interop.diffusers_unets import decoder_from_diffusers, upsampler_from_diffusers
+
+    folder = Path(path)
+    if not (folder / MODEL_INDEX).is_file():
+        raise ConfigError(f"{folder}: not a diffusers pipeline folder (no {MODEL_INDEX})")
+    cls, _ = _index(folder)
+    tokenizer = tokenizer_from_diffusers(folder / "tokenizer")
+    variation = cls == VARIATION
+    clip = clip_from_diffusers(
+        folder / "text_encoder",
+        folder / "image_encoder" if variation else None,
+        folder / "feature_extractor" if variation else None,
+    )
+    if tokenizer.vocab_size > clip.config.vocab_size:
+        raise ConfigError(f"{folder / 'tokenizer'}: more tokens than the text encoder's vocabulary")
+    empty = empty_caption(clip, tokenizer)  # the unconditional condition of Karlo's guidance
+    z_t, states, mask = empty
+    k = int(mask.sum())
+    null_caption = (states[0, :k], z_t[0])
+    try:
+        prior = None
+        if not variation:
+            doc, state = _component(folder, "prior")
+            model = prior_from_diffusers(doc, state, empty, str(folder / "prior" / "config.json"))
+            prior = (model, _diffusion(folder, "prior_scheduler"))
+        unet_doc, unet_state = _component(folder, "decoder")
+        tp_doc, tp_state = _component(folder, "text_proj")
+        decoder = decoder_from_diffusers(
+            unet_state, unet_doc, tp_state, tp_doc, null_caption=null_caption
+        )
+        first_doc, first_state = _component(folder, "super_res_first")
+        last_doc, last_state = _component(folder, "super_res_last")
+        first, last = upsampler_from_diffusers(
+            first_state, first_doc, last_state, last_doc,
+            low_res_size=decoder.config.image_size,
+        )  # fmt: skip
+    except ConfigError as e:
+        raise _located(e, folder) from None
+    dec_diffusion = _diffusion(folder, "decoder_scheduler")
+    if dec_diffusion.learn_sigma != decoder.config.learn_sigma:
+        raise ConfigError(
+            f"{folder / 'decoder_scheduler' / SCHEDULER_FILE}: variance_type does not fit the "
+            f"decoder's out_channels ({decoder.config.output_channels})"
+        )
+    up_diffusion = _diffusion(folder, "super_res_scheduler")
+    if up_diffusion.learn_sigma:
+        raise ConfigError(
+            f"{folder / 'super_res_scheduler' / SCHEDULER_FILE}: variance_type learned_range "
+            "does not fit the super-resolution UNets (3 output channels)"
+        )
+    return Converted(
+        name=folder.name,
+        tokenizer=tokenizer,
+        clip=clip,
+        prior=prior,
+        decoder=(decoder, dec_diffusion),
+        upsampler=(first, last, up_diffusion),
+    )
+
+
+def _pipeline_config(converted: Converted) -> Any:
+    from unclip.pipeline.config import PipelineConfig, StagesConfig
+
+    return PipelineConfig(
+        name=converted.name,
+        stages=StagesConfig(prior="prior" if converted.prior else None, upsamplers=["upsampler"]),
+        sampling=karlo_sampling(),
+        embeddings="raw",
+    )
+
+
+def load_diffusers_pipeline(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> UnclipPipeline:
+    """An :class:`~unclip.pipeline.core.UnclipPipeline` from a diffusers unCLIP folder,
+    converted in memory (``device`` and ``dtype`` as for ``unclip.load_pipeline``)."""
+    from unclip.diffusion import GaussianDiffusion
+    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.loading import Stage, parse_device, resolve_dtype
+
+    dev = parse_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    c = convert_diffusers_folder(path)
+
+    def stage(model: nn.Module, cfg: DiffusionConfig, last: nn.Module | None = None) -> Stage:
+        model.to(dev)
+        if last is not None:
+            last.to(dev)
+        return Stage(model, GaussianDiffusion.from_config(cfg), last)
+
+    first, last, up_cfg = c.upsampler
+    return UnclipPipeline(
+        tokenizer=c.tokenizer,
+        clip=c.clip.to(dev),
+        prior=stage(*c.prior) if c.prior else None,
+        decoder=stage(*c.decoder),
+        upsamplers=[stage(first, up_cfg, last)],
+        config=_pipeline_config(c),
+        path=Path(path),
+        device=dev,
+        dtype=dtype,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fresh(out: Path, overwrite: bool) -> Path:
+    """A temporary folder beside ``out`` to build into (renamed over ``out`` by :func:`_commit`)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_unclip_folder(
+    converted: Converted,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted folder as a plain unclip pipeline folder (``pipeline.json`` + stage
+    folders; the upsampler's ``last_step/`` holds ``super_res_last``), weights in ``dtype``
+    (float16 halves the size; loading casts back to float32)."""
+    from unclip.hub import save_pretrained
+
+    out = Path(out)
+    tmp = _fresh(out, overwrite)
+    try:
+        converted.tokenizer.save(tmp / "tokenizer")
+        save_pretrained(converted.clip, tmp / "clip", dtype=dtype)
+        stages: list[tuple[str, nn.Module, DiffusionConfig, nn.Module | None]] = []
+        if converted.prior is not None:
+            stages.append(("prior", *converted.prior, None))
+        stages.append(("decoder", *converted.decoder, None))
+        first, last, up_cfg = converted.upsampler
+        stages.append(("upsampler", first, up_cfg, last))
+        for name, model, cfg, last_model in stages:
+            save_pretrained(model, tmp / name, dtype=dtype)
+            cfg.save(tmp / name / DIFFUSION_FILE)
+            if last_model is not None:
+                from unclip.pipeline.loading import LAST_STEP_FOLDER
+
+                save_pretrained(last_model, tmp / name / LAST_STEP_FOLDER, dtype=dtype)
+        _pipeline_config(converted).save(tmp / PIPELINE_FILE)
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_component(
+    folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor], weights: str, cls: str
+) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {k: v for k, v in config.items() if k != "_class_name"}
+    if cls:  # a diffusers model (transformers configs name their class in "architectures")
+        doc = {"_class_name": cls, **doc}
+    _write_json(folder / "config.json", doc)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weights))
+
+
+def write_diffusers_folder(
+    pipe: UnclipPipeline,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``pipe`` in diffusers' unCLIP layout: ``UnCLIPPipeline`` when it has a prior,
+    else ``UnCLIPImageVariationPipeline`` (needs CLIP's image encoder). Only pipelines that
+    diffusers runs the same way convert: raw embeddings, Karlo's stage architectures and
+    null conditions, one upsampler sampled with the karlo sampler's scheduler; otherwise a
+    ConfigError says what does not fit."""
+    from unclip.interop.diffusers_unets import decoder_to_diffusers, upsampler_to_diffusers
+    from unclip.pipeline.loading import is_ar_prior
+
+    where = str(pipe.path or pipe.name)
+    if not pipe.raw_embeddings:
+        raise ConfigError(
+            f"{where}: its stages take unit CLIP embeddings; diffusers' unCLIP pipelines feed "
+            "raw ones (pipeline.json embeddings 'raw': pipelines converted from diffusers)"
+        )
+    if len(pipe.upsamplers) != 1:
+        raise ConfigError(f"{where}: diffusers' unCLIP has exactly one super-resolution stage")
+    if pipe.prior is not None and is_ar_prior(pipe.prior.model):
+        raise ConfigError(f"{where}: an autoregressive prior has no diffusers equivalent")
+    variation = pipe.prior is None
+    if variation and pipe.clip.visual is None:
+        raise ConfigError(f"{where}: no prior and no image encoder: nothing diffusers can run")
+    empty = empty_caption(pipe.clip, pipe.tokenizer)
+    out = Path(out)
+    tmp = _fresh(out, overwrite)
+    cast = {"dtype": dtype}
+    try:
+        index: dict[str, Any] = {
+            "_class_name": VARIATION if variation else TEXT_TO_IMAGE,
+            "_diffusers_version": "0.42.1",
+        }
+        text_cfg, text_state, vis_cfg, vis_state = clip_to_diffusers(pipe.clip, **cast)
+        _write_component(tmp / "text_encoder", text_cfg, text_state, HF_WEIGHTS[0], "")
+        tokenizer_to_diffusers(pipe.tokenizer, tmp / "tokenizer")
+        index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        if variation:
+            assert vis_cfg is not None and vis_state is not None
+            _write_component(tmp / "image_encoder", vis_cfg, vis_state, HF_WEIGHTS[0], "")
+            c = pipe.clip.config
+            _write_json(tmp / "feature_extractor" / "preprocessor_config.json", {
+                "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                "size": {"shortest_edge": c.image_size}, "resample": 3, "do_center_crop": True,
+                "crop_size": {"height": c.image_size, "width": c.image_size},
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(c.image_mean), "image_std": list(c.image_std),
+                "do_convert_rgb": True,
+            })  # fmt: skip
+            index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+            index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        else:
+            assert pipe.prior is not None and pipe.prior.diffusion is not None
+            doc, state = prior_to_diffusers(pipe.prior.model, empty, dtype)
+            _write_component(tmp / "prior", doc, state, DIFFUSERS_WEIGHTS[0], "PriorTransformer")
+            index["prior"] = ["diffusers", "PriorTransformer"]
+            _write_scheduler(tmp / "prior_scheduler", _stage_diffusion(pipe, "prior"), where)
+            index["prior_scheduler"] = ["diffusers", "UnCLIPScheduler"]
+        for name, (cfg, state) in decoder_to_diffusers(pipe.decoder.model).items():
+            state = {k: v.to(dtype) for k, v in state.items()}
+            cls = cfg.get("_class_name", "")
+            _write_component(tmp / name, cfg, state, DIFFUSERS_WEIGHTS[0], cls)
+            index[name] = ["diffusers", cls]
+        up = pipe.upsamplers[0]
+        for name, (cfg, state) in upsampler_to_diffusers(up.model, up.last_step).items():
+            state = {k: v.to(dtype) for k, v in state.items()}
+            _write_component(tmp / name, cfg, state, DIFFUSERS_WEIGHTS[0], "UNet2DModel")
+            index[name] = ["diffusers", "UNet2DModel"]
+        _write_scheduler(tmp / "decoder_scheduler", _stage_diffusion(pipe, "decoder"), where)
+        _write_scheduler(tmp / "super_res_scheduler", _stage_diffusion(pipe, "upsampler"), where)
+        index["decoder_scheduler"] = index["super_res_scheduler"] = ["diffusers", "UnCLIPScheduler"]
+        _write_json(tmp / MODEL_INDEX, index)
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _stage_diffusion(pipe: UnclipPipeline, what: str) -> DiffusionConfig:
+    """The :class:`DiffusionConfig` of a stage of ``pipe`` (read back from its folder, or
+    rebuilt from the in-memory diffusion for a pipeline converted on load)."""
+    stage = {"prior": pipe.prior, "decoder": pipe.decoder}.get(what) or pipe.upsamplers[0]
+    d = stage.diffusion
+    assert d is not None
+    from unclip.diffusion.schedules import cosine_betas
+
+    if d.is_respaced or not torch.allclose(
+        d.schedule.betas.double(), cosine_betas(d.num_timesteps).double()
+    ):
+        raise ConfigError(f"{pipe.path or pipe.name}: the {what} stage's schedule is not cosine")
+    sampler = getattr(pipe.config.sampling, what if what != "upsampler" else "upsampler").sampler
+    if sampler != "karlo":
+        raise ConfigError(
+            f"{pipe.path or pipe.name}: the {what} stage samples with {sampler!r}; diffusers' "
+            "UnCLIPScheduler is unclip's 'karlo' sampler"
+        )
+    return DiffusionConfig(
+        schedule="cosine",
+        timesteps=d.num_timesteps,
+        prediction=d.prediction,
+        learn_sigma=d.learn_sigma,
+        clip_denoised=d.clip_denoised,
+        dynamic_threshold=d.dynamic_threshold,
+        clip_range=d.clip_range,
+    )
+
+
+def _write_scheduler(folder: Path, cfg: DiffusionConfig, where: str) -> None:
+    doc = scheduler_from_diffusion(cfg, where)
+    _write_json(folder / SCHEDULER_FILE, {**doc, "_diffusers_version": "0.42.1"})
