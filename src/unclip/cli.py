@@ -57,6 +57,7 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.info",
     "unclip.commands.serve",
     "unclip.commands.bench",
+    "unclip.commands.convert",
 ]
 
 

@@ -6,7 +6,7 @@ import argparse
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 #: the keys of ``unclip.diffusion.SAMPLERS``, without importing torch at start-up
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m")
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "karlo")
 
 
 def add_dtype_argument(

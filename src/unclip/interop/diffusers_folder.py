@@ -85,7 +85,11 @@ COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
     VARIATION: {
         **_COMMON,
         "image_encoder": ("CLIPVisionModelWithProjection",),
-        "feature_extractor": ("CLIPImageProcessor", "CLIPFeatureExtractor"),
+        "feature_extractor": (
+            "CLIPImageProcessor",
+            "CLIPImageProcessorPil",
+            "CLIPFeatureExtractor",
+        ),
     },
 }
 _LIBRARIES = {
@@ -246,6 +250,16 @@ def _pipeline_config(converted: Converted) -> Any:
     )
 
 
+def own_storage(model: nn.Module) -> nn.Module:
+    """Give every tensor of ``model`` its own freshly allocated storage, as
+    ``from_pretrained`` does (converters may keep views into the loaded weights file, whose
+    alignment can change which CPU kernel runs, and so the last bits of results)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 def load_diffusers_pipeline(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -262,15 +276,15 @@ def load_diffusers_pipeline(
     c = convert_diffusers_folder(path)
 
     def stage(model: nn.Module, cfg: DiffusionConfig, last: nn.Module | None = None) -> Stage:
-        model.to(dev)
+        own_storage(model).to(dev)
         if last is not None:
-            last.to(dev)
+            own_storage(last).to(dev)
         return Stage(model, GaussianDiffusion.from_config(cfg), last)
 
     first, last, up_cfg = c.upsampler
     return UnclipPipeline(
         tokenizer=c.tokenizer,
-        clip=c.clip.to(dev),
+        clip=own_storage(c.clip).to(dev),
         prior=stage(*c.prior) if c.prior else None,
         decoder=stage(*c.decoder),
         upsamplers=[stage(first, up_cfg, last)],

@@ -76,7 +76,7 @@ class ImageRequest(BaseModel):
     upsampler_steps: int | None = None
     guidance: float | None = Field(None, description="decoder guidance scale (1 = off)")
     decoder_guidance: float | None = None
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] | None = Field(
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "karlo"] | None = Field(
         None, description="sampler of every stage"
     )
 
