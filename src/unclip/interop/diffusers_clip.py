@@ -26,7 +26,7 @@ from torch import Tensor
 from unclip.clip.convert import _hf_config, _read_weights, from_hf_state_dict
 from unclip.clip.model import CLIP, CLIPConfig
 from unclip.config import ConfigError
-from unclip.hub import HubError, load_weights_into
+from unclip.hub import HubError, check_weights
 from unclip.tokenizer import EOT_TOKEN, SOT_TOKEN, Tokenizer
 
 TEXT_MODEL_TYPE = "clip_text_model"
@@ -185,12 +185,19 @@ def clip_from_diffusers(
     if image_dir is not None:
         state.update(read_weights(image_dir, HF_WEIGHTS))
     state = from_hf_state_dict(state)
-    model = CLIP(config)
+    with torch.device("meta"):  # no random initialisation, no second copy of the weights
+        model = CLIP(config)
     state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
     try:
-        load_weights_into(model, state, text_dir if image_dir is None else image_dir.parent)
+        check_weights(
+            model.state_dict(), state, text_dir if image_dir is None else image_dir.parent
+        )
     except HubError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    # the non-persistent buffers come from the config, not the weights
+    model.image_mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
+    model.image_std = torch.tensor(config.image_std).view(1, 3, 1, 1)
     return model.eval()
 
 

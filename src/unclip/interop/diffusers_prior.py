@@ -168,7 +168,8 @@ def prior_from_diffusers(
         null_tokens = states[0, :k].float() @ ours["text_proj.weight"].T + ours["text_proj.bias"]
     ours["null_text_emb"] = z_t[0].float()
     ours["null_text_token"] = null_tokens if k > 1 else null_tokens[0]
-    model = DiffusionPriorTransformer(config)
+    with torch.device("meta"):  # no random initialisation, no second copy of the weights
+        model = DiffusionPriorTransformer(config)
     own = model.state_dict()
     missing = sorted(set(own) - set(ours))
     extra = sorted(set(ours) - set(own))
@@ -181,7 +182,7 @@ def prior_from_diffusers(
             raise ConfigError(
                 f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
             )
-    model.load_state_dict(ours)
+    model.load_state_dict(ours, assign=True)
     return model.eval()
 
 
