@@ -151,10 +151,13 @@ def _representative_calls(
         pixels = torch.randn(1, 3, s, s, generator=g)
         tokens = torch.randint(1, config.vocab_size - 1, (1, length), generator=g)
         tokens[0, -1] = config.vocab_size - 1  # the end token (largest id) ends a full caption
-        return {
+        calls = {
             "image": (lambda: model.encode_image(pixels), {"pixels": list(pixels.shape)}),
             "caption": (lambda: model.encode_text(tokens), {"tokens": list(tokens.shape)}),
         }
+        if model.visual is None:  # a text encoder alone (vision_type "none")
+            del calls["image"]
+        return calls
     if isinstance(config, PriorConfig):
         d = config.clip_dim
         kwargs: dict[str, torch.Tensor] = {
@@ -213,7 +216,7 @@ def model_stats(config: Config, name: str = "", text_len: int = DEFAULT_TEXT_LEN
     params = count_parameters(model)
     parts: dict[str, int] = {}
     if isinstance(model, CLIP):
-        parts["image"] = count_parameters(model.visual)
+        parts["image"] = count_parameters(model.visual) if model.visual is not None else 0
         parts["caption"] = params - parts["image"] - model.logit_scale.numel()
     flops: dict[str, int] = {}
     inputs: dict[str, list[int]] = {}
