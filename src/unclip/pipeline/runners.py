@@ -159,13 +159,12 @@ def guided(
     uncond: dict[str, Any],
     learn_sigma: bool,
 ) -> Callable[..., Tensor]:
-    """Classifier-free guidance of ``model`` (a network or model function); at scale 1 the
-    plain conditional model function (one pass)."""
+    """Classifier-free guidance of ``model`` (a network or model function), which the guide
+    calls itself (its output in the sampler's float32); at scale 1 the plain conditional model
+    function (one pass)."""
     if guidance == 1.0:
         return model_fn(model, **cond)
-    return classifier_free_guidance(
-        model_fn(model), guidance, cond, uncond, learn_sigma=learn_sigma
-    )
+    return classifier_free_guidance(model, guidance, cond, uncond, learn_sigma=learn_sigma)
 
 
 def sampler_steps(
