@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import unclip
+from unclip.commands import add_command
 
 # Training stages: name -> (help, "module:run"). The module's ``run(args) -> int`` trains the
 # stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. Modules
@@ -81,16 +82,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a stage (CLIP, prior, decoder, upsampler) with the one training loop",
-        description=(
-            "Train one stage of the pipeline. A run folder gets checkpoints/step-N/ folders "
-            "(each a loadable model folder), checkpoints/latest and metrics.jsonl; --resume "
-            "continues bit-for-bit from the newest whole checkpoint."
-        ),
-    )
-    stages = p.add_subparsers(dest="stage", metavar="STAGE")
+    stages = add_command(sub, "train", _run_train).add_subparsers(dest="stage", metavar="STAGE")
     for name, (help_text, target) in sorted(TRAIN_STAGES.items()):
         s = stages.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(target.partition(":")[0])
@@ -98,7 +90,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             add_common_train_args(s)
         if hasattr(module, "add_args"):
             module.add_args(s)
-    p.set_defaults(func=_run_train, parser=p)
 
 
 def positive_float(text: str) -> float:
@@ -160,6 +151,12 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """train a stage (CLIP, prior, decoder, upsampler) with the one training loop
+
+    Train one stage of the pipeline. A run folder gets checkpoints/step-N/ folders (each a
+    loadable model folder), checkpoints/latest and metrics.jsonl; --resume continues
+    bit-for-bit from the newest whole checkpoint.
+    """
     if not args.stage:
         if not TRAIN_STAGES:
             print(
