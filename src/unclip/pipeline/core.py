@@ -53,6 +53,7 @@ from unclip.pipeline.images import (
 from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
 from unclip.pipeline.runners import (
     ProgressCallback,
+    RunContext,
     TextCondition,
     decode,
     invert,
@@ -211,10 +212,8 @@ class UnclipPipeline:
         a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
         if not use_prior or self.prior is None:
             return text.z_t
-        gens, where = stage_generators(seeds, "prior"), self._where(progress)
-        return sample_prior(
-            self.prior, text.z_t, text.tokens, text.mask, settings.prior, gens, **where
-        )
+        gens = stage_generators(seeds, "prior")
+        return sample_prior(self.prior, text, settings.prior, gens, self._ctx(progress))
 
     def _invert(
         self, x: Tensor, z_i: Tensor, settings: SamplingConfig, progress: ProgressCallback | None
@@ -222,7 +221,7 @@ class UnclipPipeline:
         """x_T [1, 3, s, s] of an image [1, 3, S, S] at the output resolution (resized to the
         decoder's, antialiased), by DDIM inversion of the decoder given its z_i."""
         x = self._resize_to_base(x)
-        return invert(self.decoder, x, z_i, settings.decoder.steps, **self._where(progress))
+        return invert(self.decoder, x, z_i, settings.decoder.steps, self._ctx(progress))
 
     def _resize_to_base(self, x: Tensor) -> Tensor:
         """[N, 3, S, S] at the output resolution -> the decoder's [N, 3, s, s] (antialiased)."""
@@ -231,9 +230,9 @@ class UnclipPipeline:
             return x
         return F.interpolate(x, size=(s, s), mode="bicubic", antialias=True).clamp(-1, 1)
 
-    def _where(self, progress: ProgressCallback | None) -> dict[str, Any]:
-        """The keyword arguments every stage runner takes: device, precision, progress."""
-        return {"device": self.device, "dtype": self.dtype, "progress": progress}
+    def _ctx(self, progress: ProgressCallback | None) -> RunContext:
+        """What every stage runner takes: the device, the precision and ``progress``."""
+        return RunContext(self.device, self.dtype, progress)
 
     def _info(
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
@@ -260,16 +259,14 @@ class UnclipPipeline:
         """Decode and upsample images from z [F, D] without a caption, image k with
         ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
         batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`."""
-        out, where = [], self._where(progress)
+        out, ctx = [], self._ctx(progress)
         for rows in self._batches(len(infos)):
             part = slice(rows.start, rows.stop)
             batch_seeds = list(seeds[part])
             x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
             gens = stage_generators(batch_seeds, "decoder")
-            x = decode(
-                self.decoder, z[part], None, settings.decoder, gens, noise=x_t, eta=eta, **where
-            )
-            x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, **where)
+            x = decode(self.decoder, z[part], None, settings.decoder, gens, ctx, noise=x_t, eta=eta)
+            x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, ctx)
             out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
 
@@ -313,14 +310,14 @@ class UnclipPipeline:
         prior = None if used_prior else "none (text embedding)"  # noted in each image's info
         texts = [self._text(t) for t in prompts]
         images: list[Image.Image] = []  # image k: prompt k // draw, seed base + k
-        where = self._where(progress)
+        ctx = self._ctx(progress)
         for rows in self._batches(draw * len(prompts)):
             text = TextCondition.cat([texts[k // draw] for k in rows])
             seeds = [base + k for k in rows]
             z = self._sample_prior(text, seeds, settings, progress, use_prior)
             gens = stage_generators(seeds, "decoder")
-            x = decode(self.decoder, z, text, settings.decoder, gens, **where)
-            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
+            x = decode(self.decoder, z, text, settings.decoder, gens, ctx)
+            x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             for j, k in enumerate(rows):
                 p = prompts[k // draw]
                 info = self._info(
@@ -505,16 +502,14 @@ class UnclipPipeline:
         stages = self._stages_used(*(["prior"] if used_prior else []), "inpaint")
         how = "inpaint_decoder" if with_model else "repaint"
         out: list[Image.Image] = []
-        where = self._where(progress)
+        ctx = self._ctx(progress)
         for rows in self._batches(n):
             seeds = [base + i for i in rows]
             texts = TextCondition.cat([text] * len(seeds))
             z = self._sample_prior(texts, seeds, settings, progress, use_prior)
             gens = stage_generators(seeds, "decoder")
-            x = decode(
-                decoder, z, texts, settings.decoder, gens, known=known, repaint=options, **where
-            )
-            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
+            x = decode(decoder, z, texts, settings.decoder, gens, ctx, known=known, repaint=options)
+            x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
             for j, s in enumerate(seeds):
                 info = self._info("inpaint", s, settings, stages, prompt=prompt, inpainting=how)
@@ -531,19 +526,14 @@ class UnclipPipeline:
         bottom: int = 0,
         prompt: str = "",
         n: int = 1,
-        *,
-        seed: int | None = None,
-        use_prior: bool = True,
-        repaint: bool = False,
-        repaint_resample: int = 4,
-        repaint_jump: int = 5,
-        progress: ProgressCallback | None = None,
-        **overrides: Any,
+        **options: Any,
     ) -> list[Image.Image]:
         """Grow the canvas by the margins (pixels of the input image) and paint the new area
         to fit ``prompt``. The grown canvas is centred on a white square (any extra area is
         painted too), the square is resized to the output resolution and inpainted, and the
-        result is cropped back to the grown canvas: its longer side is the output size."""
+        result is cropped back to the grown canvas: its longer side is the output size.
+        ``options``: the keyword arguments of :meth:`inpaint` (``seed``, ``use_prior``,
+        ``repaint``, ``repaint_resample``, ``repaint_jump``, ``progress``, overrides)."""
         img = as_image(image)
         margins = {"left": left, "right": right, "top": top, "bottom": bottom}
         for key, value in margins.items():
@@ -551,11 +541,7 @@ class UnclipPipeline:
         if not any(margins.values()):
             raise ValueError("outpaint needs a margin: give left, right, top or bottom > 0")
         canvas, mask, crop = outpaint_canvas(img, left, right, top, bottom, self.image_size)
-        images = self.inpaint(
-            canvas, mask, prompt, n, seed=seed, use_prior=use_prior, repaint=repaint,
-            repaint_resample=repaint_resample, repaint_jump=repaint_jump, progress=progress,
-            **overrides,
-        )  # fmt: skip
+        images = self.inpaint(canvas, mask, prompt, n, **options)
         out = []
         for im in images:
             cropped = im.crop(crop)
