@@ -49,7 +49,8 @@ TRAIN_STAGES: dict[str, tuple[str, str]] = {
 }
 
 # Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
-# registers one or more commands and keeps heavy imports inside the function it runs.
+# registers one or more commands (with ``unclip.commands.add_command``: the function a command
+# runs documents it) and keeps heavy imports, torch above all, inside the functions it runs.
 COMMAND_MODULES: list[str] = [
     "unclip.commands.data",
     "unclip.commands.embed",
