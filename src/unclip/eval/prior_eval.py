@@ -73,7 +73,7 @@ def sample_prior_embeddings(
     from unclip.pipeline.runners import RunContext, TextCondition, sample_prior
 
     ar = {"ar_guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    settings = PriorSampling("ddim", steps, guidance, candidates, eta=0.0, **ar)
+    settings = PriorSampling(steps=steps, guidance=guidance, candidates=candidates, **ar)
     prior.eval()
     stage = Stage(prior, diffusion)
     g = torch.Generator().manual_seed(seed)
