@@ -29,31 +29,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
-def repaint_levels(steps: int, jump_length: int = 10, resample: int = 10) -> list[int]:
-    """The noise levels RePaint visits, from ``steps`` (pure noise) down to 0 (clean).
-
-    Level ℓ ≥ 1 is the ℓ-th sampling timestep counted from the clean end, level 0 is x₀. Each
-    consecutive pair is one move: down (ℓ → ℓ-1, a model call) or up (ℓ → ℓ+1, re-noising).
-    On reaching a level 1 + k·``jump_length`` (below ``steps - jump_length + 1``), it goes
-    back up ``jump_length`` levels, ``resample - 1`` times (the schedule of Lugmayr et al.,
-    App. B, "jump_n_sample"). ``resample=1`` is plain sampling: [steps, …, 1, 0].
-    """
-    if steps < 1 or jump_length < 1 or resample < 1:
-        raise ValueError("steps, jump_length and resample must all be at least 1")
-    jumps_left = {lvl: resample - 1 for lvl in range(1, steps - jump_length + 1, jump_length)}
-    level = steps
-    levels = [level]
-    while level > 0:
-        level -= 1
-        levels.append(level)
-        if jumps_left.get(level, 0) > 0:
-            jumps_left[level] -= 1
-            for _ in range(jump_length):
-                level += 1
-                levels.append(level)
-    return levels
-
-
 def repaint_sample(
     diffusion: GaussianDiffusion,
     model_fn: ModelFn,
@@ -87,6 +62,31 @@ def repaint_sample(
     keep_mask = keep_mask.to(device=x.device, dtype=x.dtype)
     torch.broadcast_shapes(keep_mask.shape, x.shape)  # fail early on a wrong mask
     return _repaint(r, levels, x_known, keep_mask)
+
+
+def repaint_levels(steps: int, jump_length: int = 10, resample: int = 10) -> list[int]:
+    """The noise levels RePaint visits, from ``steps`` (pure noise) down to 0 (clean).
+
+    Level ℓ ≥ 1 is the ℓ-th sampling timestep counted from the clean end, level 0 is x₀. Each
+    consecutive pair is one move: down (ℓ → ℓ-1, a model call) or up (ℓ → ℓ+1, re-noising).
+    On reaching a level 1 + k·``jump_length`` (below ``steps - jump_length + 1``), it goes
+    back up ``jump_length`` levels, ``resample - 1`` times (the schedule of Lugmayr et al.,
+    App. B, "jump_n_sample"). ``resample=1`` is plain sampling: [steps, …, 1, 0].
+    """
+    if steps < 1 or jump_length < 1 or resample < 1:
+        raise ValueError("steps, jump_length and resample must all be at least 1")
+    jumps_left = {lvl: resample - 1 for lvl in range(1, steps - jump_length + 1, jump_length)}
+    level = steps
+    levels = [level]
+    while level > 0:
+        level -= 1
+        levels.append(level)
+        if jumps_left.get(level, 0) > 0:
+            jumps_left[level] -= 1
+            for _ in range(jump_length):
+                level += 1
+                levels.append(level)
+    return levels
 
 
 def _repaint(r: Run, levels: list[int], x_known: Tensor, keep: Tensor) -> Iterator[SampleStep]:
