@@ -311,6 +311,7 @@ def run_rank(args: argparse.Namespace) -> int:
     embeddings) and print the best first, one 'score<TAB>path' line each.
     """
     from unclip.data.sheet import contact_sheet
+    from unclip.pipeline.events import image_info
     from unclip.pipeline.settings import check_prompt
 
     check_prompt(args.prompt)
@@ -319,9 +320,8 @@ def run_rank(args: argparse.Namespace) -> int:
     images = load_images(args.images)
     pipe = load_pipeline_from(args)
     ranked = pipe.rank(args.prompt, images, k=args.top)
-    rows = [
-        (float(img.info["clip_score"]), args.images[int(img.info["rank_index"])]) for img in ranked
-    ]
+    infos = [image_info(img) for img in ranked]
+    rows = [(info.clip_score, args.images[info.rank_index]) for info in infos]
     if args.grid:
         sheet = contact_sheet(
             ranked,

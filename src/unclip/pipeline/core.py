@@ -16,10 +16,11 @@ noise in any batch (see :mod:`unclip.pipeline.runners` for what batching may sti
 ``decoder_steps=10``; None = the pipeline's default from ``pipeline.json``): see
 :mod:`unclip.pipeline.settings`.
 
-**Outputs** are RGB PIL images at the pipeline's output resolution; ``image.info`` holds
-the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, ``guidance``,
-``sampler`` (JSON objects by stage) and, where it applies, ``clip_score``, ``frame``, ``theta``;
-:func:`unclip.pipeline.events.image_fields` gives them typed.
+**Outputs** are RGB PIL images at the pipeline's output resolution, each carrying an
+:class:`~unclip.pipeline.events.ImageInfo` (:func:`~unclip.pipeline.events.image_info`:
+``method``, ``seed``, ``model``, per-stage ``steps``, ``guidance`` and ``sampler``, and where
+it applies ``prompt``, ``clip_score``, ``frame``, ``theta``…); ``image.info`` holds the same
+as PNG text (strings; the stage settings as JSON objects).
 
 **Progress:** ``progress(stage, event)`` after every model call, with a
 :class:`~unclip.pipeline.events.ProgressEvent` (see :mod:`unclip.pipeline.events`).
@@ -27,7 +28,6 @@ the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, `
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from unclip.clip.text import TextEncoder
 from unclip.pipeline.config import PipelineConfig, SamplingConfig
+from unclip.pipeline.events import ImageInfo, attach_info, image_info
 from unclip.pipeline.images import (
     ImageInput,
     as_image,
@@ -236,15 +237,13 @@ class UnclipPipeline:
 
     def _info(
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
-    ) -> dict[str, Any]:
-        """An image's ``info``: method, seed, model, how each of ``stages`` was sampled, and the
-        ``extra`` entries that are not None."""
+    ) -> ImageInfo:
+        """An image's metadata: method, seed, model, how each of ``stages`` was sampled, and
+        the ``extra`` fields of :class:`ImageInfo` (None: not set)."""
         ar = self.prior is not None and self.prior.diffusion is None
         codes = self.prior.model.config.components if ar else None  # type: ignore[union-attr]
-        info: dict[str, Any] = {"method": method, "seed": str(seed), "model": self.name}
-        info.update(sampling_info(settings, stages, codes))
-        info.update({k: v for k, v in extra.items() if v is not None})
-        return info
+        how = sampling_info(settings, stages, codes)
+        return ImageInfo(method=method, seed=seed, model=self.name, **how, **extra)
 
     def _frames(
         self,
@@ -331,7 +330,7 @@ class UnclipPipeline:
             group = images[p * draw : (p + 1) * draw]
             scores = self.encode_image(group) @ text.z_t[0]  # as delivered (8-bit), as `rank`
             for img, score in zip(group, scores.tolist(), strict=True):
-                img.info["clip_score"] = f"{score:.4f}"
+                attach_info(img, image_info(img).replace(clip_score=score))
             order = sorted(range(draw), key=lambda j: -scores[j])[:keep]
             out.extend(group[j] for j in order)
         return out
@@ -368,7 +367,7 @@ class UnclipPipeline:
         stages = self._stages_used("decoder")
         if invert:
             settings = settings.replace(decoder=settings.decoder.replace(sampler="ddim"))
-        extra = {"inverted": "true" if invert else None, "eta": None if eta is None else str(eta)}
+        extra = {"inverted": "true" if invert else None, "eta": None if eta is None else float(eta)}
         seeds = [base + i for i in range(n)]
         infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
         return self._frames(z.expand(n, -1), noise, seeds, settings, progress, infos, eta)
@@ -407,7 +406,7 @@ class UnclipPipeline:
         z = torch.cat([slerp(za, zb, t) for t in ts])
         noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
         stages, inv = self._stages_used("decoder"), "true" if invert_noise else None
-        extra = [{"frame": str(k), "t": f"{t:.4f}", "inverted": inv} for k, t in enumerate(ts)]
+        extra = [{"frame": k, "t": t, "inverted": inv} for k, t in enumerate(ts)]
         infos = [self._info("interpolate", base, settings, stages, **e) for e in extra]
         return self._frames(z, noise, [base] * frames, settings, progress, infos)
 
@@ -452,7 +451,7 @@ class UnclipPipeline:
         thetas = [max_theta * k / (frames - 1) for k in range(frames)]
         stages, inv = self._stages_used("decoder"), "true" if invert else None
         extra = [
-            {"source": source, "target": target, "frame": str(k), "theta": f"{theta:.4f}"}
+            {"source": source, "target": target, "frame": k, "theta": theta}
             for k, theta in enumerate(thetas)
         ]
         infos = [self._info("text_diff", base, settings, stages, **e, inverted=inv) for e in extra]
@@ -545,7 +544,7 @@ class UnclipPipeline:
         out = []
         for im in images:
             cropped = im.crop(crop)
-            cropped.info.update(im.info, method="outpaint", margins=json.dumps(margins))
+            attach_info(cropped, image_info(im).replace(method="outpaint", margins=margins))
             out.append(cropped)
         return out
 
@@ -572,9 +571,8 @@ class UnclipPipeline:
         order = torch.argsort(sims, descending=True, stable=True)[:k].tolist()
         out = []
         for j in order:
-            img = pil[j].copy()
-            img.info.update(
-                {"prompt": prompt, "clip_score": f"{float(sims[j]):.4f}", "rank_index": str(j)}
+            info = image_info(pil[j]).replace(
+                prompt=prompt, clip_score=float(sims[j]), rank_index=j
             )
-            out.append(img)
+            out.append(attach_info(pil[j].copy(), info))
         return out
