@@ -199,6 +199,31 @@ def attention(
     return out.transpose(1, 2).reshape(n, lq, c)  # [N, Lq, C]
 
 
+def self_attention(
+    layer: nn.Module,
+    x: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Multi-head self-attention of x: [N, L, dim] after the keys and values ``past``
+    ([N, Lp, dim] each; ``mask``: [N, Lp + L] bool; see :class:`Attention`), through the
+    projections of ``layer``: its ``qkv`` (dim -> 3·dim), ``proj`` (dim -> dim), ``num_heads``
+    and ``dropout`` (applied in training mode), as an :class:`Attention` has them, or a block
+    that keeps them itself. Returns (out [N, L, dim], (keys, values) [N, Lp + L, dim] each:
+    what ``past`` takes to continue the sequence)."""
+    q, k, v = layer.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
+    if past is not None:
+        k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, Lp + L, dim]
+        v = torch.cat([past[1].to(v.dtype), v], dim=1)
+    dropout_p = layer.dropout if layer.training else 0.0
+    out = attention(
+        q, k, v, layer.num_heads, key_mask=mask, causal=causal, dropout_p=dropout_p
+    )  # [N, L, dim]
+    return layer.proj(out), (k, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over ``x``, after optional keys and values of earlier tokens.
 
@@ -239,15 +264,7 @@ class Attention(nn.Module):
         causal: bool = False,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
-        if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, Lp + L, dim]
-            v = torch.cat([past[1].to(v.dtype), v], dim=1)
-        out = attention(
-            q, k, v, self.num_heads, key_mask=mask, causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
-        return self.proj(out)
+        return self_attention(self, x, mask=mask, causal=causal, past=past)[0]
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values of ``x`` [N, L, dim] (what ``past`` takes): 2 × [N, L, dim]."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config, ConfigError
-from unclip.nn import apply_null, attention
+from unclip.nn import apply_null, self_attention
 from unclip.prior.codebook import Codebook, pca_dequantize, pca_quantize
 from unclip.prior.model import CaptionPrior, PreNormBlock, append_keys, check_prior_transformer
 
@@ -152,7 +152,7 @@ class ARBlock(PreNormBlock):
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         super().__init__(width, mlp_ratio, dropout, qkv=qkv, proj=proj)
-        self.heads = heads
+        self.num_heads = heads  # qkv, proj, num_heads, dropout: as unclip.nn.self_attention reads
         self.dropout = dropout
 
     def forward(
@@ -161,15 +161,8 @@ class ARBlock(PreNormBlock):
         key_mask: torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        q, k, v = self.qkv(self.ln_1(h)).chunk(3, dim=-1)  # 3 × [N, S, W]
-        if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, S_past + S, W]
-            v = torch.cat([past[1].to(v.dtype), v], dim=1)
-        a = attention(
-            q, k, v, self.heads, key_mask=key_mask, causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
-        return self.residual_mlp(h, self.proj(a)), (k, v)
+        a, kv = self_attention(self, self.ln_1(h), mask=key_mask, causal=True, past=past)
+        return self.residual_mlp(h, a), kv
 
 
 class ARPrior(CaptionPrior):
