@@ -262,19 +262,12 @@ class ARPrior(CaptionPrior):
 
     # -- sequence ----------------------------------------------------------------------------
 
-    def embed_prefix(
-        self,
-        text_emb: torch.Tensor,
-        dot_code: torch.Tensor,
-        drop: torch.Tensor,
-        text_tokens: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The conditioning prefix: (h [N, L + 2, W], key_mask [N, L + 2] bool or None).
-
-        ``drop``: [N] bool, the rows given the null condition (:meth:`~unclip.prior.model.CaptionPrior.drop_mask`). ``L``: the
-        caption length (1 for the null token alone, 0 when ``text_dim == 0``).
-        """
+    def _extra_tokens(
+        self, text_emb: torch.Tensor, dot_code: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """The two tokens between the caption and the codes (z_t, dot) with their positions:
+        [N, 2, W] in the compute dtype. ``drop``: [N] bool, the rows given the null condition
+        (:meth:`~unclip.prior.model.CaptionPrior.drop_mask`)."""
         cfg = self.config
         n = text_emb.shape[0]
         if text_emb.ndim != 2 or text_emb.shape[1] != cfg.clip_dim:
@@ -286,9 +279,7 @@ class ARPrior(CaptionPrior):
         dot_tok = apply_null(self.dot_emb(dot_code.long()), self.null_dot, drop)  # [N, W]
         dtype = zt_tok.dtype
         extra = torch.stack([zt_tok, dot_tok.to(dtype)], dim=1)  # [N, 2, W]
-        extra = extra + self.pos_emb[cfg.text_len : cfg.text_len + NUM_EXTRA_TOKENS][None].to(dtype)
-        tokens, keep = self.caption(text_tokens, text_mask, drop, dtype)  # [N, L, W]
-        return torch.cat([tokens, extra], dim=1), append_keys(keep, NUM_EXTRA_TOKENS)
+        return extra + self.pos_emb[cfg.text_len : cfg.text_len + NUM_EXTRA_TOKENS][None].to(dtype)
 
     def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
         """codes: [N, S] long for components start..start+S-1 -> [N, S, W]."""
@@ -327,7 +318,8 @@ class ARPrior(CaptionPrior):
         if codes.ndim != 2 or codes.shape[1] != k:
             raise ValueError(f"codes must be [N, {k}], got {tuple(codes.shape)}")
         drop = self.drop_mask(text_emb.shape[0], drop_text, text_emb.device)
-        prefix, key_mask = self.embed_prefix(text_emb, dot_code, drop, text_tokens, text_mask)
+        extra = self._extra_tokens(text_emb, dot_code, drop)
+        prefix, key_mask = self.sequence(extra, drop, text_tokens, text_mask)  # [N, P, W]
         x = self.embed_codes(codes[:, : k - 1]).to(prefix.dtype)  # [N, K - 1, W]
         h = torch.cat([prefix, x], dim=1)  # [N, P + K - 1, W]
         h, _ = self.transformer(h, append_keys(key_mask, k - 1))
@@ -413,7 +405,8 @@ class ARPrior(CaptionPrior):
             text_tokens = None if text_tokens is None else text_tokens.repeat(2, 1, 1)
             text_mask = None if text_mask is None else text_mask.repeat(2, 1)
         drop = self.drop_mask(text_emb.shape[0], drop, text_emb.device)
-        prefix, key_mask = self.embed_prefix(text_emb, dot_code, drop, text_tokens, text_mask)
+        extra = self._extra_tokens(text_emb, dot_code, drop)
+        prefix, key_mask = self.sequence(extra, drop, text_tokens, text_mask)  # [rows·N, P, W]
         codes = torch.zeros(n, cfg.components, dtype=torch.long, device=text_emb.device)
 
         def logits_of(h_last: torch.Tensor) -> torch.Tensor:

@@ -204,6 +204,20 @@ class CaptionPrior(nn.Module):
         )  # fmt: skip
         return tokens + self.pos_emb[: tokens.shape[1]][None].to(dtype), keep
 
+    def sequence(
+        self,
+        extra: torch.Tensor,
+        drop: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption tokens (:meth:`caption`) then ``extra`` [N, E, W], the subclass's tokens
+        after the caption with their positions: (h [N, L + E, W] in extra's dtype, key mask
+        [N, L + E] bool or None = all visible). ``L``: the caption length (1 for the null
+        token alone, 0 when ``text_dim == 0``)."""
+        tokens, keep = self.caption(text_tokens, text_mask, drop, extra.dtype)
+        return torch.cat([tokens, extra], dim=1), append_keys(keep, extra.shape[1])
+
 
 class PreNormBlock(nn.Module):
     """The parts every pre-LayerNorm prior block shares: ``ln_1`` (before attention), ``ln_2``
@@ -313,17 +327,15 @@ class DiffusionPriorTransformer(CaptionPrior):
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The input sequence: (h [N, L + 4, W], key_mask [N, L + 4] bool or None).
+        """The input sequence: (h [N, L + 4, W], key_mask [N, L + 4] bool or None), see
+        :meth:`~CaptionPrior.sequence`.
 
-        ``drop``: [N] bool, the rows given the null caption (:meth:`~CaptionPrior.drop_mask`); the other
-        arguments as in :meth:`forward`. ``L`` is the caption length (1 for the null token
-        alone, 0 when ``text_dim == 0``). :meth:`transformer` of it gives every token's final
-        hidden state, [N, L + 4, W].
+        ``drop``: [N] bool, the rows given the null caption (:meth:`~CaptionPrior.drop_mask`);
+        the other arguments as in :meth:`forward`. :meth:`transformer` of it gives every
+        token's final hidden state, [N, L + 4, W].
         """
-        extra = self._extra_tokens(x, t, text_emb, drop)
-        tokens, text_keep = self.caption(text_tokens, text_mask, drop, extra.dtype)
-        h = torch.cat([tokens, extra], dim=1)  # [N, L + 4, W]
-        return h, append_keys(text_keep, NUM_EXTRA_TOKENS)
+        extra = self._extra_tokens(x, t, text_emb, drop)  # [N, 4, W]
+        return self.sequence(extra, drop, text_tokens, text_mask)
 
     def _extra_tokens(
         self, x: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, drop: torch.Tensor
