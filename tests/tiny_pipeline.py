@@ -34,8 +34,6 @@ CAPTIONS = [
     "a red square", "a green circle", "a blue square", "a black circle", "a red apple",
     "cherry blossom, noto style", "a yellow star", "a smiling face",
 ]  # fmt: skip
-#: the std of the random output layers (larger than the benchmarks': visible differences)
-STD = 0.1
 #: few steps and few timesteps: sampling a whole image takes milliseconds
 FAST_SAMPLING = SamplingConfig(
     prior=PriorSampling(steps=2, guidance=4.0, candidates=2),
@@ -79,6 +77,8 @@ TINY = StageConfigs(
     inpaint_decoder=_unet(inpaint=True),
     upsamplers=[(_upsampler(), DiffusionConfig(timesteps=50))],
     sampling=FAST_SAMPLING,
+    captions=CAPTIONS,
+    std=0.1,  # larger than the benchmarks': visible differences between inputs
 )
 """The tiny pipeline's stages."""
 
@@ -86,13 +86,11 @@ TINY = StageConfigs(
 def write_stages(root: Path, seed: int = 0) -> dict[str, Path]:
     """Stage folders (like RUN/final of each training stage) under ``root``: ``clip``,
     ``prior``, ``decoder``, ``inpaint_decoder``, ``upsampler``."""
-    return write_random_stages(TINY, root, seed, CAPTIONS, STD)
+    return write_random_stages(TINY, root, seed)
 
 
 def write_tiny_pipeline(
     out: Path, seed: int = 0, inpaint_decoder: bool = True, prior: bool = True
 ) -> Path:
     """A whole pipeline folder with fast default sampling (stages in ``OUT-stages``)."""
-    return write_random_pipeline(
-        TINY, out, seed, CAPTIONS, STD, prior=prior, inpaint_decoder=inpaint_decoder
-    )
+    return write_random_pipeline(TINY, out, seed, prior=prior, inpaint_decoder=inpaint_decoder)

@@ -35,7 +35,8 @@ class StageConfigs:
     """Model and diffusion configs of every stage (what ``configs/<name>/*.json`` hold),
     the training batch size of each stage and the upsampler's training crop; optionally an
     inpainting decoder (with the decoder's diffusion) and the pipeline's default sampling
-    (None: :class:`~unclip.pipeline.SamplingConfig`'s defaults)."""
+    (None: :class:`~unclip.pipeline.SamplingConfig`'s defaults). A random pipeline's
+    tokenizer is learnt from ``captions`` and its zero-initialised layers get N(0, std²)."""
 
     name: str
     clip: Any
@@ -48,6 +49,8 @@ class StageConfigs:
     crop_size: int = 0
     inpaint_decoder: Any = None
     sampling: Any = None
+    captions: Sequence[str] = tuple(CAPTIONS)
+    std: float = 0.02
 
 
 def stage_configs_from_dir(folder: str | Path) -> StageConfigs:
@@ -147,13 +150,11 @@ class RandomModels:
     stages: dict[str, tuple[Any, Any]]
 
 
-def random_models(
-    sc: StageConfigs, seed: int = 0, captions: Sequence[str] = CAPTIONS, std: float = 0.02
-) -> RandomModels:
+def random_models(sc: StageConfigs, seed: int = 0) -> RandomModels:
     """Every network of ``sc`` with random weights: torch's global generator seeded with
     ``seed`` draws the initial weights, stage by stage in pipeline order, and stage k's
-    zero-initialised layers get N(0, std²) from seed + k (prior 1, decoder 2, then the
-    inpainting decoder and the upsamplers). The tokenizer is learnt from ``captions``."""
+    zero-initialised layers get N(0, ``sc.std``²) from seed + k (prior 1, decoder 2, then the
+    inpainting decoder and the upsamplers). The tokenizer is learnt from ``sc.captions``."""
     import torch
 
     from unclip.clip.model import CLIP
@@ -163,10 +164,11 @@ def random_models(
     from unclip.prior.model import DiffusionPriorTransformer
     from unclip.tokenizer import train_tokenizer
 
+    std = sc.std
     torch.manual_seed(seed)
     clip = CLIP(sc.clip)
     vocab = max(600, min(sc.clip.vocab_size, 1024))
-    tokenizer = train_tokenizer(list(captions) * 4, vocab, context_length=sc.clip.context_length)
+    tokenizer = train_tokenizer(list(sc.captions) * 4, vocab, context_length=sc.clip.context_length)
     stages: dict[str, tuple[Any, Any]] = {}
     if sc.prior is not None:
         prior = randomize_zeros(DiffusionPriorTransformer(sc.prior), seed + 1, std)
@@ -191,17 +193,15 @@ def random_pipeline(
     seed: int = 0,
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
-    captions: Sequence[str] = CAPTIONS,
-    std: float = 0.02,
 ) -> UnclipPipeline:
     """An :class:`~unclip.pipeline.UnclipPipeline` with the networks of
-    :func:`random_models` (``seed``, ``captions``, ``std``), built in memory."""
+    :func:`random_models`, built in memory."""
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline import PipelineConfig, SamplingConfig, StagesConfig, UnclipPipeline
     from unclip.pipeline.loading import Stage, parse_device
 
     dev = parse_device(device)
-    models = random_models(sc, seed, captions, std)
+    models = random_models(sc, seed)
     stages = {
         name: Stage(model.eval().to(dev), GaussianDiffusion.from_config(diffusion))
         for name, (model, diffusion) in models.stages.items()
@@ -229,13 +229,7 @@ def random_pipeline(
     )
 
 
-def write_random_stages(
-    sc: StageConfigs,
-    root: str | Path,
-    seed: int = 0,
-    captions: Sequence[str] = CAPTIONS,
-    std: float = 0.02,
-) -> dict[str, Path]:
+def write_random_stages(sc: StageConfigs, root: str | Path, seed: int = 0) -> dict[str, Path]:
     """The networks of :func:`random_models` written under ``root`` as training exports them
     (RUN/final of each stage: weights, the same EMA weights, ``diffusion.json``; CLIP with its
     tokenizer in ``clip/tokenizer``). Returns the folders by stage name (and ``clip``)."""
@@ -244,7 +238,7 @@ def write_random_stages(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    models = random_models(sc, seed, captions, std)
+    models = random_models(sc, seed)
     folders = {"clip": root / "clip"}
     save_pretrained(models.clip, folders["clip"])
     models.tokenizer.save(folders["clip"] / "tokenizer")
@@ -260,8 +254,6 @@ def write_random_pipeline(
     sc: StageConfigs,
     out: str | Path,
     seed: int = 0,
-    captions: Sequence[str] = CAPTIONS,
-    std: float = 0.02,
     *,
     prior: bool = True,
     inpaint_decoder: bool = True,
@@ -272,7 +264,7 @@ def write_random_pipeline(
     from unclip.pipeline import assemble_pipeline
 
     out = Path(out)
-    folders = write_random_stages(sc, out.parent / f"{out.name}-stages", seed, captions, std)
+    folders = write_random_stages(sc, out.parent / f"{out.name}-stages", seed)
     return assemble_pipeline(
         out,
         clip=folders["clip"],
