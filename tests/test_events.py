@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from unclip.pipeline.events import ProgressEvent, image_fields, png_text
+from unclip.pipeline.events import (
+    INFO_ATTRIBUTE,
+    ImageInfo,
+    ProgressEvent,
+    attach_info,
+    image_info,
+)
 
 
 def test_progress_event_is_frozen_and_knows_its_last_step():
@@ -17,17 +23,45 @@ def test_progress_event_is_frozen_and_knows_its_last_step():
         ev.index = 0  # type: ignore[misc]
 
 
-def test_image_fields_types_the_png_text_and_skips_non_strings():
+def test_image_info_types_the_png_text_and_skips_non_strings():
     info = {
         "prompt": "a red square", "seed": "7", "steps": json.dumps({"decoder": 4}),
         "clip_score": "0.2500", "margins": "not json", "dpi": (72, 72), "model": "tiny",
     }  # fmt: skip
-    assert png_text(info) == {k: v for k, v in info.items() if k != "dpi"}
-    assert image_fields(info) == {
+    typed = ImageInfo.from_png_text(info)
+    assert typed.to_png_text() == {k: v for k, v in info.items() if k != "dpi"}
+    assert typed.to_dict() == {
         "prompt": "a red square", "seed": 7, "steps": {"decoder": 4}, "clip_score": 0.25,
         "margins": "not json", "model": "tiny",
     }  # fmt: skip
-    assert list(image_fields(info)) == list(png_text(info))  # the PNG's order
+    assert list(typed.to_dict()) == list(typed.to_png_text())  # the PNG's order
+    assert typed.seed == 7 and typed.extra == {"margins": "not json"}
+
+
+def test_image_info_writes_the_pipelines_png_text_and_reads_it_back():
+    info = ImageInfo(
+        method="interpolate", seed=3, model="tiny", steps={"decoder": 4}, guidance={"decoder": 8.0},
+        sampler={"decoder": "ddim"}, frame=1, t=1 / 3, inverted="true", eta=0.5,
+    )  # fmt: skip
+    text = info.to_png_text()
+    assert text == {
+        "method": "interpolate", "seed": "3", "model": "tiny", "steps": '{"decoder": 4}',
+        "guidance": '{"decoder": 8.0}', "sampler": '{"decoder": "ddim"}', "frame": "1",
+        "t": "0.3333", "inverted": "true", "eta": "0.5",
+    }  # fmt: skip
+    assert info.t == 0.3333  # the value is what the PNG says
+    assert ImageInfo.from_png_text(text) == info
+
+
+def test_an_image_carries_its_info_until_its_text_is_changed():
+    from PIL import Image
+
+    img = attach_info(Image.new("RGB", (2, 2)), ImageInfo(method="variations", seed=4))
+    assert img.info == {"method": "variations", "seed": "4"}
+    assert image_info(img) is getattr(img, INFO_ATTRIBUTE)  # typed, not parsed again
+    img.info["seed"] = "5"  # edited as text: read from the text
+    assert image_info(img) == ImageInfo(method="variations", seed=5)
+    assert image_info(img.copy()) == ImageInfo(method="variations", seed=5)  # a copy: parsed
 
 
 def test_the_pipeline_reports_events_with_the_images_each_step_draws(pipe):
@@ -43,4 +77,4 @@ def test_the_pipeline_reports_events_with_the_images_each_step_draws(pipe):
     assert by_stage["decoder"].images == by_stage["upsampler"].images == 2  # one batch of two
     assert [e.index for e in events if e.stage == "decoder"] == [0, 1, 2]
     assert all(e.total == 3 for e in events if e.stage == "decoder")
-    assert image_fields(images[0].info)["seed"] == 0
+    assert image_info(images[0]).seed == 0 and images[0].info["seed"] == "0"

@@ -469,3 +469,56 @@ def test_train_pipeline_help(capsys):
     for flag in ("--clip", "--prior", "--decoder", "--upsampler", "--inpaint-decoder", "--out"):
         assert flag in text
     assert "EMA weights" in text
+
+
+# -- call depth ----------------------------------------------------------------------------------
+
+#: package frames (unclip's own functions) strictly between a command function and the decoder
+#: UNet's forward: the capability (text_to_image), the stage runner (decode), the sampler's loop
+#: and classifier-free guidance; a command calls the capability itself. The issue's bound: the
+#: UNet within six frames of the command (here five).
+UNET_DEPTH = 4
+
+
+def _frames_to_unet(monkeypatch, call, entry: str) -> tuple[list[str], int]:
+    """(unclip frames strictly between the function ``entry`` and the first UNet.forward, all
+    frames strictly between, torch's too) while ``call()`` runs; a frame as 'module:function'."""
+    import traceback
+
+    import unclip
+    from unclip.decoder.unet import UNet
+
+    package = str(Path(unclip.__file__).parent)
+    stacks: list[traceback.StackSummary] = []
+    forward = UNet.forward
+
+    def recording(self, *args, **kwargs):
+        if not stacks:
+            stacks.append(traceback.extract_stack())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    call()
+    stack = stacks[0][:-1]  # the recording wrapper stands where UNet.forward's frame is
+    start = max(i for i, f in enumerate(stack) if f.name == entry)
+    between = stack[start + 1 :]
+    ours = [f"{Path(f.filename).stem}:{f.name}" for f in between if f.filename.startswith(package)]
+    return ours, len(between)
+
+
+def test_the_generate_command_reaches_the_unet_within_five_frames(
+    monkeypatch, pipeline_dir, tmp_path
+):
+    """run_generate -> text_to_image -> decode -> sampler loop -> guidance -> UNet.forward; a
+    new layer anywhere on the way fails here."""
+    argv = ["generate", "a red square", "--pipeline", str(pipeline_dir), "--out",
+            str(tmp_path), "--no-progress", "--seed", "0"]  # fmt: skip
+    ours, every = _frames_to_unet(monkeypatch, lambda: cli.main(argv), "run_generate")
+    assert len(ours) <= UNET_DEPTH, f"{ours} ({every} frames in all)"
+
+
+def test_a_pipeline_call_reaches_the_unet_within_four_frames(monkeypatch, pipe):
+    """text_to_image -> decode -> sampler loop -> guidance -> UNet.forward."""
+    call = lambda: pipe.text_to_image("a red square", seed=0, sampler="ddim")  # noqa: E731
+    ours, every = _frames_to_unet(monkeypatch, call, "text_to_image")
+    assert len(ours) <= UNET_DEPTH - 1, f"{ours} ({every} frames in all)"

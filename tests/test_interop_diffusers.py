@@ -129,13 +129,14 @@ def test_text_to_image_equals_diffusers_stage_by_stage(folders):
         super_res_num_inference_steps=STEPS["super_res"],
     ).images  # fmt: skip
     pipe = _load(t2i_dir)
-    s, where, g = _settings(pipe), pipe._where(None), torch.Generator().manual_seed(7)
+    s, g = _settings(pipe), torch.Generator().manual_seed(7)
+    ctx = pipe._ctx(None, g)
     text = TextCondition.cat([pipe._text(p) for p in PROMPTS])
     z_i = pipe._sample_prior(text, [0, 1], s, None, True, g)
     _close(z_i, seen["z_i"], "prior z_i")
-    x = decode(pipe.decoder, z_i, text, s.decoder, g, **where)
+    x = decode(pipe.decoder, z_i, text, s.decoder, g, ctx)
     _close(x.clamp(-1, 1), seen["decoder_scheduler"].clamp(-1, 1), "decoder image")
-    y = upsample(pipe.upsamplers, x, s.upsampler, [0, 1], generator=g, **where)
+    y = upsample(pipe.upsamplers, x, s.upsampler, [0, 1], ctx)
     _close(y, seen["super_res_scheduler"], "super-resolution image")
     # and text_to_image itself, given the same generator, delivers diffusers' PNG pixels
     images = pipe.text_to_image(
@@ -158,12 +159,13 @@ def test_variations_equal_diffusers_stage_by_stage(folders):
     ).images  # fmt: skip
     pipe = _load(var_dir)
     assert pipe.prior is None
-    s, where, g = _settings(pipe), pipe._where(None), torch.Generator().manual_seed(3)
+    s, g = _settings(pipe), torch.Generator().manual_seed(3)
+    ctx = pipe._ctx(None, g)
     z_i = pipe._clip_image(prepare_image(image, pipe.image_size), unit=False)
     _close(z_i.expand(2, -1), seen["z_i"], "image embedding")
-    x = decode(pipe.decoder, z_i.expand(2, -1), None, s.decoder, g, **where)
+    x = decode(pipe.decoder, z_i.expand(2, -1), None, s.decoder, g, ctx)
     _close(x.clamp(-1, 1), seen["decoder_scheduler"].clamp(-1, 1), "decoder image")
-    y = upsample(pipe.upsamplers, x, s.upsampler, [0, 1], generator=g, **where)
+    y = upsample(pipe.upsamplers, x, s.upsampler, [0, 1], ctx)
     _close(y, seen["super_res_scheduler"], "super-resolution image")
     images = pipe.variations(
         image, 2, generator=torch.Generator().manual_seed(3),

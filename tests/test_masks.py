@@ -99,5 +99,9 @@ def test_training_mask_is_reproducible_and_resumes_from_the_saved_rngs() -> None
 
 
 def test_inpaint_mask_mixes_boxes_and_strokes() -> None:
-    m = masks.random_inpaint_mask(64, 16, torch.Generator().manual_seed(0))
+    m = masks.training_inpaint_mask(64, 16, 1.0, torch.Generator().manual_seed(0))
     assert m.shape == (64, 1, 16, 16) and (m == 0).flatten(1).any(1).all()
+    hole = m[:, 0] == 0  # [N, S, S]
+    box = hole.any(2)[:, :, None] & hole.any(1)[:, None, :]  # each hole's bounding box
+    boxes = int((hole == box).flatten(1).all(1).sum())  # holes that fill their bounding box
+    assert 16 <= boxes <= 48  # about STROKE_SHARE = 1/2 of them strokes

@@ -111,24 +111,29 @@ def test_attention_module_context_prefix_is_visible_and_masked():
     x = torch.randn(2, 5, 16)
     ctx = torch.randn(2, 3, 6)
     cmask = torch.tensor([[True, True, False], [True, True, True]])
-    out = layer(x, context=ctx, context_mask=cmask, causal=True)
+    mask = torch.cat([cmask, torch.ones(2, 5, dtype=torch.bool)], dim=1)  # [N, Lc + L]
+
+    def run(x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return layer(x, mask=mask, causal=True, past=layer.context_keys_values(ctx))
+
+    out = run(x, ctx)
     assert out.shape == (2, 5, 16)
     # a masked context token changes nothing; an unmasked one changes every query (a prefix)
     ctx2 = ctx.clone()
     ctx2[0, 2] += 5.0
-    assert torch.allclose(layer(x, context=ctx2, context_mask=cmask, causal=True), out, atol=1e-6)
+    assert torch.allclose(run(x, ctx2), out, atol=1e-6)
     ctx3 = ctx.clone()
     ctx3[0, 0] += 5.0
-    diff = (layer(x, context=ctx3, context_mask=cmask, causal=True) - out)[0].abs().amax(-1)
+    diff = (run(x, ctx3) - out)[0].abs().amax(-1)
     assert torch.all(diff > 1e-4)
     # causality over the sequence itself still holds with a context prefix
     x2 = x.clone()
     x2[:, 3] += 5.0
-    out2 = layer(x2, context=ctx, context_mask=cmask, causal=True)
+    out2 = run(x2, ctx)
     assert torch.allclose(out2[:, :3], out[:, :3], atol=1e-6)
     assert not torch.allclose(out2[:, 3:], out[:, 3:], atol=1e-4)
-    with pytest.raises(ValueError):
-        Attention(16, 4)(x, context=ctx)
+    with pytest.raises(ValueError, match="without context_dim"):
+        Attention(16, 4).context_keys_values(ctx)
 
 
 def random_group_norm() -> GroupNorm32:

@@ -31,6 +31,12 @@ def make(seed: int = 0, **kw) -> DiffusionPriorTransformer:
     return DiffusionPriorTransformer(tiny(**kw)).eval()
 
 
+def hidden_states(model, x, t, zt, *caption):
+    """Every token's final hidden state, [N, L + 4, W], no row dropped."""
+    drop = torch.zeros(x.shape[0], dtype=torch.bool)
+    return model.transformer(*model.embed(x, t, zt, drop, *caption))
+
+
 def inputs(n: int = 3, length: int = 6, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, D, generator=g)
@@ -53,7 +59,7 @@ def test_shapes(kw, use_tokens):
     args = (tokens, mask) if use_tokens else ()
     assert model(x, t, zt, *args).shape == (3, D)
     length = {True: 6, False: 1 if model.config.text_dim else 0}[use_tokens]
-    assert model.hidden_states(x, t, zt, *args).shape == (3, length + 4, 32)
+    assert hidden_states(model, x, t, zt, *args).shape == (3, length + 4, 32)
     assert model(x, t[0], zt, *args).shape == (3, D)  # a scalar timestep is broadcast
 
 
@@ -147,7 +153,7 @@ def test_scale_and_unscale_embedding():
 def test_causal_mask_on_hidden_states():
     model = make()
     x, t, zt, tokens, mask = inputs()
-    h, key_mask = model.embed(x, t, zt, tokens, mask)
+    h, key_mask = model.embed(x, t, zt, torch.zeros(3, dtype=torch.bool), tokens, mask)
     base = model.transformer(h, key_mask)
     seq = h.shape[1]
     for j in range(seq):
@@ -158,13 +164,13 @@ def test_causal_mask_on_hidden_states():
         assert not torch.allclose(out[:, j:], base[:, j:], atol=1e-4)
     # the same through the public inputs: the noised z_i (position L + 2) cannot affect the
     # caption tokens, z_t or the timestep token, but does reach the final query token
-    full = model.hidden_states(x, t, zt, tokens, mask)
-    moved = model.hidden_states(x + 1.0, t, zt, tokens, mask)
+    full = hidden_states(model, x, t, zt, tokens, mask)
+    moved = hidden_states(model, x + 1.0, t, zt, tokens, mask)
     length = tokens.shape[1]
     assert torch.allclose(moved[:, : length + 2], full[:, : length + 2], atol=1e-6)
     assert (moved[:, -1] - full[:, -1]).abs().amax(-1).min() > 1e-4
     # the timestep (position L + 1) never reaches the caption or z_t tokens
-    later = model.hidden_states(x, (t + 17) % 1000, zt, tokens, mask)
+    later = hidden_states(model, x, (t + 17) % 1000, zt, tokens, mask)
     assert torch.allclose(later[:, : length + 1], full[:, : length + 1], atol=1e-6)
 
 

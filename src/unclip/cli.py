@@ -12,13 +12,15 @@ import importlib
 import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import unclip
+from unclip.commands import add_command
 
 # Training stages: name -> (help, "module:run"). The module's ``run(args) -> int`` trains the
-# stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. Modules
-# are imported when the parser is built, so keep them light; a module that sets
-# ``COMMON_TRAIN_ARGS = False`` does without --config/--run-dir/--resume (the tokenizer).
+# stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. A module
+# is imported only when its stage is parsed or its help shown (they import torch); one that
+# sets ``COMMON_TRAIN_ARGS = False`` does without --config/--run-dir/--resume (the tokenizer).
 TRAIN_STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": (
         "learn a byte-level BPE vocabulary from a data set's captions",
@@ -47,7 +49,8 @@ TRAIN_STAGES: dict[str, tuple[str, str]] = {
 }
 
 # Other subcommands: modules under unclip.commands with ``register(subparsers)``; each
-# registers one or more commands and keeps heavy imports inside the function it runs.
+# registers one or more commands (with ``unclip.commands.add_command``: the function a command
+# runs documents it) and keeps heavy imports, torch above all, inside the functions it runs.
 COMMAND_MODULES: list[str] = [
     "unclip.commands.data",
     "unclip.commands.embed",
@@ -81,25 +84,38 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a stage (CLIP, prior, decoder, upsampler) with the one training loop",
-        description=(
-            "Train one stage of the pipeline. A run folder gets checkpoints/step-N/ folders "
-            "(each a loadable model folder), checkpoints/latest and metrics.jsonl; --resume "
-            "continues bit-for-bit from the newest whole checkpoint."
-        ),
-    )
-    stages = p.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (help_text, target) in sorted(TRAIN_STAGES.items()):
-        s = stages.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(target.partition(":")[0])
+class _StageParser(argparse.ArgumentParser):
+    """The parser of ``unclip train STAGE``: the stage's flags are added when it first parses
+    or prints its help, so that building the ``unclip`` parser imports no stage module."""
+
+    def __init__(self, *args: Any, target: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._target = target  # "module:run" of TRAIN_STAGES; "" once the flags are added
+
+    def _add_stage_args(self) -> None:
+        if not self._target:
+            return
+        module = importlib.import_module(self._target.partition(":")[0])
+        self._target = ""
         if getattr(module, "COMMON_TRAIN_ARGS", True):
-            add_common_train_args(s)
+            add_common_train_args(self)
         if hasattr(module, "add_args"):
-            module.add_args(s)
-    p.set_defaults(func=_run_train, parser=p)
+            module.add_args(self)
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self._add_stage_args()
+        return super().parse_known_args(*args, **kwargs)
+
+    def format_help(self) -> str:
+        self._add_stage_args()
+        return super().format_help()
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = add_command(sub, "train", _run_train)
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", parser_class=_StageParser)
+    for name, (help_text, target) in sorted(TRAIN_STAGES.items()):
+        stages.add_parser(name, help=help_text, description=help_text, target=target)
 
 
 def positive_float(text: str) -> float:
@@ -161,6 +177,12 @@ def add_common_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """train a stage (CLIP, prior, decoder, upsampler) with the one training loop
+
+    Train one stage of the pipeline. A run folder gets checkpoints/step-N/ folders (each a
+    loadable model folder), checkpoints/latest and metrics.jsonl; --resume continues
+    bit-for-bit from the newest whole checkpoint.
+    """
     if not args.stage:
         if not TRAIN_STAGES:
             print(

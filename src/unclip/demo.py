@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 from importlib import resources
 
+from unclip.config import PIPELINE_FILE
+
 DEFAULT_PIPELINE = "emoji-small"
 
 
 def shipped_pipeline_dir(name: str = DEFAULT_PIPELINE):
     """The packaged pipeline folder ``name`` if it is installed with the package, else None."""
     root = resources.files("unclip") / "weights" / name
-    return root if root.is_dir() and (root / "pipeline.json").is_file() else None
+    return root if root.is_dir() and (root / PIPELINE_FILE).is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

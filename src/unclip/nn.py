@@ -199,20 +199,43 @@ def attention(
     return out.transpose(1, 2).reshape(n, lq, c)  # [N, Lq, C]
 
 
+def self_attention(
+    layer: nn.Module,
+    x: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Multi-head self-attention of x: [N, L, dim] after the keys and values ``past``
+    ([N, Lp, dim] each; ``mask``: [N, Lp + L] bool; see :class:`Attention`), through the
+    projections of ``layer``: its ``qkv`` (dim -> 3·dim), ``proj`` (dim -> dim), ``num_heads``
+    and ``dropout`` (applied in training mode), as an :class:`Attention` has them, or a block
+    that keeps them itself. Returns (out [N, L, dim], (keys, values) [N, Lp + L, dim] each:
+    what ``past`` takes to continue the sequence)."""
+    q, k, v = layer.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
+    if past is not None:
+        k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, Lp + L, dim]
+        v = torch.cat([past[1].to(v.dtype), v], dim=1)
+    dropout_p = layer.dropout if layer.training else 0.0
+    out = attention(
+        q, k, v, layer.num_heads, key_mask=mask, causal=causal, dropout_p=dropout_p
+    )  # [N, L, dim]
+    return layer.proj(out), (k, v)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over ``x``, optionally also attending to context tokens.
+    """Multi-head self-attention over ``x``, after optional keys and values of earlier tokens.
 
-    As in GLIDE, context tokens (e.g. projected CLIP and caption features) are projected to
-    extra keys/values that are prepended to the sequence's own, so every query sees them.
+    x: [N, L, dim]; mask: [N, Lp + L] bool (True = real token) over the keys of ``past`` and
+    of ``x``. Returns [N, L, dim].
 
-    x: [N, L, dim]; context: [N, Lc, context_dim]; mask: [N, L] and context_mask: [N, Lc] bool
-    (True = real token). ``causal`` applies to the sequence's own keys only (the context is
-    a visible prefix). Returns [N, L, dim].
-
-    ``past``: (keys, values) [N, Lp, dim] each of tokens that come before ``x`` in the
-    sequence, as :meth:`keys_values` gave them (a key/value cache); they are prepended to the
-    keys and values of ``x``, and ``mask`` then covers both: [N, Lp + L]. A causal ``x`` sees
-    all of them (the mask is aligned to the last key).
+    ``past``: (keys, values) [N, Lp, dim] each, prepended to the keys and values of ``x``, so
+    every query sees them (a causal ``x`` too: the causal mask is aligned to the last key).
+    They are either earlier tokens of the sequence, as :meth:`keys_values` gave them (a
+    key/value cache), or context tokens, as :meth:`context_keys_values` gives them: as in
+    GLIDE, context tokens (e.g. projected CLIP and caption features) are projected to extra
+    keys/values in front of the sequence's own (a layer built with ``context_dim``).
     """
 
     def __init__(
@@ -238,45 +261,23 @@ class Attention(nn.Module):
         x: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
         causal: bool = False,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        n, length, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [N, L, dim]
-        key_mask = mask
-        if past is not None:
-            if context is not None:
-                raise ValueError("give an attention layer context or past keys, not both")
-            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, Lp + L, dim]
-            v = torch.cat([past[1].to(v.dtype), v], dim=1)
-        if context is not None:
-            if self.context_kv is None:
-                raise ValueError("this attention layer was built without context_dim")
-            ck, cv = self.context_kv(context).chunk(2, dim=-1)  # 2 × [N, Lc, dim]
-            k = torch.cat([ck.to(k.dtype), k], dim=1)  # [N, Lc + L, dim]
-            v = torch.cat([cv.to(v.dtype), v], dim=1)
-            if mask is not None or context_mask is not None:
-                ones = torch.ones(n, 1, dtype=torch.bool, device=x.device)
-                cm = context_mask if context_mask is not None else ones.expand(n, ck.shape[1])
-                sm = mask if mask is not None else ones.expand(n, length)
-                key_mask = torch.cat([cm.bool(), sm.bool()], dim=1)  # [N, Lc + L]
-        out = attention(
-            q,
-            k,
-            v,
-            self.num_heads,
-            key_mask=key_mask,
-            causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.proj(out)
+        return self_attention(self, x, mask=mask, causal=causal, past=past)[0]
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values of ``x`` [N, L, dim] (what ``past`` takes): 2 × [N, L, dim]."""
         _, k, v = self.qkv(x).chunk(3, dim=-1)
         return k, v
+
+    def context_keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of context tokens [N, Lc, context_dim] (what ``past`` takes):
+        2 × [N, Lc, dim]."""
+        if self.context_kv is None:
+            raise ValueError("this attention layer was built without context_dim")
+        ck, cv = self.context_kv(context).chunk(2, dim=-1)
+        return ck, cv
 
 
 def condition_drop_mask(

@@ -1,6 +1,8 @@
 """The run configs of the training stages: a model config with its training and data configs.
 
-A run folder keeps its own copy (``run_config.json``), so ``--resume`` needs no ``--config``.
+Each is a :class:`StageRunConfig` (the ``train`` and ``data`` sections) with the stage's
+model config and settings. A run folder keeps its own copy (``run_config.json``), so
+``--resume`` needs no ``--config``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from unclip.prior.model import PriorConfig
 
 
 @dataclasses.dataclass
-class ClipRunConfig(Config):
+class StageRunConfig(Config):
+    """What every stage's run config holds besides its model: ``train``, the optimisation
+    (steps, batch, learning rate, EMA, checkpoints), and ``data``, where the samples come from.
+    """
+
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+
+@dataclasses.dataclass
+class ClipRunConfig(StageRunConfig):
     """``caption_variants``: probability of training a sample on a variant of its caption built
     from the manifest (tags, group: "cherry blossom, noto style, animals & nature", "flower,
     plant, noto style", "animals & nature, noto style") instead of the caption itself.
@@ -27,14 +39,12 @@ class ClipRunConfig(Config):
     the style tells apart, which teaches style far better than random batches."""
 
     model: CLIPConfig = dataclasses.field(default_factory=CLIPConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     caption_variants: float = 0.0
     concept_run: int = 1
 
 
 @dataclasses.dataclass
-class PriorRunConfig(Config):
+class PriorRunConfig(StageRunConfig):
     """``clip``: the CLIP model whose text encoder gives the caption's per-token features: a
     CLIP run's ``final/`` (tokenizer inside), a pipeline folder or a pipeline's ``clip/``
     (tokenizer beside it; see :func:`~unclip.train.stages.common.clip_tokenizer_dir`);
@@ -44,28 +54,24 @@ class PriorRunConfig(Config):
     diffusion: DiffusionConfig = dataclasses.field(
         default_factory=lambda: DiffusionConfig(prediction="x0")
     )
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     clip: str = ""
     type: Literal["diffusion"] = "diffusion"
 
 
 @dataclasses.dataclass
-class ARPriorRunConfig(Config):
+class ARPriorRunConfig(StageRunConfig):
     """The autoregressive prior (``unclip train prior --type ar``): ``model.components`` 0
     keeps the principal components reaching ``model.variance`` of the training embeddings'
     variance; the PCA and quantiser are fitted on every row of ``data.embeddings`` before
     training (deterministically) and saved in the model's weights."""
 
     model: ARPriorConfig = dataclasses.field(default_factory=ARPriorConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     clip: str = ""
     type: Literal["ar"] = "ar"
 
 
 @dataclasses.dataclass
-class DecoderRunConfig(Config):
+class DecoderRunConfig(StageRunConfig):
     """``clip``: as in :class:`PriorRunConfig` (needed when ``model.text_dim`` > 0).
     ``inpaint_prob``: for an ``inpaint`` model, the fraction of samples trained with a
     random mask (the rest see no known pixels and learn plain generation). ``init``: a decoder
@@ -77,15 +83,13 @@ class DecoderRunConfig(Config):
     diffusion: DiffusionConfig = dataclasses.field(
         default_factory=lambda: DiffusionConfig(learn_sigma=True, loss="hybrid")
     )
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     clip: str = ""
     inpaint_prob: float = 0.5
     init: str = ""
 
 
 @dataclasses.dataclass
-class UpsamplerRunConfig(Config):
+class UpsamplerRunConfig(StageRunConfig):
     """``crop_size`` > 0 trains on random square crops of that side (the paper trains its
     upsamplers on quarter-size crops; a convolutional network samples at full size later).
     ``init``: an upsampler model folder whose weights start a new run (as the decoder's)."""
@@ -94,7 +98,5 @@ class UpsamplerRunConfig(Config):
     diffusion: DiffusionConfig = dataclasses.field(
         default_factory=lambda: DiffusionConfig(learn_sigma=True, loss="hybrid")
     )
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     crop_size: int = 0
     init: str = ""

@@ -15,7 +15,6 @@ from tensor names and shapes, following OpenAI's ``build_model``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from unclip.clip.model import CLIP, OPENAI_MEAN, OPENAI_STD, CLIPConfig
+from unclip.config import read_json
 from unclip.hub import (
     CONFIG_NAME,
     PICKLE_SUFFIXES,
@@ -134,15 +134,7 @@ def from_openai_state_dict(
     """(config, our state dict) for an OpenAI-format CLIP state dict."""
     state = _strip_prefix(state)
     config = _openai_config(state, source)
-    out = {}
-    for key, value in state.items():
-        if key in _OPENAI_TRANSPOSED:
-            out[_OPENAI_TRANSPOSED[key]] = value.T
-            continue
-        for pattern, repl in _OPENAI_TO_OURS:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return config, out
+    return config, _renamed(state, _OPENAI_TRANSPOSED, _OPENAI_TO_OURS)
 
 
 def to_openai_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
@@ -150,15 +142,39 @@ def to_openai_state_dict(model: CLIP) -> dict[str, torch.Tensor]:
     :func:`from_openai_state_dict`). OpenAI's loader assumes quick GELU, width / 64 heads and
     argmax pooling, so only models with such a config load back unchanged."""
     back = {ours: theirs for theirs, ours in _OPENAI_TRANSPOSED.items()}
+    out = _renamed(model.state_dict(), back, _OURS_TO_OPENAI)
+    for theirs in back.values() & out.keys():  # a ResNet has no visual.proj
+        out[theirs] = out[theirs].contiguous()
+    return out
+
+
+def _renamed(
+    state: Mapping[str, torch.Tensor],
+    transposed: Mapping[str, str],
+    renames: list[tuple[str, str]],
+) -> dict[str, torch.Tensor]:
+    """``state`` renamed: a key of ``transposed`` becomes its value, with the matrix
+    transposed (a view); any other key goes through the (pattern, replacement) ``renames``
+    in order."""
     out = {}
-    for key, value in model.state_dict().items():
-        if key in back:
-            out[back[key]] = value.T.contiguous()
+    for key, value in state.items():
+        if key in transposed:
+            out[transposed[key]] = value.T
             continue
-        for pattern, repl in _OURS_TO_OPENAI:
+        for pattern, repl in renames:
             key = re.sub(pattern, repl, key)
         out[key] = value
     return out
+
+
+#: the size fields of each CLIPConfig tower (``text_width``, ``vision_width``, …) <- the
+#: transformers config key, with transformers' defaults for the text and the vision tower
+_HF_TOWER_SIZES = {
+    "width": ("hidden_size", 512, 768),
+    "layers": ("num_hidden_layers", 12, 12),
+    "heads": ("num_attention_heads", 8, 12),
+    "mlp_dim": ("intermediate_size", 2048, 3072),
+}
 
 
 def _hf_config(doc: Mapping[str, Any], folder: Path) -> CLIPConfig:
@@ -180,24 +196,22 @@ def _hf_config(doc: Mapping[str, Any], folder: Path) -> CLIPConfig:
     mean, std = OPENAI_MEAN, OPENAI_STD
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        p = json.loads(pre.read_text(encoding="utf-8"))
+        p = read_json(pre, HubError)
         mean = tuple(p.get("image_mean", mean))
         std = tuple(p.get("image_std", std))
+    towers = {
+        f"{name}_{field}": tower.get(key, defaults[i])
+        for i, (name, tower) in enumerate((("text", text), ("vision", vision)))
+        for field, (key, *defaults) in _HF_TOWER_SIZES.items()
+    }
     return CLIPConfig(
         embed_dim=doc.get("projection_dim", 512),
         context_length=text.get("max_position_embeddings", 77),
         vocab_size=text.get("vocab_size", 49408),
-        text_width=text.get("hidden_size", 512),
-        text_layers=text.get("num_hidden_layers", 12),
-        text_heads=text.get("num_attention_heads", 8),
-        text_mlp_dim=text.get("intermediate_size", 2048),
         vision_type="vit",
         image_size=vision.get("image_size", 224),
         patch_size=vision.get("patch_size", 32),
-        vision_width=vision.get("hidden_size", 768),
-        vision_layers=vision.get("num_hidden_layers", 12),
-        vision_heads=vision.get("num_attention_heads", 12),
-        vision_mlp_dim=vision.get("intermediate_size", 3072),
+        **towers,
         activation=text_act,
         layer_norm_eps=float(eps_t),
         eot_token_id=None if eos == 2 else int(eos),  # transformers' legacy rule for id 2
@@ -285,10 +299,7 @@ def load_clip(
             return load_clip(path / "clip", device=device, dtype=dtype)
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; not a CLIP model folder")
-        try:
-            doc = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HubError(f"{config_file}: not a readable JSON config ({e})") from None
+        doc = read_json(config_file, HubError)
         if isinstance(doc, dict) and "format_version" in doc and "type" in doc:
             if doc["type"] != "clip":
                 raise HubError(f"{config_file}: a {doc['type']!r} model, not a CLIP model")

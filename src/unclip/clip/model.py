@@ -162,6 +162,17 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_dim, activation, eps) for _ in range(layers)
         )
 
+    @classmethod
+    def of_tower(cls, config: CLIPConfig, tower: Literal["text", "vision"]) -> Transformer:
+        """The Transformer of one tower, sized by its config fields ``{tower}_width``,
+        ``{tower}_layers``, ``{tower}_heads`` and ``{tower}_mlp_dim`` (None: 4 × width)."""
+        width = getattr(config, f"{tower}_width")
+        return cls(
+            width, getattr(config, f"{tower}_layers"), getattr(config, f"{tower}_heads"),
+            getattr(config, f"{tower}_mlp_dim") or 4 * width, config.activation,
+            config.layer_norm_eps,
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
             x = block(x, causal=causal)
@@ -198,14 +209,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width, eps=eps)
-        self.transformer = Transformer(
-            width,
-            config.vision_layers,
-            config.vision_heads,
-            config.vision_mlp_dim or 4 * width,
-            config.activation,
-            eps,
-        )
+        self.transformer = Transformer.of_tower(config, "vision")
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, config.embed_dim, bias=False)
         self.transformer.init_weights()
@@ -343,14 +347,7 @@ class CLIP(nn.Module):
         width, eps = config.text_width, config.layer_norm_eps
         self.token_embedding = nn.Embedding(config.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
-        self.transformer = Transformer(
-            width,
-            config.text_layers,
-            config.text_heads,
-            config.text_mlp_dim or 4 * width,
-            config.activation,
-            eps,
-        )
+        self.transformer = Transformer.of_tower(config, "text")
         self.ln_final = nn.LayerNorm(width, eps=eps)
         self.text_projection = nn.Linear(width, config.embed_dim, bias=False)
         self.visual: nn.Module | None = None

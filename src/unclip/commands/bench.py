@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unclip.commands import add_dtype_argument, bench_train
+from unclip.commands import add_command, add_dtype_argument, bench_train
 from unclip.commands.bench_measure import bench_sampling, bench_training, matmul_peak
 from unclip.commands.bench_report import format_markdown, machine_info, write_doc_section
 from unclip.commands.random_pipelines import StageConfigs, random_pipeline, stage_configs_from_dir
@@ -88,16 +88,7 @@ def open_pipeline(
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="measure sampling latency/throughput per stage, decoder MFU and training speed",
-        description="Measure a pipeline on this machine: per stage (text encoder, prior, "
-        "decoder, upsamplers) and end to end, the latency of one image and the throughput of "
-        "a batch; the decoder's achieved FLOP/s against the measured fp32 and bf16 "
-        "matrix-multiply peak (model FLOPs utilisation); and training samples/s per stage on "
-        "random data. Times are medians after a warm-up run. `unclip bench train STAGE "
-        "--config FILE` profiles one training step of a stage instead: where its time goes.",
-    )
+    p = add_command(sub, "bench", _bench)
     p.add_argument(
         "pipeline",
         nargs="?",
@@ -134,10 +125,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--doc", help="also write the tables as a section of this Markdown file")
     p.add_argument("--json", action="store_true", help="print JSON")
     bench_train.add_args(p)
-    p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """measure sampling latency/throughput per stage, decoder MFU and training speed
+
+    Measure a pipeline on this machine: per stage (text encoder, prior, decoder, upsamplers) and
+    end to end, the latency of one image and the throughput of a batch; the decoder's achieved
+    FLOP/s against the measured fp32 and bf16 matrix-multiply peak (model FLOPs utilisation);
+    and training samples/s per stage on random data. Times are medians after a warm-up run.
+    `unclip bench train STAGE --config FILE` profiles one training step of a stage instead:
+    where its time goes.
+    """
     import torch
 
     if args.pipeline == TRAIN:

@@ -7,17 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from unclip.commands import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "classify",
-        help="zero-shot classify images against text labels with CLIP",
-        description="Score each image against the captions TEMPLATE.format(label) and print, "
-        "per image, the most likely labels as tab-separated lines: image, label, probability. "
-        "--model takes an unclip pipeline or CLIP folder, a transformers CLIPModel folder or an "
-        "OpenAI CLIP state dict (.safetensors or .pt); the tokenizer is found next to it or "
-        "given with --tokenizer.",
-    )
+    p = add_command(sub, "classify", _classify)
     p.add_argument("images", nargs="+", metavar="IMG", help="image files (PNG, JPEG, WebP, SVG)")
     p.add_argument("--labels", nargs="+", required=True, help="candidate labels")
     p.add_argument("--template", default="{}", help='caption template, e.g. "a photo of {}"')
@@ -29,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=5, help="labels to print per image (default 5)")
     p.add_argument("--pad", action="store_true", help="pad images to a square instead of cropping")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.set_defaults(func=_classify)
 
 
 def _default_model() -> Path:
@@ -70,6 +63,13 @@ def find_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    """zero-shot classify images against text labels with CLIP
+
+    Score each image against the captions TEMPLATE.format(label) and print, per image, the most
+    likely labels as tab-separated lines: image, label, probability. --model takes an unclip
+    pipeline or CLIP folder, a transformers CLIPModel folder or an OpenAI CLIP state dict
+    (.safetensors or .pt); the tokenizer is found next to it or given with --tokenizer.
+    """
     import torch
 
     from unclip.clip import load_clip

@@ -7,24 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from unclip.commands import add_command, print_usage
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "data",
-        help="build the emoji data set; check or preview any data set",
-        description="Build the default emoji data set, or check and preview a data set "
-        "(a folder of images + .txt captions, a CSV/Parquet table, or WebDataset shards).",
-    )
-    verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    verbs = add_command(sub, "data", _data).add_subparsers(dest="verb", metavar="VERB")
 
-    e = verbs.add_parser(
-        "emoji",
-        help="build the ~23,000-image emoji set from npm packages",
-        description="Install the emoji packages with npm (into --cache, reused later), render "
-        "every emoji at 64×64 on white and write WebDataset shards, manifest.jsonl (captions, "
-        "tags, style, licence, split) and stats.json into --out. Deterministic.",
-    )
+    e = add_command(verbs, "emoji", _emoji)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--cache", help="npm cache folder (default: ~/.cache/unclip/npm)")
     e.add_argument("--node-modules", help="use this existing node_modules folder instead of npm")
@@ -33,31 +22,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, help="at most this many images per style (for trials)")
     e.add_argument("--sheet", help="also write a contact sheet of 64 training images here")
     e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=_emoji)
 
-    c = verbs.add_parser(
-        "check",
-        help="read every sample of a data set and report what would be skipped",
-        description="Decode every image of a data set and print the counts, the caption "
-        "lengths and the samples a training run would skip (with the first few names).",
-    )
+    c = add_command(verbs, "check", _check)
     c.add_argument("data", help="data set: folder, table (.csv/.parquet) or shards")
     c.add_argument("--split", help="a split named in the shard folder's manifest.jsonl")
     c.add_argument("--size", type=int, default=64)
     c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(func=_check)
 
-    s = verbs.add_parser(
-        "sheet",
-        help="write a contact sheet of random samples with their captions",
-        description="Draw N random samples of a data set (seeded) into one PNG, captions below.",
-    )
+    s = add_command(verbs, "sheet", _sheet)
     s.add_argument("data", help="data set: folder, table (.csv/.parquet) or shards")
     s.add_argument("--out", required=True, help="PNG to write")
     s.add_argument("--split", help="a split named in the manifest")
     s.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_sheet)
+
+
+def _data(args: argparse.Namespace) -> int:
+    """build the emoji data set; check or preview any data set
+
+    Build the default emoji data set, or check and preview a data set (a folder of images +
+    .txt captions, a CSV/Parquet table, or WebDataset shards).
+    """
+    return print_usage(args)
 
 
 def write_sheet(data: str, out: str, split: str | None, n: int, seed: int) -> None:
@@ -79,6 +65,12 @@ def write_sheet(data: str, out: str, split: str | None, n: int, seed: int) -> No
 
 
 def _emoji(args: argparse.Namespace) -> int:
+    """build the ~23,000-image emoji set from npm packages
+
+    Install the emoji packages with npm (into --cache, reused later), render every emoji at
+    64×64 on white and write WebDataset shards, manifest.jsonl (captions, tags, style, licence,
+    split) and stats.json into --out. Deterministic.
+    """
     from unclip.data.emoji import build_emoji
 
     stats = build_emoji(
@@ -98,6 +90,11 @@ def _emoji(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """read every sample of a data set and report what would be skipped
+
+    Decode every image of a data set and print the counts, the caption lengths and the samples
+    a training run would skip (with the first few names).
+    """
     from tqdm import tqdm
 
     from unclip.data.datasets import open_dataset
@@ -123,5 +120,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _sheet(args: argparse.Namespace) -> int:
+    """write a contact sheet of random samples with their captions
+
+    Draw N random samples of a data set (seeded) into one PNG, captions below.
+    """
     write_sheet(args.data, args.out, args.split, args.n, args.seed)
     return 0

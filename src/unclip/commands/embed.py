@@ -6,16 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from unclip.commands import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed",
-        help="compute CLIP image and text embeddings of a data set as .npy shards",
-        description="Encode every image and caption of a data set with a CLIP model and write "
-        "img_emb/, text_emb/ and metadata/ shards aligned by key (the clip-retrieval layout). "
-        "Resumable: whole shards already written are kept. The prior and the decoder train "
-        "from these files.",
-    )
+    p = add_command(sub, "embed", run)
     p.add_argument("data", help="data set: shard folder, image folder or table")
     p.add_argument("--clip", required=True, help="CLIP model folder (e.g. runs/x/clip/final)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: CLIP_FOLDER/tokenizer)")
@@ -26,10 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="rows per .npy shard")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """compute CLIP image and text embeddings of a data set as .npy shards
+
+    Encode every image and caption of a data set with a CLIP model and write img_emb/, text_emb/
+    and metadata/ shards aligned by key (the clip-retrieval layout). Resumable: whole shards
+    already written are kept. The prior and the decoder train from these files.
+    """
     import torch
 
     from unclip.clip.convert import load_clip

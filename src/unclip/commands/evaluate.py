@@ -7,24 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from unclip.commands import SAMPLER_NAMES, add_dtype_argument
+from unclip.commands import SAMPLER_NAMES, add_command, add_dtype_argument, print_usage
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="measure a trained model on a data split (CLIP retrieval and zero-shot accuracy)",
-        description="Measure a trained model on a data split and print a table (or --json).",
-    )
-    stages = p.add_subparsers(dest="what", metavar="WHAT")
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    c = stages.add_parser(
-        "clip",
-        help="retrieval recall@1/5/10 and zero-shot style/group accuracy of a CLIP",
-        description="Encode every image and caption of a split with a CLIP and report "
-        "text→image and image→text recall@1/5/10 among the split, and zero-shot accuracy for "
-        "each manifest field given with --zero-shot FIELD=TEMPLATE (e.g. style='{} style').",
-    )
+    stages = add_command(sub, "eval", _eval).add_subparsers(dest="what", metavar="WHAT")
+    c = add_command(stages, "clip", _eval_clip)
     c.add_argument("--clip", required=True, help="CLIP model folder (with tokenizer/)")
     c.add_argument("--tokenizer", help="tokenizer folder (default: CLIP_FOLDER/tokenizer)")
     c.add_argument("--data", required=True, help="shard folder with manifest.jsonl")
@@ -40,16 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c.set_defaults(func=_eval_clip)
 
-    pr = stages.add_parser(
-        "prior",
-        help="cosine similarity of the prior's samples to the true CLIP image embeddings",
-        description="For every caption of the given embedding folders, compare three guesses "
-        "of its image's CLIP embedding by mean cosine similarity to the true one: the caption "
-        "embedding z_t itself, a linear regression z_t -> z_i fitted on --train-embeddings, "
-        "and samples of the prior (a diffusion prior with DDIM, or an autoregressive prior).",
-    )
+    pr = add_command(stages, "prior", _eval_prior)
     pr.add_argument("--prior", required=True,
                     help="prior model folder (a diffusion prior with diffusion.json, or an AR prior)")  # fmt: skip
     pr.add_argument("--clip", required=True, help="the CLIP folder the prior was trained with")
@@ -64,21 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--top-k", type=int, default=0, help="AR prior: top-k (default 0 = off)")
     pr.add_argument("--top-p", type=float, default=1.0, help="AR prior: top-p (default 1 = off)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pr.set_defaults(func=_eval_prior)
 
-    pp = stages.add_parser(
-        "pipeline",
-        help="sample quality of a pipeline on a split: CLIP score, FD, KID, retrieval",
-        description="Generate one image per caption of a split (seed = row index) and report, "
-        "in the pipeline's CLIP feature space (or --judge's): the CLIP score (cosine between "
-        "the caption and the generated image), Fréchet distance and KID against the split's "
-        "real images, and how often the generated image retrieves its caption's real image "
-        "among the split's real images (top-1/top-5). Where the manifest gives each image a "
-        "style: how often the CLIP names the asked style (zero-shot, with `unclip eval clip`'s "
-        "prompts) of the generated images and, as a ceiling, of the real ones (real_style_named). "
-        "With --no-prior-baseline the same "
-        "numbers for the decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).",
-    )
+    pp = add_command(stages, "pipeline", _eval_pipeline)
     pp.add_argument("--pipeline", default="emoji-small", help="pipeline name or folder")
     pp.add_argument("--data", required=True, help="shard folder with manifest.jsonl")
     pp.add_argument("--split", action="append", help="split(s) (default: test)")
@@ -104,7 +71,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--grid", help="write a contact sheet of the first 32 samples here")
     pp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pp.add_argument("--no-progress", action="store_true")
-    pp.set_defaults(func=_eval_pipeline)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """measure a trained model on a data split (CLIP retrieval and zero-shot accuracy)
+
+    Measure a trained model on a data split and print a table (or --json).
+    """
+    return print_usage(args)
 
 
 #: ``unclip eval clip``'s default zero-shot prompts per manifest field (see expand_templates)
@@ -180,6 +154,12 @@ def evaluate_clip(clip_dir: str, data: str, split: str, zero_shot: dict[str, str
 
 
 def _eval_clip(args: argparse.Namespace) -> int:
+    """retrieval recall@1/5/10 and zero-shot style/group accuracy of a CLIP
+
+    Encode every image and caption of a split with a CLIP and report text→image and image→text
+    recall@1/5/10 among the split, and zero-shot accuracy for each manifest field given with
+    --zero-shot FIELD=TEMPLATE (e.g. style='{} style').
+    """
     zero_shot = dict(ZERO_SHOT_TEMPLATES)
     if args.zero_shot:
         zero_shot = {}
@@ -212,6 +192,13 @@ def _eval_clip(args: argparse.Namespace) -> int:
 
 
 def _eval_prior(args: argparse.Namespace) -> int:
+    """cosine similarity of the prior's samples to the true CLIP image embeddings
+
+    For every caption of the given embedding folders, compare three guesses of its image's CLIP
+    embedding by mean cosine similarity to the true one: the caption embedding z_t itself, a
+    linear regression z_t -> z_i fitted on --train-embeddings, and samples of the prior (a
+    diffusion prior with DDIM, or an autoregressive prior).
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -346,6 +333,17 @@ def evaluate_pipeline(pipe, records: list[dict], real_emb, *, use_prior: bool, o
 
 
 def _eval_pipeline(args: argparse.Namespace) -> int:
+    """sample quality of a pipeline on a split: CLIP score, FD, KID, retrieval
+
+    Generate one image per caption of a split (seed = row index) and report, in the pipeline's
+    CLIP feature space (or --judge's): the CLIP score (cosine between the caption and the
+    generated image), Fréchet distance and KID against the split's real images, and how often
+    the generated image retrieves its caption's real image among the split's real images
+    (top-1/top-5). Where the manifest gives each image a style: how often the CLIP names the
+    asked style (zero-shot, with `unclip eval clip`'s prompts) of the generated images and, as a
+    ceiling, of the real ones (real_style_named). With --no-prior-baseline the same numbers for
+    the decoder fed z_t instead of a prior sample (the paper's §5.1 baseline).
+    """
     from unclip.data.datasets import open_dataset
     from unclip.data.shards import read_manifest
     from unclip.data.sheet import contact_sheet

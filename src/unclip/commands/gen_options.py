@@ -9,9 +9,11 @@ pipeline is imported inside :func:`load_pipeline_from`).
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable
 from typing import Any
 
-from unclip.commands import SAMPLER_NAMES, add_dtype_argument
+from unclip.commands import SAMPLER_NAMES, add_command, add_dtype_argument
 
 DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_OUT = "unclip-out"
@@ -54,13 +56,21 @@ class _ParagraphFormatter(argparse.HelpFormatter):
 
 
 def command_parser(
-    sub: argparse._SubParsersAction, name: str, help_text: str, description: str
+    sub: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    *policies: str,
 ) -> argparse.ArgumentParser:
-    """A generation command's parser; its epilog states the output naming (not for rank)."""
-    return sub.add_parser(
+    """A generation command that calls ``run`` (:func:`unclip.commands.add_command`: the first
+    paragraph of ``run``'s docstring is its help line, the rest its description), with the
+    ``policies`` as further paragraphs of the description and, except for ``rank``, the output
+    naming as epilog; each paragraph is wrapped on its own."""
+    rest = inspect.cleandoc(run.__doc__ or "").partition("\n\n")[2]
+    return add_command(
+        sub,
         name,
-        help=help_text,
-        description=description,
+        run,
+        description="\n\n".join([rest, *policies]),
         epilog=OUTPUT_POLICY if name != "rank" else None,
         formatter_class=_ParagraphFormatter,
     )

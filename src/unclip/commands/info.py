@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from unclip.commands import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "info",
-        help="print parameter counts and forward FLOPs per image of models or configs",
-        description="Build each model from its config (random weights, nothing is loaded), "
-        "count its parameters and measure the FLOPs of one forward pass on one sample "
-        "(CLIP: one image and one caption; prior: one embedding, for the AR prior one "
-        "teacher-forced pass over all its codes; decoder and upsamplers: one image, per model "
-        "call). PATH is a model folder (config.json), a training run config "
-        "(configs/.../*.json) or a pipeline folder (pipeline.json: every stage).",
-    )
+    p = add_command(sub, "info", _info)
     p.add_argument("paths", nargs="+", metavar="PATH", help="model folder, run config or pipeline")
     p.add_argument("--json", action="store_true", help="print JSON (one list of models)")
     p.add_argument(
@@ -30,10 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="caption tokens fed to a decoder (default: the CLIP context length where known, "
         "else 77)",
     )
-    p.set_defaults(func=_info)
 
 
 def _info(args: argparse.Namespace) -> int:
+    """print parameter counts and forward FLOPs per image of models or configs
+
+    Build each model from its config (random weights, nothing is loaded), count its parameters
+    and measure the FLOPs of one forward pass on one sample (CLIP: one image and one caption;
+    prior: one embedding, for the AR prior one teacher-forced pass over all its codes; decoder
+    and upsamplers: one image, per model call). PATH is a model folder (config.json), a
+    training run config (configs/.../*.json) or a pipeline folder (pipeline.json: every stage).
+    """
     from unclip.eval.model_stats import format_table, stats_for_path
 
     if args.text_len is not None and args.text_len < 1:

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _pnginfo(info: dict[str, Any]) -> Any:
+def _pnginfo(image: Any) -> Any:
+    """The PNG text chunks of an image: its metadata's text, then the software."""
     from PIL.PngImagePlugin import PngInfo
 
     import unclip
-    from unclip.pipeline.events import png_text
+    from unclip.pipeline.events import image_info
 
     meta = PngInfo()
-    for key, value in png_text(info).items():
+    for key, value in image_info(image).to_png_text().items():
         meta.add_itxt(key, value)
     meta.add_itxt("software", f"unclip {unclip.__version__}")
     return meta
@@ -56,12 +57,12 @@ def write_results(
     """Write the PNGs (and the grid) atomically, then report paths (or JSON) on stdout.
     ``names``: file name suffixes (default 0, 1, …); ``columns``: of the grid (default ≤ 8)."""
     from unclip.data.sheet import contact_sheet
-    from unclip.pipeline.events import image_fields
+    from unclip.pipeline.events import image_info
 
     out_dir = Path(args.out)
     names = names or [str(i) for i in range(len(images))]
     paths = [out_dir / f"{args.command}-{seed}-{name}.png" for name in names]
-    items = [(img, path, _pnginfo(img.info)) for img, path in zip(images, paths, strict=True)]
+    items = [(img, path, _pnginfo(img)) for img, path in zip(images, paths, strict=True)]
     if args.grid:
         sheet = contact_sheet(
             images, [captions(img) for img in images], columns=columns or min(8, len(images))
@@ -73,7 +74,7 @@ def write_results(
             "command": args.command,
             "pipeline": str(args.pipeline),
             "images": [
-                {"path": str(path), **image_fields(img.info)}
+                {"path": str(path), **image_info(img).to_dict()}
                 for img, path in zip(images, paths, strict=True)
             ],
             "grid": args.grid,

@@ -1,10 +1,18 @@
-"""Pipelines with random weights at the sizes of a folder of run configs (or of tiny built-in
-configs): what ``unclip bench`` and the scripts in ``benchmarks/`` measure when the trained
-weights are not at hand (speed does not depend on the weights' values)."""
+"""Pipelines with random weights at the sizes of a folder of run configs (or of tiny configs):
+what ``unclip bench`` and the scripts in ``benchmarks/`` measure when the trained weights are
+not at hand (speed does not depend on the weights' values), and the tests' tiny pipeline
+(``tests/tiny_pipeline.py`` gives its configs).
+
+One builder: :func:`random_models` makes every stage's network from a :class:`StageConfigs`
+with seeded random weights; :func:`random_pipeline` assembles them in memory and
+:func:`write_random_pipeline` writes them as training exports them and assembles a pipeline
+folder (:func:`write_random_stages` writes only the stage folders).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +33,10 @@ CAPTIONS = [
 @dataclasses.dataclass
 class StageConfigs:
     """Model and diffusion configs of every stage (what ``configs/<name>/*.json`` hold),
-    the training batch size of each stage and the upsampler's training crop."""
+    the training batch size of each stage and the upsampler's training crop; optionally an
+    inpainting decoder (with the decoder's diffusion) and the pipeline's default sampling
+    (None: :class:`~unclip.pipeline.SamplingConfig`'s defaults). A random pipeline's
+    tokenizer is learnt from ``captions`` and its zero-initialised layers get N(0, std²)."""
 
     name: str
     clip: Any
@@ -36,6 +47,10 @@ class StageConfigs:
     upsamplers: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
     train_batch: dict[str, int] = dataclasses.field(default_factory=dict)
     crop_size: int = 0
+    inpaint_decoder: Any = None
+    sampling: Any = None
+    captions: Sequence[str] = tuple(CAPTIONS)
+    std: float = 0.02
 
 
 def stage_configs_from_dir(folder: str | Path) -> StageConfigs:
@@ -112,8 +127,8 @@ def tiny_stage_configs() -> StageConfigs:
 
 
 def randomize_zeros(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
-    """Give the zero-initialised parameters (output layers) random values, so an untrained
-    network's output depends on its inputs, as a trained one's does."""
+    """Give the zero-initialised parameters (output layers) random values N(0, std²), so an
+    untrained network's output depends on its inputs, as a trained one's does."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -124,6 +139,54 @@ def randomize_zeros(model: torch.nn.Module, seed: int = 0, std: float = 0.02) ->
     return model
 
 
+@dataclasses.dataclass
+class RandomModels:
+    """The networks of a random pipeline: CLIP, its tokenizer, and each sampling stage's
+    network with its diffusion config, by the stage's folder name (``prior``, ``decoder``,
+    ``inpaint_decoder``, ``upsampler``, ``upsampler2``, …), in pipeline order."""
+
+    clip: Any
+    tokenizer: Any
+    stages: dict[str, tuple[Any, Any]]
+
+
+def random_models(sc: StageConfigs, seed: int = 0) -> RandomModels:
+    """Every network of ``sc`` with random weights: torch's global generator seeded with
+    ``seed`` draws the initial weights, stage by stage in pipeline order, and stage k's
+    zero-initialised layers get N(0, ``sc.std``²) from seed + k (prior 1, decoder 2, then the
+    inpainting decoder and the upsamplers). The tokenizer is learnt from ``sc.captions``."""
+    import torch
+
+    from unclip.clip.model import CLIP
+    from unclip.decoder.unet import UNet
+    from unclip.decoder.upsampler import Upsampler
+    from unclip.pipeline.config import upsampler_name
+    from unclip.prior.model import DiffusionPriorTransformer
+    from unclip.tokenizer import train_tokenizer
+
+    std = sc.std
+    torch.manual_seed(seed)
+    clip = CLIP(sc.clip)
+    vocab = max(600, min(sc.clip.vocab_size, 1024))
+    tokenizer = train_tokenizer(list(sc.captions) * 4, vocab, context_length=sc.clip.context_length)
+    stages: dict[str, tuple[Any, Any]] = {}
+    if sc.prior is not None:
+        prior = randomize_zeros(DiffusionPriorTransformer(sc.prior), seed + 1, std)
+        stages["prior"] = (prior, sc.prior_diffusion)
+    stages["decoder"] = (randomize_zeros(UNet(sc.decoder), seed + 2, std), sc.decoder_diffusion)
+    k = 3
+    if sc.inpaint_decoder is not None:
+        inpaint = randomize_zeros(UNet(sc.inpaint_decoder), seed + k, std)
+        stages["inpaint_decoder"] = (inpaint, sc.decoder_diffusion)
+        k += 1
+    for i, (model, diffusion) in enumerate(sc.upsamplers):
+        stages[upsampler_name(i)] = (
+            randomize_zeros(Upsampler(model), seed + k + i, std),
+            diffusion,
+        )
+    return RandomModels(clip, tokenizer, stages)
+
+
 def random_pipeline(
     sc: StageConfigs,
     *,
@@ -131,42 +194,84 @@ def random_pipeline(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> UnclipPipeline:
-    """An :class:`~unclip.pipeline.UnclipPipeline` with random weights at the sizes of
-    ``sc`` (built in memory; the tokenizer is learnt from a few captions)."""
-    import torch
-
-    from unclip.clip.model import CLIP
-    from unclip.decoder.unet import UNet
-    from unclip.decoder.upsampler import Upsampler
+    """An :class:`~unclip.pipeline.UnclipPipeline` with the networks of
+    :func:`random_models`, built in memory."""
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline import PipelineConfig, SamplingConfig, StagesConfig, UnclipPipeline
-    from unclip.pipeline.config import upsampler_name
     from unclip.pipeline.loading import Stage, parse_device
-    from unclip.prior.model import DiffusionPriorTransformer
-    from unclip.tokenizer import train_tokenizer
 
     dev = parse_device(device)
-    torch.manual_seed(seed)
-    clip = CLIP(sc.clip).eval().to(dev)
-    vocab = max(600, min(sc.clip.vocab_size, 1024))
-    tokenizer = train_tokenizer(CAPTIONS * 4, vocab, context_length=sc.clip.context_length)
-
-    def stage(model: torch.nn.Module, diffusion: Any, k: int) -> Stage:
-        randomize_zeros(model, seed + k)
-        return Stage(model.eval().to(dev), GaussianDiffusion.from_config(diffusion))
-
-    prior = None
-    if sc.prior is not None:
-        prior = stage(DiffusionPriorTransformer(sc.prior), sc.prior_diffusion, 1)
-    decoder = stage(UNet(sc.decoder), sc.decoder_diffusion, 2)
-    ups = [stage(Upsampler(m), d, 3 + i) for i, (m, d) in enumerate(sc.upsamplers)]
-    names = [upsampler_name(i) for i in range(len(ups))]
+    models = random_models(sc, seed)
+    stages = {
+        name: Stage(model.eval().to(dev), GaussianDiffusion.from_config(diffusion))
+        for name, (model, diffusion) in models.stages.items()
+    }
+    names = [name for name in stages if name.startswith("upsampler")]
     config = PipelineConfig(
         name=sc.name,
-        stages=StagesConfig(prior="prior" if prior else None, upsamplers=names),
-        sampling=SamplingConfig(),
+        stages=StagesConfig(
+            prior="prior" if "prior" in stages else None,
+            inpaint_decoder="inpaint_decoder" if "inpaint_decoder" in stages else None,
+            upsamplers=names,
+        ),
+        sampling=sc.sampling or SamplingConfig(),
     )
     return UnclipPipeline(
-        tokenizer=tokenizer, clip=clip, prior=prior, decoder=decoder, upsamplers=ups,
-        config=config, device=dev, dtype=dtype,
-    )  # fmt: skip
+        tokenizer=models.tokenizer,
+        clip=models.clip.eval().to(dev),
+        prior=stages.get("prior"),
+        decoder=stages["decoder"],
+        inpaint_decoder=stages.get("inpaint_decoder"),
+        upsamplers=[stages[name] for name in names],
+        config=config,
+        device=dev,
+        dtype=dtype,
+    )
+
+
+def write_random_stages(sc: StageConfigs, root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The networks of :func:`random_models` written under ``root`` as training exports them
+    (RUN/final of each stage: weights, the same EMA weights, ``diffusion.json``; CLIP with its
+    tokenizer in ``clip/tokenizer``). Returns the folders by stage name (and ``clip``)."""
+    from unclip.config import DIFFUSION_FILE
+    from unclip.hub import save_pretrained
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    models = random_models(sc, seed)
+    folders = {"clip": root / "clip"}
+    save_pretrained(models.clip, folders["clip"])
+    models.tokenizer.save(folders["clip"] / "tokenizer")
+    for name, (model, diffusion) in models.stages.items():
+        folders[name] = root / name
+        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        save_pretrained(model, folders[name], ema=ema)
+        diffusion.save(folders[name] / DIFFUSION_FILE)
+    return folders
+
+
+def write_random_pipeline(
+    sc: StageConfigs,
+    out: str | Path,
+    seed: int = 0,
+    *,
+    prior: bool = True,
+    inpaint_decoder: bool = True,
+) -> Path:
+    """A pipeline folder at ``out`` assembled from :func:`write_random_stages` (written to
+    ``OUT-stages`` beside it), with or without its ``prior`` and ``inpaint_decoder``, and
+    ``sc.sampling`` as its default sampling. Returns ``out``."""
+    from unclip.pipeline import assemble_pipeline
+
+    out = Path(out)
+    folders = write_random_stages(sc, out.parent / f"{out.name}-stages", seed)
+    return assemble_pipeline(
+        out,
+        clip=folders["clip"],
+        prior=folders.get("prior") if prior else None,
+        decoder=folders["decoder"],
+        inpaint_decoder=folders.get("inpaint_decoder") if inpaint_decoder else None,
+        upsamplers=[path for name, path in folders.items() if name.startswith("upsampler")],
+        sampling=sc.sampling,
+        name=sc.name,
+    )

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unclip.commands import add_dtype_argument
+from unclip.commands import add_command, add_dtype_argument
 from unclip.server.limits import (
     ANY_IP_HOST,
     DEFAULT_GALLERY_MAX_DAYS,
@@ -23,6 +23,7 @@ from unclip.server.limits import (
     DEFAULT_LIMITS,
     DEFAULT_QUEUE_SIZE,
     LOOPBACK_HOSTS,
+    Limits,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +40,14 @@ SERVER_MODULES = (
     ("python-multipart", ("python_multipart", "multipart")),
 )
 SERVER_EXTRA = "pip install 'unclip[server]'"
+#: the ``limits`` flags: flag -> (the :class:`Limits` field it sets, its type, what it limits);
+#: a field in bytes is given in MiB
+LIMIT_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--timeout": ("request_timeout", float, "request timeout in seconds"),
+    "--max-n": ("max_n", int, "most images per request"),
+    "--max-steps": ("max_steps", int, "most sampling steps per stage"),
+    "--max-upload-mb": ("max_upload_bytes", float, "largest uploaded image, MiB"),
+}
 
 
 def default_data_dir() -> Path:
@@ -66,9 +75,10 @@ def missing_server_modules() -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "serve",
-        help="serve the OpenAI-compatible Images API and a web page (http://127.0.0.1:8000)",
+        run_serve,
         description=(
             "Serve a pipeline over HTTP: POST /v1/images/generations, /edits and /variations "
             "in the shapes of the OpenAI Images API (the official openai client works with "
@@ -159,30 +169,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "which the web page asks for, are stored)",
     )
     limits = p.add_argument_group("limits")
-    limits.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_LIMITS.request_timeout,
-        help=f"request timeout in seconds (default {DEFAULT_LIMITS.request_timeout:g})",
-    )
-    limits.add_argument(
-        "--max-n",
-        type=int,
-        default=DEFAULT_LIMITS.max_n,
-        help=f"most images per request (default {DEFAULT_LIMITS.max_n})",
-    )
-    limits.add_argument(
-        "--max-steps",
-        type=int,
-        default=DEFAULT_LIMITS.max_steps,
-        help=f"most sampling steps per stage (default {DEFAULT_LIMITS.max_steps})",
-    )
-    limits.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_LIMITS.max_upload_bytes / 2**20,
-        help=f"largest uploaded image, MiB (default {DEFAULT_LIMITS.max_upload_bytes / 2**20:g})",
-    )
+    for flag, (field, kind, text) in LIMIT_FLAGS.items():
+        default = kind(getattr(DEFAULT_LIMITS, field) / _unit(field))
+        limits.add_argument(flag, type=kind, default=default, help=f"{text} (default {default:g})")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     add_dtype_argument(p)
     p.add_argument("--compile", action="store_true",
@@ -190,7 +179,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "size wait for compiling; later ones run faster)")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.set_defaults(func=run_serve)
 
 
 def _checked_key(key: str, source: str) -> str:
@@ -258,15 +246,29 @@ def allowed_hosts(host: str, names: list[str]) -> tuple[str, ...]:
     return (*LOOPBACK_HOSTS, ANY_IP_HOST, *cleaned)
 
 
+def _unit(field: str) -> int:
+    return 2**20 if field.endswith("_bytes") else 1
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The request limits the ``limits`` flags set, each checked to be above 0."""
+    values = {}
+    for flag, (field, kind, _) in LIMIT_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not value > 0:
+            raise ValueError(f"{flag} must be {'at least 1' if kind is int else 'positive'}")
+        values[field] = type(getattr(DEFAULT_LIMITS, field))(value * _unit(field))
+    return Limits(**values)
+
+
 def build_app(args: argparse.Namespace) -> FastAPI:
     """The app for parsed ``serve`` arguments (checked first; loads the pipeline)."""
-    for name in ("workers", "queue_size", "max_n", "max_steps"):
+    for name in ("workers", "queue_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = _limits(args)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    if not args.timeout > 0 or not args.max_upload_mb > 0:
-        raise ValueError("--timeout and --max-upload-mb must be positive")
     if not args.gallery_max_mb > 0 or not args.gallery_max_days >= 0:
         raise ValueError("--gallery-max-mb must be positive and --gallery-max-days at least 0")
     if args.threads is not None and args.threads < 1:
@@ -275,19 +277,13 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     import torch
 
-    from unclip.server.app import Limits, create_app, normalize_origin
+    from unclip.server.app import create_app, normalize_origin
     from unclip.server.gallery import DAY, Gallery
 
     origins = tuple(normalize_origin(o) for o in args.allow_origin)
     hosts = allowed_hosts(args.host, args.allow_host)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    limits = Limits(
-        max_n=args.max_n,
-        max_steps=args.max_steps,
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        request_timeout=args.timeout,
-    )
     gallery = None
     if not args.no_gallery:
         data = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -314,6 +310,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """serve the OpenAI-compatible Images API and a web page (http://127.0.0.1:8000)"""
     missing = missing_server_modules()
     if missing:
         print(

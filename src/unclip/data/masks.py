@@ -20,7 +20,6 @@ __all__ = [
     "STROKES",
     "STROKE_SHARE",
     "random_box_mask",
-    "random_inpaint_mask",
     "random_stroke_mask",
     "training_inpaint_mask",
 ]
@@ -107,19 +106,6 @@ def random_stroke_mask(
         d2 = d2y[:, :, :, None] + d2x[:, :, None, :]  # [N, C, S, S]
         painted |= (d2 <= r2[:, c : c + step, None, None]).any(dim=1)
     return (~painted).float()[:, None]
-
-
-def random_inpaint_mask(
-    n: int,
-    size: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """A box or strokes per image (strokes with probability ``STROKE_SHARE``) -> [N, 1, S, S]."""
-    boxes = random_box_mask(n, size, generator, device)
-    strokes = random_stroke_mask(n, size, generator, device=device)
-    pick = _rand((n,), generator, boxes.device) < STROKE_SHARE
-    return torch.where(pick.view(n, 1, 1, 1), strokes, boxes)
 
 
 def training_inpaint_mask(

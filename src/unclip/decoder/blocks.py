@@ -141,9 +141,13 @@ class AttentionBlock(nn.Module):
     ) -> torch.Tensor:
         n, c, h, w = x.shape
         seq = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
-        if context is None:
-            context_mask = None
-        out = self.attn(seq, context=context, context_mask=context_mask)  # [N, HW, C]
+        past = mask = None
+        if context is not None:
+            past = self.attn.context_keys_values(context)  # 2 × [N, Lc, C], before the HW keys
+            if context_mask is not None:  # [N, Lc + HW]: the image's own keys are all real
+                own = context_mask.new_ones(n, h * w, dtype=torch.bool)
+                mask = torch.cat([context_mask.bool(), own], dim=1)
+        out = self.attn(seq, mask=mask, past=past)  # [N, HW, C]
         return x + out.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
 
 

@@ -184,6 +184,19 @@ class UNetConfig(Config):
         return channels // self.num_head_channels if self.num_head_channels else self.num_heads
 
 
+def embedding_or_null(
+    value: torch.Tensor | None, null: torch.Tensor, drop: torch.Tensor | None, n: int, name: str
+) -> torch.Tensor:
+    """An embedding condition [n, D]: ``value`` with the rows where ``drop`` [n] is True
+    replaced by the ``null`` embedding [D]; None: ``null`` for every row. ``name`` names the
+    argument in the shape error."""
+    if value is None:
+        return null.expand(n, -1)
+    if value.shape != (n, null.shape[-1]):
+        raise ValueError(f"{name} must be [N, {null.shape[-1]}], got {tuple(value.shape)}")
+    return apply_null(value, null, drop)
+
+
 class UNet(nn.Module):
     """The DALL·E 2 decoder network (also the base of the inpainting decoder and upsamplers).
 
@@ -397,14 +410,7 @@ class UNet(nn.Module):
             drop = condition_drop_mask(
                 n, cfg.image_emb_drop_prob, drop_image_emb, training=self.training, device=device
             )
-            if image_emb is None:
-                z = self.null_image_emb.expand(n, -1)
-            else:
-                if image_emb.shape != (n, cfg.clip_dim):
-                    raise ValueError(
-                        f"image_emb must be [N, {cfg.clip_dim}], got {tuple(image_emb.shape)}"
-                    )
-                z = apply_null(image_emb, self.null_image_emb, drop)  # [N, D]
+            z = embedding_or_null(image_emb, self.null_image_emb, drop, n, "image_emb")  # [N, D]
             with torch.autocast(device.type, enabled=False):
                 added.append(self.clip_emb_proj(z.to(emb.dtype)))  # [N, E]
             if self.clip_tokens_proj is not None:
@@ -425,14 +431,7 @@ class UNet(nn.Module):
                 n, cfg.text_drop_prob, drop_text, training=self.training, device=device
             )
         if cfg.text_emb_dim:
-            if text_emb is None:
-                zt = self.null_text_emb.expand(n, -1)
-            else:
-                if text_emb.shape != (n, cfg.text_emb_dim):
-                    raise ValueError(
-                        f"text_emb must be [N, {cfg.text_emb_dim}], got {tuple(text_emb.shape)}"
-                    )
-                zt = apply_null(text_emb, self.null_text_emb, drop)  # [N, D_t]
+            zt = embedding_or_null(text_emb, self.null_text_emb, drop, n, "text_emb")  # [N, D_t]
             with torch.autocast(device.type, enabled=False):
                 added.append(self.text_emb_proj(zt.to(emb.dtype)))  # [N, E]
         if cfg.text_dim:

@@ -35,6 +35,11 @@ ModelFn = Callable[..., Tensor]
 Prediction = Literal["eps", "x0", "v"]
 #: one generator, or one per sample of a batch (see :func:`randn`); None: torch's global RNG
 Generators = torch.Generator | Sequence[torch.Generator] | None
+#: the :class:`~unclip.config.DiffusionConfig` fields that are constructor arguments
+_CONFIG_KEYS = (
+    "prediction", "learn_sigma", "loss", "vlb_weight", "clip_denoised", "dynamic_threshold",
+    "clip_range",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,15 +167,7 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, cfg: DiffusionConfig, **overrides: Any) -> GaussianDiffusion:
         """Build from a :class:`unclip.config.DiffusionConfig` (``overrides`` win over it)."""
-        kwargs: dict[str, Any] = dict(
-            prediction=cfg.prediction,
-            learn_sigma=cfg.learn_sigma,
-            loss=cfg.loss,
-            vlb_weight=cfg.vlb_weight,
-            clip_denoised=cfg.clip_denoised,
-            dynamic_threshold=cfg.dynamic_threshold,
-            clip_range=cfg.clip_range,
-        )
+        kwargs: dict[str, Any] = {key: getattr(cfg, key) for key in _CONFIG_KEYS}
         kwargs.update(overrides)
         return cls(make_betas(cfg.schedule, cfg.timesteps), **kwargs)
 
@@ -226,6 +223,19 @@ class GaussianDiffusion:
 
     # -- forward process q ---------------------------------------------------------------------
 
+    def _at(self, t: Tensor, like: Tensor, *names: str) -> list[Tensor]:
+        """The schedule buffers ``names`` taken at t: [N], each broadcastable to ``like``
+        ([N, 1…]): the coefficients every closed form below multiplies its tensors by."""
+        return [extract(getattr(self.schedule, name), t, like) for name in names]
+
+    def _signal_noise(self, t: Tensor, like: Tensor) -> list[Tensor]:
+        """(√ᾱ_t, √(1-ᾱ_t)) at t: [N], broadcastable to ``like``."""
+        return self._at(t, like, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+
+    def _recip(self, t: Tensor, like: Tensor) -> list[Tensor]:
+        """(1/√ᾱ_t, √(1/ᾱ_t - 1)) at t: [N], broadcastable to ``like``."""
+        return self._at(t, like, "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x₀, (1-ᾱ_t) I), Ho Eq. 4.
 
@@ -246,11 +256,8 @@ class GaussianDiffusion:
         """Draw x_t ~ q(x_t | x_0) = √ᾱ_t x₀ + √(1-ᾱ_t) ε (Ho Eq. 4). x0: [N, ...]; t: [N]."""
         if noise is None:
             noise = randn_like(x0, generator)
-        s = self.schedule
-        return (
-            extract(s.sqrt_alphas_cumprod, t, x0) * x0
-            + extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )
+        signal, sigma = self._signal_noise(t, x0)
+        return signal * x0 + sigma * noise
 
     def q_posterior_mean_variance(
         self, x0: Tensor, x_t: Tensor, t: Tensor
@@ -259,55 +266,38 @@ class GaussianDiffusion:
 
         x0, x_t: [N, ...]; t: [N]. Returns [N, ...], [N, 1…], [N, 1…].
         """
-        s = self.schedule
-        mean = (
-            extract(s.posterior_mean_coef1, t, x_t) * x0
-            + extract(s.posterior_mean_coef2, t, x_t) * x_t
-        )
-        var = extract(s.posterior_variance, t, x_t)
-        log_var = extract(s.posterior_log_variance_clipped, t, x_t)
-        return mean, var, log_var
+        coef1, coef2, var, log_var = self._at(
+            t, x_t, "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+            "posterior_log_variance_clipped",
+        )  # fmt: skip
+        return coef1 * x0 + coef2 * x_t, var, log_var
 
     # -- conversions between parameterisations -------------------------------------------------
 
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x₀ = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t (Ho et al. Eq. 15)."""
-        s = self.schedule
-        return (
-            extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - extract(s.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-        )
+        recip, recipm1 = self._recip(t, x_t)
+        return recip * x_t - recipm1 * eps
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε = (x_t - √ᾱ_t x₀) / √(1-ᾱ_t)."""
-        s = self.schedule
-        return (extract(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(
-            s.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
+        recip, recipm1 = self._recip(t, x_t)
+        return (recip * x_t - x0) / recipm1
 
     def predict_v(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """v = √ᾱ_t ε - √(1-ᾱ_t) x₀ (Salimans & Ho 2022, §4)."""
-        s = self.schedule
-        return (
-            extract(s.sqrt_alphas_cumprod, t, x0) * eps
-            - extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        )
+        signal, sigma = self._signal_noise(t, x0)
+        return signal * eps - sigma * x0
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x₀ = √ᾱ_t x_t - √(1-ᾱ_t) v."""
-        s = self.schedule
-        return (
-            extract(s.sqrt_alphas_cumprod, t, x_t) * x_t
-            - extract(s.sqrt_one_minus_alphas_cumprod, t, x_t) * v
-        )
+        signal, sigma = self._signal_noise(t, x_t)
+        return signal * x_t - sigma * v
 
     def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """ε = √ᾱ_t v + √(1-ᾱ_t) x_t."""
-        s = self.schedule
-        return (
-            extract(s.sqrt_alphas_cumprod, t, x_t) * v
-            + extract(s.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-        )
+        signal, sigma = self._signal_noise(t, x_t)
+        return signal * v + sigma * x_t
 
     # -- reverse process p ---------------------------------------------------------------------
 

@@ -6,6 +6,10 @@ model once on a doubled batch — [x, x], [t, t] and the conditional then uncond
 concatenated along dim 0 — and returns ``uncond + scale · (cond - uncond)`` (GLIDE Eq. 4;
 the combination is linear, so it works for ε, x₀ and v predictions alike). Each stage (prior,
 decoder, upsampler) wraps its own model with its own scale.
+
+The wrapped model may be the network itself: its output is taken in x's dtype (a network
+under autocast answers in bfloat16; the combination and the sampler stay in x's precision),
+so a sampler's loop calls ``guided``, which calls the network, and nothing lies in between.
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def classifier_free_guidance(
 
     Returns: ``guided(x, t, **model_kwargs)`` with x [N, ...], t [N]; extra ``model_kwargs``
     given by the caller are shared by both passes (tensors [N, ...] are duplicated).
-    The model is always called on the doubled batch, also for w = 0 or 1.
+    The model is always called on the doubled batch, also for w = 0 or 1; its output is cast
+    to x's dtype before the combination.
     """
     merged = _merge_kwargs(cond_kwargs, uncond_kwargs)
 
@@ -83,6 +88,7 @@ def classifier_free_guidance(
         if overlap:
             raise ValueError(f"kwargs {sorted(overlap)} given both to the guide and the call")
         out = model_fn(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), **merged, **extra)
+        out = out.to(x.dtype)
         cond, uncond = out[:n], out[n:]  # [N, ...] each
         w = scale
         if isinstance(w, Tensor):

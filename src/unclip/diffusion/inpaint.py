@@ -17,14 +17,51 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianDiffusion, Generators, ModelFn, randn_like
-from .samplers import ProgressFn, SampleStep, _emit, _full, respaced_start
-from .schedules import Spacing
+from .gaussian import GaussianDiffusion, ModelFn, randn_like
+from .samplers import Run, SamplerOptions, SampleStep
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+def repaint_sample(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape_or_noise: Sequence[int] | Tensor,
+    steps: int | None = None,
+    *,
+    x_known: Tensor,
+    keep_mask: Tensor,
+    jump_length: int = 10,
+    resample: int = 10,
+    **options: Unpack[SamplerOptions],
+) -> Iterator[SampleStep]:
+    """RePaint inpainting with the common sampler signature (see :mod:`.samplers`).
+
+    x_known: [N, ...] the image whose ``keep_mask == 1`` region is kept (in the model's data
+    range); keep_mask: broadcastable to x_known, 1 = keep, 0 = generate.
+    ``shape_or_noise`` is the starting noise or its shape (normally ``x_known.shape``).
+
+    Down moves are ancestral DDPM steps of the (respaced) diffusion with the known region
+    replaced; up moves draw x_{t+1} ~ N(√(1-β_{t+1}) x_t, β_{t+1} I) with the respaced β. One
+    :class:`SampleStep` is yielded per move (``total`` = number of moves); for up moves
+    ``timestep`` is the level reached and ``pred_x0`` the last prediction. The last move
+    returns the known region exactly.
+    """
+    r = Run.start(diffusion, model_fn, shape_or_noise, steps, **options)
+    levels = repaint_levels(r.d.num_timesteps, jump_length, resample)
+    x = r.x
+    if x_known.shape != x.shape:
+        raise ValueError(f"x_known {tuple(x_known.shape)} must match the sample {tuple(x.shape)}")
+    x_known = x_known.to(device=x.device, dtype=x.dtype)
+    keep_mask = keep_mask.to(device=x.device, dtype=x.dtype)
+    torch.broadcast_shapes(keep_mask.shape, x.shape)  # fail early on a wrong mask
+    return _repaint(r, levels, x_known, keep_mask)
 
 
 def repaint_levels(steps: int, jump_length: int = 10, resample: int = 10) -> list[int]:
@@ -52,77 +89,28 @@ def repaint_levels(steps: int, jump_length: int = 10, resample: int = 10) -> lis
     return levels
 
 
-def repaint_sample(
-    diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    shape_or_noise: Sequence[int] | Tensor,
-    steps: int | None = None,
-    *,
-    x_known: Tensor,
-    keep_mask: Tensor,
-    jump_length: int = 10,
-    resample: int = 10,
-    timesteps: Sequence[int] | None = None,
-    spacing: Spacing = "trailing",
-    generator: Generators = None,
-    model_kwargs: dict[str, Any] | None = None,
-    clip_denoised: bool | None = None,
-    dynamic_threshold: float | None = None,
-    progress: ProgressFn | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Iterator[SampleStep]:
-    """RePaint inpainting with the common sampler signature (see :mod:`.samplers`).
-
-    x_known: [N, ...] the image whose ``keep_mask == 1`` region is kept (in the model's data
-    range); keep_mask: broadcastable to x_known, 1 = keep, 0 = generate.
-    ``shape_or_noise`` is the starting noise or its shape (normally ``x_known.shape``).
-
-    Down moves are ancestral DDPM steps of the (respaced) diffusion with the known region
-    replaced; up moves draw x_{t+1} ~ N(√(1-β_{t+1}) x_t, β_{t+1} I) with the respaced β. One
-    :class:`SampleStep` is yielded per move (``total`` = number of moves); for up moves
-    ``timestep`` is the level reached and ``pred_x0`` the last prediction. The last move
-    returns the known region exactly.
-    """
-    d, x = respaced_start(
-        diffusion, shape_or_noise, steps, timesteps, spacing, generator, device, dtype
-    )
-    levels = repaint_levels(d.num_timesteps, jump_length, resample)
-    if x_known.shape != x.shape:
-        raise ValueError(f"x_known {tuple(x_known.shape)} must match the sample {tuple(x.shape)}")
-    x_known = x_known.to(device=x.device, dtype=x.dtype)
-    keep_mask = keep_mask.to(device=x.device, dtype=x.dtype)
-    torch.broadcast_shapes(keep_mask.shape, x.shape)  # fail early on a wrong mask
-    return _repaint_loop(
-        d, model_fn, x, levels, x_known, keep_mask, generator, model_kwargs,
-        clip_denoised, dynamic_threshold, progress,
-    )  # fmt: skip
-
-
-def _repaint_loop(
-    d, model_fn, x, levels, x_known, keep, generator, model_kwargs, clip, threshold, progress
-):
-    s = d.schedule
+def _repaint(r: Run, levels: list[int], x_known: Tensor, keep: Tensor) -> Iterator[SampleStep]:
+    d, s, x = r.d, r.d.schedule, r.x
     total = len(levels) - 1
     pred_x0 = torch.zeros_like(x)
     for n, (cur, nxt) in enumerate(itertools.pairwise(levels)):
         with torch.no_grad():
             if nxt < cur:  # down: model step from index cur-1 to level cur-1
                 i = cur - 1
-                out = d.p_mean_variance(model_fn, x, _full(i, x), model_kwargs, clip, threshold)
+                t = r.index(i)
+                out = r.mean_variance(r.model_fn(x, d.model_timesteps(t), **r.model_kwargs), x, t)
                 pred_x0 = out["pred_x0"]
                 unknown = out["mean"]
                 if i > 0:
-                    unknown = unknown + torch.exp(0.5 * out["log_variance"]) * randn_like(
-                        x, generator
-                    )
-                    known = d.q_sample(x_known, _full(i - 1, x), randn_like(x, generator))
+                    noise = randn_like(x, r.generator)
+                    unknown = unknown + torch.exp(0.5 * out["log_variance"]) * noise
+                    known = d.q_sample(x_known, r.index(i - 1), randn_like(x, r.generator))
                 else:
                     known = x_known
                 x = keep * known + (1.0 - keep) * unknown
                 timestep = int(s.timestep_map[i])
             else:  # up: forward transition from level cur to cur+1 (respaced index cur)
                 beta = float(s.betas[cur])
-                x = math.sqrt(1.0 - beta) * x + math.sqrt(beta) * randn_like(x, generator)
+                x = math.sqrt(1.0 - beta) * x + math.sqrt(beta) * randn_like(x, r.generator)
                 timestep = int(s.timestep_map[cur])
-        yield _emit(SampleStep(n, total, timestep, x, pred_x0), progress)
+        yield r.emit(SampleStep(n, total, timestep, x, pred_x0))

@@ -21,14 +21,17 @@ samplers. Only torch; the model is a function.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianDiffusion, Generators, ModelFn, randn
+from .gaussian import GaussianDiffusion, ModelFn, randn
 from .gaussian import dynamic_threshold as threshold_x0
-from .samplers import ProgressFn, SampleStep, initial_noise, sampling_timesteps
+from .samplers import Run, SamplerOptions, SampleStep
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def karlo_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -49,16 +52,7 @@ def karlo_sample(
     model_fn: ModelFn,
     shape_or_noise: Sequence[int] | Tensor,
     steps: int | None = None,
-    *,
-    timesteps: Sequence[int] | None = None,
-    spacing: Any = None,
-    generator: Generators = None,
-    model_kwargs: dict[str, Any] | None = None,
-    clip_denoised: bool | None = None,
-    dynamic_threshold: float | None = None,
-    progress: ProgressFn | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    **options: Unpack[SamplerOptions],
 ) -> Iterator[SampleStep]:
     """Karlo's ancestral sampling (``UnCLIPScheduler.step``; see the module docstring).
 
@@ -69,7 +63,6 @@ def karlo_sample(
     ``diffusion.learn_sigma`` (Karlo's decoder), else the fixed small one (its prior and
     super-resolution stages); ``diffusion.prediction`` ``eps`` or ``x0`` (its prior).
     """
-    del spacing  # Karlo's own spacing; kept for the common signature
     if diffusion.is_respaced:
         raise ValueError("the karlo sampler takes the diffusion over all its timesteps")
     if diffusion.prediction not in ("eps", "x0"):
@@ -78,43 +71,32 @@ def karlo_sample(
         )
     if not diffusion.learn_sigma and diffusion.fixed_variance != "small":
         raise ValueError("the karlo sampler has the fixed small variance only")
-    total_t = diffusion.num_timesteps
-    if timesteps is not None:
-        ts = sampling_timesteps(diffusion, steps, timesteps)
-    elif steps is not None:
-        ts = karlo_timesteps(total_t, steps)
-    else:
-        ts = list(range(total_t - 1, -1, -1))
-    x = initial_noise(shape_or_noise, generator, device, dtype)
-    clip = diffusion.clip_denoised if clip_denoised is None else clip_denoised
-    threshold = diffusion.dynamic_threshold if dynamic_threshold is None else dynamic_threshold
-    return _karlo_loop(
-        diffusion, model_fn, x, ts, generator, model_kwargs, clip, threshold, progress
-    )
+    if options.get("timesteps") is None and steps is not None:
+        options["timesteps"] = karlo_timesteps(diffusion.num_timesteps, steps)
+    options.pop("spacing", None)  # Karlo's own spacing
+    run = Run.start(diffusion, model_fn, shape_or_noise, None, **options)
+    return _karlo_loop(diffusion, run)
 
 
-def _karlo_loop(
-    diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    x: Tensor,
-    ts: list[int],
-    generator: Generators,
-    model_kwargs: dict[str, Any] | None,
-    clip: bool,
-    threshold: float,
-    progress: ProgressFn | None,
-) -> Iterator[SampleStep]:
+def _karlo_loop(diffusion: GaussianDiffusion, r: Run) -> Iterator[SampleStep]:
+    """The steps of a run :meth:`~Run.start` set up; ``diffusion`` the full (unrespaced) one,
+    whose β and ᾱ Karlo's step reads."""
     # float32 as diffusers keeps them: β rounded from float64, ᾱ its float32 cumulative product
     betas = diffusion.schedule.betas.to(torch.float32)
     alphas = 1.0 - betas
     abar = torch.cumprod(alphas, dim=0)
     one = torch.tensor(1.0)
-    r = diffusion.clip_range
+    clip = diffusion.clip_denoised if r.clip_denoised is None else r.clip_denoised
+    threshold = diffusion.dynamic_threshold
+    threshold = threshold if r.dynamic_threshold is None else r.dynamic_threshold
+    bound = diffusion.clip_range  # Karlo's prior clips x₀ at 5
+    ts = [int(t) for t in r.d.schedule.timestep_map.tolist()][::-1]  # descending
+    x = r.x
     for n, t in enumerate(ts):
         prev = ts[n + 1] if n + 1 < len(ts) else -1
         with torch.no_grad():
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            output = model_fn(x, t_batch, **(model_kwargs or {}))
+            output = r.model_fn(x, t_batch, **r.model_kwargs)
             var_values = None
             if diffusion.learn_sigma:
                 output, var_values = torch.split(output, x.shape[1], dim=1)
@@ -133,12 +115,12 @@ def _karlo_loop(
             if threshold > 0:
                 x0 = threshold_x0(x0, threshold)
             elif clip:
-                x0 = x0.clamp(-r, r)
+                x0 = x0.clamp(-bound, bound)
             x0_coef = (abar_prev**0.5 * beta) / beta_prod_t  # Ho et al. Eq. 7
             xt_coef = alpha**0.5 * beta_prod_prev / beta_prod_t
             mean = x0_coef.to(x.device) * x0 + xt_coef.to(x.device) * x
             if t > 0:
-                noise = randn(output.shape, generator, output.device, output.dtype)
+                noise = randn(output.shape, r.generator, output.device, output.dtype)
                 variance = beta_prod_prev / beta_prod_t * beta  # β̃ between the two timesteps
                 if var_values is None:  # Karlo's "fixed_small_log"
                     std = torch.exp(0.5 * torch.log(torch.clamp(variance, min=1e-20)))
@@ -150,10 +132,4 @@ def _karlo_loop(
                     x = mean + (0.5 * log_var).exp() * noise
             else:
                 x = mean
-        yield _emit(SampleStep(n, len(ts), t, x, x0), progress)
-
-
-def _emit(step: SampleStep, progress: ProgressFn | None) -> SampleStep:
-    if progress is not None:
-        progress(step)
-    return step
+        yield r.emit(SampleStep(n, len(ts), t, x, x0))

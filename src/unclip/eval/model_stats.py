@@ -37,9 +37,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from unclip.clip.model import CLIP, CLIPConfig
-from unclip.config import Config, ConfigError
+from unclip.config import PIPELINE_FILE, Config, ConfigError
 from unclip.decoder.unet import UNet, UNetConfig
 from unclip.decoder.upsampler import Upsampler, UpsamplerConfig
+from unclip.hub import CONFIG_NAME
 from unclip.prior.ar import ARPrior, ARPriorConfig
 from unclip.prior.model import DiffusionPriorTransformer, PriorConfig
 
@@ -256,7 +257,7 @@ def _model_folder_config(path: Path) -> Config:
 
 def _clip_context(folder: Path) -> int | None:
     """The context length of the CLIP model folder ``folder``, if it is one."""
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_NAME).is_file():
         return None
     config = _model_folder_config(folder)
     return config.context_length if isinstance(config, CLIPConfig) else None
@@ -369,9 +370,9 @@ def load_models(
     config; ``text_len`` overrides the caption length assumed for decoders."""
     path = Path(path)
     if path.is_dir():
-        if (path / "pipeline.json").is_file():
+        if (path / PIPELINE_FILE).is_file():
             sources = _pipeline_sources(path)
-        elif (path / "config.json").is_file():
+        elif (path / CONFIG_NAME).is_file():
             sources = [ModelSource(str(path), _model_folder_config(path))]
         else:
             raise FileNotFoundError(
@@ -379,7 +380,7 @@ def load_models(
                 "(config.json)"
             )
     elif path.is_file():
-        if path.name == "pipeline.json":
+        if path.name == PIPELINE_FILE:
             sources = _pipeline_sources(path.parent)
         else:
             doc = _read_json(path)

@@ -38,34 +38,6 @@ def linear_map_predict(w: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 TextEncoder = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _sample_embeddings(
-    prior: torch.nn.Module,
-    diffusion: Any,
-    text_encoder: TextEncoder,
-    captions: Sequence[str],
-    z_t: torch.Tensor,
-    settings: Any,
-    batch_size: int,
-    seed: int,
-) -> torch.Tensor:
-    """:func:`unclip.pipeline.runners.sample_prior` (the pipeline's best-of-N sampler) on
-    batches of captions, all drawn from one generator seeded with ``seed``. Returns [N, D]."""
-    from unclip.pipeline.loading import Stage
-    from unclip.pipeline.runners import sample_prior
-
-    prior.eval()
-    stage = Stage(prior, diffusion)
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for lo in range(0, len(captions), batch_size):
-        zt = z_t[lo : lo + batch_size]
-        feats = mask = None
-        if prior.config.text_dim:
-            _, feats, mask = text_encoder(list(captions[lo : lo + batch_size]))
-        out.append(sample_prior(stage, zt, feats, mask, settings, g, device=zt.device))
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def sample_prior_embeddings(
     prior: torch.nn.Module,
@@ -77,50 +49,51 @@ def sample_prior_embeddings(
     steps: int = 25,
     guidance: float = 1.0,
     candidates: int = 1,
-    batch_size: int = 128,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Sample z_i for each caption with DDIM (η = 0); keep the candidate with the highest
-    z_i·z_t.
-
-    text_encoder: captions -> (z_t, token features [N, L, W], mask [N, L]); z_t: [N, D] the
-    caption embeddings. Returns [N, D] unit-norm embeddings.
-    """
-    from unclip.pipeline.config import PriorSampling
-
-    settings = PriorSampling(
-        sampler="ddim", steps=steps, guidance=guidance, candidates=candidates, eta=0.0
-    )
-    return _sample_embeddings(
-        prior, diffusion, text_encoder, captions, z_t, settings, batch_size, seed
-    )
-
-
-@torch.no_grad()
-def sample_ar_prior_embeddings(
-    prior: torch.nn.Module,
-    text_encoder: TextEncoder,
-    captions: Sequence[str],
-    z_t: torch.Tensor,
-    *,
-    guidance: float = 1.0,
-    candidates: int = 1,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     batch_size: int = 128,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Sample z_i for each caption with an autoregressive prior (:class:`unclip.prior.ARPrior`,
-    conditioned on a high z_i·z_t bucket); keep the candidate with the highest z_i·z_t.
+    """z_i for each caption from the pipeline's prior sampler
+    (:func:`unclip.pipeline.runners.sample_prior`): ``candidates`` samples per caption, the one
+    with the highest z_i·z_t kept; batches of ``batch_size`` captions, all drawn from one
+    generator seeded with ``seed``.
 
-    Arguments as in :func:`sample_prior_embeddings`; ``guidance`` acts on the code logits.
+    A diffusion prior (``diffusion`` given) samples with DDIM (η = 0) in ``steps`` steps; an
+    autoregressive one (:class:`unclip.prior.ARPrior`, ``diffusion`` None, conditioned on a
+    high z_i·z_t bucket) samples codes with ``temperature``, ``top_k`` and ``top_p``.
+    ``guidance`` guides the model (the code logits of an autoregressive prior).
+    text_encoder: captions -> (z_t, token features [N, L, W], mask [N, L]), read only where
+    the prior takes the caption's tokens; z_t: [N, D] the caption embeddings.
     Returns [N, D] unit-norm embeddings.
     """
     from unclip.pipeline.config import PriorSampling
+    from unclip.pipeline.loading import Stage
+    from unclip.pipeline.runners import RunContext, TextCondition, sample_prior
 
-    settings = PriorSampling(
-        candidates=candidates, ar_guidance=guidance, temperature=temperature, top_k=top_k,
-        top_p=top_p,
-    )  # fmt: skip
-    return _sample_embeddings(prior, None, text_encoder, captions, z_t, settings, batch_size, seed)
+    ar = {"ar_guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    settings = PriorSampling(steps=steps, guidance=guidance, candidates=candidates, **ar)
+    prior.eval()
+    stage = Stage(prior, diffusion)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lo in range(0, len(captions), batch_size):
+        zt = z_t[lo : lo + batch_size]
+        feats = mask = None
+        if prior.config.text_dim:
+            _, feats, mask = text_encoder(list(captions[lo : lo + batch_size]))
+        text = TextCondition("", zt, feats, mask)
+        out.append(sample_prior(stage, text, settings, g, RunContext(zt.device)))
+    return torch.cat(out)
+
+
+def sample_ar_prior_embeddings(
+    prior: torch.nn.Module,
+    text_encoder: TextEncoder,
+    captions: Sequence[str],
+    z_t: torch.Tensor,
+    **options: Any,
+) -> torch.Tensor:
+    """:func:`sample_prior_embeddings` with an autoregressive prior (no diffusion)."""
+    return sample_prior_embeddings(prior, None, text_encoder, captions, z_t, **options)

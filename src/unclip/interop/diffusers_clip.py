@@ -26,6 +26,7 @@ from torch import Tensor
 from unclip.clip.convert import _hf_config, _read_weights, from_hf_state_dict
 from unclip.clip.model import CLIP, CLIPConfig
 from unclip.config import ConfigError
+from unclip.config import read_json as read_config_json
 from unclip.hub import HubError, check_weights
 from unclip.tokenizer import EOT_TOKEN, SOT_TOKEN, Tokenizer
 
@@ -39,10 +40,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; a missing or unreadable file is a one-line ConfigError."""
     if not path.is_file():
         raise ConfigError(f"{path}: missing")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    doc = read_config_json(path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: not a JSON object")
     return doc

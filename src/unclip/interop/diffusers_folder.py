@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from unclip.config import DIFFUSION_FILE, PIPELINE_FILE, ConfigError, DiffusionConfig
+from unclip.config import (
+    DIFFUSION_FILE,
+    PIPELINE_FILE,
+    ConfigError,
+    DiffusionConfig,
+)
 from unclip.interop.diffusers_clip import (
     HF_WEIGHTS,
     clip_from_diffusers,
@@ -261,18 +265,15 @@ def own_storage(model: nn.Module) -> nn.Module:
 
 
 def load_diffusers_pipeline(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
+    path: str | os.PathLike, dev: torch.device, dtype: torch.dtype
 ) -> UnclipPipeline:
     """An :class:`~unclip.pipeline.core.UnclipPipeline` from a diffusers unCLIP folder,
-    converted in memory (``device`` and ``dtype`` as for ``unclip.load_pipeline``)."""
+    converted in memory, on ``dev`` sampling in ``dtype`` (``unclip.load_pipeline`` resolves
+    both and calls this for such a folder)."""
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline.core import UnclipPipeline
-    from unclip.pipeline.loading import Stage, parse_device, resolve_dtype
+    from unclip.pipeline.loading import Stage
 
-    dev = parse_device(device)
-    dtype = resolve_dtype(dtype, dev)
     c = convert_diffusers_folder(path)
 
     def stage(model: nn.Module, cfg: DiffusionConfig, last: nn.Module | None = None) -> Stage:
@@ -299,64 +300,29 @@ def load_diffusers_pipeline(
 # Writing
 
 
-def _fresh(out: Path, overwrite: bool) -> Path:
-    """A temporary folder beside ``out`` to build into (renamed over ``out`` by :func:`_commit`)."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def write_unclip_folder(
-    converted: Converted,
-    out: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-) -> Path:
-    """Write a converted folder as a plain unclip pipeline folder (``pipeline.json`` + stage
-    folders; the upsampler's ``last_step/`` holds ``super_res_last``), weights in ``dtype``
-    (float16 halves the size; loading casts back to float32)."""
+def write_unclip_folder(converted: Converted, folder: Path, dtype: torch.dtype) -> None:
+    """Write a converted folder into the empty ``folder`` as a plain unclip pipeline
+    folder (``pipeline.json`` + stage folders; the upsampler's ``last_step/`` holds
+    ``super_res_last``), weights in ``dtype`` (float16 halves the size; loading casts back
+    to float32). ``folder``: typically from :func:`unclip.config.building_folder`."""
     from unclip.hub import save_pretrained
 
-    out = Path(out)
-    tmp = _fresh(out, overwrite)
-    try:
-        converted.tokenizer.save(tmp / "tokenizer")
-        save_pretrained(converted.clip, tmp / "clip", dtype=dtype)
-        stages: list[tuple[str, nn.Module, DiffusionConfig, nn.Module | None]] = []
-        if converted.prior is not None:
-            stages.append(("prior", *converted.prior, None))
-        stages.append(("decoder", *converted.decoder, None))
-        first, last, up_cfg = converted.upsampler
-        stages.append(("upsampler", first, up_cfg, last))
-        for name, model, cfg, last_model in stages:
-            save_pretrained(model, tmp / name, dtype=dtype)
-            cfg.save(tmp / name / DIFFUSION_FILE)
-            if last_model is not None:
-                from unclip.pipeline.loading import LAST_STEP_FOLDER
+    converted.tokenizer.save(folder / "tokenizer")
+    save_pretrained(converted.clip, folder / "clip", dtype=dtype)
+    stages: list[tuple[str, nn.Module, DiffusionConfig, nn.Module | None]] = []
+    if converted.prior is not None:
+        stages.append(("prior", *converted.prior, None))
+    stages.append(("decoder", *converted.decoder, None))
+    first, last, up_cfg = converted.upsampler
+    stages.append(("upsampler", first, up_cfg, last))
+    for name, model, cfg, last_model in stages:
+        save_pretrained(model, folder / name, dtype=dtype)
+        cfg.save(folder / name / DIFFUSION_FILE)
+        if last_model is not None:
+            from unclip.pipeline.loading import LAST_STEP_FOLDER
 
-                save_pretrained(last_model, tmp / name / LAST_STEP_FOLDER, dtype=dtype)
-        _pipeline_config(converted).save(tmp / PIPELINE_FILE)
-        _commit(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            save_pretrained(last_model, folder / name / LAST_STEP_FOLDER, dtype=dtype)
+    _pipeline_config(converted).save(folder / PIPELINE_FILE)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
@@ -377,14 +343,9 @@ def _write_component(
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weights))
 
 
-def write_diffusers_folder(
-    pipe: UnclipPipeline,
-    out: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``pipe`` in diffusers' unCLIP layout: ``UnCLIPPipeline`` when it has a prior,
+def write_diffusers_folder(pipe: UnclipPipeline, folder: Path, dtype: torch.dtype) -> None:
+    """Write ``pipe`` into the empty ``folder`` (as :func:`write_unclip_folder`) in
+    diffusers' unCLIP layout: ``UnCLIPPipeline`` when it has a prior,
     else ``UnCLIPImageVariationPipeline`` (needs CLIP's image encoder). Only pipelines that
     diffusers runs the same way convert: raw embeddings, Karlo's stage architectures and
     null conditions, one upsampler sampled with the karlo sampler's scheduler; otherwise a
@@ -406,59 +367,51 @@ def write_diffusers_folder(
     if variation and pipe.clip.visual is None:
         raise ConfigError(f"{where}: no prior and no image encoder: nothing diffusers can run")
     empty = empty_caption(pipe.clip, pipe.tokenizer)
-    out = Path(out)
-    tmp = _fresh(out, overwrite)
     cast = {"dtype": dtype}
-    try:
-        index: dict[str, Any] = {
-            "_class_name": VARIATION if variation else TEXT_TO_IMAGE,
-            "_diffusers_version": "0.42.1",
-        }
-        text_cfg, text_state, vis_cfg, vis_state = clip_to_diffusers(pipe.clip, **cast)
-        _write_component(tmp / "text_encoder", text_cfg, text_state, HF_WEIGHTS[0], "")
-        tokenizer_to_diffusers(pipe.tokenizer, tmp / "tokenizer")
-        index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        if variation:
-            assert vis_cfg is not None and vis_state is not None
-            _write_component(tmp / "image_encoder", vis_cfg, vis_state, HF_WEIGHTS[0], "")
-            c = pipe.clip.config
-            _write_json(tmp / "feature_extractor" / "preprocessor_config.json", {
-                "image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                "size": {"shortest_edge": c.image_size}, "resample": 3, "do_center_crop": True,
-                "crop_size": {"height": c.image_size, "width": c.image_size},
-                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": list(c.image_mean), "image_std": list(c.image_std),
-                "do_convert_rgb": True,
-            })  # fmt: skip
-            index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
-            index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
-        else:
-            assert pipe.prior is not None and pipe.prior.diffusion is not None
-            doc, state = prior_to_diffusers(pipe.prior.model, empty, dtype)
-            _write_component(tmp / "prior", doc, state, DIFFUSERS_WEIGHTS[0], "PriorTransformer")
-            index["prior"] = ["diffusers", "PriorTransformer"]
-            _write_scheduler(tmp / "prior_scheduler", _stage_diffusion(pipe, "prior"), where)
-            index["prior_scheduler"] = ["diffusers", "UnCLIPScheduler"]
-        for name, (cfg, state) in decoder_to_diffusers(pipe.decoder.model).items():
-            state = {k: v.to(dtype) for k, v in state.items()}
-            cls = cfg.get("_class_name", "")
-            _write_component(tmp / name, cfg, state, DIFFUSERS_WEIGHTS[0], cls)
-            index[name] = ["diffusers", cls]
-        up = pipe.upsamplers[0]
-        for name, (cfg, state) in upsampler_to_diffusers(up.model, up.last_step).items():
-            state = {k: v.to(dtype) for k, v in state.items()}
-            _write_component(tmp / name, cfg, state, DIFFUSERS_WEIGHTS[0], "UNet2DModel")
-            index[name] = ["diffusers", "UNet2DModel"]
-        _write_scheduler(tmp / "decoder_scheduler", _stage_diffusion(pipe, "decoder"), where)
-        _write_scheduler(tmp / "super_res_scheduler", _stage_diffusion(pipe, "upsampler"), where)
-        index["decoder_scheduler"] = index["super_res_scheduler"] = ["diffusers", "UnCLIPScheduler"]
-        _write_json(tmp / MODEL_INDEX, index)
-        _commit(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    index: dict[str, Any] = {
+        "_class_name": VARIATION if variation else TEXT_TO_IMAGE,
+        "_diffusers_version": "0.42.1",
+    }
+    text_cfg, text_state, vis_cfg, vis_state = clip_to_diffusers(pipe.clip, **cast)
+    _write_component(folder / "text_encoder", text_cfg, text_state, HF_WEIGHTS[0], "")
+    tokenizer_to_diffusers(pipe.tokenizer, folder / "tokenizer")
+    index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    if variation:
+        assert vis_cfg is not None and vis_state is not None
+        _write_component(folder / "image_encoder", vis_cfg, vis_state, HF_WEIGHTS[0], "")
+        c = pipe.clip.config
+        _write_json(folder / "feature_extractor" / "preprocessor_config.json", {
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": c.image_size}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": c.image_size, "width": c.image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(c.image_mean), "image_std": list(c.image_std),
+            "do_convert_rgb": True,
+        })  # fmt: skip
+        index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    else:
+        assert pipe.prior is not None and pipe.prior.diffusion is not None
+        doc, state = prior_to_diffusers(pipe.prior.model, empty, dtype)
+        _write_component(folder / "prior", doc, state, DIFFUSERS_WEIGHTS[0], "PriorTransformer")
+        index["prior"] = ["diffusers", "PriorTransformer"]
+        _write_scheduler(folder / "prior_scheduler", _stage_diffusion(pipe, "prior"), where)
+        index["prior_scheduler"] = ["diffusers", "UnCLIPScheduler"]
+    for name, (cfg, state) in decoder_to_diffusers(pipe.decoder.model).items():
+        state = {k: v.to(dtype) for k, v in state.items()}
+        cls = cfg.get("_class_name", "")
+        _write_component(folder / name, cfg, state, DIFFUSERS_WEIGHTS[0], cls)
+        index[name] = ["diffusers", cls]
+    up = pipe.upsamplers[0]
+    for name, (cfg, state) in upsampler_to_diffusers(up.model, up.last_step).items():
+        state = {k: v.to(dtype) for k, v in state.items()}
+        _write_component(folder / name, cfg, state, DIFFUSERS_WEIGHTS[0], "UNet2DModel")
+        index[name] = ["diffusers", "UNet2DModel"]
+    _write_scheduler(folder / "decoder_scheduler", _stage_diffusion(pipe, "decoder"), where)
+    _write_scheduler(folder / "super_res_scheduler", _stage_diffusion(pipe, "upsampler"), where)
+    index["decoder_scheduler"] = index["super_res_scheduler"] = ["diffusers", "UnCLIPScheduler"]
+    _write_json(folder / MODEL_INDEX, index)
 
 
 def _stage_diffusion(pipe: UnclipPipeline, what: str) -> DiffusionConfig:

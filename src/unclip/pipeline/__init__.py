@@ -31,7 +31,7 @@ from unclip.pipeline.config import (
     UpsamplerSampling,
 )
 from unclip.pipeline.core import UnclipPipeline
-from unclip.pipeline.events import ProgressCallback, ProgressEvent, image_fields
+from unclip.pipeline.events import ImageInfo, ProgressCallback, ProgressEvent, image_info
 from unclip.pipeline.loading import (
     PipelineError,
     Stage,
@@ -47,6 +47,7 @@ __all__ = [
     "MAX_PROMPT_CHARS",
     "PIPELINE_FILE",
     "DecoderSampling",
+    "ImageInfo",
     "PipelineConfig",
     "PipelineError",
     "PriorSampling",
@@ -59,7 +60,7 @@ __all__ = [
     "UpsamplerSampling",
     "assemble_pipeline",
     "check_prompt",
-    "image_fields",
+    "image_info",
     "load_pipeline",
     "parse_device",
     "resolve_pipeline",

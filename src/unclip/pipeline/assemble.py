@@ -11,13 +11,12 @@ once as a pipeline to check that the stages fit together, and only then renamed 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from unclip.config import DIFFUSION_FILE, DiffusionConfig
+from unclip.config import DIFFUSION_FILE, DiffusionConfig, building_folder
 from unclip.pipeline.config import (
     PIPELINE_FILE,
     PipelineConfig,
@@ -81,8 +80,6 @@ def assemble_pipeline(
     from unclip.tokenizer import Tokenizer
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite)")
     clip_dir = stage_folder(clip, "clip")
     tok_dir = Path(tokenizer) if tokenizer else clip_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
@@ -101,12 +98,7 @@ def assemble_pipeline(
     for sub, path in zip(up_names, upsamplers, strict=True):
         sources.append((sub, stage_folder(path, "upsampler"), "upsampler"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with building_folder(out, overwrite) as tmp:
         Tokenizer.load(tok_dir).save(tmp / "tokenizer")
         save_pretrained(load_clip(clip_dir), tmp / "clip", dtype=dtype)
         for sub, src, what in sources:
@@ -125,14 +117,4 @@ def assemble_pipeline(
             load_pipeline(tmp, device="cpu")  # the stages must fit together
         except PipelineError as e:
             raise PipelineError(str(e).replace(str(tmp), str(out))) from None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

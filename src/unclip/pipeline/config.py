@@ -38,7 +38,23 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "karlo"]
 
 
 @dataclasses.dataclass
-class PriorSampling(Config):
+class StageSampling(Config):
+    """What every stage's default sampling sets: the ``sampler``, its ``steps`` and ``eta``
+    (DDIM's η: 0 = deterministic, 1 = DDPM-like noise)."""
+
+    sampler: SamplerName = "ddim"
+    steps: int = 25
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+
+
+@dataclasses.dataclass
+class PriorSampling(StageSampling):
     """Default sampling of the prior: ``candidates`` z_i are drawn per image and the one with
     the highest dot product with z_t is kept (DALL·E 2 §2.2); ``guidance`` is the
     classifier-free guidance scale (1 = none; Karlo/diffusers use 4).
@@ -48,18 +64,15 @@ class PriorSampling(Config):
     guidance (on the code logits) is ``ar_guidance``.
     """
 
-    sampler: SamplerName = "ddim"
-    steps: int = 25
     guidance: float = 4.0
     candidates: int = 2
-    eta: float = 0.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.95
     ar_guidance: float = 2.0
 
     def __post_init__(self) -> None:
-        _check_common(self.steps, self.eta)
+        super().__post_init__()
         _check_guidance(self.guidance)
         _check_guidance(self.ar_guidance)
         if self.candidates < 1:
@@ -73,21 +86,18 @@ class PriorSampling(Config):
 
 
 @dataclasses.dataclass
-class DecoderSampling(Config):
-    """Default sampling of the decoder (and the inpainting decoder); ``eta`` is DDIM's η."""
+class DecoderSampling(StageSampling):
+    """Default sampling of the decoder (and the inpainting decoder)."""
 
-    sampler: SamplerName = "ddim"
-    steps: int = 25
     guidance: float = 8.0
-    eta: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_common(self.steps, self.eta)
+        super().__post_init__()
         _check_guidance(self.guidance)
 
 
 @dataclasses.dataclass
-class UpsamplerSampling(Config):
+class UpsamplerSampling(StageSampling):
     """Default sampling of every upsampler (no guidance: they see no caption or embedding).
 
     ``strength`` < 1 starts from the bicubic enlargement of the input noised to timestep
@@ -96,13 +106,11 @@ class UpsamplerSampling(Config):
     resolution image already fixes what those steps would decide.
     """
 
-    sampler: SamplerName = "ddim"
-    steps: int = 7
-    eta: float = 0.0
+    steps: int = 7  # few: the low-resolution image already fixes most of the picture
     strength: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_common(self.steps, self.eta)
+        super().__post_init__()
         if not 0.0 < self.strength <= 1.0:
             raise ConfigError(f"strength must be in (0, 1], got {self.strength}")
 
@@ -167,13 +175,6 @@ class PipelineConfig(Config):
                 f"format_version {self.format_version} was written by a newer unclip (this one "
                 f"reads up to {PIPELINE_FORMAT_VERSION}); upgrade unclip"
             )
-
-
-def _check_common(steps: int, eta: float) -> None:
-    if steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {steps}")
-    if not 0.0 <= eta <= 1.0:
-        raise ConfigError(f"eta must be in [0, 1], got {eta}")
 
 
 def _check_guidance(guidance: float) -> None:

@@ -16,10 +16,11 @@ noise in any batch (see :mod:`unclip.pipeline.runners` for what batching may sti
 ``decoder_steps=10``; None = the pipeline's default from ``pipeline.json``): see
 :mod:`unclip.pipeline.settings`.
 
-**Outputs** are RGB PIL images at the pipeline's output resolution; ``image.info`` holds
-the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, ``guidance``,
-``sampler`` (JSON objects by stage) and, where it applies, ``clip_score``, ``frame``, ``theta``;
-:func:`unclip.pipeline.events.image_fields` gives them typed.
+**Outputs** are RGB PIL images at the pipeline's output resolution, each carrying an
+:class:`~unclip.pipeline.events.ImageInfo` (:func:`~unclip.pipeline.events.image_info`:
+``method``, ``seed``, ``model``, per-stage ``steps``, ``guidance`` and ``sampler``, and where
+it applies ``prompt``, ``clip_score``, ``frame``, ``theta``…); ``image.info`` holds the same
+as PNG text (strings; the stage settings as JSON objects).
 
 **Progress:** ``progress(stage, event)`` after every model call, with a
 :class:`~unclip.pipeline.events.ProgressEvent` (see :mod:`unclip.pipeline.events`).
@@ -27,7 +28,6 @@ the PNG text metadata: ``prompt``, ``seed``, ``model``, ``method``, ``steps``, `
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +40,11 @@ from torch import Tensor, nn
 
 from unclip.clip.text import TextEncoder
 from unclip.pipeline.config import PipelineConfig, SamplingConfig
+from unclip.pipeline.events import ImageInfo, attach_info, image_info
 from unclip.pipeline.images import (
     ImageInput,
     as_image,
+    downscale_image,
     downscale_keep,
     inpaint_inputs,
     outpaint_canvas,
@@ -53,12 +55,12 @@ from unclip.pipeline.images import (
 from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
 from unclip.pipeline.runners import (
     ProgressCallback,
+    RunContext,
     TextCondition,
     decode,
     invert,
     sample_prior,
     stage_generator,
-    stage_generators,
     upsample,
 )
 from unclip.pipeline.settings import (
@@ -119,9 +121,8 @@ class UnclipPipeline:
         self.raw_embeddings = self.config.embeddings == "raw"
         self.text_encoder.normalize = not self.raw_embeddings
         for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
-            if stage is not None:
-                for net in stage.networks():
-                    net.to(memory_format=torch.channels_last)
+            for net in stage.networks() if stage is not None else []:
+                net.to(memory_format=torch.channels_last)
         #: images sampled together in one batch (see the module docstring on seeds)
         self.max_batch = DEFAULT_MAX_BATCH
         self.name = self.config.name or (path.name if path else "unclip")
@@ -178,9 +179,8 @@ class UnclipPipeline:
     def encode_text(self, texts: str | Sequence[str]) -> Tensor:
         """CLIP text embeddings z_t, L2-normalised: N captions -> [N, D] float32."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            return torch.zeros(0)
-        return torch.cat([self._unit(self._text(t).z_t) for t in texts])
+        rows = [self._unit(self._text(t).z_t) for t in texts]
+        return torch.cat(rows) if rows else torch.zeros(0)
 
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
@@ -194,8 +194,7 @@ class UnclipPipeline:
     def _clip_image(self, x: Tensor, unit: bool = True) -> Tensor:
         """[1, 3, H, W] in [-1, 1] -> z_i [1, D] float32, L2-normalised (``unit=False``: as
         the stages take it, unnormalised in a raw-embedding pipeline)."""
-        pixels = self.clip.preprocess(x.to(self.device))
-        z = self.clip.encode_image(pixels, normalize=False).float()  # float32 (load_pipeline)
+        z = self.clip.encode_image(self.clip.preprocess(x.to(self.device)), normalize=False).float()
         return z if self.raw_embeddings and not unit else F.normalize(z, dim=-1)
 
     def _unit(self, z: Tensor) -> Tensor:
@@ -204,7 +203,7 @@ class UnclipPipeline:
 
     def _text(self, text: str) -> TextCondition:
         """Encode one caption (on its own, so results do not depend on batch composition);
-        z_t as the stages take it (unit norm, or unnormalised with raw embeddings)."""
+        z_t as the stages take it (unit norm, or raw with raw embeddings)."""
         check_prompt(text)
         z_t, feats, mask = self.text_encoder([text], self.device)  # [1, D], [1, L, W], [1, L]
         z_t = z_t.float() if self.raw_embeddings else F.normalize(z_t.float(), dim=-1)
@@ -223,46 +222,36 @@ class UnclipPipeline:
     ) -> Tensor:
         """z_i [N, D] for N captions (``text`` [N], one seed each): ``candidates`` samples per
         caption, and the one closest to its z_t kept (:func:`~.runners.sample_prior`); without
-        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline. ``generator``:
-        one generator for the batch instead of the seeds' (see ``text_to_image``)."""
+        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
         if not use_prior or self.prior is None:
             return text.z_t
-        gens = generator or stage_generators(seeds, "prior")
-        where = self._where(progress)
-        return sample_prior(
-            self.prior, text.z_t, text.tokens, text.mask, settings.prior, gens, **where
-        )
+        ctx = self._ctx(progress, generator)
+        return sample_prior(self.prior, text, settings.prior, ctx.generators(seeds, "prior"), ctx)
 
     def _invert(
         self, x: Tensor, z_i: Tensor, settings: SamplingConfig, progress: ProgressCallback | None
     ) -> Tensor:
         """x_T [1, 3, s, s] of an image [1, 3, S, S] at the output resolution (resized to the
         decoder's, antialiased), by DDIM inversion of the decoder given its z_i."""
-        x = self._resize_to_base(x)
-        return invert(self.decoder, x, z_i, settings.decoder.steps, **self._where(progress))
+        x = downscale_image(x, self.base_size)
+        return invert(self.decoder, x, z_i, settings.decoder.steps, self._ctx(progress))
 
-    def _resize_to_base(self, x: Tensor) -> Tensor:
-        """[N, 3, S, S] at the output resolution -> the decoder's [N, 3, s, s] (antialiased)."""
-        s = self.base_size
-        if x.shape[-1] == s:
-            return x
-        return F.interpolate(x, size=(s, s), mode="bicubic", antialias=True).clamp(-1, 1)
-
-    def _where(self, progress: ProgressCallback | None) -> dict[str, Any]:
-        """The keyword arguments every stage runner takes: device, precision, progress."""
-        return {"device": self.device, "dtype": self.dtype, "progress": progress}
+    def _ctx(
+        self, progress: ProgressCallback | None, generator: torch.Generator | None = None
+    ) -> RunContext:
+        """What every stage runner takes: the device, the precision, ``progress`` and the one
+        ``generator`` of a call given one (see :meth:`text_to_image`)."""
+        return RunContext(self.device, self.dtype, progress, generator)
 
     def _info(
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
-    ) -> dict[str, Any]:
-        """An image's ``info``: method, seed, model, how each of ``stages`` was sampled, and the
-        ``extra`` entries that are not None."""
+    ) -> ImageInfo:
+        """An image's metadata: method, seed, model, how each of ``stages`` was sampled, and
+        the ``extra`` fields of :class:`ImageInfo` (None: not set)."""
         ar = self.prior is not None and self.prior.diffusion is None
         codes = self.prior.model.config.components if ar else None  # type: ignore[union-attr]
-        info: dict[str, Any] = {"method": method, "seed": str(seed), "model": self.name}
-        info.update(sampling_info(settings, stages, codes))
-        info.update({k: v for k, v in extra.items() if v is not None})
-        return info
+        how = sampling_info(settings, stages, codes)
+        return ImageInfo(method=method, seed=seed, model=self.name, **how, **extra)
 
     def _frames(
         self,
@@ -279,18 +268,14 @@ class UnclipPipeline:
         ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
         batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`;
         ``generator``: one for every stage instead of the seeds' (see ``text_to_image``)."""
-        out, where = [], self._where(progress)
+        out, ctx = [], self._ctx(progress, generator)
         for rows in self._batches(len(infos)):
             part = slice(rows.start, rows.stop)
             batch_seeds = list(seeds[part])
             x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
-            gens = generator or stage_generators(batch_seeds, "decoder")
-            x = decode(
-                self.decoder, z[part], None, settings.decoder, gens, noise=x_t, eta=eta, **where
-            )
-            x = upsample(
-                self.upsamplers, x, settings.upsampler, batch_seeds, generator=generator, **where
-            )
+            gens = ctx.generators(batch_seeds, "decoder")
+            x = decode(self.decoder, z[part], None, settings.decoder, gens, ctx, noise=x_t, eta=eta)
+            x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, ctx)
             out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
         return out
 
@@ -327,10 +312,9 @@ class UnclipPipeline:
         happens when the pipeline has no prior). Image ``p·draw + i`` uses seed ``seed + p·draw
         + i`` where draw = ``candidates`` or ``n``.
 
-        ``generator``: one ``torch.Generator`` (on the CPU) that draws every stage's noise of a
-        batch in turn, as diffusers' ``UnCLIPPipeline`` draws from the one it is given: with
-        the ``karlo`` sampler and all images in one batch, a converted Karlo pipeline then
-        draws the same numbers as diffusers does (the images no longer follow ``seed``).
+        ``generator``: one CPU ``torch.Generator`` every stage of a batch draws from in turn, as
+        diffusers' ``UnCLIPPipeline`` draws: a converted Karlo pipeline with the ``karlo`` sampler
+        and one batch then draws what diffusers does (the images no longer follow ``seed``).
         """
         prompts, draw, keep = check_draw(prompt, n, candidates, keep)
         settings = self.sampling_settings(**overrides)
@@ -340,16 +324,14 @@ class UnclipPipeline:
         prior = None if used_prior else "none (text embedding)"  # noted in each image's info
         texts = [self._text(t) for t in prompts]
         images: list[Image.Image] = []  # image k: prompt k // draw, seed base + k
-        where = self._where(progress)
+        ctx = self._ctx(progress, generator)
         for rows in self._batches(draw * len(prompts)):
             text = TextCondition.cat([texts[k // draw] for k in rows])
             seeds = [base + k for k in rows]
             z = self._sample_prior(text, seeds, settings, progress, use_prior, generator)
-            gens = generator or stage_generators(seeds, "decoder")
-            x = decode(self.decoder, z, text, settings.decoder, gens, **where)
-            x = upsample(
-                self.upsamplers, x, settings.upsampler, seeds, generator=generator, **where
-            )
+            gens = ctx.generators(seeds, "decoder")
+            x = decode(self.decoder, z, text, settings.decoder, gens, ctx)
+            x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             for j, k in enumerate(rows):
                 p = prompts[k // draw]
                 info = self._info(
@@ -363,7 +345,7 @@ class UnclipPipeline:
             group = images[p * draw : (p + 1) * draw]
             scores = self.encode_image(group) @ self._unit(text.z_t[0])  # as delivered, as `rank`
             for img, score in zip(group, scores.tolist(), strict=True):
-                img.info["clip_score"] = f"{score:.4f}"
+                attach_info(img, image_info(img).replace(clip_score=score))
             order = sorted(range(draw), key=lambda j: -scores[j])[:keep]
             out.extend(group[j] for j in order)
         return out
@@ -402,7 +384,7 @@ class UnclipPipeline:
         stages = self._stages_used("decoder")
         if invert:
             settings = settings.replace(decoder=settings.decoder.replace(sampler="ddim"))
-        extra = {"inverted": "true" if invert else None, "eta": None if eta is None else str(eta)}
+        extra = {"inverted": "true" if invert else None, "eta": None if eta is None else float(eta)}
         seeds = [base + i for i in range(n)]
         infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
         return self._frames(
@@ -443,7 +425,7 @@ class UnclipPipeline:
         z = torch.cat([slerp(za, zb, t) for t in ts])
         noise = torch.cat([slerp(na, nb, t) for t in ts]) if invert_noise else na
         stages, inv = self._stages_used("decoder"), "true" if invert_noise else None
-        extra = [{"frame": str(k), "t": f"{t:.4f}", "inverted": inv} for k, t in enumerate(ts)]
+        extra = [{"frame": k, "t": t, "inverted": inv} for k, t in enumerate(ts)]
         infos = [self._info("interpolate", base, settings, stages, **e) for e in extra]
         return self._frames(z, noise, [base] * frames, settings, progress, infos)
 
@@ -490,7 +472,7 @@ class UnclipPipeline:
         thetas = [max_theta * k / (frames - 1) for k in range(frames)]
         stages, inv = self._stages_used("decoder"), "true" if invert else None
         extra = [
-            {"source": source, "target": target, "frame": str(k), "theta": f"{theta:.4f}"}
+            {"source": source, "target": target, "frame": k, "theta": theta}
             for k, theta in enumerate(thetas)
         ]
         infos = [self._info("text_diff", base, settings, stages, **e, inverted=inv) for e in extra]
@@ -531,7 +513,8 @@ class UnclipPipeline:
         base = check_seed(seed, n)
         text = self._text(prompt)
         known_full, keep_full = known_full.to(self.device), keep_full.to(self.device)
-        known = (self._resize_to_base(known_full), downscale_keep(keep_full, self.base_size))
+        size = self.base_size
+        known = (downscale_image(known_full, size), downscale_keep(keep_full, size))
         with_model = self.inpaint_decoder is not None and not repaint
         decoder = self.inpaint_decoder if with_model else self.decoder
         jump = max(1, min(repaint_jump, settings.decoder.steps // 2))
@@ -540,16 +523,14 @@ class UnclipPipeline:
         stages = self._stages_used(*(["prior"] if used_prior else []), "inpaint")
         how = "inpaint_decoder" if with_model else "repaint"
         out: list[Image.Image] = []
-        where = self._where(progress)
+        ctx = self._ctx(progress)
         for rows in self._batches(n):
             seeds = [base + i for i in rows]
             texts = TextCondition.cat([text] * len(seeds))
             z = self._sample_prior(texts, seeds, settings, progress, use_prior)
-            gens = stage_generators(seeds, "decoder")
-            x = decode(
-                decoder, z, texts, settings.decoder, gens, known=known, repaint=options, **where
-            )
-            x = upsample(self.upsamplers, x, settings.upsampler, seeds, **where)
+            gens = ctx.generators(seeds, "decoder")
+            x = decode(decoder, z, texts, settings.decoder, gens, ctx, known=known, repaint=options)
+            x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
             for j, s in enumerate(seeds):
                 info = self._info("inpaint", s, settings, stages, prompt=prompt, inpainting=how)
@@ -566,19 +547,14 @@ class UnclipPipeline:
         bottom: int = 0,
         prompt: str = "",
         n: int = 1,
-        *,
-        seed: int | None = None,
-        use_prior: bool = True,
-        repaint: bool = False,
-        repaint_resample: int = 4,
-        repaint_jump: int = 5,
-        progress: ProgressCallback | None = None,
-        **overrides: Any,
+        **options: Any,
     ) -> list[Image.Image]:
         """Grow the canvas by the margins (pixels of the input image) and paint the new area
         to fit ``prompt``. The grown canvas is centred on a white square (any extra area is
         painted too), the square is resized to the output resolution and inpainted, and the
-        result is cropped back to the grown canvas: its longer side is the output size."""
+        result is cropped back to the grown canvas: its longer side is the output size.
+        ``options``: the keyword arguments of :meth:`inpaint` (``seed``, ``use_prior``,
+        ``repaint``, ``repaint_resample``, ``repaint_jump``, ``progress``, overrides)."""
         img = as_image(image)
         margins = {"left": left, "right": right, "top": top, "bottom": bottom}
         for key, value in margins.items():
@@ -586,15 +562,11 @@ class UnclipPipeline:
         if not any(margins.values()):
             raise ValueError("outpaint needs a margin: give left, right, top or bottom > 0")
         canvas, mask, crop = outpaint_canvas(img, left, right, top, bottom, self.image_size)
-        images = self.inpaint(
-            canvas, mask, prompt, n, seed=seed, use_prior=use_prior, repaint=repaint,
-            repaint_resample=repaint_resample, repaint_jump=repaint_jump, progress=progress,
-            **overrides,
-        )  # fmt: skip
+        images = self.inpaint(canvas, mask, prompt, n, **options)
         out = []
         for im in images:
             cropped = im.crop(crop)
-            cropped.info.update(im.info, method="outpaint", margins=json.dumps(margins))
+            attach_info(cropped, image_info(im).replace(method="outpaint", margins=margins))
             out.append(cropped)
         return out
 
@@ -621,9 +593,8 @@ class UnclipPipeline:
         order = torch.argsort(sims, descending=True, stable=True)[:k].tolist()
         out = []
         for j in order:
-            img = pil[j].copy()
-            img.info.update(
-                {"prompt": prompt, "clip_score": f"{float(sims[j]):.4f}", "rank_index": str(j)}
+            info = image_info(pil[j]).replace(
+                prompt=prompt, clip_score=float(sims[j]), rank_index=j
             )
-            out.append(img)
+            out.append(attach_info(pil[j].copy(), info))
         return out

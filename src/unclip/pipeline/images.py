@@ -13,10 +13,8 @@ models use the opposite, ``keep`` masks (1 = known pixel); :func:`keep_mask` con
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip.data.transforms import center_crop_resize, load_image, onto_white, to_tensor
+from unclip.pipeline.events import ImageInfo, attach_info
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -90,6 +89,14 @@ def keep_mask(repaint: np.ndarray, size: int) -> torch.Tensor:
     img = Image.fromarray(np.where(repaint, 0, 255).astype(np.uint8), "L").crop(crop_box(w, h))
     img = img.resize((size, size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(img) >= 128).float()[None, None]
+
+
+def downscale_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images [N, 3, S, S] in [-1, 1] -> [N, 3, size, size] (bicubic, antialiased; unchanged
+    at that size already)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
 
 
 def downscale_keep(keep: torch.Tensor, size: int) -> torch.Tensor:
@@ -175,14 +182,12 @@ def inpaint_inputs(
     return prepare_image(image, size), keep
 
 
-def to_pil(x: torch.Tensor, info: dict[str, Any]) -> Image.Image:
-    """[1, 3, H, W] in [-1, 1] -> RGB image with ``info`` (values as strings, others as
-    JSON)."""
+def to_pil(x: torch.Tensor, info: ImageInfo) -> Image.Image:
+    """[1, 3, H, W] in [-1, 1] -> RGB image carrying ``info`` (typed, and as its PNG text in
+    ``image.info``: :func:`~unclip.pipeline.events.attach_info`)."""
     from unclip.data.transforms import from_tensor
 
-    img = from_tensor(x[0])
-    img.info.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()})
-    return img
+    return attach_info(from_tensor(x[0]), info)
 
 
 def outpaint_canvas(

@@ -202,12 +202,12 @@ def load_pipeline(
     from unclip.interop.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
     from unclip.tokenizer import Tokenizer
 
-    if is_diffusers_folder(name_or_path):  # Karlo's layout: converted on load
-        return load_diffusers_pipeline(name_or_path, device=device, dtype=dtype)
-    folder = resolve_pipeline(name_or_path)
-    config = PipelineConfig.load(folder / PIPELINE_FILE)
     dev = parse_device(device)
     dtype = resolve_dtype(dtype, dev)  # refused before any weights are read
+    if is_diffusers_folder(name_or_path):  # Karlo's layout: converted on load
+        return load_diffusers_pipeline(name_or_path, dev, dtype)
+    folder = resolve_pipeline(name_or_path)
+    config = PipelineConfig.load(folder / PIPELINE_FILE)
     stages = config.stages
     tok_dir = folder / stages.tokenizer
     if not tok_dir.is_dir():

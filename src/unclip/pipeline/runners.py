@@ -1,12 +1,13 @@
 """The stage runners: prior sampling with best-of-N candidates, decoding, upsampling and DDIM
 inversion, as plain functions of a :class:`~unclip.pipeline.loading.Stage`, the conditions,
-the sampling settings of that stage, the noise generators, and the device and precision.
+the sampling settings of that stage, the noise generators, and a :class:`RunContext` (device,
+precision, progress).
 
 No diffusion maths lives here: the samplers, guidance, inversion and RePaint are
 :mod:`unclip.diffusion`'s; a runner builds the model function and the conditions, runs the
 sampler inside the stage's precision context and returns the final sample. Each runner
-drains its sampler itself (``deque(steps, maxlen=1)``), so a network call sits four frames
-below the runner: sampler, step, guidance, model function.
+drains its sampler itself (``deque(steps, maxlen=1)``), so a network's ``forward`` sits three
+frames below the runner: the sampler's loop, the guide (or the model function), the network.
 
 **Generators.** Noise is drawn from CPU generators: one per image of a batch (row block k
 from generator k alone, so an image gets the same noise in any batch; see
@@ -52,16 +53,36 @@ Generators = torch.Generator | Sequence[torch.Generator]
 _STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3}
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """Where a pipeline call runs its stages: ``device``, ``dtype`` (the networks' autocast
+    precision; float32 = none) and ``progress`` (the call's callback, or None).
+    ``generator``: one CPU generator that every stage of a batch draws from in turn, in place
+    of the seeds' (:meth:`generators`), as diffusers' unCLIP pipelines draw; None: the seeds'.
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    progress: ProgressCallback | None = None
+    generator: torch.Generator | None = None
+
+    def generators(self, seeds: int | Sequence[int], stage: str) -> Generators:
+        """The noise generators of ``stage`` for a batch of ``seeds``: the context's one
+        generator, or one :func:`stage_generator` per seed."""
+        return self.generator or stage_generators(seeds, stage)
+
+
 @dataclass
 class TextCondition:
     """Captions encoded by CLIP, one row each (N = 1 for one caption): z_t [N, D] (unit norm),
     per-token features tokens [N, L, W] and mask [N, L] (True up to and including the end
-    token). ``text`` is the caption (the first one's for N > 1)."""
+    token; both None where a prior is conditioned on z_t alone). ``text`` is the caption (the
+    first one's for N > 1)."""
 
     text: str
     z_t: Tensor
-    tokens: Tensor
-    mask: Tensor
+    tokens: Tensor | None
+    mask: Tensor | None
 
     @staticmethod
     def cat(rows: Sequence[TextCondition]) -> TextCondition:
@@ -159,13 +180,12 @@ def guided(
     uncond: dict[str, Any],
     learn_sigma: bool,
 ) -> Callable[..., Tensor]:
-    """Classifier-free guidance of ``model`` (a network or model function); at scale 1 the
-    plain conditional model function (one pass)."""
+    """Classifier-free guidance of ``model`` (a network or model function), which the guide
+    calls itself (its output in the sampler's float32); at scale 1 the plain conditional model
+    function (one pass)."""
     if guidance == 1.0:
         return model_fn(model, **cond)
-    return classifier_free_guidance(
-        model_fn(model), guidance, cond, uncond, learn_sigma=learn_sigma
-    )
+    return classifier_free_guidance(model, guidance, cond, uncond, learn_sigma=learn_sigma)
 
 
 def sampler_steps(
@@ -198,57 +218,30 @@ def sampler_steps(
 
 def sample_prior(
     prior: Stage,
-    z_t: Tensor,
-    tokens: Tensor | None,
-    mask: Tensor | None,
+    text: TextCondition,
     settings: PriorSampling,
     generator: Generators,
-    *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    progress: ProgressCallback | None = None,
+    ctx: RunContext,
 ) -> Tensor:
     """z_i [N, D] (unit norm) for N captions: ``settings.candidates`` samples per caption, and
-    the one with the highest z_i·z_t kept (DALL·E 2 §2.2).
+    the one with the highest z_i·z_t kept (DALL·E 2 §2.2). The one prior sampler of the
+    pipeline and of ``unclip eval prior``.
 
-    z_t [N, D], tokens [N, L, W] and mask [N, L] (or None) condition the prior. A diffusion
-    prior draws the N·C rows as one batch; an autoregressive one (``prior.diffusion`` None)
-    samples codes, guided on the logits by ``settings.ar_guidance``. ``generator``: one per
-    caption (caption j's candidates from generator j alone, so a caption gets the same sample
-    in any batch) or one for the whole batch.
+    ``text`` [N] conditions the prior (z_t, and the token features where the prior reads
+    them). A diffusion prior draws the N·C rows as one batch; an autoregressive one
+    (``prior.diffusion`` None) samples codes, guided on the logits by ``settings.ar_guidance``.
+    ``generator``: one per caption (caption j's candidates from generator j alone, so a
+    caption gets the same sample in any batch) or one for the whole batch.
     """
     from unclip.prior import unscale_embedding
 
-    model, st = prior.model, settings
+    model, st, z_t = prior.model, settings, text.z_t
     n, c = z_t.shape[0], st.candidates
+    tokens, mask = text.tokens, text.mask
     if prior.diffusion is None:
-        if not model.config.text_dim:
-            tokens = mask = None
-        k_total = model.config.components
-
-        def callback(k: int, codes: Tensor) -> None:
-            if progress is not None:
-                x = codes.float()
-                step = SampleStep(k, k_total, k_total - 1 - k, x, x)
-                progress("prior", step_event("prior", step))
-
-        one = isinstance(generator, torch.Generator)
-        groups = [range(n)] if one else [range(j, j + 1) for j in range(n)]
-        gens = [generator] if one else list(generator)
-        rows = []
-        for part, g in zip(groups, gens, strict=True):
-            sel = slice(part.start, part.stop)
-            with autocast(device, dtype):
-                rows.append(model.sample(
-                    z_t[sel].repeat_interleave(c, 0),
-                    None if tokens is None else tokens[sel].repeat_interleave(c, 0),
-                    None if mask is None else mask[sel].repeat_interleave(c, 0),
-                    guidance=st.ar_guidance, temperature=st.temperature, top_k=st.top_k,
-                    top_p=st.top_p, generator=g, callback=callback,
-                ))  # fmt: skip
-        z = F.normalize(torch.cat(rows).float(), dim=-1).view(n, c, -1)
+        z = _sample_ar(prior, text, st, generator, ctx).view(n, c, -1)
     else:
-        with autocast(device, dtype):  # [n·c] rows; the caption caches in that dtype
+        with autocast(ctx.device, ctx.dtype):  # [n·c] rows; the caption caches in that dtype
             cond, uncond = model.sampling_conditions(
                 z_t.repeat_interleave(c, 0),
                 None if tokens is None else tokens.repeat_interleave(c, 0),
@@ -256,10 +249,11 @@ def sample_prior(
             )
         fn = guided(model, st.guidance, cond, uncond, False)
         shape = (n * c, model.config.clip_dim)
+        progress, device = ctx.progress, ctx.device
         steps = sampler_steps(
             "prior", prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
         )
-        with stage_precision(model, device, dtype):
+        with stage_precision(model, ctx.device, ctx.dtype):
             x = deque(steps, maxlen=1).pop().x
         if model.config.embeddings == "raw":  # a raw CLIP image embedding, as Karlo's
             z = model.from_latent(x).view(n, c, -1)
@@ -269,6 +263,39 @@ def sample_prior(
         z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
     best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
     return z[torch.arange(n, device=z.device), best]  # [n, D]
+
+
+def _sample_ar(
+    prior: Stage, text: TextCondition, st: PriorSampling, generator: Generators, ctx: RunContext
+) -> Tensor:
+    """Codes of an autoregressive prior, ``st.candidates`` rows per caption, as unit-norm z_i
+    [N·C, D]; caption groups drawn with their own generator when there is one per caption."""
+    model, z_t, c = prior.model, text.z_t, st.candidates
+    n, k_total = z_t.shape[0], model.config.components
+    tokens, mask = (text.tokens, text.mask) if model.config.text_dim else (None, None)
+
+    def callback(k: int, codes: Tensor) -> None:
+        if ctx.progress is not None:
+            x = codes.float()
+            ctx.progress(
+                "prior", step_event("prior", SampleStep(k, k_total, k_total - 1 - k, x, x))
+            )
+
+    one = isinstance(generator, torch.Generator)
+    groups = [range(n)] if one else [range(j, j + 1) for j in range(n)]
+    gens = [generator] if one else list(generator)
+    rows = []
+    for part, g in zip(groups, gens, strict=True):
+        sel = slice(part.start, part.stop)
+        with autocast(ctx.device, ctx.dtype):
+            rows.append(model.sample(
+                z_t[sel].repeat_interleave(c, 0),
+                None if tokens is None else tokens[sel].repeat_interleave(c, 0),
+                None if mask is None else mask[sel].repeat_interleave(c, 0),
+                guidance=st.ar_guidance, temperature=st.temperature, top_k=st.top_k,
+                top_p=st.top_p, generator=g, callback=callback,
+            ))  # fmt: skip
+    return F.normalize(torch.cat(rows).float(), dim=-1)
 
 
 def decoder_conditions(
@@ -296,10 +323,8 @@ def decode(
     text: TextCondition | None,
     settings: DecoderSampling,
     generator: Generators,
+    ctx: RunContext,
     *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    progress: ProgressCallback | None = None,
     noise: Tensor | None = None,
     known: tuple[Tensor, Tensor] | None = None,
     repaint: dict[str, int] | None = None,
@@ -328,16 +353,17 @@ def decode(
     if known is not None and repaint is not None:
         steps = repaint_sample(
             decoder.diffusion, fn, start, st.steps, x_known=known[0], keep_mask=known[1],
-            generator=generator, device=device, **repaint,
-            progress=stage_callback(progress, "inpaint"),
+            generator=generator, device=ctx.device, **repaint,
+            progress=stage_callback(ctx.progress, "inpaint"),
         )  # fmt: skip
     else:
         name = "decoder" if known is None else "inpaint"
         eta = st.eta if eta is None else eta
+        progress, device = ctx.progress, ctx.device
         steps = sampler_steps(
             name, decoder, fn, start, st.sampler, st.steps, eta, generator, progress, device
         )
-    with stage_precision(model, device, dtype):
+    with stage_precision(model, ctx.device, ctx.dtype):
         x = deque(steps, maxlen=1).pop().x
     if known is not None and repaint is None:  # keep the known pixels exactly
         x = known[1] * known[0] + (1 - known[1]) * x
@@ -349,21 +375,18 @@ def invert(
     image: Tensor,
     z_i: Tensor,
     steps: int,
-    *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    progress: ProgressCallback | None = None,
+    ctx: RunContext,
 ) -> Tensor:
     """x_T [1, 3, s, s] of an image [1, 3, s, s] by DDIM inversion of the decoder in
     ``steps`` steps, conditioned on its own z_i (no guidance: inverting a guided model is
     unstable)."""
     cond, _ = decoder_conditions(decoder.model, z_i, None)
-    callback = stage_callback(progress, "invert")
+    callback = stage_callback(ctx.progress, "invert")
     fn = model_fn(decoder.model, **cond)
     run = ddim_invert(
-        decoder.diffusion, fn, image.to(device), steps, progress=callback, device=device
+        decoder.diffusion, fn, image.to(ctx.device), steps, progress=callback, device=ctx.device
     )
-    with stage_precision(decoder.model, device, dtype):
+    with stage_precision(decoder.model, ctx.device, ctx.dtype):
         return deque(run, maxlen=1).pop().x
 
 
@@ -372,19 +395,14 @@ def upsample(
     x: Tensor,
     settings: UpsamplerSampling,
     seeds: Sequence[int],
-    *,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    progress: ProgressCallback | None = None,
-    generator: torch.Generator | None = None,
+    ctx: RunContext,
 ) -> Tensor:
     """Run the upsamplers in turn on a batch, image k with ``seeds[k]``: [N, 3, s, s] ->
     [N, 3, S, S]. A stage trained with the (deterministic) blur augmentation gets the same
     blur on its input, as in training; random (BSR) degradation is a training-only
     corruption and is not applied. ``settings.strength`` < 1 starts from the noised bicubic
     enlargement (SDEdit, Meng et al. 2022). A stage with a ``last_step`` network runs it for
-    the step at t = 0 (Karlo's ``super_res_last``). ``generator``: one generator for every
-    stage instead of the seeds' (as diffusers draws)."""
+    the step at t = 0 (Karlo's ``super_res_last``)."""
     from unclip.decoder.upsampler import gaussian_blur
 
     st = settings
@@ -395,7 +413,7 @@ def upsample(
             low = gaussian_blur(low, cfg.blur_kernel, cfg.blur_sigma)
         side = low.shape[-1] * cfg.image_size // cfg.low_res_size
         name = upsampler_name(k)
-        gens: Generators = generator or stage_generators(seeds, name)
+        gens = ctx.generators(seeds, name)
         start: tuple[int, ...] | Tensor = (x.shape[0], 3, side, side)
         steps: int | None = st.steps
         extra: dict[str, Any] = {}
@@ -407,14 +425,18 @@ def upsample(
             big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
             noise = randn(big.shape, gens)  # on the CPU, row k from generator k
             t = torch.full((x.shape[0],), t0, dtype=torch.long)
-            start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(device)
+            start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(ctx.device)
         fn = model_fn(up.model, low_res=low)
         if up.last_step is not None:
             fn = last_step_switch(fn, model_fn(up.last_step, low_res=low))
+        progress, device = ctx.progress, ctx.device
         run = sampler_steps(
             name, up, fn, start, st.sampler, steps, st.eta, gens, progress, device, **extra
         )
-        with stage_precision(up.model, device, dtype), stage_precision(up.last_step, device, dtype):
+        with (
+            stage_precision(up.model, ctx.device, ctx.dtype),
+            stage_precision(up.last_step, ctx.device, ctx.dtype),
+        ):
             x = deque(run, maxlen=1).pop().x
     return x
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config, ConfigError
-from unclip.nn import apply_null, attention, condition_drop_mask
+from unclip.nn import apply_null, self_attention
 from unclip.prior.codebook import Codebook, pca_dequantize, pca_quantize
-from unclip.prior.model import PreNormBlock, caption_tokens, check_prior_transformer
+from unclip.prior.model import CaptionPrior, PreNormBlock, append_keys, check_prior_transformer
 
 #: tokens between the caption and the codes: z_t, dot
 NUM_EXTRA_TOKENS = 2
@@ -152,7 +152,7 @@ class ARBlock(PreNormBlock):
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         super().__init__(width, mlp_ratio, dropout, qkv=qkv, proj=proj)
-        self.heads = heads
+        self.num_heads = heads  # qkv, proj, num_heads, dropout: as unclip.nn.self_attention reads
         self.dropout = dropout
 
     def forward(
@@ -161,18 +161,11 @@ class ARBlock(PreNormBlock):
         key_mask: torch.Tensor | None = None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        q, k, v = self.qkv(self.ln_1(h)).chunk(3, dim=-1)  # 3 × [N, S, W]
-        if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=1)  # [N, S_past + S, W]
-            v = torch.cat([past[1].to(v.dtype), v], dim=1)
-        a = attention(
-            q, k, v, self.heads, key_mask=key_mask, causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
-        return self.residual_mlp(h, self.proj(a)), (k, v)
+        a, kv = self_attention(self, self.ln_1(h), mask=key_mask, causal=True, past=past)
+        return self.residual_mlp(h, a), kv
 
 
-class ARPrior(nn.Module):
+class ARPrior(CaptionPrior):
     """Caption -> CLIP image embedding as a sequence of PCA codes (DALL·E 2 §2.2, AR prior).
 
     Call as ``model(codes, text_emb, dot_code, text_tokens=None, text_mask=None,
@@ -269,49 +262,24 @@ class ARPrior(nn.Module):
 
     # -- sequence ----------------------------------------------------------------------------
 
-    def embed_prefix(
-        self,
-        text_emb: torch.Tensor,
-        dot_code: torch.Tensor,
-        text_tokens: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The conditioning prefix: (h [N, L + 2, W], key_mask [N, L + 2] bool or None).
-
-        ``L``: the caption length (1 for the null token alone, 0 when ``text_dim == 0``).
-        """
+    def _extra_tokens(
+        self, text_emb: torch.Tensor, dot_code: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """The two tokens between the caption and the codes (z_t, dot) with their positions:
+        [N, 2, W] in the compute dtype. ``drop``: [N] bool, the rows given the null condition
+        (:meth:`~unclip.prior.model.CaptionPrior.drop_mask`)."""
         cfg = self.config
         n = text_emb.shape[0]
         if text_emb.ndim != 2 or text_emb.shape[1] != cfg.clip_dim:
             raise ValueError(f"text_emb must be [N, {cfg.clip_dim}], got {tuple(text_emb.shape)}")
         if dot_code.shape != (n,):
             raise ValueError(f"dot_code must be [N] = [{n}], got {tuple(dot_code.shape)}")
-        dev = text_emb.device
-        drop = condition_drop_mask(
-            n, cfg.text_drop_prob, drop_text, training=self.training, device=dev
-        )
         zt = F.normalize(text_emb.float(), dim=-1) * math.sqrt(cfg.clip_dim)
         zt_tok = apply_null(self.text_emb_proj(zt), self.null_text_emb, drop)  # [N, W]
         dot_tok = apply_null(self.dot_emb(dot_code.long()), self.null_dot, drop)  # [N, W]
         dtype = zt_tok.dtype
         extra = torch.stack([zt_tok, dot_tok.to(dtype)], dim=1)  # [N, 2, W]
-
-        tokens, text_keep = caption_tokens(
-            self.text_proj, self.null_text_token, text_tokens, text_mask, drop, cfg.text_len,
-            dtype,
-        )  # fmt: skip
-        length = tokens.shape[1]
-        h = torch.cat([tokens.to(dtype), extra], dim=1)  # [N, L + 2, W]
-        pos = torch.cat(
-            [self.pos_emb[:length], self.pos_emb[cfg.text_len : cfg.text_len + NUM_EXTRA_TOKENS]]
-        )
-        h = h + pos[None].to(h.dtype)
-        key_mask = None
-        if text_keep is not None:
-            ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=dev)
-            key_mask = torch.cat([text_keep, ones], dim=1)  # [N, L + 2]
-        return h, key_mask
+        return extra + self.pos_emb[cfg.text_len : cfg.text_len + NUM_EXTRA_TOKENS][None].to(dtype)
 
     def embed_codes(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
         """codes: [N, S] long for components start..start+S-1 -> [N, S, W]."""
@@ -349,13 +317,12 @@ class ARPrior(nn.Module):
         k = self.config.components
         if codes.ndim != 2 or codes.shape[1] != k:
             raise ValueError(f"codes must be [N, {k}], got {tuple(codes.shape)}")
-        prefix, key_mask = self.embed_prefix(text_emb, dot_code, text_tokens, text_mask, drop_text)
+        drop = self.drop_mask(text_emb.shape[0], drop_text, text_emb.device)
+        extra = self._extra_tokens(text_emb, dot_code, drop)
+        prefix, key_mask = self.sequence(extra, drop, text_tokens, text_mask)  # [N, P, W]
         x = self.embed_codes(codes[:, : k - 1]).to(prefix.dtype)  # [N, K - 1, W]
         h = torch.cat([prefix, x], dim=1)  # [N, P + K - 1, W]
-        if key_mask is not None:
-            ones = key_mask.new_ones(key_mask.shape[0], k - 1)
-            key_mask = torch.cat([key_mask, ones], dim=1)
-        h, _ = self.transformer(h, key_mask)
+        h, _ = self.transformer(h, append_keys(key_mask, k - 1))
         return self.head(h[:, prefix.shape[1] - 1 :])  # [N, K, B]
 
     def loss(
@@ -437,7 +404,9 @@ class ARPrior(nn.Module):
             text_emb, dot_code = text_emb.repeat(2, 1), dot_code.repeat(2)
             text_tokens = None if text_tokens is None else text_tokens.repeat(2, 1, 1)
             text_mask = None if text_mask is None else text_mask.repeat(2, 1)
-        prefix, key_mask = self.embed_prefix(text_emb, dot_code, text_tokens, text_mask, drop)
+        drop = self.drop_mask(text_emb.shape[0], drop, text_emb.device)
+        extra = self._extra_tokens(text_emb, dot_code, drop)
+        prefix, key_mask = self.sequence(extra, drop, text_tokens, text_mask)  # [rows·N, P, W]
         codes = torch.zeros(n, cfg.components, dtype=torch.long, device=text_emb.device)
 
         def logits_of(h_last: torch.Tensor) -> torch.Tensor:
@@ -459,15 +428,13 @@ class ARPrior(nn.Module):
                 break
             if use_cache:
                 x = self.embed_codes(codes[:, k : k + 1], start=k).repeat(rows, 1, 1)
-                if key_mask is not None:
-                    key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], 1)], 1)
+                key_mask = append_keys(key_mask, 1)
                 h, cache = self.transformer(x.to(prefix.dtype), key_mask, cache)
             else:
                 x = self.embed_codes(codes[:, : k + 1]).repeat(rows, 1, 1)
-                mask = key_mask
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], k + 1)], 1)
-                h, _ = self.transformer(torch.cat([prefix, x.to(prefix.dtype)], 1), mask)
+                h, _ = self.transformer(
+                    torch.cat([prefix, x.to(prefix.dtype)], 1), append_keys(key_mask, k + 1)
+                )
         return codes
 
     @torch.no_grad()

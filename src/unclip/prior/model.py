@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from unclip.nn import (
     condition_drop_mask,
     maybe_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from unclip.prior.ar import ARPriorConfig
 
 #: tokens after the caption: z_t, timestep, noised z_i, query
 NUM_EXTRA_TOKENS = 4
@@ -178,13 +181,66 @@ def unscale_embedding(x: torch.Tensor, scale: float, *, normalize: bool = True) 
     return F.normalize(z, dim=-1) if normalize else z
 
 
-def _with_extra_keys(caption_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The key mask of caption + the four extra tokens: [N, L] -> [N, L + 4] (None stays None)."""
-    if caption_mask is None:
+def append_keys(key_mask: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """A key mask [N, L] bool extended by ``count`` visible keys: [N, L + count] (None, all
+    keys visible, stays None)."""
+    if key_mask is None:
         return None
-    n = caption_mask.shape[0]
-    ones = torch.ones(n, NUM_EXTRA_TOKENS, dtype=torch.bool, device=caption_mask.device)
-    return torch.cat([caption_mask.bool(), ones], dim=1)
+    key_mask = key_mask.bool()
+    return torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], count)], dim=1)
+
+
+class CaptionPrior(nn.Module):
+    """What both prior Transformers (:class:`DiffusionPriorTransformer` and
+    :class:`~unclip.prior.ar.ARPrior`) do with the caption: their sequences start with the
+    caption tokens at positions ``0 … L-1`` (``pos_emb`` rows), the null caption replacing
+    the dropped rows' (see :func:`caption_tokens`). A subclass builds ``text_proj`` (None
+    when ``text_dim == 0``), ``null_text_token`` [W] (or [k, W], a null caption of k tokens)
+    and ``pos_emb`` [text_len + …, W].
+    """
+
+    config: PriorConfig | ARPriorConfig
+    text_proj: nn.Linear | None
+    null_text_token: nn.Parameter
+    pos_emb: nn.Parameter
+
+    def drop_mask(
+        self, n: int, drop_text: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """The [n] bool rows given the null condition: ``drop_text`` (None: none), and in
+        training mode also each row with probability ``config.text_drop_prob``."""
+        return condition_drop_mask(
+            n, self.config.text_drop_prob, drop_text, training=self.training, device=device
+        )
+
+    def caption(
+        self,
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        drop: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption tokens with their positions, (tokens [N, L, W] in ``dtype``, key mask
+        [N, L] bool or None = all visible); arguments as in :func:`caption_tokens`."""
+        tokens, keep = caption_tokens(
+            self.text_proj, self.null_text_token, text_tokens, text_mask, drop,
+            self.config.text_len, dtype,
+        )  # fmt: skip
+        return tokens + self.pos_emb[: tokens.shape[1]][None].to(dtype), keep
+
+    def sequence(
+        self,
+        extra: torch.Tensor,
+        drop: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The caption tokens (:meth:`caption`) then ``extra`` [N, E, W], the subclass's tokens
+        after the caption with their positions: (h [N, L + E, W] in extra's dtype, key mask
+        [N, L + E] bool or None = all visible). ``L``: the caption length (1 for the null
+        token alone, 0 when ``text_dim == 0``)."""
+        tokens, keep = self.caption(text_tokens, text_mask, drop, extra.dtype)
+        return torch.cat([tokens, extra], dim=1), append_keys(keep, extra.shape[1])
 
 
 class PreNormBlock(nn.Module):
@@ -233,7 +289,7 @@ class PriorBlock(PreNormBlock):
         return self.residual_mlp(h, self.attn(self.ln_1(h), mask=key_mask, causal=True, past=past))
 
 
-class DiffusionPriorTransformer(nn.Module):
+class DiffusionPriorTransformer(CaptionPrior):
     """Predicts the clean (scaled) CLIP image embedding from a noised one and the caption.
 
     Call as ``model(x, t, text_emb, text_tokens=None, text_mask=None, drop_text=None)``:
@@ -312,26 +368,19 @@ class DiffusionPriorTransformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         text_emb: torch.Tensor,
+        drop: torch.Tensor,
         text_tokens: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The input sequence: (h [N, L + 4, W], key_mask [N, L + 4] bool or None).
+        """The input sequence: (h [N, L + 4, W], key_mask [N, L + 4] bool or None), see
+        :meth:`~CaptionPrior.sequence`.
 
-        Arguments as in :meth:`forward`. ``L`` is the caption length (1 for the null token
-        alone, 0 when ``text_dim == 0``).
+        ``drop``: [N] bool, the rows given the null caption (:meth:`~CaptionPrior.drop_mask`);
+        the other arguments as in :meth:`forward`. :meth:`transformer` of it gives every
+        token's final hidden state, [N, L + 4, W].
         """
-        drop = condition_drop_mask(
-            x.shape[0],
-            self.config.text_drop_prob,
-            drop_text,
-            training=self.training,
-            device=x.device,
-        )
-        extra = self._extra_tokens(x, t, text_emb, drop)
-        tokens, text_keep = self._caption(text_tokens, text_mask, drop, extra.dtype)
-        h = torch.cat([tokens, extra], dim=1)  # [N, L + 4, W]
-        return h, _with_extra_keys(text_keep)
+        extra = self._extra_tokens(x, t, text_emb, drop)  # [N, 4, W]
+        return self.sequence(extra, drop, text_tokens, text_mask)
 
     def _extra_tokens(
         self, x: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, drop: torch.Tensor
@@ -354,23 +403,6 @@ class DiffusionPriorTransformer(nn.Module):
         extra = torch.stack([p.to(dtype) for p in parts], dim=1)  # [N, 4, W]
         return extra + self.pos_emb[cfg.text_len :][None].to(dtype)
 
-    def _caption(
-        self,
-        text_tokens: torch.Tensor | None,
-        text_mask: torch.Tensor | None,
-        drop: torch.Tensor,
-        dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The caption tokens with their positions, (tokens [N, L, W] in ``dtype``, key mask
-        [N, L] bool or None = all visible); see :func:`caption_tokens`."""
-        cfg = self.config
-        tokens, keep = caption_tokens(
-            self.text_proj, self.null_text_token, text_tokens, text_mask, drop, cfg.text_len,
-            dtype,
-        )  # fmt: skip
-        tokens = tokens.to(dtype) + self.pos_emb[: tokens.shape[1]][None].to(dtype)
-        return tokens, keep
-
     @torch.no_grad()
     def caption_cache(
         self,
@@ -391,7 +423,7 @@ class DiffusionPriorTransformer(nn.Module):
         n = text_emb.shape[0]
         drop = condition_drop_mask(n, 0.0, drop_text, training=False, device=text_emb.device)
         dtype = self.text_emb_proj(text_emb[:1].float()).dtype  # the compute dtype
-        h, keep = self._caption(text_tokens, text_mask, drop, dtype)
+        h, keep = self.caption(text_tokens, text_mask, drop, dtype)
         kv = []
         for block in self.blocks:
             kv.append(torch.stack(block.attn.keys_values(block.ln_1(h)), dim=1))  # [N, 2, L, W]
@@ -407,19 +439,6 @@ class DiffusionPriorTransformer(nn.Module):
                 block, h, key_mask, enabled=self.config.use_checkpoint and self.training
             )
         return self.ln_out(h)
-
-    def hidden_states(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        text_emb: torch.Tensor,
-        text_tokens: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Every token's final hidden state: [N, L + 4, W] (arguments as in :meth:`forward`)."""
-        h, key_mask = self.embed(x, t, text_emb, text_tokens, text_mask, drop_text)
-        return self.transformer(h, key_mask)
 
     def sampling_conditions(
         self,
@@ -452,9 +471,27 @@ class DiffusionPriorTransformer(nn.Module):
         caption_kv: torch.Tensor | None = None,
         caption_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if caption_kv is not None:
+            self._check_cache(x, caption_kv, text_tokens, text_mask)
+        drop = self.drop_mask(x.shape[0], drop_text, x.device)
         if caption_kv is None:
-            h = self.hidden_states(x, t, text_emb, text_tokens, text_mask, drop_text)
+            h = self.transformer(*self.embed(x, t, text_emb, drop, text_tokens, text_mask))
             return self.out(h[:, -1])  # [N, D], read at the query token
+        h = self._extra_tokens(x, t, text_emb, drop)  # [N, 4, W]
+        key_mask = append_keys(caption_mask, NUM_EXTRA_TOKENS)
+        for i, block in enumerate(self.blocks):
+            h = block(h, key_mask, (caption_kv[:, i, 0], caption_kv[:, i, 1]))
+        return self.out(self.ln_out(h)[:, -1])  # [N, D]
+
+    def _check_cache(
+        self,
+        x: torch.Tensor,
+        caption_kv: torch.Tensor,
+        text_tokens: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+    ) -> None:
+        """Refuse a caption cache given with the caption itself, in training, or of the wrong
+        shape (it must be [N, layers, 2, L, W])."""
         if text_tokens is not None or text_mask is not None:
             raise ValueError("give text_tokens/text_mask or a caption cache, not both")
         if self.training:
@@ -465,9 +502,3 @@ class DiffusionPriorTransformer(nn.Module):
                 f"caption_kv must be [N, layers, 2, L, W] = [{n}, {len(self.blocks)}, 2, ...], "
                 f"got {tuple(caption_kv.shape)}"
             )
-        drop = condition_drop_mask(n, 0.0, drop_text, training=False, device=x.device)
-        h = self._extra_tokens(x, t, text_emb, drop)  # [N, 4, W]
-        key_mask = _with_extra_keys(caption_mask)
-        for i, block in enumerate(self.blocks):
-            h = block(h, key_mask, (caption_kv[:, i, 0], caption_kv[:, i, 1]))
-        return self.out(self.ln_out(h)[:, -1])  # [N, D]

@@ -25,12 +25,13 @@ __all__ = ["dispatch", "images_response", "job_error", "job_view", "make_job"]
 
 
 def _resize(img: Image.Image, size: int) -> Image.Image:
+    from unclip.pipeline.events import attach_info, image_info  # here: no torch at import
+
     if img.size == (size, size):
         return img
     out = img.resize((size, size), Image.Resampling.LANCZOS)
     out.info = dict(img.info)
-    out.info["resized_from"] = f"{img.size[0]}x{img.size[1]}"
-    return out
+    return attach_info(out, image_info(img).replace(resized_from=f"{img.size[0]}x{img.size[1]}"))
 
 
 def make_job(
@@ -51,16 +52,16 @@ def make_job(
     store_all = server.gallery is not None and server.gallery_keep_b64
 
     def run(progress: Callable[[str, Any], None]) -> list[Result]:
-        from unclip.pipeline.events import png_text  # here: the server imports no torch
+        from unclip.pipeline.events import image_info  # here: the server imports no torch
 
         results = []
         for img in work(progress):
             img = _resize(img, size)
             png = png_bytes(img, software)
-            info = png_text(img.info)
+            info = image_info(img)  # typed: the answers read it as is
             image_id = None
             if store_all or response_format == "url":
-                image_id = server.store.put(png, info, img.size, job.id)
+                image_id = server.store.put(png, info.to_png_text(), img.size, job.id)
             results.append(
                 Result(image_id, png if response_format == "b64_json" else None, info, size)
             )
@@ -89,8 +90,7 @@ def images_response(job: Job) -> dict[str, Any]:
             item["url"] = f"{base}files/{r.id}.png"
         if r.id is not None:
             item["id"] = r.id
-        seed = r.info.get("seed")
-        item["seed"] = int(seed) if seed and seed.isdigit() else None
+        item["seed"] = r.info.seed
         data.append(item)
         size = f"{r.size}x{r.size}"
     return {"created": int(job.created), "data": data, "output_format": "png", "size": size}

@@ -36,6 +36,13 @@ __all__ = ["router"]
 router = APIRouter(tags=["images"], responses=ERRORS)
 
 
+def _images_route(kind: str, model: type[ImageRequest], summary: str) -> Callable[[Any], Any]:
+    """Register ``POST /v1/images/{kind}``, documented as reading ``model``: a JSON body, or a
+    multipart one where ``model.files`` names files."""
+    doc = form_doc(model) if model.files else json_doc(model)
+    return router.post(f"/images/{kind}", summary=summary, openapi_extra=doc)
+
+
 async def _read_form(
     request: Request, model: type[ImageRequest]
 ) -> tuple[Any, int, list[Image.Image | None]]:
@@ -90,11 +97,7 @@ async def _submit(
     return await dispatch(request, job)
 
 
-@router.post(
-    "/images/generations",
-    summary="Create images from a prompt (OpenAI Images API)",
-    openapi_extra=json_doc(GenerationRequest),
-)
+@_images_route("generations", GenerationRequest, "Create images from a prompt (OpenAI Images API)")
 async def generations(request: Request) -> Response:
     server = state(request)
     body = await json_body(request, server.limits)
@@ -106,10 +109,8 @@ async def generations(request: Request) -> Response:
     return await _submit(request, req, "generations", sample, size)
 
 
-@router.post(
-    "/images/edits",
-    summary="Edit an image with a mask and a prompt (white or transparent = repaint)",
-    openapi_extra=form_doc(EditRequest),
+@_images_route(
+    "edits", EditRequest, "Edit an image with a mask and a prompt (white or transparent = repaint)"
 )
 async def edits(request: Request) -> Response:
     req, size, (image, mask) = await _read_form(request, EditRequest)
@@ -129,10 +130,8 @@ async def edits(request: Request) -> Response:
     return await _submit(request, req, "edits", sample, size, first="inpaint")
 
 
-@router.post(
-    "/images/variations",
-    summary="Variations of an image (same CLIP image embedding, new noise)",
-    openapi_extra=form_doc(VariationRequest),
+@_images_route(
+    "variations", VariationRequest, "Variations of an image (same CLIP image embedding, new noise)"
 )
 async def variations(request: Request) -> Response:
     req, size, (image,) = await _read_form(request, VariationRequest)
@@ -141,10 +140,10 @@ async def variations(request: Request) -> Response:
     return await _submit(request, req, "variations", sample, size)
 
 
-@router.post(
-    "/images/interpolations",
-    summary="Frames between two images (slerp of CLIP image embeddings; extension)",
-    openapi_extra=form_doc(InterpolationRequest),
+@_images_route(
+    "interpolations",
+    InterpolationRequest,
+    "Frames between two images (slerp of CLIP image embeddings; extension)",
 )
 async def interpolations(request: Request) -> Response:
     req, size, (a, b) = await _read_form(request, InterpolationRequest)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from unclip.server.gallery import Gallery, MemoryStore, valid_id
 from unclip.server.jobs import Job, JobQueue
 from unclip.server.limits import Limits
+
+if TYPE_CHECKING:
+    from unclip.pipeline.events import ImageInfo
 
 __all__ = ["JOB_TTL", "MAX_KEPT_BYTES", "MAX_KEPT_JOBS", "Result", "ServerState", "state"]
 
@@ -29,11 +32,11 @@ MAX_KEPT_BYTES = 256 * 2**20
 @dataclass
 class Result:
     """One output image: its id in the store (None when not stored), its PNG bytes (kept
-    for b64_json only), its metadata and size."""
+    for b64_json only), its metadata (typed) and size."""
 
     id: str | None
     png: bytes | None
-    info: dict[str, str]
+    info: ImageInfo
     size: int
 
 

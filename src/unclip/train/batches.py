@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,37 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class BatchSource(Protocol):
-    def _schedule(self, epoch: int, done: int) -> Iterator[list[Any]]:
-        """Micro-batches of indices from batch ``done`` of ``epoch`` on, epoch after epoch."""
-        while True:
-            batches: list[Any] = self.epoch_batches(epoch)
-            if self.num_workers > 0:  # see the module docstring
-                batches = self._seeded(epoch, batches)
-            yield from batches[done:]
-            epoch, done = epoch + 1, 0
+    """What the trainer reads micro-batches from: endless batches and their position."""
 
-    def __iter__(self) -> Iterator[Any]:
-        # One loader for the whole run, so its workers and their prefetched batches carry on
-        # across epochs (a loader per epoch restarts every worker and stalls a GPU each time).
-        # The position advances as batches are *consumed*, not as the workers read ahead.
-        start = (self.epoch, self.batches_done)
-        loader = DataLoader(
-            SeededSamples(self.dataset) if self.num_workers > 0 else self.dataset,
-            batch_sampler=_Schedule(self, *start),
-            collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-            # Its own generator: building a loader must not draw from the global RNG,
-            # or a resumed run would diverge from an uninterrupted one.
-            generator=_generator(self.seed, self.epoch, 2),
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
-        for batch in loader:
-            self.batches_done += 1
-            if self.batches_done >= self.batches_per_epoch:
-                self.epoch, self.batches_done = self.epoch + 1, 0
-            yield batch
-
+    def __iter__(self) -> Iterator[Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -94,6 +67,7 @@ class _Schedule:
         return self.source._schedule(self.epoch, self.done)
 
 
+@dataclass(eq=False)
 class EpochBatches:
     """Endless micro-batches of a map-style ``dataset``, reshuffled every epoch, resumable.
 
@@ -113,70 +87,62 @@ class EpochBatches:
     ``pin_memory``: collate into page-locked memory, for asynchronous copies to a GPU.
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        collate_fn: Callable | None = None,
-        num_workers: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        groups: Sequence[int] | None = None,
-        group_run: int = 1,
-        weights: Sequence[float] | None = None,
-        pin_memory: bool = False,
-    ) -> None:
-        self.dataset = dataset
-        self.pin_memory = pin_memory
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.collate_fn = collate_fn
-        self.num_workers = num_workers
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.batches_done = 0
-        n = len(dataset)  # type: ignore[arg-type]
-        if group_run < 1:
-            raise ValueError(f"group_run must be at least 1, not {group_run}")
-        if groups is not None and len(groups) != n:
-            raise ValueError(f"{len(groups)} group labels for a data set of {n} samples")
-        self.groups = torch.as_tensor(list(groups)) if groups is not None else None
-        self.weights = None
-        if weights is not None:
-            if len(weights) != n:
-                raise ValueError(f"{len(weights)} sample weights for a data set of {n} samples")
-            self.weights = torch.as_tensor(list(weights), dtype=torch.float64)
-            if not torch.isfinite(self.weights).all() or (self.weights < 0).any():
+    dataset: Dataset = field(repr=False)
+    batch_size: int
+    _: KW_ONLY
+    seed: int = 0
+    shuffle: bool = True
+    collate_fn: Callable | None = None
+    num_workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+    groups: Sequence[int] | None = None
+    group_run: int = 1
+    weights: Sequence[float] | None = None
+    pin_memory: bool = False
+    #: the position: the epoch being read and how many of its micro-batches are consumed
+    epoch: int = field(default=0, init=False)
+    batches_done: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.group_run < 1:
+            raise ValueError(f"group_run must be at least 1, not {self.group_run}")
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"{len(self.groups)} group labels for a data set of {n} samples")
+        self._labels = torch.as_tensor(list(self.groups)) if self.groups is not None else None
+        self._weights = None
+        if self.weights is not None:
+            if len(self.weights) != n:
+                raise ValueError(
+                    f"{len(self.weights)} sample weights for a data set of {n} samples"
+                )
+            self._weights = torch.as_tensor(list(self.weights), dtype=torch.float64)
+            if not torch.isfinite(self._weights).all() or (self._weights < 0).any():
                 raise ValueError("sample weights must be finite and non-negative")
-            if self.weights.sum() <= 0:
+            if self._weights.sum() <= 0:
                 raise ValueError("sample weights are all zero")
-            if group_run > 1:
+            if self.group_run > 1:
                 raise ValueError("sample weights and group_run > 1 cannot be combined")
-        self.group_run = group_run
-        self.batches_per_epoch = n // (batch_size * world_size)
+        self.batches_per_epoch = n // (self.batch_size * self.world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"the data set has {n} samples, fewer than one batch of {batch_size * world_size}; "
-                "use a smaller batch_size or more data"
+                f"the data set has {n} samples, fewer than one batch of "
+                f"{self.batch_size * self.world_size}; use a smaller batch_size or more data"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's micro-batches (lists of sample indices) for ``epoch``."""
         n = len(self.dataset)  # type: ignore[arg-type]
-        if self.weights is not None:
+        if self._weights is not None:
             order = torch.multinomial(
-                self.weights, n, replacement=True, generator=_generator(self.seed, epoch, 4)
+                self._weights, n, replacement=True, generator=_generator(self.seed, epoch, 4)
             )
         elif self.shuffle:
             order = torch.randperm(n, generator=_generator(self.seed, epoch, 1))
         else:
             order = torch.arange(n)
-        if self.groups is not None and self.group_run > 1:
+        if self._labels is not None and self.group_run > 1:
             order = self._grouped(order, _generator(self.seed, epoch, 3))
         per_step = self.batch_size * self.world_size
         batches = []
@@ -189,11 +155,11 @@ class EpochBatches:
 
     def _grouped(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Reorder a permutation into shuffled runs of up to ``group_run`` same-label samples."""
-        assert self.groups is not None
-        labels = self.groups[order]
+        assert self._labels is not None
+        labels = self._labels[order]
         # A stable sort keeps each label's samples in their shuffled order.
         by_label = order[torch.sort(labels, stable=True).indices]
-        sorted_labels = self.groups[by_label]
+        sorted_labels = self._labels[by_label]
         starts = torch.ones_like(sorted_labels, dtype=torch.bool)
         starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
         first = torch.cummax(torch.where(starts, torch.arange(len(by_label)), 0), 0).values
@@ -214,28 +180,36 @@ class EpochBatches:
             for b, batch in enumerate(batches)
         ]
 
-    def __iter__(self) -> Iterator[Any]:
+    def _schedule(self, epoch: int, done: int) -> Iterator[list[Any]]:
+        """Micro-batches of indices from batch ``done`` of ``epoch`` on, epoch after epoch."""
         while True:
-            batches = self.epoch_batches(self.epoch)
-            dataset = self.dataset
+            batches: list[Any] = self.epoch_batches(epoch)
             if self.num_workers > 0:  # see the module docstring
-                batches, dataset = self._seeded(self.epoch, batches), SeededSamples(dataset)
-            remaining = batches[self.batches_done :]
-            loader = DataLoader(
-                dataset,
-                batch_sampler=remaining,
-                collate_fn=self.collate_fn,
-                num_workers=self.num_workers,
-                # Its own generator: building a loader must not draw from the global RNG,
-                # or a resumed run would diverge from an uninterrupted one.
-                generator=_generator(self.seed, self.epoch, 2),
-                persistent_workers=False,
-            )
-            for batch in loader:
-                self.batches_done += 1
-                yield batch
-            self.epoch += 1
-            self.batches_done = 0
+                batches = self._seeded(epoch, batches)
+            yield from batches[done:]
+            epoch, done = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # One loader for the whole run, so its workers and their prefetched batches carry on
+        # across epochs (a loader per epoch restarts every worker and stalls a GPU each time).
+        # The position advances as batches are *consumed*, not as the workers read ahead.
+        start = (self.epoch, self.batches_done)
+        loader = DataLoader(
+            SeededSamples(self.dataset) if self.num_workers > 0 else self.dataset,
+            batch_sampler=_Schedule(self, *start),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            # Its own generator: building a loader must not draw from the global RNG,
+            # or a resumed run would diverge from an uninterrupted one.
+            generator=_generator(self.seed, self.epoch, 2),
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            self.batches_done += 1
+            if self.batches_done >= self.batches_per_epoch:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from unclip.config import write_text_atomic
-from unclip.hub import HubError, load_state_dict, save_state_dict
+from unclip.hub import CONFIG_NAME, HubError, load_state_dict, save_state_dict
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -198,7 +198,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         if model_config is not None:
-            write_text_atomic(tmp / "config.json", json.dumps(model_config, indent=2) + "\n")
+            write_text_atomic(tmp / CONFIG_NAME, json.dumps(model_config, indent=2) + "\n")
         save_state_dict(model_state, tmp / "model.safetensors")
         if ema_state is not None:
             save_state_dict(ema_state, tmp / "ema.safetensors")

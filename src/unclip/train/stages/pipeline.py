@@ -11,6 +11,8 @@ import argparse
 import sys
 
 COMMON_TRAIN_ARGS = False
+#: the stage folders given by one flag each (``--inpaint-decoder`` sets ``inpaint_decoder``)
+STAGE_FLAGS = ("clip", "tokenizer", "prior", "decoder", "inpaint_decoder")
 HELP = "assemble trained stages (CLIP, prior, decoder, upsamplers) into a pipeline folder"
 
 
@@ -50,19 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from unclip.pipeline.loading import DTYPES
 
     sampling = SamplingConfig.load(args.sampling) if args.sampling else None
+    stages = {key: getattr(args, key) for key in STAGE_FLAGS}
     out = assemble_pipeline(
-        args.out,
-        clip=args.clip,
-        tokenizer=args.tokenizer,
-        prior=args.prior,
-        decoder=args.decoder,
-        inpaint_decoder=args.inpaint_decoder,
-        upsamplers=args.upsampler,
-        name=args.name,
-        sampling=sampling,
-        dtype=DTYPES[args.dtype],
-        overwrite=args.overwrite,
-    )
+        args.out, **stages, upsamplers=args.upsampler, name=args.name, sampling=sampling,
+        dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+    )  # fmt: skip
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"unclip: pipeline written to {out} ({size / 1e6:.1f} MB)", file=sys.stderr)
     return 0

@@ -1,0 +1,98 @@
+"""Start-up: ``import unclip``, building the ``unclip`` parser, ``--help`` and argument errors
+import no torch (issue #34); each check runs in a fresh interpreter."""
+
+import subprocess
+import sys
+
+import pytest
+
+from unclip.cli import main
+
+# Runs ``main(argv)`` (or only builds the parser and formats every command's help, for
+# argv None) and prints, last, whether torch was imported and the exit code.
+PROBE = """
+import sys
+import unclip.cli
+
+argv = {argv!r}
+code = 0
+if argv is None:
+    parser = unclip.cli.build_parser()
+    (commands,) = [a for a in parser._actions if hasattr(a, "choices") and a.choices]
+    for command in commands.choices.values():
+        command.format_help()
+else:
+    try:
+        code = unclip.cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+print("torch" in sys.modules, code)
+"""
+
+
+def _probe(argv: list[str] | None) -> tuple[bool, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    loaded, code = out.stdout.splitlines()[-1].split()
+    return loaded == "True", int(code)
+
+
+def test_import_unclip_loads_no_torch_and_keeps_its_names():
+    code = (
+        "import sys, unclip; assert 'torch' not in sys.modules, 'import unclip loaded torch'; "
+        "from unclip import from_pretrained, save_pretrained, load_pipeline; "
+        "import unclip.hub; assert from_pretrained is unclip.hub.from_pretrained; "
+        "assert save_pretrained is unclip.hub.save_pretrained"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_building_the_parser_and_every_commands_help_loads_no_torch():
+    assert _probe(None) == (False, 0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--help"],
+        ["train", "--help"],
+        ["train"],
+        ["data", "check", "--help"],
+        ["eval", "pipeline", "--help"],
+        ["embed", "--help"],
+        ["classify", "--help"],
+        ["info", "--help"],
+        ["serve", "--help"],
+        ["bench", "--help"],
+        ["generate", "--help"],
+        ["info"],  # missing PATH
+        ["serve", "--port", "eighty"],  # not a number
+        ["classify", "x.png"],  # missing --labels
+        ["nosuch"],
+    ],
+    ids=" ".join,
+)
+def test_help_and_argument_errors_load_no_torch(argv):
+    loaded, code = _probe(argv)
+    assert not loaded, f"unclip {' '.join(argv)} imported torch"
+    assert code == (0 if "--help" in argv else 2)
+
+
+def test_a_train_stage_gets_its_flags_when_used(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "upsampler", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--run-dir" in text and "--fsdp" in text  # the common training flags
+    with pytest.raises(SystemExit) as e:
+        main(["train", "tokenizer", "--help"])
+    assert e.value.code == 0
+    assert "--run-dir" not in capsys.readouterr().out  # COMMON_TRAIN_ARGS = False
+    with pytest.raises(SystemExit) as e:
+        main(["train", "clip"])  # --run-dir is required
+    assert e.value.code == 2
+    assert "--run-dir" in capsys.readouterr().err
