@@ -37,6 +37,7 @@ __all__ = [
     "prepare_image",
     "repaint_mask",
     "slerp",
+    "source_name",
     "to_pil",
 ]
 
@@ -50,6 +51,12 @@ def as_image(image: ImageInput, what: str = "image") -> Image.Image:
             raise FileNotFoundError(f"{os.fspath(image)}: no such {what} file")
         return load_image(image)
     raise TypeError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def source_name(image: ImageInput) -> str | None:
+    """The file an input image was given as (the path as given), for its outputs' metadata;
+    None for an image given in memory."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
