@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_server import serving
+from server_helpers import serving
 from tiny_pipeline import OUT, write_tiny_pipeline
 from unclip.pipeline import load_pipeline
 from unclip.server import create_app
