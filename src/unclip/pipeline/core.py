@@ -68,6 +68,7 @@ from unclip.pipeline.runners import (
 )
 from unclip.pipeline.settings import (
     DEFAULT_MAX_BATCH,
+    DEFAULT_STRENGTH,
     check_count,
     check_draw,
     check_prompt,
@@ -462,7 +463,7 @@ class UnclipPipeline(PipelineBase):
         image: ImageInput,
         prompt: str | None = None,
         *,
-        strength: float = 0.6,
+        strength: float = DEFAULT_STRENGTH,
         num_images: int = 1,
         seed: int | None = None,
         negative_prompt: str | None = None,

@@ -29,13 +29,10 @@ from unclip.pipeline.runners import (
     stage_generators,
     upsample,
 )
-from unclip.pipeline.settings import check_count, check_prompt, check_seed
+from unclip.pipeline.settings import DEFAULT_STRENGTH, check_count, check_prompt, check_seed
 
 if TYPE_CHECKING:
     from unclip.pipeline.core import UnclipPipeline
-
-#: the default strength of ``image_to_image`` (the CLI's and the server's too)
-DEFAULT_STRENGTH = 0.6
 
 
 def check_strength(strength: Any, what: str = "strength") -> float:
