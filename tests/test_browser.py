@@ -1,5 +1,7 @@
 """The web page in headless Chromium (Playwright driving the system's browser): generate from
-a prompt, open variations of the result, paint a mask with the brush and run an edit.
+a prompt with a negative prompt in WebP, open the variations panel and run variations and
+image-to-image at a chosen strength, paint a mask with the brush and run an edit, and mix two
+prompts with the weight slider.
 
 Playwright cannot download its own browsers here, so the test launches the system's Chromium
 (Debian's ``chromium``; another one with ``UNCLIP_CHROMIUM=/path``). Without one the test is
@@ -22,11 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_server import serving
+from server_helpers import serving
 from tiny_pipeline import OUT, write_tiny_pipeline
 from unclip.pipeline import load_pipeline
 from unclip.server import create_app
-from unclip.server.uploads import png_text
+from unclip.server.uploads import image_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TIMEOUT_MS = 20_000
@@ -66,14 +68,26 @@ def chromium() -> str:
 
 
 class RecordingPipeline:
-    """The tiny pipeline, recording what ``inpaint`` (the edits endpoint) is given."""
+    """The tiny pipeline, recording what the routes give ``inpaint`` (edits) and the keyword
+    arguments of the other methods the page reaches (``calls``: method -> their kwargs)."""
+
+    RECORDED = ("text_to_image", "variations", "image_to_image", "mix")
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = pipe
         self.edits: list[dict[str, Any]] = []
+        self.calls: dict[str, list[dict[str, Any]]] = {name: [] for name in self.RECORDED}
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
+        attr = getattr(self._pipe, name)
+        if name not in self.RECORDED:
+            return attr
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name].append({"args": args, **kwargs})
+            return attr(*args, **kwargs)
+
+        return record
 
     def inpaint(self, image: Any, mask: Any, prompt: str, *args: Any, **kwargs: Any) -> Any:
         self.edits.append({"image": image.copy(), "mask": mask.copy(), "prompt": prompt, **kwargs})
@@ -89,7 +103,7 @@ def save_screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
+def test_page_generate_vary_edit_mix(chromium, one_thread, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     pipe = RecordingPipeline(load_pipeline(write_tiny_pipeline(tmp_path / "tiny"), device="cpu"))
@@ -116,8 +130,10 @@ def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
             cards = page.locator("#gallery .card")
             message = page.locator("#message")
 
-            # generate: 2 images from a prompt, shown in the gallery once loaded
+            # generate: 2 WebP images from a prompt and a negative prompt, shown in the gallery
             page.fill("#prompt", "a red apple")
+            page.fill("#negative-prompt", "a blue square")
+            page.select_option("#output-format", "webp")
             page.fill("#n", "2")
             page.fill("#seed", "7")
             page.click("#generate-button")
@@ -136,17 +152,48 @@ def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
             gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
             assert [g["method"] for g in gallery] == ["text_to_image", "text_to_image"]
             assert {g["seed"] for g in gallery} == {7, 8}
+            assert {g["format"] for g in gallery} == {"webp"}
+            assert all(g["url"].endswith(".webp") for g in gallery)
+            assert {g["info"]["negative_prompt"] for g in gallery} == {"a blue square"}
+            (generated,) = pipe.calls["text_to_image"]
+            assert generated["negative_prompt"] == "a blue square" and generated["seed"] == 7
+            first_file = httpx.get(gallery[0]["url"])
+            assert first_file.headers["content-type"] == "image/webp"
+            assert Image.open(io.BytesIO(first_file.content)).format == "WEBP"
 
-            # variations of the newest image: n (2) more cards
+            # variations of the newest image (empty prompt): n (2) more cards
+            vary = page.locator("#vary")
+            expect(vary).to_be_hidden()
             cards.first.locator('[data-action="vary"]').click()
+            expect(vary).to_be_visible()
+            expect(page.locator("#vary-image")).to_have_js_property("complete", True)
+            page.click("#vary-run")
             expect(message).to_have_text("done: 2 image(s)")
             expect(cards).to_have_count(4)
             gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
             assert [g["method"] for g in gallery[:2]] == ["variations", "variations"]
+            (varied,) = pipe.calls["variations"]
+            assert varied["n"] == 2 and "negative_prompt" not in varied
             save_screenshot(page, tmp_path, "server-generate.png")
 
+            # image-to-image of the same image: a prompt and the strength slider at 0.3
+            page.fill("#vary-prompt", "a yellow star")
+            page.fill("#strength", "0.3")
+            expect(page.locator("#strength-value")).to_have_text("0.30")
+            page.click("#vary-run")
+            expect(message).to_have_text("done: 2 image(s)")
+            expect(cards).to_have_count(6)
+            gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
+            assert [g["method"] for g in gallery[:2]] == ["image_to_image"] * 2
+            assert gallery[0]["info"]["strength"] == "0.3"
+            (img2img,) = pipe.calls["image_to_image"]
+            assert img2img["args"][1] == "a yellow star" and img2img["strength"] == 0.3
+            assert img2img["num_images"] == 2 and img2img["negative_prompt"] == "a blue square"
+            page.click("#vary-close")
+            expect(vary).to_be_hidden()
+
             # edit the newest generated image: paint a horizontal stroke across the middle
-            target = cards.nth(2)
+            target = cards.nth(4)
             target_id = target.get_attribute("data-id")
             target.locator('[data-action="edit"]').click()
             editor = page.locator("#editor")
@@ -172,7 +219,7 @@ def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
             page.click("#edit-run")
             expect(editor).to_be_hidden()
             expect(message).to_have_text("done: 2 image(s)")
-            expect(cards).to_have_count(6)
+            expect(cards).to_have_count(8)
             expect(cards.first.locator(".caption")).to_have_text("a green circle")
             expect(cards.first.locator("img")).to_have_js_property("complete", True)
             assert cards.first.locator("img").evaluate("i => i.naturalWidth") == OUT
@@ -180,7 +227,21 @@ def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
             assert [(g["method"], g["prompt"]) for g in gallery[:2]] == [
                 ("inpaint", "a green circle")
             ] * 2
-            target_png = httpx.get(f"{base}/files/{target_id}.png").content
+            target_file = httpx.get(f"{base}/files/{target_id}.webp").content
+
+            # mix two prompts, the weight slider at 0.25 (B's weight)
+            page.fill("#mix-a", "a red apple")
+            page.fill("#mix-b", "a green circle")
+            page.fill("#mix-weight", "0.25")
+            expect(page.locator("#mix-weight-value")).to_have_text("0.25")
+            page.click("#mix-button")
+            expect(message).to_have_text("done: 2 image(s)")
+            expect(cards).to_have_count(10)
+            gallery = httpx.get(f"{base}/v1/gallery").json()["data"]
+            assert [g["method"] for g in gallery[:2]] == ["mix", "mix"]
+            (mixed,) = pipe.calls["mix"]
+            assert mixed["args"] == (["a red apple", "a green circle"], [0.75, 0.25])
+            assert mixed["seed"] == 7 and mixed["negative_prompt"] == "a blue square"
             assert problems == []
 
         finally:
@@ -191,11 +252,12 @@ def test_page_generate_vary_edit(chromium, one_thread, tmp_path):
     assert len(pipe.edits) == 1
     edit = pipe.edits[0]
     assert edit["prompt"] == "a green circle" and edit["n"] == 2
+    assert edit["negative_prompt"] == "a blue square"
     assert np.array_equal(
         np.asarray(edit["image"].convert("RGB")),
-        np.asarray(Image.open(io.BytesIO(target_png)).convert("RGB")),
+        np.asarray(Image.open(io.BytesIO(target_file)).convert("RGB")),
     )
-    assert png_text(target_png)["seed"] == "8"
+    assert image_text(target_file)["seed"] == "8"
     mask = np.asarray(edit["mask"].convert("L"))
     assert mask.shape == (OUT, OUT) and set(np.unique(mask).tolist()) <= {0, 255}
     rows, cols = np.nonzero(mask)

@@ -132,7 +132,7 @@ def test_text_to_image_equals_diffusers_stage_by_stage(folders):
     s, g = _settings(pipe), torch.Generator().manual_seed(7)
     ctx = pipe._ctx(None, g)
     text = TextCondition.cat([pipe._text(p) for p in PROMPTS])
-    z_i = pipe._sample_prior(text, [0, 1], s, None, True, g)
+    z_i = pipe._sample_prior(text, [0, 1], s, None, True, generator=g)
     _close(z_i, seen["z_i"], "prior z_i")
     x = decode(pipe.decoder, z_i, text, s.decoder, g, ctx)
     _close(x.clamp(-1, 1), seen["decoder_scheduler"].clamp(-1, 1), "decoder image")
@@ -161,7 +161,7 @@ def test_variations_equal_diffusers_stage_by_stage(folders):
     assert pipe.prior is None
     s, g = _settings(pipe), torch.Generator().manual_seed(3)
     ctx = pipe._ctx(None, g)
-    z_i = pipe._clip_image(prepare_image(image, pipe.image_size), unit=False)
+    z_i = pipe._clip_image(prepare_image(image, pipe.image_size))
     _close(z_i.expand(2, -1), seen["z_i"], "image embedding")
     x = decode(pipe.decoder, z_i.expand(2, -1), None, s.decoder, g, ctx)
     _close(x.clamp(-1, 1), seen["decoder_scheduler"].clamp(-1, 1), "decoder image")
@@ -190,12 +190,20 @@ def test_every_capability_runs_on_a_converted_folder(folders):
         "outpaint": var.outpaint(a, left=8, prompt="a red square", seed=1, **few),
         "rank": var.rank("a red square", [a, b], 1),
         "invert": var.variations(a, 1, invert=True, seed=1, **few),
+        "negative": var.variations(a, 1, seed=1, negative_prompt="a blue square", **few),
+        "mix": var.mix([a, "a red square"], seed=1, **few),
+        "img2img": var.image_to_image(a, strength=0.5, seed=1, **few),
     }
     for name, images in outs.items():
         assert images and all(im.size[0] > 0 for im in images), name
     t2i = _load(t2i_dir)
     (edited,) = t2i.inpaint(a, mask, "a red square", seed=1, **_overrides())
     assert edited.size == (tiny.SUPER, tiny.SUPER)
+    plain, avoided = (
+        t2i.text_to_image("a red square", seed=2, negative_prompt=neg, **_overrides())[0]
+        for neg in (None, "a blue square")
+    )
+    assert np.abs(_pixels([plain]) - _pixels([avoided])).max() > 0  # the negative is used
     with pytest.raises(ValueError, match="no image encoder"):  # the text-only layout
         t2i.variations(a, 1, seed=1)
 

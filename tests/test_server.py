@@ -1,52 +1,45 @@
-"""The server on a tiny random pipeline: the OpenAI Images API (raw HTTP and the official
-``openai`` client), every error path, the queue (429, timeouts, cancel), SSE progress, the
-gallery, the page and ``unclip serve``."""
+"""The server on a tiny random pipeline: the OpenAI Images API over raw HTTP, every error
+path, the queue (429, timeouts, cancel), SSE progress, the gallery, the page and ``unclip
+serve``. (The official ``openai`` client against a real server: ``test_openai_client.py``;
+the fields of today's Images API, streaming and the extensions of issue #33:
+``test_server_images.py``.)"""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import warnings
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
-import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from server_helpers import (
+    LIMITS,
+    GatedPipeline,
+    assert_error,
+    bomb_png,
+    box_mask,
+    decode,
+    parse_sse,
+    png,
+    wait_for,
+)
 from tiny_pipeline import OUT
 from unclip import cli
 from unclip.server import Limits, create_app
 from unclip.server.bodies import MULTIPART_OVERHEAD
-from unclip.server.jobs import Job, JobCancelled, JobQueue, QueueFull
+from unclip.server.jobs import Job, JobQueue, QueueFull
 from unclip.server.uploads import png_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-LIMITS = Limits(
-    max_prompt_chars=200,
-    max_n=4,
-    max_frames=4,
-    max_steps=20,
-    max_upload_bytes=64 * 1024,
-    max_image_pixels=512 * 512,
-    max_json_bytes=16 * 1024,
-    request_timeout=60.0,
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,78 +52,6 @@ def client(pipe, gallery_db) -> Iterator[TestClient]:
     app = create_app(pipe, limits=LIMITS, gallery_db=gallery_db, queue_size=4)
     with TestClient(app) as c:
         yield c
-
-
-class GatedPipeline:
-    """The tiny pipeline, except that ``text_to_image`` waits for ``gate``: it holds a
-    worker for as long as a test needs."""
-
-    def __init__(self, pipe: Any) -> None:
-        self._pipe = pipe
-        self.gate = threading.Event()
-        self.raised: list[BaseException] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
-
-    def text_to_image(self, *args: Any, **kwargs: Any) -> Any:
-        assert self.gate.wait(30), "gate never opened"
-        try:
-            return self._pipe.text_to_image(*args, **kwargs)
-        except BaseException as e:
-            self.raised.append(e)
-            raise
-
-
-def png(size=(20, 20), color=(200, 30, 30), mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def box_mask(size=(20, 20), box=(5, 5, 15, 15)) -> bytes:
-    mask = Image.new("L", size, 0)
-    mask.paste(255, box)
-    buf = io.BytesIO()
-    mask.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def bomb_png(side: int = 20_000) -> bytes:
-    """A valid 1-bit PNG of side × side black pixels: about 40 KB declaring 400 megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = b"\x00" * (1 + side // 8)
-    raw = zlib.compress(row * side, 9)
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None, code=None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["message"]
-    assert err["type"] == ("invalid_request_error" if status < 429 else err["type"])
-    if param is not None:
-        assert err["param"] == param
-    if code is not None:
-        assert err["code"] == code
-    return err
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,20 +425,6 @@ def test_job_queue_alone():
 # Progress as server-sent events
 
 
-def parse_sse(text: str) -> list[dict[str, Any]]:
-    events = []
-    for block in text.split("\n\n"):
-        ev: dict[str, Any] = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(": ")
-            if key in ("id", "event", "data"):
-                ev[key] = value
-        if "event" in ev:
-            ev["data"] = json.loads(ev["data"])
-            events.append(ev)
-    return events
-
-
 def test_sse_progress(client):
     r = client.post(
         "/v1/images/generations",
@@ -609,114 +516,6 @@ def test_page_and_openapi(client):
     body = doc["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]
     assert "seed" in body["application/json"]["schema"]["properties"]
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
-
-
-# ---------------------------------------------------------------------------------------------
-# A real server on loopback: the official openai client and concurrent load
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 (a free port), in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 20)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-
-
-def test_openai_client(pipe):
-    app = create_app(pipe, limits=LIMITS, api_key="k-123")
-    with serving(app) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k-123", max_retries=0)
-        gen = client.images.generate(
-            prompt="cherry blossom, noto style", n=2, response_format="b64_json",
-            extra_body={"seed": 4, "steps": 2},
-        )  # fmt: skip
-        assert len(gen.data) == 2
-        assert all(decode(d.b64_json).size == (OUT, OUT) for d in gen.data)
-        edit = client.images.edit(
-            image=("a.png", png(), "image/png"),
-            mask=("m.png", box_mask(), "image/png"),
-            prompt="a red apple",
-            response_format="b64_json",
-        )
-        assert decode(edit.data[0].b64_json).size == (OUT, OUT)
-        with warnings.catch_warnings():  # the variations endpoint is deprecated upstream
-            warnings.simplefilter("ignore", DeprecationWarning)
-            var = client.images.create_variation(image=("a.png", png(), "image/png"), n=1)
-        assert var.data[0].url.startswith(base)
-        fetched = httpx.get(var.data[0].url)
-        assert fetched.status_code == 200 and png_text(fetched.content)["method"] == "variations"
-        with pytest.raises(openai.BadRequestError) as e:
-            client.images.generate(prompt="x", n=9)
-        assert e.value.status_code == 400 and e.value.body["param"] == "n"
-        with pytest.raises(openai.BadRequestError):
-            client.images.edit(
-                image=("a.png", png(), "image/png"),
-                mask=("m.png", box_mask((8, 8)), "image/png"),
-                prompt="x",
-            )
-        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            wrong.images.generate(prompt="x")
-
-
-def test_concurrent_load_bounded(pipe):
-    """24 concurrent requests against 1 worker and 2 queue slots: each one gets its images or
-    a 429, the accepted ones all finish, and the server keeps serving."""
-    gated = GatedPipeline(pipe)
-    app = create_app(gated, limits=LIMITS, workers=1, queue_size=2)
-    results: list[int] = []
-    lock = threading.Lock()
-    try:
-        with serving(app) as base, httpx.Client(base_url=base, timeout=60) as http:
-
-            def one(i: int) -> None:
-                r = http.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i})
-                with lock:
-                    results.append(r.status_code)
-                    if r.status_code == 429:
-                        assert int(r.headers["retry-after"]) >= 1
-
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
-            for t in threads:
-                t.start()
-            wait_for(lambda: results.count(429) >= 21)
-            gated.gate.set()
-            for t in threads:
-                t.join(60)
-            assert len(results) == 24 and set(results) <= {200, 429}
-            assert 2 <= results.count(200) <= 3  # 1 running + 2 waiting (or 2 if all queued first)
-            assert http.get("/v1/status").json()["queue"]["queued"] == 0
-            assert http.post("/v1/images/generations", json={"prompt": "after"}).status_code == 200
-    finally:
-        gated.gate.set()
-
-
-def test_client_disconnect_cancels_the_job(pipe):
-    gated = GatedPipeline(pipe)
-    app = create_app(gated, limits=LIMITS, workers=1, queue_size=1)
-    try:
-        with serving(app) as base:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"}, timeout=0.3)
-            time.sleep(1.0)  # the server polls for a disconnect every 0.5 s
-            gated.gate.set()
-            wait_for(lambda: len(gated.raised) == 1)
-            assert isinstance(gated.raised[0], JobCancelled)
-            status = httpx.get(f"{base}/v1/status").json()["queue"]
-            assert status["running"] == 0
-    finally:
-        gated.gate.set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from test_server import LIMITS, assert_error, box_mask, png, serving
+from server_helpers import LIMITS, assert_error, box_mask, png, serving
 from unclip import cli
 from unclip.server import Limits, create_app
 from unclip.server.app import normalize_origin
@@ -381,7 +381,7 @@ def test_gallery_evicts_the_oldest_past_its_size(tmp_path):
         files = _files(g)
         assert sum(files.values()) <= 3500 and g.total_bytes() == sum(files.values())
         assert set(files) == set(ids[-3:])  # the newest three, exactly
-    assert g.count() == 3 and g.get(ids[0]) is None and g.get_png(ids[-1]) is not None
+    assert g.count() == 3 and g.get(ids[0]) is None and g.get_file(ids[-1]) is not None
     # an image bigger than the whole limit is kept (just written), the rest evicted
     big = g.put(_blob(5000), {}, (1, 1))
     assert set(_files(g)) == {big}
@@ -420,8 +420,9 @@ def test_a_version_1_gallery_is_upgraded(tmp_path):
         conn.execute("PRAGMA user_version = 1")
     g = Gallery(db, max_bytes=2500)
     assert g.total_bytes() == 2000 and set(_files(g)) == set(ids[1:])
+    assert g.get_file(ids[2]) == (_blob(1000), "png") and g.get(ids[2]).format == "png"
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_the_server_keeps_its_gallery_under_the_limit(pipe, tmp_path):

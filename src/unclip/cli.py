@@ -57,6 +57,7 @@ COMMAND_MODULES: list[str] = [
     "unclip.commands.clip",
     "unclip.commands.evaluate",
     "unclip.commands.generate",
+    "unclip.commands.remix",
     "unclip.commands.info",
     "unclip.commands.serve",
     "unclip.commands.bench",

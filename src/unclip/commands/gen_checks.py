@@ -28,7 +28,8 @@ def check_float(value: float | None, flag: str, low: float, high: float) -> None
 
 def check_common(args: argparse.Namespace) -> None:
     """The checks every generation command shares: step, guidance, candidate, -n and seed
-    ranges, a seed drawn when none was given, and writable ``--out``/``--grid`` places."""
+    ranges, the ``--negative`` caption, a seed drawn when none was given, and writable
+    ``--out``/``--grid`` places."""
     from unclip.pipeline.config import MAX_CANDIDATES, MAX_GUIDANCE, MAX_STEPS
     from unclip.pipeline.settings import MAX_IMAGES, MAX_SEED
 
@@ -38,6 +39,10 @@ def check_common(args: argparse.Namespace) -> None:
         check_float(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0.0, MAX_GUIDANCE)
     check_int(getattr(args, "prior_candidates", None), "--prior-candidates", 1, MAX_CANDIDATES)
     check_int(getattr(args, "num", None), "-n", 1, MAX_IMAGES)
+    if getattr(args, "negative", None) is not None:
+        from unclip.pipeline.settings import check_prompt
+
+        check_prompt(args.negative, "--negative caption")
     check_int(getattr(args, "seed", None), "--seed", 0, MAX_SEED - MAX_IMAGES)
     if getattr(args, "seed", "absent") is None:
         import secrets

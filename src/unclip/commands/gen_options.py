@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from unclip.commands import SAMPLER_NAMES, add_command, add_dtype_argument
@@ -95,11 +96,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, prior: bool, guidance: bool = True) -> None:
-    """Seed, sampler and per-stage step/guidance overrides (prior ones if ``prior``)."""
+def add_sampling_args(
+    p: argparse.ArgumentParser,
+    *,
+    prior: bool,
+    guidance: bool = True,
+    negative: bool = False,
+    no_prior: bool = True,
+) -> None:
+    """Seed, sampler and per-stage step/guidance overrides (prior ones if ``prior``, with
+    ``--no-prior`` if ``no_prior`` too), and ``--negative`` if ``negative``."""
     g = p.add_argument_group("sampling (defaults: the pipeline's pipeline.json)")
     g.add_argument("--seed", type=int, help="seed of the first image; image i uses SEED+i "
                    "(default: random, reported in the metadata and --json)")  # fmt: skip
+    if negative:
+        g.add_argument("--negative", metavar="TEXT", help="negative prompt: a caption to steer "
+                       "away from (guidance pushes from it instead of from no caption)")  # fmt: skip
     g.add_argument(
         "--sampler", choices=SAMPLER_NAMES, help="sampler for every stage (default per stage)"
     )
@@ -114,11 +126,13 @@ def add_sampling_args(p: argparse.ArgumentParser, *, prior: bool, guidance: bool
             metavar="N",
             help="z_i samples per image; the one closest to the caption's z_t is kept",
         )
-        g.add_argument(
-            "--no-prior",
-            action="store_true",
-            help="feed the decoder the text embedding instead of a prior sample (§5.1 baseline)",
-        )
+        if no_prior:
+            g.add_argument(
+                "--no-prior",
+                action="store_true",
+                help="feed the decoder the text embedding instead of a prior sample (§5.1 "
+                "baseline)",
+            )
     g.add_argument("--decoder-steps", type=int, metavar="N", help="decoder sampling steps")
     if guidance:
         g.add_argument(
@@ -158,6 +172,39 @@ def add_inpaint_args(p: argparse.ArgumentParser) -> None:
                    help="RePaint: passes over each jump, 1-100 (default 4)")  # fmt: skip
     g.add_argument("--jump", type=int, default=5, metavar="J",
                    help="RePaint: steps to jump back up (default 5, at most half the steps)")  # fmt: skip
+
+
+def add_shared_args(
+    p: argparse.ArgumentParser,
+    *,
+    prior: bool,
+    inpaint: bool = False,
+    negative: bool = True,
+    no_prior: bool = True,
+) -> None:
+    """The option groups every image-making command has (inpainting, sampling, model,
+    output, in that order in --help); ``negative``/``no_prior``: as in
+    :func:`add_sampling_args`."""
+    if inpaint:
+        add_inpaint_args(p)
+    add_sampling_args(p, prior=prior, negative=negative, no_prior=no_prior)
+    add_model_args(p)
+    add_output_args(p)
+
+
+@contextmanager
+def pipeline_call(args: argparse.Namespace, count: int) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """The pipeline of ``args`` and the keyword arguments every capability call takes from
+    them: the seed, the sampling overrides, ``--negative`` where given, and a progress bar
+    for ``count`` images (closed on exit). The command calls the capability itself."""
+    from unclip.commands.progress import progress_bar
+
+    pipe = load_pipeline_from(args)
+    shared = {"seed": args.seed, **sampling_overrides(args)}
+    if getattr(args, "negative", None) is not None:
+        shared["negative_prompt"] = args.negative
+    with progress_bar(args, count, pipe) as bar:
+        yield pipe, {**shared, "progress": bar}
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:

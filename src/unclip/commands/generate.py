@@ -1,4 +1,5 @@
-"""Generation commands: ``unclip generate|vary|interpolate|textdiff|edit|outpaint|rank``.
+"""Generation commands: ``unclip generate|vary|interpolate|textdiff|edit|outpaint|rank``
+(``mix``, ``img2img`` and ``generate --from-png`` are in :mod:`unclip.commands.remix`).
 
 Each is a thin layer over one :class:`unclip.pipeline.UnclipPipeline` method, which it calls
 itself (so the UNet runs four frames below the command function). Its docstring is its
@@ -16,8 +17,6 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,14 @@ from unclip.commands.gen_checks import (
 from unclip.commands.gen_options import (
     MASK_POLICY,
     RESIZE_POLICY,
-    add_inpaint_args,
     add_model_args,
     add_output_args,
-    add_sampling_args,
+    add_shared_args,
     command_parser,
     load_pipeline_from,
-    sampling_overrides,
+    pipeline_call,
 )
-from unclip.commands.outputs import atomic_save, write_results
-from unclip.commands.progress import progress_bar
+from unclip.commands.outputs import atomic_save, seed_caption, write_results
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, metavar="N", help="draw N images and re-rank by CLIP")
     p.add_argument("--keep", type=int, metavar="K", help="with --candidates: keep the best K "
                    "(default: -n)")  # fmt: skip
-    _add_shared_args(p, prior=True)
+    p.add_argument("--from-png", metavar="FILE", help="instead of CAPTION: redo the call that "
+                   "made FILE (an unclip PNG: text_to_image, variations, image_to_image or mix) "
+                   "from its metadata; flags given too override its settings")  # fmt: skip
+    add_shared_args(p, prior=True)
 
     p = command_parser(sub, "vary", run_vary, RESIZE_POLICY)
     p.add_argument("image", metavar="IMAGE", help="the image to vary")
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert", action="store_true", help="start from the DDIM-inverted noise")
     p.add_argument("--eta", type=float, help="DDIM η in [0, 1] (default: 0.5 with --invert, "
                    "else the pipeline's)")  # fmt: skip
-    _add_shared_args(p, prior=False)
+    add_shared_args(p, prior=False)
 
     p = command_parser(sub, "interpolate", run_interpolate, RESIZE_POLICY)
     p.add_argument("a", metavar="A", help="first image")
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--invert-noise", action="store_true", help="interpolate the images' inverted noise"
     )
-    _add_shared_args(p, prior=False)
+    add_shared_args(p, prior=False, negative=False)
 
     p = command_parser(sub, "textdiff", run_textdiff, RESIZE_POLICY)
     p.add_argument("image", metavar="IMAGE", help="the image to change")
@@ -86,13 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-theta", type=float, default=0.5, metavar="T",
                    help="largest slerp angle fraction, in (0, 1] (default 0.5)")  # fmt: skip
     p.add_argument("--no-invert", action="store_true", help="seeded noise, not inverted noise")
-    _add_shared_args(p, prior=False)
+    add_shared_args(p, prior=False, negative=False)
 
     p = command_parser(sub, "edit", run_edit, RESIZE_POLICY, MASK_POLICY)
     p.add_argument("image", metavar="IMAGE", help="the image to edit")
     p.add_argument("prompt", metavar="CAPTION", help="what the repainted image should show")
     p.add_argument("--mask", metavar="MASK", help="mask image (white/transparent = repaint)")
-    _add_shared_args(p, prior=True, inpaint=True)
+    add_shared_args(p, prior=True, inpaint=True)
 
     p = command_parser(sub, "outpaint", run_outpaint, RESIZE_POLICY)
     p.add_argument("image", metavar="IMAGE", help="the image to extend")
@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for side in ("left", "right", "top", "bottom"):
         p.add_argument(f"--{side}", type=int, default=0, metavar="PX",
                        help=f"pixels to add on the {side} (default 0; at most 4x the image side)")  # fmt: skip
-    _add_shared_args(p, prior=True, inpaint=True)
+    add_shared_args(p, prior=True, inpaint=True)
 
     p = command_parser(sub, "rank", run_rank, RESIZE_POLICY)
     p.add_argument("prompt", metavar="CAPTION", help="the caption to rank against")
@@ -110,40 +110,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output_args(p, images=False)
 
 
-def _add_shared_args(p: argparse.ArgumentParser, *, prior: bool, inpaint: bool = False) -> None:
-    """The option groups every image-making command has (inpainting, sampling, model,
-    output, in that order in --help)."""
-    if inpaint:
-        add_inpaint_args(p)
-    add_sampling_args(p, prior=prior)
-    add_model_args(p)
-    add_output_args(p)
-
-
-@contextmanager
-def _pipeline(args: argparse.Namespace, count: int) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """The pipeline of ``args`` and the keyword arguments every capability call takes from
-    them: the seed, the sampling overrides and a progress bar for ``count`` images (closed on
-    exit). The command calls the capability itself, with these."""
-    pipe = load_pipeline_from(args)
-    with progress_bar(args, count, pipe) as bar:
-        yield pipe, {"seed": args.seed, "progress": bar, **sampling_overrides(args)}
-
-
-def _seed_caption(img: Any) -> str:
-    return f"seed {img.info.get('seed')}"
-
-
 def run_generate(args: argparse.Namespace) -> int:
     """generate images from a caption (text -> prior -> decoder -> upsamplers)
 
     Generate images from a caption with the unCLIP pipeline (DALL·E 2 §2): the prior turns
     the caption's CLIP text embedding into an image embedding, the decoder and the upsamplers
     turn that into pixels. With --candidates N, N images are drawn and the --keep best by CLIP
-    similarity to the caption are kept (CLIP re-ranking).
+    similarity to the caption are kept (CLIP re-ranking). --negative steers away from a
+    caption; --from-png FILE makes an unclip PNG again from its metadata.
     """
     from unclip.pipeline.settings import MAX_IMAGES, check_prompt
 
+    if args.from_png is not None:
+        from unclip.commands.remix import redo_png
+
+        return redo_png(args)
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give either a CAPTION or --prompts FILE (one caption per line)")
     prompts = read_prompts(args.prompts) if args.prompts else [check_prompt(args.prompt)]
@@ -157,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n {args.num} is more than --candidates {args.candidates}")
     prompt = prompts if args.prompts else prompts[0]
     keep = args.keep if args.candidates else None
-    with _pipeline(args, (args.candidates or args.num) * len(prompts)) as (pipe, shared):
+    with pipeline_call(args, (args.candidates or args.num) * len(prompts)) as (pipe, shared):
         images = pipe.text_to_image(
             prompt,
             args.num,
@@ -167,7 +148,7 @@ def run_generate(args: argparse.Namespace) -> int:
             **shared,
         )
     if args.prompts is None:
-        return write_results(args, images, args.seed, _seed_caption)
+        return write_results(args, images, args.seed, seed_caption)
     names = [f"p{i // args.num}-{i % args.num}" for i in range(len(images))]
     return write_results(args, images, args.seed, lambda img: str(img.info.get("prompt", "")),
                          names=names, columns=args.num)  # fmt: skip
@@ -183,9 +164,9 @@ def run_vary(args: argparse.Namespace) -> int:
     check_common(args)
     check_float(args.eta, "--eta", 0.0, 1.0)
     (image,) = load_images([args.image])
-    with _pipeline(args, args.num) as (pipe, shared):
+    with pipeline_call(args, args.num) as (pipe, shared):
         images = pipe.variations(image, args.num, invert=args.invert, eta=args.eta, **shared)
-    return write_results(args, images, args.seed, _seed_caption)
+    return write_results(args, images, args.seed, seed_caption)
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
@@ -200,7 +181,7 @@ def run_interpolate(args: argparse.Namespace) -> int:
     check_common(args)
     check_int(args.frames, "--frames", 2, MAX_IMAGES)
     a, b = load_images([args.a, args.b])
-    with _pipeline(args, args.frames) as (pipe, shared):
+    with pipeline_call(args, args.frames) as (pipe, shared):
         images = pipe.interpolate(a, b, args.frames, invert_noise=args.invert_noise, **shared)
     return write_results(args, images, args.seed, lambda img: f"t = {img.info.get('t')}")
 
@@ -221,7 +202,7 @@ def run_textdiff(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.max_theta) and 0.0 < args.max_theta <= 1.0):
         raise ValueError(f"--max-theta must be in (0, 1], got {args.max_theta}")
     (image,) = load_images([args.image])
-    with _pipeline(args, args.frames) as (pipe, shared):
+    with pipeline_call(args, args.frames) as (pipe, shared):
         images = pipe.text_diff(
             image,
             args.source,
@@ -273,9 +254,9 @@ def run_edit(args: argparse.Namespace) -> int:
             f"{args.image}: no --mask given and the image has no transparent pixels; pass "
             "--mask MASK (white or transparent = repaint)"
         )
-    with _pipeline(args, args.num) as (pipe, shared):
+    with pipeline_call(args, args.num) as (pipe, shared):
         images = pipe.inpaint(image, mask, args.prompt, **_paint_options(args), **shared)
-    return write_results(args, images, args.seed, _seed_caption)
+    return write_results(args, images, args.seed, seed_caption)
 
 
 def run_outpaint(args: argparse.Namespace) -> int:
@@ -298,10 +279,10 @@ def run_outpaint(args: argparse.Namespace) -> int:
         check_int(value, f"--{side}", 0, limit)
     if not any(margins.values()):
         raise ValueError("outpaint needs a margin: give --left, --right, --top or --bottom > 0")
-    with _pipeline(args, args.num) as (pipe, shared):
+    with pipeline_call(args, args.num) as (pipe, shared):
         options = {**margins, **_paint_options(args), **shared}
         images = pipe.outpaint(image, prompt=args.prompt, **options)
-    return write_results(args, images, args.seed, _seed_caption)
+    return write_results(args, images, args.seed, seed_caption)
 
 
 def run_rank(args: argparse.Namespace) -> int:

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+def seed_caption(image: Any) -> str:
+    """An image's caption in a contact sheet: its seed."""
+    return f"seed {image.info.get('seed')}"
+
+
 def _pnginfo(image: Any) -> Any:
     """The PNG text chunks of an image: its metadata's text, then the software."""
     from PIL.PngImagePlugin import PngInfo

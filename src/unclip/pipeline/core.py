@@ -16,11 +16,17 @@ noise in any batch (see :mod:`unclip.pipeline.runners` for what batching may sti
 ``decoder_steps=10``; None = the pipeline's default from ``pipeline.json``): see
 :mod:`unclip.pipeline.settings`.
 
+**Negative prompts** (``negative_prompt=``): classifier-free guidance steers away from the
+negative caption instead of from nothing: the prior's guidance uses its condition in place of
+the null one, the decoder's its z_i (sampled from the prior with the caption, from each image's
+seed) and caption tokens in place of the null ones. Without one, nothing changes.
+
 **Outputs** are RGB PIL images at the pipeline's output resolution, each carrying an
 :class:`~unclip.pipeline.events.ImageInfo` (:func:`~unclip.pipeline.events.image_info`:
-``method``, ``seed``, ``model``, per-stage ``steps``, ``guidance`` and ``sampler``, and where
-it applies ``prompt``, ``clip_score``, ``frame``, ``theta``…); ``image.info`` holds the same
-as PNG text (strings; the stage settings as JSON objects).
+``method``, ``seed``, ``model``, ``weights_hash``, the sampling settings, and where it applies
+``prompt``, ``negative_prompt``, ``strength``, ``clip_score``, ``frame``…: what
+:func:`~unclip.pipeline.provenance.redo_call` needs to redo the call); ``image.info`` holds the
+same as PNG text (strings; the stage settings as JSON).
 
 **Progress:** ``progress(stage, event)`` after every model call, with a
 :class:`~unclip.pipeline.events.ProgressEvent` (see :mod:`unclip.pipeline.events`).
@@ -28,63 +34,60 @@ as PNG text (strings; the stage settings as JSON objects).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from unclip.clip.text import TextEncoder
-from unclip.pipeline.config import PipelineConfig, SamplingConfig
-from unclip.pipeline.events import ImageInfo, attach_info, image_info
+from unclip.pipeline.base import PipelineBase
+from unclip.pipeline.config import PipelineConfig
+from unclip.pipeline.events import attach_info, image_info
 from unclip.pipeline.images import (
     ImageInput,
     as_image,
-    downscale_image,
     downscale_keep,
     inpaint_inputs,
     outpaint_canvas,
     prepare_image,
     slerp,
+    source_name,
     to_pil,
 )
 from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
 from unclip.pipeline.runners import (
     ProgressCallback,
-    RunContext,
     TextCondition,
     decode,
-    invert,
-    sample_prior,
     stage_generator,
+    stage_generators,
     upsample,
 )
 from unclip.pipeline.settings import (
     DEFAULT_MAX_BATCH,
-    apply_overrides,
+    DEFAULT_STRENGTH,
     check_count,
     check_draw,
     check_prompt,
     check_seed,
-    sampling_info,
 )
 
 #: captions whose token ids a pipeline keeps (a server sees many distinct prompts)
 TOKEN_CACHE_SIZE = 4096
 
 
-class UnclipPipeline:
+class UnclipPipeline(PipelineBase):
     """DALL·E 2: caption → z_t → prior → z_i → decoder → upsamplers → image.
 
     Build with :func:`load_pipeline`. Attributes: ``tokenizer``, ``clip`` (a
     :class:`~unclip.clip.CLIP`), ``prior``/``decoder``/``inpaint_decoder`` (a :class:`Stage`
     or None), ``upsamplers`` (list of :class:`Stage`), ``config`` (the
     :class:`~unclip.pipeline.config.PipelineConfig`), ``device``, ``dtype``.
-    See the module docstring for seeds, sampling overrides, outputs and progress.
+    See the module docstring for seeds, sampling overrides, outputs and progress; the
+    stage glue the capabilities share is :class:`~unclip.pipeline.base.PipelineBase`'s.
     """
 
     def __init__(
@@ -117,9 +120,7 @@ class UnclipPipeline:
         self.path = path
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
-        #: the stages take CLIP's embeddings unnormalised (a converted Karlo pipeline)
-        self.raw_embeddings = self.config.embeddings == "raw"
-        self.text_encoder.normalize = not self.raw_embeddings
+        self.text_encoder.normalize = not self.raw_embeddings  # z_t as the stages take it
         for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
             for net in stage.networks() if stage is not None else []:
                 net.to(memory_format=torch.channels_last)
@@ -151,142 +152,6 @@ class UnclipPipeline:
                     net.compile(**options)  # in place: same module, same state dict
         return self
 
-    @property
-    def base_size(self) -> int:
-        """The decoder's resolution."""
-        return int(self.decoder.model.config.image_size)
-
-    @property
-    def image_size(self) -> int:
-        """The output resolution (the last upsampler's, or the decoder's)."""
-        if self.upsamplers:
-            return int(self.upsamplers[-1].model.config.image_size)
-        return self.base_size
-
-    # -- settings ----------------------------------------------------------------------------
-
-    def sampling_settings(self, **overrides: Any) -> SamplingConfig:
-        """The pipeline's default sampling with ``overrides`` applied (None = keep), checked:
-        a known sampler, 1 ≤ steps ≤ the stage's diffusion timesteps, guidance in [0, 100]."""
-        stages = [("prior", self.prior), ("decoder", self.decoder)]
-        stages += [("upsampler", u) for u in self.upsamplers]
-        timesteps = [(k, st.diffusion.num_timesteps) for k, st in stages if st and st.diffusion]
-        return apply_overrides(self.config.sampling, overrides, timesteps)
-
-    # -- encoders ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def encode_text(self, texts: str | Sequence[str]) -> Tensor:
-        """CLIP text embeddings z_t, L2-normalised: N captions -> [N, D] float32."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self._unit(self._text(t).z_t) for t in texts]
-        return torch.cat(rows) if rows else torch.zeros(0)
-
-    @torch.no_grad()
-    def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
-        """CLIP image embeddings z_i, L2-normalised: N images (PIL or paths) -> [N, D] float32.
-        Each image is composited onto white and centre-cropped (see ``pipeline.images``)."""
-        if isinstance(images, (Image.Image, str, os.PathLike)):
-            images = [images]
-        rows = [self._clip_image(prepare_image(as_image(img), self.image_size)) for img in images]
-        return torch.cat(rows) if rows else torch.zeros(0)
-
-    def _clip_image(self, x: Tensor, unit: bool = True) -> Tensor:
-        """[1, 3, H, W] in [-1, 1] -> z_i [1, D] float32, L2-normalised (``unit=False``: as
-        the stages take it, unnormalised in a raw-embedding pipeline)."""
-        z = self.clip.encode_image(self.clip.preprocess(x.to(self.device)), normalize=False).float()
-        return z if self.raw_embeddings and not unit else F.normalize(z, dim=-1)
-
-    def _unit(self, z: Tensor) -> Tensor:
-        """A stage embedding [..., D] L2-normalised (it already is without raw embeddings)."""
-        return F.normalize(z, dim=-1) if self.raw_embeddings else z
-
-    def _text(self, text: str) -> TextCondition:
-        """Encode one caption (on its own, so results do not depend on batch composition);
-        z_t as the stages take it (unit norm, or raw with raw embeddings)."""
-        check_prompt(text)
-        z_t, feats, mask = self.text_encoder([text], self.device)  # [1, D], [1, L, W], [1, L]
-        z_t = z_t.float() if self.raw_embeddings else F.normalize(z_t.float(), dim=-1)
-        return TextCondition(text, z_t, feats, mask)
-
-    # -- stage glue -------------------------------------------------------------------------
-
-    def _sample_prior(
-        self,
-        text: TextCondition,
-        seeds: int | Sequence[int],
-        settings: SamplingConfig,
-        progress: ProgressCallback | None,
-        use_prior: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """z_i [N, D] for N captions (``text`` [N], one seed each): ``candidates`` samples per
-        caption, and the one closest to its z_t kept (:func:`~.runners.sample_prior`); without
-        a prior (or ``use_prior=False``) z_t itself, the paper's §5.1 baseline."""
-        if not use_prior or self.prior is None:
-            return text.z_t
-        ctx = self._ctx(progress, generator)
-        return sample_prior(self.prior, text, settings.prior, ctx.generators(seeds, "prior"), ctx)
-
-    def _invert(
-        self, x: Tensor, z_i: Tensor, settings: SamplingConfig, progress: ProgressCallback | None
-    ) -> Tensor:
-        """x_T [1, 3, s, s] of an image [1, 3, S, S] at the output resolution (resized to the
-        decoder's, antialiased), by DDIM inversion of the decoder given its z_i."""
-        x = downscale_image(x, self.base_size)
-        return invert(self.decoder, x, z_i, settings.decoder.steps, self._ctx(progress))
-
-    def _ctx(
-        self, progress: ProgressCallback | None, generator: torch.Generator | None = None
-    ) -> RunContext:
-        """What every stage runner takes: the device, the precision, ``progress`` and the one
-        ``generator`` of a call given one (see :meth:`text_to_image`)."""
-        return RunContext(self.device, self.dtype, progress, generator)
-
-    def _info(
-        self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
-    ) -> ImageInfo:
-        """An image's metadata: method, seed, model, how each of ``stages`` was sampled, and
-        the ``extra`` fields of :class:`ImageInfo` (None: not set)."""
-        ar = self.prior is not None and self.prior.diffusion is None
-        codes = self.prior.model.config.components if ar else None  # type: ignore[union-attr]
-        how = sampling_info(settings, stages, codes)
-        return ImageInfo(method=method, seed=seed, model=self.name, **how, **extra)
-
-    def _frames(
-        self,
-        z: Tensor,
-        noise: Tensor | None,
-        seeds: Sequence[int],
-        settings: SamplingConfig,
-        progress: ProgressCallback | None,
-        infos: Sequence[dict[str, Any]],
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> list[Image.Image]:
-        """Decode and upsample images from z [F, D] without a caption, image k with
-        ``seeds[k]`` from x_T ``noise`` [F or 1, 3, s, s] (None: drawn from the seeds), in
-        batches; image k gets ``infos[k]``. ``eta``: as in :func:`~.runners.decode`;
-        ``generator``: one for every stage instead of the seeds' (see ``text_to_image``)."""
-        out, ctx = [], self._ctx(progress, generator)
-        for rows in self._batches(len(infos)):
-            part = slice(rows.start, rows.stop)
-            batch_seeds = list(seeds[part])
-            x_t = noise[part] if noise is not None and noise.shape[0] > 1 else noise
-            gens = ctx.generators(batch_seeds, "decoder")
-            x = decode(self.decoder, z[part], None, settings.decoder, gens, ctx, noise=x_t, eta=eta)
-            x = upsample(self.upsamplers, x, settings.upsampler, batch_seeds, ctx)
-            out += [to_pil(x[j : j + 1], infos[k]) for j, k in enumerate(rows)]
-        return out
-
-    def _batches(self, count: int) -> list[range]:
-        """Indices 0..count-1 in runs of at most ``max_batch`` (the images of one batch)."""
-        size = max(1, int(self.max_batch))
-        return [range(i, min(i + size, count)) for i in range(0, count, size)]
-
-    def _stages_used(self, *first: str) -> list[str]:
-        return [*first, *(["upsampler"] if self.upsamplers else [])]
-
     # -- capabilities ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -299,11 +164,13 @@ class UnclipPipeline:
         candidates: int | None = None,
         keep: int | None = None,
         use_prior: bool = True,
+        negative_prompt: str | None = None,
         progress: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
         **overrides: Any,
     ) -> list[Image.Image]:
-        """Text to image (DALL·E 2 §2): ``n`` images per prompt, prompt-major order.
+        """Text to image (DALL·E 2 §2): ``n`` images per prompt, prompt-major order, guided
+        away from ``negative_prompt`` if given (see the module docstring).
 
         ``candidates=N``: draw N images per prompt and return the ``keep`` (default ``n``)
         with the highest CLIP similarity to the prompt, best first (CLIP re-ranking; the
@@ -323,20 +190,21 @@ class UnclipPipeline:
         stages = self._stages_used(*(["prior"] if used_prior else []), "decoder")
         prior = None if used_prior else "none (text embedding)"  # noted in each image's info
         texts = [self._text(t) for t in prompts]
+        neg = self._text(negative_prompt, "negative prompt") if negative_prompt else None
+        extra = {"prior": prior, "negative_prompt": negative_prompt}
         images: list[Image.Image] = []  # image k: prompt k // draw, seed base + k
         ctx = self._ctx(progress, generator)
         for rows in self._batches(draw * len(prompts)):
             text = TextCondition.cat([texts[k // draw] for k in rows])
             seeds = [base + k for k in rows]
-            z = self._sample_prior(text, seeds, settings, progress, use_prior, generator)
+            z = self._sample_prior(text, seeds, settings, progress, use_prior, neg, generator)
+            negative = self._negative(neg, seeds, settings, progress, use_prior)
             gens = ctx.generators(seeds, "decoder")
-            x = decode(self.decoder, z, text, settings.decoder, gens, ctx)
+            x = decode(self.decoder, z, text, settings.decoder, gens, ctx, negative=negative)
             x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             for j, k in enumerate(rows):
                 p = prompts[k // draw]
-                info = self._info(
-                    "text_to_image", base + k, settings, stages, prompt=p, prior=prior
-                )
+                info = self._info("text_to_image", base + k, settings, stages, prompt=p, **extra)
                 images.append(to_pil(x[j : j + 1], info))
         if candidates is None:
             return images
@@ -359,6 +227,7 @@ class UnclipPipeline:
         invert: bool = False,
         eta: float | None = None,
         seed: int | None = None,
+        negative_prompt: str | None = None,
         progress: ProgressCallback | None = None,
         generator: torch.Generator | None = None,
         **overrides: Any,
@@ -367,29 +236,31 @@ class UnclipPipeline:
         noise. ``invert=True`` starts every sample from the image's DDIM-inverted x_T and
         samples with DDIM at ``eta`` (default 0.5; η = 0 reconstructs the image), giving
         variations close to the original; otherwise each seed draws fresh noise (``eta``
-        default: the pipeline's decoder η). ``generator``: as in :meth:`text_to_image` (as
-        diffusers' ``UnCLIPImageVariationPipeline`` draws)."""
+        default: the pipeline's decoder η). ``negative_prompt`` guides the decoder only;
+        ``generator``: as in :meth:`text_to_image` (as diffusers'
+        ``UnCLIPImageVariationPipeline`` draws)."""
         img = as_image(image)
         n = check_count(n, "n")
         if eta is not None and not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
+        neg = self._text(negative_prompt, "negative prompt") if negative_prompt else None
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, n)
         x_full = prepare_image(img, self.image_size).to(self.device)
-        z = self._clip_image(x_full, unit=False)
+        z = self._clip_image(x_full)
         noise = None
         if invert:
             noise = self._invert(x_full, z, settings, progress)
             eta = 0.5 if eta is None else eta
-        stages = self._stages_used("decoder")
+        stages = self._stages_used(*(["prior"] if neg and self.prior else []), "decoder")
         if invert:
             settings = settings.replace(decoder=settings.decoder.replace(sampler="ddim"))
         extra = {"inverted": "true" if invert else None, "eta": None if eta is None else float(eta)}
+        extra.update(negative_prompt=negative_prompt, image=source_name(image))
         seeds = [base + i for i in range(n)]
         infos = [self._info("variations", s, settings, stages, **extra) for s in seeds]
-        return self._frames(
-            z.expand(n, -1), noise, seeds, settings, progress, infos, eta, generator
-        )
+        z = z.expand(n, -1)
+        return self._frames(z, noise, seeds, settings, progress, infos, eta, neg, generator)
 
     @torch.no_grad()
     def interpolate(
@@ -413,7 +284,7 @@ class UnclipPipeline:
         base = check_seed(seed, 1)
         xa = prepare_image(img_a, self.image_size).to(self.device)
         xb = prepare_image(img_b, self.image_size).to(self.device)
-        za, zb = self._clip_image(xa, unit=False), self._clip_image(xb, unit=False)
+        za, zb = self._clip_image(xa), self._clip_image(xb)
         if invert_noise:
             na = self._invert(xa, za, settings, progress)
             nb = self._invert(xb, zb, settings, progress)
@@ -456,7 +327,7 @@ class UnclipPipeline:
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, 1)
         x_full = prepare_image(img, self.image_size).to(self.device)
-        z = self._clip_image(x_full, unit=False)
+        z = self._clip_image(x_full)
         diff = self._text(target).z_t - self._text(source).z_t
         if float(diff.norm()) < 1e-6:
             raise ValueError("the source and target captions have the same CLIP embedding")
@@ -492,10 +363,12 @@ class UnclipPipeline:
         repaint: bool = False,
         repaint_resample: int = 4,
         repaint_jump: int = 5,
+        negative_prompt: str | None = None,
         progress: ProgressCallback | None = None,
         **overrides: Any,
     ) -> list[Image.Image]:
-        """Edit the masked region of an image to fit ``prompt`` (GLIDE §4 / DALL·E 2 edits).
+        """Edit the masked region of an image to fit ``prompt`` (GLIDE §4 / DALL·E 2 edits),
+        guided away from ``negative_prompt`` if given.
 
         ``mask``: same size as ``image``; white or transparent = repaint (see
         ``pipeline.images``). None: the image's own transparent pixels are repainted. The
@@ -512,9 +385,9 @@ class UnclipPipeline:
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, n)
         text = self._text(prompt)
+        neg = self._text(negative_prompt, "negative prompt") if negative_prompt else None
         known_full, keep_full = known_full.to(self.device), keep_full.to(self.device)
-        size = self.base_size
-        known = (downscale_image(known_full, size), downscale_keep(keep_full, size))
+        known = (self._resize_to_base(known_full), downscale_keep(keep_full, self.base_size))
         with_model = self.inpaint_decoder is not None and not repaint
         decoder = self.inpaint_decoder if with_model else self.decoder
         jump = max(1, min(repaint_jump, settings.decoder.steps // 2))
@@ -527,14 +400,18 @@ class UnclipPipeline:
         for rows in self._batches(n):
             seeds = [base + i for i in rows]
             texts = TextCondition.cat([text] * len(seeds))
-            z = self._sample_prior(texts, seeds, settings, progress, use_prior)
-            gens = ctx.generators(seeds, "decoder")
-            x = decode(decoder, z, texts, settings.decoder, gens, ctx, known=known, repaint=options)
+            z = self._sample_prior(texts, seeds, settings, progress, use_prior, neg)
+            negative = self._negative(neg, seeds, settings, progress, use_prior)
+            gens = stage_generators(seeds, "decoder")
+            st, paint = settings.decoder, {"known": known, "repaint": options, "negative": negative}
+            x = decode(decoder, z, texts, st, gens, ctx, **paint)
             x = upsample(self.upsamplers, x, settings.upsampler, seeds, ctx)
             x = keep_full * known_full + (1 - keep_full) * x  # known pixels exactly as given
             for j, s in enumerate(seeds):
-                info = self._info("inpaint", s, settings, stages, prompt=prompt, inpainting=how)
-                out.append(to_pil(x[j : j + 1], info))
+                extra = {"prompt": prompt, "negative_prompt": negative_prompt, "inpainting": how}
+                out.append(
+                    to_pil(x[j : j + 1], self._info("inpaint", s, settings, stages, **extra))
+                )
         return out
 
     @torch.no_grad()
@@ -554,7 +431,8 @@ class UnclipPipeline:
         painted too), the square is resized to the output resolution and inpainted, and the
         result is cropped back to the grown canvas: its longer side is the output size.
         ``options``: the keyword arguments of :meth:`inpaint` (``seed``, ``use_prior``,
-        ``repaint``, ``repaint_resample``, ``repaint_jump``, ``progress``, overrides)."""
+        ``repaint``, ``repaint_resample``, ``repaint_jump``, ``negative_prompt``,
+        ``progress``, overrides)."""
         img = as_image(image)
         margins = {"left": left, "right": right, "top": top, "bottom": bottom}
         for key, value in margins.items():
@@ -569,6 +447,51 @@ class UnclipPipeline:
             attach_info(cropped, image_info(im).replace(method="outpaint", margins=margins))
             out.append(cropped)
         return out
+
+    @torch.no_grad()
+    def mix(
+        self,
+        inputs: Sequence[str | ImageInput],
+        weights: Sequence[float] | None = None,
+        *,
+        num_images: int = 1,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> list[Image.Image]:
+        """Weighted mix of captions and images (DALL·E 2 §3): images through CLIP, captions
+        through the prior; their z_i combined by the normalised ``weights`` (default equal):
+        a slerp of two, the renormalised weighted mean of more; decoded without a caption.
+        A weight-0 input is dropped, so weights (1, 0) give the first input's image. Image k
+        uses seed ``seed + k``. See :mod:`unclip.pipeline.mixing`."""
+        from unclip.pipeline.mixing import mix
+
+        return mix(self, inputs, weights, num_images=num_images, seed=seed,
+                   negative_prompt=negative_prompt, progress=progress, **overrides)  # fmt: skip
+
+    @torch.no_grad()
+    def image_to_image(
+        self,
+        image: ImageInput,
+        prompt: str | None = None,
+        *,
+        strength: float = DEFAULT_STRENGTH,
+        num_images: int = 1,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> list[Image.Image]:
+        """Image to image (SDEdit): noise the image to ``strength`` (in [0, 1]) of the
+        decoder's schedule and denoise it under the prompt's z_i from the prior, or without a
+        prompt the image's own CLIP embedding. Strength 1 is ``text_to_image(prompt)`` with the
+        same seed; strength 0 returns the input. See :mod:`unclip.pipeline.img2img`."""
+        from unclip.pipeline.img2img import image_to_image
+
+        return image_to_image(self, image, prompt, strength=strength, num_images=num_images,
+                              seed=seed, negative_prompt=negative_prompt, progress=progress,
+                              **overrides)  # fmt: skip
 
     @torch.no_grad()
     def scores(self, prompt: str, images: Sequence[ImageInput]) -> Tensor:

@@ -53,9 +53,13 @@ INFO_ATTRIBUTE = "unclip_info"
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """An image's metadata, typed: how the pipeline made it (``method``, ``seed``, ``model``,
-    per-stage ``steps``, ``guidance`` and ``sampler``) and what applies to its method
-    (``prompt``; ``prior`` "none (text embedding)" without a prior sample; ``source`` and
+    """An image's metadata, typed: how the pipeline made it (``method``, ``seed``, ``model``
+    and ``weights_hash``, a short hash of the stage weights; per-stage ``steps``, ``guidance``
+    and ``sampler``, and the other ``sampling`` settings as override names, such as
+    ``{"prior_candidates": 2, "decoder_eta": 0.0}``) and what applies to its method
+    (``prompt``; ``negative_prompt``; ``strength`` of an image-to-image call; ``image``, the
+    input image's file where it was given as a path; ``inputs`` of a mix, each
+    ``{"text": caption}`` or ``{"image": file or None}``, with their ``weights``; ``prior`` "none (text embedding)" without a prior sample; ``source`` and
     ``target`` of a text diff; ``frame`` and its ``t`` or ``theta``; ``inverted`` "true" when
     decoded from DDIM-inverted noise; DDIM ``eta``; ``inpainting`` "inpaint_decoder" or
     "repaint"; ``clip_score`` of a re-ranked image; outpaint ``margins``; ``rank_index`` in
@@ -70,10 +74,17 @@ class ImageInfo:
     method: str | None = None
     seed: int | None = None
     model: str | None = None
+    weights_hash: str | None = None
     steps: dict[str, int] | None = None
     guidance: dict[str, float] | None = None
     sampler: dict[str, str] | None = None
+    sampling: dict[str, Any] | None = None
     prompt: str | None = None
+    negative_prompt: str | None = None
+    strength: float | None = None
+    image: str | None = None
+    inputs: list[dict[str, Any]] | None = None
+    weights: list[float] | None = None
     prior: str | None = None
     source: str | None = None
     target: str | None = None
@@ -106,10 +117,10 @@ class ImageInfo:
 
     def to_png_text(self) -> dict[str, str]:
         """The PNG text chunks: numbers as text (``t``, ``theta``, ``clip_score`` with four
-        decimals), the per-stage settings and margins as JSON objects."""
+        decimals), the per-stage settings, margins and mix inputs and weights as JSON."""
         out = dict(self.extra)
         for name, value in self._items():
-            if isinstance(value, dict):
+            if isinstance(value, (dict, list)):
                 out[name] = json.dumps(value)
             elif name in _FOUR_DECIMALS:
                 out[name] = f"{value:.4f}"
@@ -144,9 +155,17 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _json_list(text: str) -> list[Any]:
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError(f"not a JSON list: {text!r}")
+    return value
+
+
 def _parser(annotation: str) -> Callable[[str], Any]:
     """How the PNG text of a field with this (string) annotation is read."""
-    for prefix, parse in (("dict", _json_object), ("int", int), ("float", float)):
+    parsers = (("dict", _json_object), ("list", _json_list), ("int", int), ("float", float))
+    for prefix, parse in parsers:
         if annotation.startswith(prefix):
             return parse
     return str

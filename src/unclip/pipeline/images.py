@@ -37,6 +37,7 @@ __all__ = [
     "prepare_image",
     "repaint_mask",
     "slerp",
+    "source_name",
     "to_pil",
 ]
 
@@ -50,6 +51,12 @@ def as_image(image: ImageInput, what: str = "image") -> Image.Image:
             raise FileNotFoundError(f"{os.fspath(image)}: no such {what} file")
         return load_image(image)
     raise TypeError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
+def source_name(image: ImageInput) -> str | None:
+    """The file an input image was given as (the path as given), for its outputs' metadata;
+    None for an image given in memory."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -89,14 +96,6 @@ def keep_mask(repaint: np.ndarray, size: int) -> torch.Tensor:
     img = Image.fromarray(np.where(repaint, 0, 255).astype(np.uint8), "L").crop(crop_box(w, h))
     img = img.resize((size, size), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(img) >= 128).float()[None, None]
-
-
-def downscale_image(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Images [N, 3, S, S] in [-1, 1] -> [N, 3, size, size] (bicubic, antialiased; unchanged
-    at that size already)."""
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
 
 
 def downscale_keep(keep: torch.Tensor, size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ from unclip.pipeline.loading import Stage
 
 Generators = torch.Generator | Sequence[torch.Generator]
 
-_STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3}
+_STAGE_IDS = {"prior": 1, "decoder": 2, "upsampler": 3, "negative_prior": 4}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,17 @@ class TextCondition:
         return TextCondition(
             self.text, self.z_t[i : i + 1], self.tokens[i : i + 1], self.mask[i : i + 1]
         )
+
+
+@dataclass
+class NegativeCondition:
+    """A negative prompt for N images: its caption ``text`` [N] and its image embedding z_i
+    [N, D] (sampled from the prior with the negative caption). Classifier-free guidance then
+    steers away from it: the prior's guidance uses the negative caption in place of the null
+    one, the decoder's the negative's z_i and caption tokens in place of the null ones."""
+
+    text: TextCondition
+    z_i: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +233,17 @@ def sample_prior(
     settings: PriorSampling,
     generator: Generators,
     ctx: RunContext,
+    *,
+    negative: TextCondition | None = None,
+    name: str = "prior",
 ) -> Tensor:
     """z_i [N, D] (unit norm) for N captions: ``settings.candidates`` samples per caption, and
     the one with the highest z_i·z_t kept (DALL·E 2 §2.2). The one prior sampler of the
     pipeline and of ``unclip eval prior``.
+
+    ``negative`` [N]: a diffusion prior's guidance uses these captions' condition in place of
+    the null one (a negative prompt; an autoregressive prior ignores it). ``name``: the stage
+    name its progress events carry.
 
     ``text`` [N] conditions the prior (z_t, and the token features where the prior reads
     them). A diffusion prior draws the N·C rows as one batch; an autoregressive one
@@ -237,21 +255,18 @@ def sample_prior(
 
     model, st, z_t = prior.model, settings, text.z_t
     n, c = z_t.shape[0], st.candidates
-    tokens, mask = text.tokens, text.mask
     if prior.diffusion is None:
         z = _sample_ar(prior, text, st, generator, ctx).view(n, c, -1)
     else:
         with autocast(ctx.device, ctx.dtype):  # [n·c] rows; the caption caches in that dtype
-            cond, uncond = model.sampling_conditions(
-                z_t.repeat_interleave(c, 0),
-                None if tokens is None else tokens.repeat_interleave(c, 0),
-                None if mask is None else mask.repeat_interleave(c, 0),
-            )
+            cond, uncond = model.sampling_conditions(*_candidate_rows(text, c))
+            if negative is not None:  # the negative caption's condition replaces the null one
+                uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
         fn = guided(model, st.guidance, cond, uncond, False)
         shape = (n * c, model.config.clip_dim)
         progress, device = ctx.progress, ctx.device
         steps = sampler_steps(
-            "prior", prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
+            name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
         )
         with stage_precision(model, ctx.device, ctx.dtype):
             x = deque(steps, maxlen=1).pop().x
@@ -263,6 +278,16 @@ def sample_prior(
         z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
     best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
     return z[torch.arange(n, device=z.device), best]  # [n, D]
+
+
+def _candidate_rows(text: TextCondition, c: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(z_t, tokens, mask) of ``text`` [N] with every row repeated ``c`` times: [N·c, ...]."""
+    tokens, mask = text.tokens, text.mask
+    return (
+        text.z_t.repeat_interleave(c, 0),
+        None if tokens is None else tokens.repeat_interleave(c, 0),
+        None if mask is None else mask.repeat_interleave(c, 0),
+    )
 
 
 def _sample_ar(
@@ -299,21 +324,37 @@ def _sample_ar(
 
 
 def decoder_conditions(
-    model: nn.Module, z_i: Tensor, text: TextCondition | None
+    model: nn.Module,
+    z_i: Tensor,
+    text: TextCondition | None,
+    negative: NegativeCondition | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cond, uncond) model kwargs of a decoder for z_i [N, D] and ``text`` [N] (or None);
-    uncond drops z_i and the caption. A decoder that also takes z_t (``text_emb_dim``, as
-    Karlo's) gets ``text.z_t``."""
+    uncond drops z_i and the caption, or with a ``negative`` [N] is the negative's z_i and
+    caption (a caption-free cond then reads the negative's tokens dropped: the null caption,
+    so both sides have the same keys). A decoder that also takes z_t (``text_emb_dim``, as
+    Karlo's) gets ``text.z_t`` (the negative's in the negative's uncond)."""
+    reads_text = bool(model.config.text_dim)
+    reads_emb = bool(getattr(model.config, "text_emb_dim", 0))
     cond: dict[str, Any] = {"image_emb": z_i}
-    if text is not None and model.config.text_dim:
+    if text is not None and reads_text:
         cond["text_tokens"] = text.tokens
         cond["text_mask"] = text.mask
-    if text is not None and getattr(model.config, "text_emb_dim", 0):
+    if text is not None and reads_emb:
         cond["text_emb"] = text.z_t
     uncond = dict(cond)
     yes = torch.ones(z_i.shape[0], dtype=torch.bool, device=z_i.device)
     cond["drop_image_emb"] = cond["drop_text"] = ~yes
     uncond["drop_image_emb"] = uncond["drop_text"] = yes
+    if negative is None:
+        return cond, uncond
+    uncond = {"image_emb": negative.z_i, "drop_image_emb": ~yes, "drop_text": ~yes}
+    if reads_text:
+        uncond["text_tokens"], uncond["text_mask"] = negative.text.tokens, negative.text.mask
+    if reads_emb:
+        uncond["text_emb"] = negative.text.z_t
+    if text is None and (reads_text or reads_emb):
+        cond.update({k: v for k, v in uncond.items() if k.startswith("text_")}, drop_text=yes)
     return cond, uncond
 
 
@@ -329,19 +370,24 @@ def decode(
     known: tuple[Tensor, Tensor] | None = None,
     repaint: dict[str, int] | None = None,
     eta: float | None = None,
+    negative: NegativeCondition | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> Tensor:
     """Decode z_i [N, D] (``text`` [N] or None) to images [N, 3, s, s] at the decoder's
     resolution, as one batch.
 
     ``noise``: x_T [N or 1, 3, s, s] (None: drawn from ``generator``); ``eta``: DDIM η in place
-    of the settings' (None: keep). ``known``: (image [1, 3, s, s], keep mask [1, 1, s, s]) to
+    of the settings' (None: keep); ``negative`` [N]: guide away from it
+    (:func:`decoder_conditions`); ``timesteps``: the timesteps to visit in place of the
+    settings' steps (SDEdit: ``noise`` is then the input noised to the first, see
+    :func:`sdedit_start`). ``known``: (image [1, 3, s, s], keep mask [1, 1, s, s]) to
     inpaint, and the known pixels are kept exactly: given to ``decoder`` as its inpainting
     inputs (GLIDE §4), or with ``repaint`` (the options of
     :func:`~unclip.diffusion.repaint_sample`) by RePaint with a plain decoder.
     """
     st, model = settings, decoder.model
     n = z_i.shape[0]
-    cond, uncond = decoder_conditions(model, z_i, text)
+    cond, uncond = decoder_conditions(model, z_i, text, negative)
     if known is not None:
         known = (known[0].expand(n, -1, -1, -1), known[1].expand(n, -1, -1, -1))
         if repaint is None:
@@ -360,8 +406,9 @@ def decode(
         name = "decoder" if known is None else "inpaint"
         eta = st.eta if eta is None else eta
         progress, device = ctx.progress, ctx.device
+        count, extra = (st.steps, {}) if timesteps is None else (None, {"timesteps": timesteps})
         steps = sampler_steps(
-            name, decoder, fn, start, st.sampler, st.steps, eta, generator, progress, device
+            name, decoder, fn, start, st.sampler, count, eta, generator, progress, device, **extra
         )
     with stage_precision(model, ctx.device, ctx.dtype):
         x = deque(steps, maxlen=1).pop().x
@@ -388,6 +435,27 @@ def invert(
     )
     with stage_precision(decoder.model, ctx.device, ctx.dtype):
         return deque(run, maxlen=1).pop().x
+
+
+def sdedit_start(
+    stage: Stage,
+    x0: Tensor,
+    strength: float,
+    steps: int,
+    generator: Generators,
+    device: torch.device,
+) -> tuple[Tensor, list[int]]:
+    """SDEdit (Meng et al. 2022): (the start x_t0 [N, ...] on ``device``, the timesteps to
+    visit) for images x0 [N, ...] in [-1, 1] noised to t0 = round(strength · (T - 1)) of the
+    stage's schedule, with noise drawn from ``generator`` on the CPU (row k from generator k:
+    the draw a sampler makes for its own x_T), and ``steps`` timesteps from t0 down to 0
+    (evenly spaced, repeats merged). Strength 0 is the single step at t = 0."""
+    t0 = round(strength * (stage.diffusion.num_timesteps - 1))
+    ts = torch.linspace(t0, 0, steps).round().long().tolist()
+    noise = randn(x0.shape, generator)  # on the CPU, row k from generator k
+    t = torch.full((x0.shape[0],), t0, dtype=torch.long)
+    start = stage.diffusion.q_sample(x0.cpu(), t, noise.cpu()).to(device)
+    return start, sorted(set(ts), reverse=True)
 
 
 def upsample(
@@ -418,14 +486,11 @@ def upsample(
         steps: int | None = st.steps
         extra: dict[str, Any] = {}
         if st.strength < 1.0:  # SDEdit: start from the noised bicubic enlargement
-            t0 = round(st.strength * (up.diffusion.num_timesteps - 1))
-            ts = torch.linspace(t0, 0, st.steps).round().long().tolist()
-            extra["timesteps"] = sorted(set(ts), reverse=True)
-            steps = None
             big = F.interpolate(x.clamp(-1, 1), size=(side, side), mode="bicubic")
-            noise = randn(big.shape, gens)  # on the CPU, row k from generator k
-            t = torch.full((x.shape[0],), t0, dtype=torch.long)
-            start = up.diffusion.q_sample(big.clamp(-1, 1).cpu(), t, noise.cpu()).to(ctx.device)
+            start, extra["timesteps"] = sdedit_start(
+                up, big.clamp(-1, 1), st.strength, st.steps, gens, ctx.device
+            )
+            steps = None
         fn = model_fn(up.model, low_res=low)
         if up.last_step is not None:
             fn = last_step_switch(fn, model_fn(up.last_step, low_res=low))

@@ -35,6 +35,8 @@ MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 1024
 #: images of one call sampled together as a batch (UnclipPipeline.max_batch)
 DEFAULT_MAX_BATCH = 8
+#: how far ``image_to_image`` noises its input by default (a fraction of the decoder's schedule)
+DEFAULT_STRENGTH = 0.6
 #: the largest seed (seeds are non-negative; seed + index must stay below this)
 MAX_SEED = 2**63 - 1
 
@@ -169,19 +171,37 @@ def apply_overrides(
     return out
 
 
+#: the settings of a stage an image's ``sampling`` metadata records (those that its
+#: ``steps``, ``guidance`` and ``sampler`` do not say), per stage; "ar_prior": an
+#: autoregressive prior's
+RECORDED_SETTINGS = {
+    "prior": ("candidates", "eta"),
+    "ar_prior": ("candidates", "temperature", "top_k", "top_p"),
+    "decoder": ("eta",),
+    "upsampler": ("eta", "strength"),
+}
+
+
 def sampling_info(
     settings: SamplingConfig, stages: Sequence[str], ar_codes: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """How an image's ``stages`` were sampled, for its metadata: ``{"steps": {stage: …},
-    "guidance": {…}, "sampler": {…}}`` (``inpaint`` reads the decoder's settings; upsamplers
-    have no guidance). ``ar_codes``: the prior is autoregressive and draws that many codes,
-    one per step, guided by ``ar_guidance``."""
+    "guidance": {…}, "sampler": {…}, "sampling": {override name: value}}`` (``inpaint``
+    reads the decoder's settings; upsamplers have no guidance; ``sampling``: the
+    :data:`RECORDED_SETTINGS` of the stages, as the keyword arguments that set them).
+    ``ar_codes``: the prior is autoregressive and draws that many codes, one per step,
+    guided by ``ar_guidance``. :func:`overrides_from_info` reads it back."""
     steps: dict[str, Any] = {}
     guidance: dict[str, Any] = {}
     samplers: dict[str, Any] = {}
+    others: dict[str, Any] = {}
     for stage in stages:
-        st = getattr(settings, "decoder" if stage == "inpaint" else stage)
-        if stage == "prior" and ar_codes is not None:
+        key = "decoder" if stage == "inpaint" else stage
+        st = getattr(settings, key)
+        ar = stage == "prior" and ar_codes is not None
+        for name in RECORDED_SETTINGS["ar_prior" if ar else key]:
+            others[f"{key}_{name}"] = getattr(st, name)
+        if ar:
             steps[stage], samplers[stage], guidance[stage] = (
                 ar_codes,
                 "autoregressive",
@@ -192,4 +212,29 @@ def sampling_info(
         samplers[stage] = st.sampler
         if hasattr(st, "guidance"):
             guidance[stage] = st.guidance
-    return {"steps": steps, "guidance": guidance, "sampler": samplers}
+    return {"steps": steps, "guidance": guidance, "sampler": samplers, "sampling": others}
+
+
+def overrides_from_info(
+    steps: dict[str, Any] | None,
+    guidance: dict[str, Any] | None,
+    sampler: dict[str, Any] | None,
+    sampling: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The sampling overrides that redo an image from its metadata (the inverse of
+    :func:`sampling_info`): its per-stage ``steps``, ``guidance`` and ``sampler`` and its
+    other ``sampling`` settings as keyword arguments; names that are not sampling options
+    are skipped."""
+    out: dict[str, Any] = {}
+    samplers = sampler or {}
+    for stage, value in (steps or {}).items():
+        if samplers.get(stage) != "autoregressive":  # an AR prior's steps are its code count
+            out[f"{'decoder' if stage == 'inpaint' else stage}_steps"] = value
+    for stage, value in samplers.items():
+        if value != "autoregressive":
+            out[f"{'decoder' if stage == 'inpaint' else stage}_sampler"] = value
+    for stage, value in (guidance or {}).items():
+        ar = samplers.get(stage) == "autoregressive"
+        out[f"{'decoder' if stage == 'inpaint' else stage}_{'ar_' if ar else ''}guidance"] = value
+    out.update(sampling or {})
+    return {k: v for k, v in out.items() if k in OVERRIDES}

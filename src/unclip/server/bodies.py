@@ -1,23 +1,19 @@
-"""Request bodies: their models, how they are read and what is checked before a job runs.
+"""Request bodies: how they are read and what is checked before a job runs (the request
+models are in :mod:`.schemas`).
 
-- the Images API's request models (unknown fields are refused: a typo should not be
-  silently ignored; the OpenAI fields that make no sense here, quality, style…, are
-  accepted and ignored) and :func:`validate`, which turns a validation error into an
-  OpenAI error object naming the field;
 - :func:`json_body` (``application/json`` only, parsed with limits by :mod:`.jsonbody`),
   :func:`form_body` (multipart fields and files) and :func:`read_image` (a checked decode);
-- the checks of prompts, counts, sizes, masks and sampling settings against
-  :class:`~unclip.server.limits.Limits` and the pipeline;
+- the checks of prompts, counts, sizes, output options, masks, mix inputs and sampling
+  settings against :class:`~unclip.server.limits.Limits` and the pipeline;
 - :func:`body_limit`, the byte limit of a route's body (used by the
   :class:`~unclip.server.guard.Guard`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,119 +22,37 @@ from starlette.requests import Request
 from unclip.server.errors import APIError, bad_request
 from unclip.server.jsonbody import parse_json_object
 from unclip.server.limits import Limits
+from unclip.server.schemas import (
+    MIX_SLOTS,
+    ImageRequest,
+    InterpolationRequest,
+    MixRequest,
+    PriorOptions,
+    VariationRequest,
+)
 from unclip.server.uploads import decode_image
 
 #: output sizes besides the pipeline's own: the OpenAI API's DALL·E 2 sizes, reached by a
 #: plain Lanczos resize of the pipeline's output (no model runs at these resolutions)
 OPENAI_SIZES = (256, 512, 1024)
-#: a multipart body may hold two uploads of ``max_upload_bytes`` and this many bytes more
+#: a multipart body may hold its uploads of ``max_upload_bytes`` each and this many bytes more
 MULTIPART_OVERHEAD = 256 * 1024
-#: the routes that take multipart bodies (every other route: at most ``max_json_bytes``)
-MULTIPART_PATHS = ("/v1/images/edits", "/v1/images/variations", "/v1/images/interpolations")
+#: the routes that take multipart bodies, with the most files each takes (every other route:
+#: at most ``max_json_bytes``)
+MULTIPART_PATHS = {
+    "/v1/images/edits": 2,
+    "/v1/images/variations": 1,
+    "/v1/images/interpolations": 2,
+    "/v1/images/mix": MIX_SLOTS,
+}
 JSON_TYPE = "application/json"
 
 
 def body_limit(limits: Limits, path: str) -> int:
     """The most bytes a request body to ``path`` may have."""
     if path in MULTIPART_PATHS:
-        return 2 * limits.max_upload_bytes + MULTIPART_OVERHEAD
+        return max(2, MULTIPART_PATHS[path]) * limits.max_upload_bytes + MULTIPART_OVERHEAD
     return limits.max_json_bytes
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    #: a multipart request's file fields (name: required), in the order they are read
-    files: ClassVar[dict[str, bool]] = {}
-
-    model: str | None = Field(None, description="ignored: the server runs one pipeline")
-    user: str | None = Field(None, description="ignored")
-    size: str | None = Field(
-        None,
-        description="'auto' or 'SxS' with S the pipeline's resolution (default) or 256, 512, "
-        "1024 (a plain resize of the pipeline's output)",
-    )
-    response_format: Literal["url", "b64_json"] | None = Field(
-        None, description="default 'url' (as the OpenAI API for DALL·E 2)"
-    )
-    quality: str | None = Field(None, description="ignored")
-    style: str | None = Field(None, description="ignored")
-    output_format: Literal["png"] | None = Field(None, description="only png")
-    # extensions
-    seed: int | None = Field(
-        None, ge=0, le=2**62, description="seed of the first image; image i uses seed+i"
-    )
-    steps: int | None = Field(None, description="sampling steps of the prior and the decoder")
-    decoder_steps: int | None = None
-    upsampler_steps: int | None = None
-    guidance: float | None = Field(None, description="decoder guidance scale (1 = off)")
-    decoder_guidance: float | None = None
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "karlo"] | None = Field(
-        None, description="sampler of every stage"
-    )
-
-
-class WithPrior(ImageRequest):
-    prior_steps: int | None = None
-    prior_guidance: float | None = None
-    use_prior: bool = Field(True, description="false: decode the caption's text embedding")
-
-
-class GenerationRequest(WithPrior):
-    """``POST /v1/images/generations`` (JSON)."""
-
-    prompt: str
-    n: int = 1
-
-
-class EditRequest(WithPrior):
-    """``POST /v1/images/edits`` (multipart; files ``image`` and optional ``mask``)."""
-
-    files: ClassVar[dict[str, bool]] = {"image": True, "mask": False}
-
-    prompt: str
-    n: int = 1
-    repaint: bool = Field(False, description="RePaint with the plain decoder")
-
-
-class VariationRequest(ImageRequest):
-    """``POST /v1/images/variations`` (multipart; file ``image``)."""
-
-    files: ClassVar[dict[str, bool]] = {"image": True}
-
-    n: int = 1
-    invert: bool = Field(False, description="start from the image's DDIM-inverted noise")
-    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM η")
-
-
-class InterpolationRequest(ImageRequest):
-    """``POST /v1/images/interpolations`` (multipart; files ``image_a`` and ``image_b``)."""
-
-    files: ClassVar[dict[str, bool]] = {"image_a": True, "image_b": True}
-
-    frames: int = 5
-    invert_noise: bool = False
-
-
-def validate(model: type[BaseModel], data: dict[str, Any], *, strict: bool = False) -> Any:
-    """``data`` as ``model``. JSON bodies are read strictly (``true`` is not a step count,
-    ``"2"`` is not a number: the types the OpenAPI document gives); multipart fields are
-    text, so they are converted (``"2"`` -> 2)."""
-    try:
-        return model.model_validate(data, strict=strict)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            raise bad_request(
-                f"Unrecognized request argument supplied: {param}", param=param
-            ) from None
-        if err["type"] == "missing":
-            raise bad_request(f"Missing required parameter: '{param}'.", param=param) from None
-        raise bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +82,10 @@ async def json_body(request: Request, limits: Limits) -> dict[str, Any]:
 
 
 async def form_body(
-    request: Request, files: tuple[str, ...], limits: Limits
+    request: Request, files: tuple[str, ...], limits: Limits, text_or_file: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Fields and uploaded files of a multipart body (``image[]`` is read as ``image``)."""
+    """Fields and uploaded files of a multipart body (``image[]`` is read as ``image``).
+    ``files`` may only be uploads; those also in ``text_or_file`` may be text fields too."""
     ctype = media_type(request)
     if ctype != "multipart/form-data":
         raise APIError(
@@ -191,13 +106,13 @@ async def form_body(
             if isinstance(value, UploadFile):
                 if name not in files:
                     raise bad_request(f"unexpected file field {key!r}", param=key)
-                if name in uploads:
+                if name in uploads or name in fields:
                     raise bad_request(f"send one {name} (one image per request)", param=name)
                 uploads[name] = await value.read(limits.max_upload_bytes + 1)
             else:
-                if name in files:
+                if name in files and name not in text_or_file:
                     raise bad_request(f"{name} must be a file upload", param=name)
-                if name in fields:
+                if name in fields or name in uploads:
                     raise bad_request(f"{name} is given more than once", param=name)
                 fields[name] = value
     finally:
@@ -257,16 +172,87 @@ def output_size(size: str | None, native: int) -> int:
 
 
 def check_request(req: ImageRequest, limits: Limits, native: int) -> int:
-    """Check a request's prompt (when it has one) and its image count against ``limits``;
-    the output size in pixels (``native``: the pipeline's resolution)."""
-    prompt = getattr(req, "prompt", None)
-    if prompt is not None:
-        check_prompt(prompt, limits)
+    """Check a request's prompts (when it has some), its image count, its output options and
+    its route's own fields against ``limits``; the output size in pixels (``native``: the
+    pipeline's resolution)."""
+    for param in ("prompt", "negative_prompt"):
+        text = getattr(req, param, None)
+        if text is not None:
+            check_prompt(text, limits, param)
     if isinstance(req, InterpolationRequest):
         check_range(req.frames, "frames", 2, limits.max_frames)
     else:
         check_range(req.n, "n", 1, limits.max_n)
+    if req.background == "transparent":
+        raise bad_request(
+            "background 'transparent' is not supported: unclip's pipelines draw opaque RGB "
+            "images; send 'auto' or 'opaque'",
+            param="background",
+            code="unsupported_background",
+        )
+    if isinstance(req, PriorOptions) and not req.prior_used():
+        for param in ("prior_steps", "prior_guidance"):
+            if getattr(req, param) is not None:
+                variation = isinstance(req, VariationRequest)
+                why = "a variation with a prompt" if variation else "a mix with a text input"
+                raise bad_request(f"{param} applies to {why} only", param=param)
+    if isinstance(req, VariationRequest) and req.image_to_image:
+        for param in ("invert", "eta"):
+            if getattr(req, param) not in (None, False):
+                raise bad_request(
+                    f"{param} applies to variations, not to image-to-image (a prompt or a "
+                    "strength)",
+                    param=param,
+                )
+    if isinstance(req, MixRequest):
+        check_mix_weights(req)
     return output_size(req.size, native)
+
+
+def check_mix_weights(req: MixRequest) -> None:
+    """A mix's weights: none (equal weights), or one per input slot given; not all zero.
+    (Which slots hold inputs is checked once the files are read: :func:`mix_inputs`.)"""
+    weights = {k: req.weight(k) for k in range(1, MIX_SLOTS + 1) if req.weight(k) is not None}
+    if weights and not any(weights.values()):
+        raise bad_request("the mix weights are all 0; give at least one a weight above 0",
+                          param="weight_1")  # fmt: skip
+
+
+def mix_inputs(
+    req: MixRequest, images: dict[int, Image.Image], limits: Limits
+) -> tuple[list[str | Image.Image], list[float] | None]:
+    """A mix's inputs in slot order (a prompt or an image each) and their weights (None:
+    equal), checked: at least one input, each slot a prompt or an image, not both, and a
+    weight for every input or for none."""
+    prompts = req.prompts()
+    inputs: list[str | Image.Image] = []
+    slots: list[int] = []
+    for k in range(1, MIX_SLOTS + 1):
+        text, image = prompts.get(k), images.get(k)
+        if text is not None:
+            inputs.append(check_prompt(text, limits, f"input_{k}"))
+        elif image is not None:
+            inputs.append(image)
+        elif req.weight(k) is not None:
+            raise bad_request(f"weight_{k} is given but input_{k} is not", param=f"weight_{k}")
+        else:
+            continue
+        slots.append(k)
+    if not inputs:
+        raise bad_request(
+            "a mix needs inputs: input_1, input_2, … each a prompt or an image file",
+            param="input_1",
+        )
+    weights = [req.weight(k) for k in slots]
+    if all(w is None for w in weights):
+        return inputs, None
+    missing = [k for k, w in zip(slots, weights, strict=True) if w is None]
+    if missing:
+        raise bad_request(
+            "give a weight for every mix input, or for none (equal weights)",
+            param=f"weight_{missing[0]}",
+        )
+    return inputs, [float(w) for w in weights if w is not None]
 
 
 def check_mask(image: Image.Image, mask: Image.Image | None, native: int) -> None:
@@ -298,9 +284,9 @@ def check_mask(image: Image.Image, mask: Image.Image | None, native: int) -> Non
 
 def sampling_overrides(req: ImageRequest, pipe: Any, limits: Limits) -> dict[str, Any]:
     """The pipeline's sampling overrides from a request (the prior's too for a
-    :class:`WithPrior` request), checked against the limits and by the pipeline itself
+    request that runs the prior), checked against the limits and by the pipeline itself
     (unknown sampler, steps above a stage's timesteps…)."""
-    with_prior = isinstance(req, WithPrior)
+    with_prior = isinstance(req, PriorOptions) and req.prior_used()
     stages = ("prior", "decoder", "upsampler") if with_prior else ("decoder", "upsampler")
     out: dict[str, Any] = {}
     steps = req.steps

@@ -1,13 +1,15 @@
-"""Where result images live: the SQLite gallery (PNGs on disk) or a bounded memory store.
+"""Where result images live: the SQLite gallery (files on disk) or a bounded memory store.
 
-Both hand out image ids of 32 hex digits (128 random bits). The server serves an image at
-``/files/{id}.png`` without the API key, as a capability URL (like the signed URLs of the
-OpenAI API): knowing the id is the permission. Ids are checked against :data:`ID_PATTERN`
-before they touch the file system.
+Both hand out image ids of 32 hex digits (128 random bits) and keep each image's file format
+(``png``, ``jpeg`` or ``webp``: the request's ``output_format``). The server serves an image
+at ``/files/{id}.{format}`` without the API key, as a capability URL (like the signed URLs
+of the OpenAI API): knowing the id is the permission. Ids are checked against
+:data:`ID_PATTERN` and formats against :data:`FILE_FORMATS` before they touch the file system.
 
-:class:`Gallery`: one table ``images`` in an SQLite file, PNGs in the ``images/`` folder next
-to it, each written to a temporary name and renamed, so a crash never leaves half a file.
-It holds at most ``max_bytes`` of PNG and nothing older than ``max_age`` seconds: each new
+:class:`Gallery`: one table ``images`` in an SQLite file, the files in the ``images/`` folder
+next to it (``{id}.{format}``), each written to a temporary name and renamed, so a crash
+never leaves half a file.
+It holds at most ``max_bytes`` of files and nothing older than ``max_age`` seconds: each new
 image evicts the oldest ones past either limit (never itself), so whoever can reach the
 server cannot fill its disk.
 :class:`MemoryStore`: the most recent images up to a byte budget (for ``response_format=url``
@@ -32,8 +34,11 @@ from typing import Any
 from unclip.server.limits import DEFAULT_GALLERY_MAX_DAYS, DEFAULT_GALLERY_MAX_MB
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-#: 2: the ``bytes`` column (for the size limit); a version-1 gallery is upgraded on open
-SCHEMA_VERSION = 2
+#: the formats a stored image may have (its file's extension)
+FILE_FORMATS = ("png", "jpeg", "webp")
+#: 2: the ``bytes`` column (for the size limit); 3: the ``format`` column. Older galleries
+#: are upgraded on open (their images are PNGs)
+SCHEMA_VERSION = 3
 DAY = 86400.0
 
 _SCHEMA = """
@@ -47,7 +52,8 @@ CREATE TABLE IF NOT EXISTS images (
     height INTEGER NOT NULL,
     job TEXT,
     info TEXT NOT NULL,
-    bytes INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL DEFAULT 0,
+    format TEXT NOT NULL DEFAULT 'png'
 );
 CREATE INDEX IF NOT EXISTS images_created ON images (created DESC, id DESC);
 """
@@ -59,7 +65,8 @@ def valid_id(image_id: str) -> bool:
 
 @dataclass
 class GalleryItem:
-    """One stored image: its PNG text metadata in ``info``."""
+    """One stored image: its metadata (the entries of its PNG text) in ``info``, its file
+    format in ``format``."""
 
     id: str
     created: float
@@ -70,6 +77,7 @@ class GalleryItem:
     height: int
     job: str | None
     info: dict[str, str]
+    format: str = "png"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +90,7 @@ class GalleryItem:
             "width": self.width,
             "height": self.height,
             "job": self.job,
+            "format": self.format,
             "info": self.info,
         }
 
@@ -94,8 +103,8 @@ def _seed(info: dict[str, str]) -> int | None:
 
 
 class Gallery:
-    """Images persisted in SQLite (``db_path``) with their PNGs in ``db_path.parent/images``,
-    at most ``max_bytes`` of PNG and none older than ``max_age`` seconds (None: no limit)."""
+    """Images persisted in SQLite (``db_path``) with their files in ``db_path.parent/images``,
+    at most ``max_bytes`` of files and none older than ``max_age`` seconds (None: no limit)."""
 
     def __init__(
         self,
@@ -129,6 +138,8 @@ class Gallery:
                     with contextlib.suppress(OSError, ValueError):
                         size = self.path(image_id).stat().st_size
                         db.execute("UPDATE images SET bytes = ? WHERE id = ?", (size, image_id))
+            if "format" not in columns:  # versions 1 and 2: PNGs only
+                db.execute("ALTER TABLE images ADD COLUMN format TEXT NOT NULL DEFAULT 'png'")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         with self._lock:
             self._evict()
@@ -138,30 +149,37 @@ class Gallery:
         db.row_factory = sqlite3.Row
         return db
 
-    def path(self, image_id: str) -> Path:
+    def path(self, image_id: str, fmt: str = "png") -> Path:
         if not valid_id(image_id):
             raise ValueError(f"not an image id: {image_id!r}")
-        return self.folder / f"{image_id}.png"
+        if fmt not in FILE_FORMATS:
+            raise ValueError(f"not an image format: {fmt!r}")
+        return self.folder / f"{image_id}.{fmt}"
 
     def put(
-        self, png: bytes, info: dict[str, str], size: tuple[int, int], job: str | None = None
+        self,
+        data: bytes,
+        info: dict[str, str],
+        size: tuple[int, int],
+        job: str | None = None,
+        fmt: str = "png",
     ) -> str:
-        """Store a PNG and its metadata; return the new image id."""
+        """Store an image file of format ``fmt`` and its metadata; return the new image id."""
         image_id = secrets.token_hex(16)
-        path = self.path(image_id)
+        path = self.path(image_id, fmt)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(png)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         row = (
             image_id, time.time(), info.get("method", "unknown"), info.get("prompt"),
-            _seed(info), size[0], size[1], job, json.dumps(info), len(png),
+            _seed(info), size[0], size[1], job, json.dumps(info), len(data), fmt,
         )  # fmt: skip
         try:
             with self._lock:
                 with self._connect() as db:
                     db.execute(
                         "INSERT INTO images (id, created, method, prompt, seed, width, height, "
-                        "job, info, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "job, info, bytes, format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         row,
                     )
                 self._evict(keep=image_id)
@@ -174,46 +192,56 @@ class Gallery:
         """Delete images older than ``max_age`` and then the oldest ones until the PNGs
         total at most ``max_bytes``, never ``keep`` (the image just added). Returns the
         ids deleted. Called with ``_lock`` held."""
-        gone: list[str] = []
+        gone: list[tuple[str, str]] = []  # (id, format)
         with self._connect() as db:
             if self.max_age is not None:
                 cutoff = time.time() - self.max_age
-                gone += [r[0] for r in db.execute(
-                    "SELECT id FROM images WHERE created < ? AND id IS NOT ?", (cutoff, keep)
+                gone += [(r[0], r[1]) for r in db.execute(
+                    "SELECT id, format FROM images WHERE created < ? AND id IS NOT ?",
+                    (cutoff, keep),
                 )]  # fmt: skip
-                db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in gone])
+                db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i, _ in gone])
             if self.max_bytes is not None:
                 total = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM images").fetchone()[0]
                 if total > self.max_bytes:
                     oldest = db.execute(
-                        "SELECT id, bytes FROM images WHERE id IS NOT ? "
+                        "SELECT id, bytes, format FROM images WHERE id IS NOT ? "
                         "ORDER BY created ASC, id ASC",
                         (keep,),
                     )
                     evicted = []
-                    for image_id, size in oldest:
+                    for image_id, size, fmt in oldest:
                         if total <= self.max_bytes:
                             break
-                        evicted.append(image_id)
+                        evicted.append((image_id, fmt))
                         total -= size
                     oldest.close()
-                    db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in evicted])
+                    db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i, _ in evicted])
                     gone += evicted
-        for image_id in gone:
-            self.path(image_id).unlink(missing_ok=True)
-        return gone
+        for image_id, fmt in gone:
+            self._unlink(image_id, fmt)
+        return [image_id for image_id, _ in gone]
+
+    def _unlink(self, image_id: str, fmt: str) -> None:
+        with contextlib.suppress(ValueError):  # a format this version does not know
+            self.path(image_id, fmt).unlink(missing_ok=True)
 
     def total_bytes(self) -> int:
-        """The bytes of PNG the gallery holds (as recorded when each was stored)."""
+        """The bytes of files the gallery holds (as recorded when each was stored)."""
         with self._connect() as db:
             return int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM images").fetchone()[0])
 
-    def get_png(self, image_id: str) -> bytes | None:
+    def get_file(self, image_id: str) -> tuple[bytes, str] | None:
+        """An image's file and format, or None."""
         if not valid_id(image_id):
             return None
+        with self._connect() as db:
+            row = db.execute("SELECT format FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            return None
         try:
-            return self.path(image_id).read_bytes()
-        except FileNotFoundError:
+            return self.path(image_id, row[0]).read_bytes(), row[0]
+        except (FileNotFoundError, ValueError):
             return None
 
     @staticmethod
@@ -221,7 +249,7 @@ class Gallery:
         return GalleryItem(
             id=row["id"], created=row["created"], method=row["method"], prompt=row["prompt"],
             seed=row["seed"], width=row["width"], height=row["height"], job=row["job"],
-            info=json.loads(row["info"]),
+            info=json.loads(row["info"]), format=row["format"],
         )  # fmt: skip
 
     def get(self, image_id: str) -> GalleryItem | None:
@@ -256,32 +284,41 @@ class Gallery:
         if not valid_id(image_id):
             return False
         with self._lock, self._connect() as db:
-            gone = db.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount
-        self.path(image_id).unlink(missing_ok=True)
-        return bool(gone)
+            row = db.execute("SELECT format FROM images WHERE id = ?", (image_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        self._unlink(image_id, row[0])
+        return True
 
 
 class MemoryStore:
-    """The most recent PNGs, at most ``max_bytes`` in all (oldest dropped first)."""
+    """The most recent image files, at most ``max_bytes`` in all (oldest dropped first)."""
 
     def __init__(self, max_bytes: int = 64 * 2**20) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def put(
-        self, png: bytes, info: dict[str, str], size: tuple[int, int], job: str | None = None
+        self,
+        data: bytes,
+        info: dict[str, str],
+        size: tuple[int, int],
+        job: str | None = None,
+        fmt: str = "png",
     ) -> str:
         image_id = secrets.token_hex(16)
         with self._lock:
-            self._items[image_id] = png
-            self._bytes += len(png)
+            self._items[image_id] = (data, fmt)
+            self._bytes += len(data)
             while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
+                _, (old, _) = self._items.popitem(last=False)
                 self._bytes -= len(old)
         return image_id
 
-    def get_png(self, image_id: str) -> bytes | None:
+    def get_file(self, image_id: str) -> tuple[bytes, str] | None:
+        """An image's file and format, or None."""
         with self._lock:
             return self._items.get(image_id)

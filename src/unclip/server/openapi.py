@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-__all__ = ["ERRORS", "NOT_FOUND", "V1_ERRORS", "PNGResponse", "form_doc", "json_doc"]
+__all__ = ["ERRORS", "NOT_FOUND", "V1_ERRORS", "ImageFileResponse", "form_doc", "json_doc"]
 
 
 ERROR_SCHEMA = {
@@ -48,8 +48,8 @@ ERRORS = error_docs(
 ERRORS[202] = {"description": "with `Prefer: respond-async`: the queued job"}
 
 
-class PNGResponse(Response):
-    """A PNG answer (so that the OpenAPI document says ``image/png``)."""
+class ImageFileResponse(Response):
+    """An image file answer (PNG, JPEG or WebP; the route lists the media types)."""
 
     media_type = "image/png"
 
@@ -77,10 +77,14 @@ def json_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 def form_doc(model: type[BaseModel]) -> dict[str, Any]:
     """The ``openapi_extra`` of a multipart route: ``model``'s fields and its file fields
-    (``model.files``, name: required)."""
+    (``model.files``, name: required). A field that may be text or a file
+    (``model.text_or_file``) is documented as text, its description saying so."""
     files: dict[str, bool] = getattr(model, "files", {})
+    either: tuple[str, ...] = getattr(model, "text_or_file", ())
     schema = model.model_json_schema()
     for name in files:
+        if name in either:
+            continue
         schema["properties"] = {
             name: {"type": "string", "format": "binary"},
             **schema.get("properties", {}),

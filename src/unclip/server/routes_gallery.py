@@ -1,6 +1,6 @@
 """The gallery routes (under ``/v1``: list, get, delete), and the routes outside ``/v1``
-that need no API key: result images (``/files/{id}.png``, capability URLs: the id is 128
-random bits) and the web page."""
+that need no API key: result images (``/files/{id}.{format}``, capability URLs: the id is
+128 random bits) and the web page."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from unclip.server.errors import APIError
 from unclip.server.gallery import Gallery
-from unclip.server.openapi import NOT_FOUND, PNGResponse
+from unclip.server.openapi import NOT_FOUND, ImageFileResponse
 from unclip.server.state import state
+from unclip.server.uploads import OUTPUT_FORMATS
 
 __all__ = ["STATIC_DIR", "pages", "router"]
 
@@ -33,7 +34,7 @@ def _gallery(request: Request) -> Gallery:
 
 
 def _entry(request: Request, item: Any) -> dict[str, Any]:
-    return {**item.to_dict(), "url": f"{request.base_url}files/{item.id}.png"}
+    return {**item.to_dict(), "url": f"{request.base_url}files/{item.id}.{item.format}"}
 
 
 @router.get("/gallery", summary="Gallery images, newest first")
@@ -69,20 +70,28 @@ async def gallery_delete(request: Request, image_id: str) -> dict[str, Any]:
     "/files/{name}",
     tags=["files"],
     summary="A result image (capability URL)",
-    response_class=PNGResponse,
-    responses={200: {"description": "the PNG, with its text metadata"}, **NOT_FOUND},
+    response_class=ImageFileResponse,
+    responses={
+        200: {
+            "description": "the image (``{id}.png``, ``.jpeg`` or ``.webp``: the format it was "
+            "made in), with its metadata (PNG text, or EXIF)",
+            "content": {media: {} for media in OUTPUT_FORMATS.values()},
+        },
+        **NOT_FOUND,
+    },
 )
 async def file(request: Request, name: str) -> Response:
-    image_id = name.removesuffix(".png")
-    data = await run_in_threadpool(state(request).png, image_id)
-    if data is None:
+    image_id, _, ext = name.partition(".")
+    found = await run_in_threadpool(state(request).file, image_id)
+    if found is None or ext not in ("", found[1]):
         raise APIError(404, "no such image (deleted, evicted from the gallery, or expired)")
+    data, fmt = found
     return Response(
         data,
-        media_type="image/png",
+        media_type=OUTPUT_FORMATS[fmt],
         headers={
             "Cache-Control": "private, max-age=31536000, immutable",
-            "Content-Disposition": f'inline; filename="unclip-{image_id}.png"',
+            "Content-Disposition": f'inline; filename="unclip-{image_id}.{fmt}"',
         },
     )
 

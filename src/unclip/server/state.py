@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["JOB_TTL", "MAX_KEPT_BYTES", "MAX_KEPT_JOBS", "Result", "ServerState", "state"]
 
 #: finished async jobs (and their results) are kept this long (seconds), at most this many,
-#: and results of at most this many bytes of PNG in all (oldest dropped first)
+#: and results of at most this many bytes of image files in all (oldest dropped first)
 JOB_TTL = 600.0
 MAX_KEPT_JOBS = 256
 MAX_KEPT_BYTES = 256 * 2**20
@@ -31,13 +31,14 @@ MAX_KEPT_BYTES = 256 * 2**20
 
 @dataclass
 class Result:
-    """One output image: its id in the store (None when not stored), its PNG bytes (kept
-    for b64_json only), its metadata (typed) and size."""
+    """One output image: its id in the store (None when not stored), its file (kept for
+    ``b64_json`` and streamed answers only) in format ``fmt``, its metadata (typed) and size."""
 
     id: str | None
-    png: bytes | None
+    data: bytes | None
     info: ImageInfo
     size: int
+    fmt: str = "png"
 
 
 class ServerState:
@@ -70,14 +71,15 @@ class ServerState:
     def store(self) -> Gallery | MemoryStore:
         return self.gallery if self.gallery is not None else self.memory
 
-    def png(self, image_id: str) -> bytes | None:
+    def file(self, image_id: str) -> tuple[bytes, str] | None:
+        """A stored result's file and format (gallery first, then memory), or None."""
         if not valid_id(image_id):
             return None
         if self.gallery is not None:
-            data = self.gallery.get_png(image_id)
-            if data is not None:
-                return data
-        return self.memory.get_png(image_id)
+            found = self.gallery.get_file(image_id)
+            if found is not None:
+                return found
+        return self.memory.get_file(image_id)
 
     def remember(self, job: Job) -> None:
         """Register an async job; forget finished ones past :data:`JOB_TTL`, beyond
@@ -100,7 +102,7 @@ class ServerState:
 
 
 def result_bytes(job: Job) -> int:
-    return sum(len(r.png or b"") for r in job.result or [])
+    return sum(len(r.data or b"") for r in job.result or [])
 
 
 def state(request: Request) -> ServerState:

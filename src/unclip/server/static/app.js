@@ -1,6 +1,7 @@
-// The unclip page: generate, vary, edit (mask brush) and interpolate through the server's
-// Images API. Every job is submitted with `Prefer: respond-async` and followed through its
-// server-sent events (read with fetch, so the API key can go in a header).
+// The unclip page: generate (with a negative prompt and an output format), mix two prompts,
+// vary or image-to-image, edit (mask brush) and interpolate through the server's Images API.
+// Every job is submitted with `Prefer: respond-async` and followed through its server-sent
+// events (read with fetch, so the API key can go in a header).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +12,7 @@ const state = {
   picks: [],          // gallery items chosen for interpolation
   oldest: null,       // id of the last gallery item shown (paging)
   editing: null,      // gallery item in the editor
+  varying: null,      // gallery item in the variations panel
 };
 
 // -- HTTP ------------------------------------------------------------------------------------
@@ -56,7 +58,9 @@ function say(text, ok = false) {
 }
 
 function busy(on) {
-  for (const id of ["generate-button", "interpolate-button", "edit-run"]) $(id).disabled = on;
+  for (const id of ["generate-button", "interpolate-button", "edit-run", "mix-button", "vary-run"]) {
+    $(id).disabled = on;
+  }
   $("progress").hidden = !on;
   if (on) { $("progress-bar").value = 0; $("progress-text").textContent = "queued"; }
 }
@@ -134,6 +138,20 @@ function numberField(id) {
   return v === "" ? undefined : Number(v);
 }
 
+// The fields every job but interpolation takes from the form: output format, negative prompt.
+function commonFields() {
+  const fields = { output_format: $("output-format").value };
+  const negative = $("negative-prompt").value.trim();
+  if (negative) fields.negative_prompt = negative;
+  return fields;
+}
+
+function formWith(fields) {
+  const form = new FormData();
+  for (const [key, value] of Object.entries(fields)) form.append(key, String(value));
+  return form;
+}
+
 // -- gallery -----------------------------------------------------------------------------------
 
 function card(item) {
@@ -144,7 +162,7 @@ function card(item) {
   node.querySelector("a.open").href = item.url;
   const download = node.querySelector("a.download");
   download.href = item.url;
-  download.download = `unclip-${item.seed ?? item.id}.png`;
+  download.download = `unclip-${item.seed ?? item.id}.${item.format || "png"}`;
   node.querySelector(".caption").textContent = item.prompt || `(${item.method})`;
   node.querySelector(".seed").textContent = item.seed != null ? ` seed ${item.seed}` : "";
   if (!state.status?.gallery) node.querySelector('[data-action="delete"]').remove();
@@ -170,7 +188,8 @@ async function refreshGallery(results) {
   if (state.status?.gallery) return loadGallery();
   // no gallery on this server: show this session's results only
   for (const r of [...results].reverse()) {
-    $("gallery").prepend(card({ id: r.id, url: r.url, seed: r.seed, prompt: "", method: "result" }));
+    const format = r.url.split(".").pop();
+    $("gallery").prepend(card({ id: r.id, url: r.url, seed: r.seed, prompt: "", method: "result", format }));
   }
   $("empty").hidden = $("gallery").children.length > 0;
 }
@@ -184,11 +203,7 @@ async function imageBlob(item) {
 async function onCardAction(action, item, node) {
   try {
     if (action === "vary") {
-      const form = new FormData();
-      form.append("image", await imageBlob(item), "image.png");
-      form.append("n", String(numberField("n") ?? 4));
-      form.append("response_format", "url");
-      await runJob("/v1/images/variations", form);
+      openVary(item);
     } else if (action === "edit") {
       openEditor(item);
     } else if (action === "pick") {
@@ -201,6 +216,48 @@ async function onCardAction(action, item, node) {
   } catch (err) {
     say(err.message);
   }
+}
+
+// -- variations and image-to-image ------------------------------------------------------------
+
+function openVary(item) {
+  state.varying = item;
+  $("vary-image").src = item.url;
+  $("vary").hidden = false;
+  $("vary").scrollIntoView({ block: "nearest" });
+}
+
+// Variations of the image, or with a prompt image-to-image at the chosen strength.
+async function runVary() {
+  const item = state.varying;
+  if (!item) return;
+  const fields = { n: numberField("n") ?? 4, response_format: "url", ...commonFields() };
+  const prompt = $("vary-prompt").value.trim();
+  if (prompt) {
+    fields.prompt = prompt;
+    fields.strength = $("strength").value;
+  } else {
+    delete fields.negative_prompt;  // plain variations: no caption to push away from
+  }
+  const form = formWith(fields);
+  form.append("image", await imageBlob(item), `image.${item.format || "png"}`);
+  await runJob("/v1/images/variations", form);
+}
+
+// -- mix ----------------------------------------------------------------------------------------
+
+async function runMix() {
+  const a = $("mix-a").value.trim();
+  const b = $("mix-b").value.trim();
+  if (!a || !b) { say("Give two prompts to mix."); return; }
+  const w = Number($("mix-weight").value);
+  const fields = {
+    input_1: a, input_2: b, weight_1: (1 - w).toFixed(2), weight_2: w.toFixed(2),
+    n: numberField("n") ?? 1, response_format: "url", ...commonFields(),
+  };
+  const seed = numberField("seed");
+  if (seed !== undefined) fields.seed = seed;
+  await runJob("/v1/images/mix", formWith(fields));
 }
 
 // -- interpolation -----------------------------------------------------------------------------
@@ -290,11 +347,9 @@ async function runEdit() {
   if (!prompt) { $("edit-prompt").focus(); return; }
   const mask = await maskBlob();
   if (!mask) { say("Paint the area to repaint first."); return; }
-  const form = new FormData();
-  form.append("image", await imageBlob(state.editing), "image.png");
+  const form = formWith({ prompt, n: numberField("n") ?? 4, ...commonFields() });
+  form.append("image", await imageBlob(state.editing), `image.${state.editing.format || "png"}`);
   form.append("mask", mask, "mask.png");
-  form.append("prompt", prompt);
-  form.append("n", String(numberField("n") ?? 4));
   $("editor").close();
   await runJob("/v1/images/edits", form);
 }
@@ -311,7 +366,9 @@ async function start() {
   const s = state.status;
   $("model").textContent = `${s.pipeline} · ${s.image_size}×${s.image_size} px · ` +
     `${s.queue.workers} worker(s)`;
-  $("prompt").maxLength = s.limits.max_prompt_chars;
+  for (const id of ["prompt", "negative-prompt", "mix-a", "mix-b", "vary-prompt", "edit-prompt"]) {
+    $(id).maxLength = s.limits.max_prompt_chars;
+  }
   $("n").max = String(s.limits.max_n);
   $("steps").max = String(s.limits.max_steps);
   $("frames").max = String(s.limits.max_frames);
@@ -330,7 +387,9 @@ async function start() {
 document.addEventListener("DOMContentLoaded", () => {
   $("generate").addEventListener("submit", (e) => {
     e.preventDefault();
-    const body = { prompt: $("prompt").value, n: numberField("n") ?? 1, response_format: "url" };
+    const body = {
+      prompt: $("prompt").value, n: numberField("n") ?? 1, response_format: "url", ...commonFields(),
+    };
     for (const key of ["seed", "steps", "guidance"]) {
       const v = numberField(key);
       if (v !== undefined) body[key] = v;
@@ -341,6 +400,15 @@ document.addEventListener("DOMContentLoaded", () => {
     if (state.job) api(`/v1/jobs/${state.job}`, { method: "DELETE" }).catch((e) => say(e.message));
   });
   $("key-button").addEventListener("click", () => askKey(""));
+  $("mix").addEventListener("submit", (e) => {
+    e.preventDefault();
+    runMix().catch((err) => say(err.message));
+  });
+  $("vary-run").addEventListener("click", () => runVary().catch((e) => say(e.message)));
+  $("vary-close").addEventListener("click", () => { $("vary").hidden = true; state.varying = null; });
+  for (const [input, shown] of [["mix-weight", "mix-weight-value"], ["strength", "strength-value"]]) {
+    $(input).addEventListener("input", () => { $(shown).value = Number($(input).value).toFixed(2); });
+  }
   $("more-button").addEventListener("click", () => loadGallery(true).catch((e) => say(e.message)));
   $("interpolate-button").addEventListener("click", () => interpolate().catch((e) => say(e.message)));
   $("interpolate-clear").addEventListener("click", clearPicks);
