@@ -191,6 +191,18 @@ def test_mixing_slerps_two_embeddings_and_averages_more(pipe, picture, monkeypat
     assert math.isclose(float(zs[-1][0].norm()), 1.0, abs_tol=1e-5)
 
 
+def test_with_files_off_every_string_is_a_caption(pipe, picture_file, monkeypatch):
+    """What a server passes: a client's caption that names a file on the server (or looks
+    like one) is a caption, never read."""
+    zs = record_decoded(monkeypatch)
+    pipe.mix([str(picture_file)], seed=0, files=False)
+    pipe.mix([str(picture_file)], seed=0)
+    assert not torch.allclose(zs[0], zs[1])  # a caption's prior sample, then the image's z_i
+    assert torch.allclose(zs[1], pipe.encode_image(picture_file), atol=1e-6)
+    out = pipe.mix(["missing.png"], seed=0, files=False)
+    assert image_info(out[0]).inputs == [{"text": "missing.png"}]
+
+
 def test_mix_records_its_inputs_and_weights(pipe, picture, picture_file):
     out = pipe.mix(["a red square", picture_file, picture], [0.5, 0.3, 0.2], seed=1)
     info = image_info(out[0])
