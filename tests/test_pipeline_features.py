@@ -141,6 +141,9 @@ def test_a_negative_prompt_on_variations_and_edits(pipe, picture, monkeypatch):
     assert image_info(grown[0]).negative_prompt == "a star"
     with pytest.raises(ValueError, match="negative prompt is empty"):
         pipe.text_to_image("a red square", negative_prompt="   ")
+    none = pipe.text_to_image("a red square", seed=1, negative_prompt="")  # "": no negative
+    assert same(none[0], pipe.text_to_image("a red square", seed=1)[0])
+    assert "negative_prompt" not in none[0].info
 
 
 def test_on_the_shipped_model_a_negative_prompt_moves_images_away_from_its_caption(shipped):
