@@ -78,3 +78,20 @@ def test_the_pipeline_reports_events_with_the_images_each_step_draws(pipe):
     assert [e.index for e in events if e.stage == "decoder"] == [0, 1, 2]
     assert all(e.total == 3 for e in events if e.stage == "decoder")
     assert image_info(images[0]).seed == 0 and images[0].info["seed"] == "0"
+
+
+def test_the_reproducibility_fields_round_trip_through_the_png_text():
+    info = ImageInfo(
+        method="mix", seed=2, model="tiny", weights_hash="0123456789ab",
+        sampling={"prior_candidates": 2, "upsampler_strength": 0.5}, negative_prompt="a dog",
+        inputs=[{"text": "a cat"}, {"image": "b.png"}, {"image": None}], weights=[0.5, 0.25, 0.25],
+    )  # fmt: skip
+    text = info.to_png_text()
+    assert text["inputs"] == '[{"text": "a cat"}, {"image": "b.png"}, {"image": null}]'
+    assert text["weights"] == "[0.5, 0.25, 0.25]" and text["weights_hash"] == "0123456789ab"
+    assert ImageInfo.from_png_text(text) == info
+    again = ImageInfo(method="image_to_image", strength=0.6, image="a.png", prompt="a cat")
+    assert ImageInfo.from_png_text(again.to_png_text()) == again
+    odd = ImageInfo.from_png_text({"weights": '{"a": 1}', "inputs": "not json", "strength": "x"})
+    assert odd.weights is None and odd.inputs is None and odd.strength is None  # kept as text
+    assert odd.extra == {"weights": '{"a": 1}', "inputs": "not json", "strength": "x"}

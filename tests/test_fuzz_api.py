@@ -56,6 +56,7 @@ OPERATIONS = [
     ("POST", "/v1/images/edits"),
     ("POST", "/v1/images/variations"),
     ("POST", "/v1/images/interpolations"),
+    ("POST", "/v1/images/mix"),
     ("GET", "/v1/jobs/{job_id}"),
     ("DELETE", "/v1/jobs/{job_id}"),
     ("GET", "/v1/jobs/{job_id}/events"),
@@ -103,6 +104,19 @@ def _maybe_real_images(case: Any, data: st.DataObject) -> None:
     for field in FILE_FIELDS:
         if field in body:
             body[field] = _png(mask if field == "mask" else image)
+
+
+def _maybe_real_mix(case: Any, data: st.DataObject) -> None:
+    """A mix has many optional fields, each of which a random draw may break, and needs at
+    least one input; so that valid mixes reach the pipeline too, some cases become two
+    prompts with drawn weights (both or none)."""
+    if case.path != "/v1/images/mix" or not data.draw(st.booleans(), label="real mix"):
+        return
+    body: dict[str, Any] = {"input_1": "a red square", "input_2": "a blue circle"}
+    if data.draw(st.booleans(), label="weighted"):
+        weight = st.floats(0.05, 1.0)
+        body |= {"weight_1": data.draw(weight, label="w1"), "weight_2": data.draw(weight)}
+    case.body = body
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +180,7 @@ def _fuzz(
     def check(case: Any, data: st.DataObject) -> None:
         if mode.is_positive:
             _maybe_real_images(case, data)
+            _maybe_real_mix(case, data)
         response = case.call()
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, (

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from tiny_pipeline import OUT, write_stages
 from unclip import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMANDS = ("generate", "vary", "interpolate", "textdiff", "edit", "outpaint", "rank")
+COMMANDS = ("generate", "vary", "interpolate", "textdiff", "edit", "outpaint", "rank", "mix",
+            "img2img")  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -196,6 +198,11 @@ def test_progress_bar_goes_to_stderr(pipeline_dir, tmp_path, capsys):
         (["edit", "{a}", "a green circle", "--mask", "{mask}", "--repaint", "--resample", "2"],
          ["edit-3-0.png"], (OUT, OUT)),
         (["outpaint", "{a}", "a red square", "--right", "8"], ["outpaint-3-0.png"], (16, 10)),
+        (["mix", "a red square", "{a}", "--weights", "0.7,0.3", "-n", "2"],
+         ["mix-3-0.png", "mix-3-1.png"], (OUT, OUT)),
+        (["img2img", "{a}", "a green circle", "--strength", "0.5"], ["img2img-3-0.png"], (OUT, OUT)),
+        (["img2img", "{b}", "-n", "2", "--negative", "a star"],
+         ["img2img-3-0.png", "img2img-3-1.png"], (OUT, OUT)),
     ],
 )  # fmt: skip
 def test_every_image_command_writes_pngs_with_metadata(
@@ -386,6 +393,23 @@ SURROGATE = "a red \ud800 square"  # a lone surrogate (what undecodable argv byt
         (["generate", "--prompts", "{bad_bytes}"], "--prompts {bad_bytes}: line 2 is not UTF-8 text"),
         (["generate", "--prompts", "{folder}"], "--prompts {folder}: is a folder; give a text file"),
         (["vary", "{text}"], "{text}: not a readable image (not in a format Pillow reads"),
+        (["generate", "a cat", "--negative", " "], "the --negative caption is empty"),
+        (["vary", "{a}", "--negative", SURROGATE], "the --negative caption has a lone surrogate"),
+        (["mix", "a cat", "{a}", "--weights", "1"], "--weights 1: 1 weights for 2 inputs; give one weight per input"),
+        (["mix", "a cat", "{a}", "--weights", "1,x"], "--weights 1,x: not a comma-separated list of numbers"),
+        (["mix", "a cat", "{a}", "--weights", "0,0"], "the mix weights are all 0"),
+        (["mix", "a cat", "{a}", "--weights", "1,-2"], "mix weights must be finite and at least 0, got -2.0"),
+        (["mix", "a cat", "{folder}/nope.png"], "{folder}/nope.png: no such image file"),
+        (["mix", "a cat", "{text}"], "{text}: not a readable image"),
+        (["mix", "a cat", ""], "the caption '' is empty"),
+        (["img2img", "{a}", "a cat", "--strength", "1.5"], "--strength must be between 0 and 1, got 1.5"),
+        (["img2img", "{a}", "--strength", "nan"], "--strength must be between 0 and 1"),
+        (["img2img", "{text}", "a cat"], "{text}: not a readable image"),
+        (["img2img", "{folder}/nope.png"], "{folder}/nope.png: no such image file"),
+        (["generate", "--from-png", "{folder}/nope.png"], "--from-png {folder}/nope.png: no such file"),
+        (["generate", "--from-png", "{a}"], "--from-png {a}: no unclip metadata"),
+        (["generate", "--from-png", "{text}"], "--from-png {text}: not a readable image"),
+        (["generate", "a cat", "--from-png", "{a}"], "give no CAPTION or --prompts with it"),
     ],
 )  # fmt: skip
 def test_mistakes_are_refused_before_the_pipeline_is_loaded(
@@ -522,3 +546,86 @@ def test_a_pipeline_call_reaches_the_unet_within_four_frames(monkeypatch, pipe):
     call = lambda: pipe.text_to_image("a red square", seed=0, sampler="ddim")  # noqa: E731
     ours, every = _frames_to_unet(monkeypatch, call, "text_to_image")
     assert len(ours) <= UNET_DEPTH - 1, f"{ours} ({every} frames in all)"
+
+
+def test_negative_prompts_reach_the_pipeline_and_the_metadata(
+    pipeline_dir, images, tmp_path, capsys, one_by_one
+):
+    out = tmp_path / "out"
+    rc, _, err = run(["generate", "a red square", *common(pipeline_dir, out)], capsys)
+    rc, _, err = run(["generate", "a red square", "--negative", "a blue square",
+                      *common(pipeline_dir, tmp_path / "neg")], capsys)  # fmt: skip
+    assert rc == 0, err
+    plain, text = read_png(out / "generate-3-0.png")
+    steered, neg_text = read_png(tmp_path / "neg" / "generate-3-0.png")
+    assert neg_text["negative_prompt"] == "a blue square" and "negative_prompt" not in text
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+    rc, _, err = run(["edit", str(images["a"]), "a cat", "--mask", str(images["mask"]),
+                      "--negative", "a dog", *common(pipeline_dir, tmp_path / "edit")], capsys)  # fmt: skip
+    assert rc == 0, err
+    assert read_png(tmp_path / "edit" / "edit-3-0.png")[1]["negative_prompt"] == "a dog"
+
+
+def test_img2img_at_strength_one_is_generate_with_the_same_seed(
+    pipeline_dir, images, tmp_path, capsys
+):
+    rc, _, err = run(["generate", "a red square", *common(pipeline_dir, tmp_path / "g")], capsys)
+    rc, _, err = run(["img2img", str(images["a"]), "a red square", "--strength", "1",
+                      *common(pipeline_dir, tmp_path / "i")], capsys)  # fmt: skip
+    assert rc == 0, err
+    a, _ = read_png(tmp_path / "g" / "generate-3-0.png")
+    b, text = read_png(tmp_path / "i" / "img2img-3-0.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert text["method"] == "image_to_image" and text["strength"] == "1.0"
+    assert text["image"] == str(images["a"])  # the input file, for --from-png
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "a red square", "--negative", "a star", "--decoder-steps", "3",
+         "--prior-candidates", "3"],
+        ["img2img", "{a}", "a green circle", "--strength", "0.4"],
+        ["mix", "a red square", "{b}", "--weights", "0.6,0.4"],
+        ["vary", "{a}", "--invert", "--eta", "0.2"],
+    ],
+)  # fmt: skip
+def test_generate_from_png_makes_the_same_image_again(pipeline_dir, images, tmp_path, capsys, argv):
+    argv = [a.format(**{k: str(v) for k, v in images.items()}) for a in argv]
+    rc, stdout, err = run([*argv, *common(pipeline_dir, tmp_path / "first", seed=5)], capsys)
+    assert rc == 0, err
+    first = Path(stdout.split()[0])
+    redo = ["generate", "--from-png", str(first), "--pipeline", str(pipeline_dir), "--device",
+            "cpu", "--no-progress"]  # fmt: skip
+    rc, stdout, err = run([*redo, "--out", str(tmp_path / "again"), "--json"], capsys)
+    assert rc == 0, err
+    assert "warning" not in err
+    (item,) = json.loads(stdout)["images"]
+    assert item["seed"] == 5 and item["method"] == read_png(first)[1]["method"]
+    assert Path(item["path"]).read_bytes() == first.read_bytes()  # pixels and metadata
+    # another pipeline's (or another training's) PNG: redone with a one-line warning
+    img, text = read_png(first)
+    meta = PngInfo()
+    for key, value in {**text, "weights_hash": "000000000000"}.items():
+        meta.add_itxt(key, value)
+    img.save(tmp_path / "other.png", pnginfo=meta)
+    rc, stdout, err = run([*redo[:2], str(tmp_path / "other.png"), *redo[3:], "--out",
+                           str(tmp_path / "third"), "--seed", "6"], capsys)  # fmt: skip
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "000000000000" in warnings[0], err
+    assert Path(stdout.split()[0]).name == "generate-6-0.png"  # a flag given overrides
+
+
+def test_generate_from_png_refuses_what_it_cannot_redo(pipeline_dir, images, tmp_path, capsys):
+    rc, stdout, err = run(["interpolate", str(images["a"]), str(images["b"]), "--frames", "2",
+                           *common(pipeline_dir, tmp_path / "out")], capsys)  # fmt: skip
+    assert rc == 0, err
+    frame = stdout.split()[0]
+    rc, stdout, err = run(["generate", "--from-png", frame, *common(pipeline_dir, tmp_path)],
+                          capsys)  # fmt: skip
+    assert rc == 2 and stdout == ""
+    assert err.strip() == (
+        f"unclip generate: error: --from-png {frame}: cannot redo a interpolate image from its "
+        "metadata; redoable: text_to_image, variations, image_to_image, mix"
+    )

@@ -163,9 +163,9 @@ def run_vary(args: argparse.Namespace) -> int:
     """
     check_common(args)
     check_float(args.eta, "--eta", 0.0, 1.0)
-    (image,) = load_images([args.image])
+    load_images([args.image])  # checked now; the pipeline reads it by path (its metadata names it)
     with pipeline_call(args, args.num) as (pipe, shared):
-        images = pipe.variations(image, args.num, invert=args.invert, eta=args.eta, **shared)
+        images = pipe.variations(args.image, args.num, invert=args.invert, eta=args.eta, **shared)
     return write_results(args, images, args.seed, seed_caption)
 
 

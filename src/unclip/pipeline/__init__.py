@@ -3,7 +3,10 @@
 - :mod:`.config`: ``pipeline.json`` (stages and default sampling settings);
 - :mod:`.loading`: :func:`load_pipeline` (a folder or a shipped name -> stages, device, dtype);
 - :mod:`.core`: :class:`UnclipPipeline`, the capabilities (text to image, variations,
-  interpolation, text diffs, inpainting, outpainting, CLIP re-ranking);
+  interpolation, text diffs, inpainting, outpainting, mixing, image to image, CLIP
+  re-ranking), with negative prompts; :mod:`.base`: the stage glue they share;
+- :mod:`.mixing` and :mod:`.img2img`: the weighted mix of captions and images, and SDEdit;
+- :mod:`.provenance`: the weights hash and redoing a call from an image's metadata;
 - :mod:`.runners`: the stage runners (prior with best-of-N candidates, decode, upsample,
   DDIM invert) as plain functions;
 - :mod:`.settings`: the limits of a call and the sampling overrides;

@@ -199,7 +199,10 @@ class PipelineBase:
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any
     ) -> ImageInfo:
         """An image's metadata: method, seed, model, how each of ``stages`` was sampled, and
-        the ``extra`` fields of :class:`ImageInfo` (None: not set)."""
+        the ``extra`` fields of :class:`ImageInfo` (None: not set; an empty negative prompt is
+        none)."""
+        if "negative_prompt" in extra:
+            extra["negative_prompt"] = extra["negative_prompt"] or None
         ar = self.prior is not None and self.prior.diffusion is None
         codes = self.prior.model.config.components if ar else None  # type: ignore[union-attr]
         how = sampling_info(settings, stages, codes)

@@ -457,6 +457,7 @@ class UnclipPipeline(PipelineBase):
         num_images: int = 1,
         seed: int | None = None,
         negative_prompt: str | None = None,
+        files: bool = True,
         progress: ProgressCallback | None = None,
         **overrides: Any,
     ) -> list[Image.Image]:
@@ -464,11 +465,14 @@ class UnclipPipeline(PipelineBase):
         through the prior; their z_i combined by the normalised ``weights`` (default equal):
         a slerp of two, the renormalised weighted mean of more; decoded without a caption.
         A weight-0 input is dropped, so weights (1, 0) give the first input's image. Image k
-        uses seed ``seed + k``. See :mod:`unclip.pipeline.mixing`."""
+        uses seed ``seed + k``. A string naming an existing file is an image; with
+        ``files=False`` (a server's clients' text) every string is a caption. See
+        :mod:`unclip.pipeline.mixing`."""
         from unclip.pipeline.mixing import mix
 
         return mix(self, inputs, weights, num_images=num_images, seed=seed,
-                   negative_prompt=negative_prompt, progress=progress, **overrides)  # fmt: skip
+                   negative_prompt=negative_prompt, files=files, progress=progress,
+                   **overrides)  # fmt: skip
 
     @torch.no_grad()
     def image_to_image(

@@ -11,7 +11,8 @@ are: ``mix([image])`` is ``variations(image)`` with the same seed.
 
 **Inputs:** a PIL image or a path object is an image; a string is an image when it names an
 existing file, an error when it ends in an image suffix but names no file (a mistyped path),
-and a caption otherwise.
+and a caption otherwise. With ``files=False`` every string is a caption: a server passing its
+clients' text must, or a caption could name a file on the server.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ MAX_MIX_INPUTS = 16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".svg", ".tif", ".tiff")
 
 
-def is_image_input(item: Any) -> bool:
-    """Whether a mix input is an image (see the module docstring); FileNotFoundError for a
-    string that ends in an image suffix but names no file."""
+def is_image_input(item: Any, files: bool = True) -> bool:
+    """Whether a mix input is an image (see the module docstring; ``files=False``: a string
+    is always a caption); FileNotFoundError for a string that ends in an image suffix but
+    names no file."""
     if isinstance(item, (Image.Image, os.PathLike)):
         return True
     if not isinstance(item, str):
         raise TypeError(f"a mix input must be a caption, an image or a path, got {item!r}")
+    if not files:
+        return False
     if os.path.isfile(item):
         return True
     if item.strip().lower().endswith(IMAGE_SUFFIXES):
@@ -98,6 +102,7 @@ def mix(
     num_images: int = 1,
     seed: int | None = None,
     negative_prompt: str | None = None,
+    files: bool = True,
     progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> list[Image.Image]:
@@ -105,7 +110,7 @@ def mix(
     items = [inputs] if isinstance(inputs, (str, Image.Image, os.PathLike)) else list(inputs)
     check_count(len(items), "the number of mix inputs", 1, MAX_MIX_INPUTS)
     w = check_weights(len(items), weights)
-    kinds = [is_image_input(item) for item in items]
+    kinds = [is_image_input(item, files) for item in items]
     n = check_count(num_images, "num_images")
     negative = pipe._text(negative_prompt, "negative prompt") if negative_prompt else None
     records: list[dict[str, Any]] = []

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: the ``quality`` values echoed in streamed events (others, and none, are sent as "auto")
-QUALITIES = ("low", "medium", "high", "auto")
+QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from unclip.server.jobs import Job
 from unclip.server.openapi import NOT_FOUND
 from unclip.server.responses import job_view
 from unclip.server.state import JOB_TTL, state
+from unclip.server.uploads import OUTPUT_FORMATS
 
 __all__ = ["about", "router"]
 
@@ -111,5 +112,6 @@ async def status(request: Request) -> dict[str, Any]:
             "running": server.queue.running,
         },
         "gallery": server.gallery is not None,
+        "output_formats": list(OUTPUT_FORMATS),
         "version": unclip.__version__,
     }

@@ -35,6 +35,8 @@ MIX_SLOTS = 4
 #: the most partial images a streamed request may ask for (as the OpenAI API)
 MAX_PARTIAL_IMAGES = 3
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: the OpenAI API's ``quality`` values (accepted and ignored: one pipeline, one quality)
+Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
 
 
 class ImageRequest(BaseModel):
@@ -57,8 +59,8 @@ class ImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="default 'url' (as the OpenAI API for DALL·E 2)"
     )
-    quality: str | None = Field(None, description="ignored (echoed in streamed events)")
-    style: str | None = Field(None, description="ignored")
+    quality: Quality | None = Field(None, description="ignored (echoed in streamed events)")
+    style: Literal["vivid", "natural"] | None = Field(None, description="ignored")
     output_format: OutputFormat | None = Field(
         None, description="file format of the images (default png); url files get its extension"
     )
@@ -124,7 +126,7 @@ class PromptRequest(WithPrior):
 class GenerationRequest(PromptRequest):
     """``POST /v1/images/generations`` (JSON)."""
 
-    moderation: str | None = Field(None, description="ignored")
+    moderation: Literal["low", "auto"] | None = Field(None, description="ignored")
 
 
 class EditRequest(PromptRequest):
@@ -133,7 +135,7 @@ class EditRequest(PromptRequest):
     files: ClassVar[dict[str, bool]] = {"image": True, "mask": False}
 
     repaint: bool = Field(False, description="RePaint with the plain decoder")
-    input_fidelity: str | None = Field(None, description="ignored")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="ignored")
 
 
 class VariationRequest(PriorOptions):

@@ -100,8 +100,8 @@ def encode_image(
 ) -> bytes:
     """``image`` as a file of ``fmt`` (a key of :data:`OUTPUT_FORMATS`) with its string
     ``info`` entries as metadata. ``compression`` (0–100, default 100) is the Images API's
-    ``output_compression``: the JPEG or WebP quality (100: the best; lossy either way); a PNG
-    is lossless and ignores it."""
+    ``output_compression``, the quality: a JPEG's (colour kept at full resolution, 4:4:4),
+    a lossy WebP's below 100 and a lossless WebP at 100; a PNG is lossless and ignores it."""
     if fmt == "png":
         return png_bytes(image, software)
     if fmt not in OUTPUT_FORMATS:
@@ -114,8 +114,12 @@ def encode_image(
     if software:
         exif[_SOFTWARE] = software
     quality = DEFAULT_COMPRESSION if compression is None else int(compression)
+    if fmt == "jpeg":
+        options: dict[str, Any] = {"quality": quality, "subsampling": 0}
+    else:
+        options = {"lossless": True} if quality == 100 else {"quality": quality}
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=fmt.upper(), quality=quality, exif=exif)
+    image.convert("RGB").save(buf, format=fmt.upper(), exif=exif, **options)
     return buf.getvalue()
 
 
