@@ -374,3 +374,52 @@ def test_serve_takes_the_diffusers_folder(folders):
         r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["size"] == f"{tiny.SUPER}x{tiny.SUPER}"
+
+
+def test_offload_keeps_only_the_running_stage_on_the_device(folders, monkeypatch):
+    t2i_dir, _, _, _ = folders
+    pipe = unclip.load_pipeline(t2i_dir, device="cpu", dtype="float32", offload=True)
+    pipe.device = torch.device("cpu", 0)  # "the accelerator": a device the stages are not on
+    stages = {"prior": pipe.prior, "decoder": pipe.decoder, "upsampler": pipe.upsamplers[0]}
+    owner = {id(net): name for name, st in stages.items() for net in st.networks()}
+    on: set[str] = set()  # the stages whose networks were last moved to the device
+    moves: list[str] = []
+    to = torch.nn.Module.to
+
+    def recording(self, *args, **kwargs):
+        if id(self) in owner and args and not kwargs:
+            name, there = owner[id(self)], torch.device(args[0]) == pipe.device
+            (on.add if there else on.discard)(name)
+            moves.append(f"{name} {'in' if there else 'out'}")
+        return to(self, *args, **kwargs)
+
+    seen: list[tuple[str, frozenset[str]]] = []
+    for name, st in stages.items():
+        for net in st.networks():
+            net.register_forward_pre_hook(lambda m, a, n=name: seen.append((n, frozenset(on))))
+    monkeypatch.setattr(torch.nn.Module, "to", recording)
+    pipe.text_to_image("a red square", seed=1, **_overrides())
+    assert {n for n, _ in seen} == set(stages)
+    assert all(now == {n} for n, now in seen), seen  # only the running stage's networks
+    assert not on  # all back on the CPU
+    first = ["prior in", "prior out", "decoder in", "decoder out", "upsampler in"]
+    assert [m for i, m in enumerate(moves) if i == 0 or m != moves[i - 1]][:5] == first
+
+
+def test_generate_offload_flag_loads_the_pipeline_offloaded(folders, tmp_path, monkeypatch):
+    import unclip.pipeline as pipeline_module
+
+    t2i_dir, _, _, _ = folders
+    made = []
+    load = pipeline_module.load_pipeline
+
+    def loading(*args, **kwargs):
+        made.append(load(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline_module, "load_pipeline", loading)
+    argv = ["generate", "a red square", "--pipeline", str(t2i_dir), "--out", str(tmp_path),
+            "--offload", "--device", "cpu", "--seed", "1", "--prior-steps", "3",
+            "--decoder-steps", "3", "--upsampler-steps", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(made) == 1 and made[0].offload and list(tmp_path.glob("*.png"))

@@ -78,7 +78,7 @@ def command_parser(
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--pipeline``, ``--device``, ``--dtype``, ``--compile``."""
+    """``--pipeline``, ``--device``, ``--dtype``, ``--compile``, ``--offload``."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--pipeline",
@@ -93,6 +93,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the sampling networks: minutes of compiling first, faster "
         "sampling after (pays off for many images)",
+    )
+    g.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the stages on the CPU and move each to the device only while it samples "
+        "(one stage's weights on the GPU at a time: for a GPU too small for the pipeline)",
     )
 
 
@@ -215,8 +221,10 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_pipeline_from(args: argparse.Namespace) -> Any:
-    """The pipeline ``--pipeline/--device/--dtype`` name, compiled with ``--compile``."""
+    """The pipeline ``--pipeline/--device/--dtype`` name (``--offload``: stages offloaded),
+    compiled with ``--compile``."""
     from unclip.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
+    offload = getattr(args, "offload", False)
+    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype, offload=offload)
     return pipe.compile() if getattr(args, "compile", False) else pipe

@@ -265,7 +265,7 @@ def own_storage(model: nn.Module) -> nn.Module:
 
 
 def load_diffusers_pipeline(
-    path: str | os.PathLike, dev: torch.device, dtype: torch.dtype
+    path: str | os.PathLike, dev: torch.device, dtype: torch.dtype, offload: bool = False
 ) -> UnclipPipeline:
     """An :class:`~unclip.pipeline.core.UnclipPipeline` from a diffusers unCLIP folder,
     converted in memory, on ``dev`` sampling in ``dtype`` (``unclip.load_pipeline`` resolves
@@ -276,10 +276,12 @@ def load_diffusers_pipeline(
 
     c = convert_diffusers_folder(path)
 
+    at = torch.device("cpu") if offload else dev  # where the stages wait (``offload``)
+
     def stage(model: nn.Module, cfg: DiffusionConfig, last: nn.Module | None = None) -> Stage:
-        own_storage(model).to(dev)
+        own_storage(model).to(at)
         if last is not None:
-            own_storage(last).to(dev)
+            own_storage(last).to(at)
         return Stage(model, GaussianDiffusion.from_config(cfg), last)
 
     first, last, up_cfg = c.upsampler
@@ -293,6 +295,7 @@ def load_diffusers_pipeline(
         path=Path(path),
         device=dev,
         dtype=dtype,
+        offload=offload,
     )
 
 

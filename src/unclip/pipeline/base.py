@@ -54,6 +54,7 @@ class PipelineBase:
     dtype: torch.dtype
     max_batch: int
     name: str
+    offload: bool
 
     @property
     def base_size(self) -> int:
@@ -193,7 +194,7 @@ class PipelineBase:
     ) -> RunContext:
         """What every stage runner takes: the device, the precision, ``progress`` and the one
         ``generator`` of a call given one (see ``UnclipPipeline.text_to_image``)."""
-        return RunContext(self.device, self.dtype, progress, generator)
+        return RunContext(self.device, self.dtype, progress, generator, self.offload)
 
     def _info(
         self, method: str, seed: int, settings: SamplingConfig, stages: Sequence[str], **extra: Any

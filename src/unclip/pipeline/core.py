@@ -103,6 +103,7 @@ class UnclipPipeline(PipelineBase):
         path: Path | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        offload: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.clip = clip
@@ -121,9 +122,14 @@ class UnclipPipeline(PipelineBase):
         self.device = device or torch.device("cpu")
         self.dtype = resolve_dtype(dtype, self.device)
         self.text_encoder.normalize = not self.raw_embeddings  # z_t as the stages take it
-        for stage in (decoder, inpaint_decoder, *self.upsamplers):  # faster convolutions
+        #: the stages wait on the CPU and each runs on ``device`` only while it samples
+        self.offload = offload
+        for stage in (prior, decoder, inpaint_decoder, *self.upsamplers):
             for net in stage.networks() if stage is not None else []:
-                net.to(memory_format=torch.channels_last)
+                if offload:
+                    net.to("cpu")
+                if stage is not prior:  # faster convolutions
+                    net.to(memory_format=torch.channels_last)
         #: images sampled together in one batch (see the module docstring on seeds)
         self.max_batch = DEFAULT_MAX_BATCH
         self.name = self.config.name or (path.name if path else "unclip")

@@ -184,6 +184,7 @@ def load_pipeline(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    offload: bool = False,
 ) -> UnclipPipeline:
     """Load a pipeline folder (or a shipped pipeline by name) onto ``device`` (default: CUDA
     when available, else CPU). A diffusers unCLIP folder (``model_index.json``, Karlo's
@@ -197,6 +198,10 @@ def load_pipeline(
     overrides it). CLIP always runs in float32, so
     embeddings and scores do not depend on it. The convolutional stages are kept in the
     channels-last memory format, which oneDNN and cuDNN run faster.
+
+    ``offload``: the sampling networks are loaded to (and wait on) the CPU, and each stage
+    moves to ``device`` only while it samples (one stage's weights on the accelerator at a
+    time, for a GPU too small for all of them; CLIP stays on ``device``).
     """
     from unclip.clip import load_clip
     from unclip.interop.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
@@ -205,7 +210,7 @@ def load_pipeline(
     dev = parse_device(device)
     dtype = resolve_dtype(dtype, dev)  # refused before any weights are read
     if is_diffusers_folder(name_or_path):  # Karlo's layout: converted on load
-        return load_diffusers_pipeline(name_or_path, dev, dtype)
+        return load_diffusers_pipeline(name_or_path, dev, dtype, offload)
     folder = resolve_pipeline(name_or_path)
     config = PipelineConfig.load(folder / PIPELINE_FILE)
     stages = config.stages
@@ -217,14 +222,15 @@ def load_pipeline(
     if not clip_dir.is_dir():
         raise PipelineError(f"{clip_dir}: the clip stage folder is missing")
     clip = load_clip(clip_dir, device=dev)
-    prior = load_stage(folder / stages.prior, "prior", dev) if stages.prior else None
-    decoder = load_stage(folder / stages.decoder, "decoder", dev)
+    at = torch.device("cpu") if offload else dev  # where the stages wait
+    prior = load_stage(folder / stages.prior, "prior", at) if stages.prior else None
+    decoder = load_stage(folder / stages.decoder, "decoder", at)
     inpaint = (
-        load_stage(folder / stages.inpaint_decoder, "inpaint_decoder", dev)
+        load_stage(folder / stages.inpaint_decoder, "inpaint_decoder", at)
         if stages.inpaint_decoder
         else None
     )
-    upsamplers = [load_stage(folder / u, "upsampler", dev) for u in stages.upsamplers]
+    upsamplers = [load_stage(folder / u, "upsampler", at) for u in stages.upsamplers]
     from unclip.pipeline.core import UnclipPipeline
 
     return UnclipPipeline(
@@ -238,6 +244,7 @@ def load_pipeline(
         path=folder,
         device=dev,
         dtype=dtype,
+        offload=offload,
     )
 
 

@@ -59,12 +59,15 @@ class RunContext:
     precision; float32 = none) and ``progress`` (the call's callback, or None).
     ``generator``: one CPU generator that every stage of a batch draws from in turn, in place
     of the seeds' (:meth:`generators`), as diffusers' unCLIP pipelines draw; None: the seeds'.
+    ``offload``: the stages' networks wait on the CPU and only the running one is on
+    ``device`` (:func:`stage_on_device`).
     """
 
     device: torch.device
     dtype: torch.dtype = torch.float32
     progress: ProgressCallback | None = None
     generator: torch.Generator | None = None
+    offload: bool = False
 
     def generators(self, seeds: int | Sequence[int], stage: str) -> Generators:
         """The noise generators of ``stage`` for a batch of ``seeds``: the context's one
@@ -173,6 +176,27 @@ def stage_precision(model: nn.Module | None, device: torch.device, dtype: torch.
         yield
 
 
+def _on(net: nn.Module, device: torch.device) -> bool:
+    """Whether ``net``'s weights are on ``device`` (``cuda`` matches any ``cuda:N``)."""
+    where = next(net.parameters()).device
+    return where.type == device.type and device.index in (None, where.index)
+
+
+@contextmanager
+def stage_on_device(stage: Stage | None, ctx: RunContext) -> Iterator[None]:
+    """With ``ctx.offload``, the networks of ``stage`` on ``ctx.device`` for the block and back
+    on the CPU after it (a network already there stays: the contexts nest); without, nothing."""
+    nets = [] if stage is None or not ctx.offload else stage.networks()
+    moved = [net for net in nets if not _on(net, ctx.device)]
+    for net in moved:
+        net.to(ctx.device)
+    try:
+        yield
+    finally:
+        for net in moved:
+            net.to("cpu")
+
+
 def model_fn(model: Callable[..., Tensor], **fixed: Any) -> Callable[..., Tensor]:
     """The network as a diffusion model function with float32 output and the keyword
     arguments ``fixed`` bound; it runs in the precision of the context around the sampler
@@ -255,29 +279,30 @@ def sample_prior(
 
     model, st, z_t = prior.model, settings, text.z_t
     n, c = z_t.shape[0], st.candidates
-    if prior.diffusion is None:
-        z = _sample_ar(prior, text, st, generator, ctx).view(n, c, -1)
-    else:
-        with autocast(ctx.device, ctx.dtype):  # [n·c] rows; the caption caches in that dtype
-            cond, uncond = model.sampling_conditions(*_candidate_rows(text, c))
-            if negative is not None:  # the negative caption's condition replaces the null one
-                uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
-        fn = guided(model, st.guidance, cond, uncond, False)
-        shape = (n * c, model.config.clip_dim)
-        progress, device = ctx.progress, ctx.device
-        steps = sampler_steps(
-            name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
-        )
-        with stage_precision(model, ctx.device, ctx.dtype):
-            x = deque(steps, maxlen=1).pop().x
-        if model.config.embeddings == "raw":  # a raw CLIP image embedding, as Karlo's
-            z = model.from_latent(x).view(n, c, -1)
-            cos = (F.normalize(z, dim=-1) * F.normalize(z_t, dim=-1)[:, None]).sum(-1)
-            best = cos.argmax(1)
-            return z[torch.arange(n, device=z.device), best]  # [n, D]
-        z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
-    best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
-    return z[torch.arange(n, device=z.device), best]  # [n, D]
+    with stage_on_device(prior, ctx):
+        if prior.diffusion is None:
+            z = _sample_ar(prior, text, st, generator, ctx).view(n, c, -1)
+        else:
+            with autocast(ctx.device, ctx.dtype):  # [n·c] rows; the caption caches in that dtype
+                cond, uncond = model.sampling_conditions(*_candidate_rows(text, c))
+                if negative is not None:  # the negative caption's condition replaces the null one
+                    uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
+            fn = guided(model, st.guidance, cond, uncond, False)
+            shape = (n * c, model.config.clip_dim)
+            progress, device = ctx.progress, ctx.device
+            steps = sampler_steps(
+                name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
+            )
+            with stage_precision(model, ctx.device, ctx.dtype):
+                x = deque(steps, maxlen=1).pop().x
+            if model.config.embeddings == "raw":  # a raw CLIP image embedding, as Karlo's
+                z = model.from_latent(x).view(n, c, -1)
+                cos = (F.normalize(z, dim=-1) * F.normalize(z_t, dim=-1)[:, None]).sum(-1)
+                best = cos.argmax(1)
+                return z[torch.arange(n, device=z.device), best]  # [n, D]
+            z = unscale_embedding(x, model.embed_scale).view(n, c, -1)  # unit norm
+        best = (z * z_t[:, None]).sum(-1).argmax(1)  # DALL·E 2: keep the higher z_i · z_t
+        return z[torch.arange(n, device=z.device), best]  # [n, D]
 
 
 def _candidate_rows(text: TextCondition, c: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -410,7 +435,7 @@ def decode(
         steps = sampler_steps(
             name, decoder, fn, start, st.sampler, count, eta, generator, progress, device, **extra
         )
-    with stage_precision(model, ctx.device, ctx.dtype):
+    with stage_on_device(decoder, ctx), stage_precision(model, ctx.device, ctx.dtype):
         x = deque(steps, maxlen=1).pop().x
     if known is not None and repaint is None:  # keep the known pixels exactly
         x = known[1] * known[0] + (1 - known[1]) * x
@@ -433,7 +458,7 @@ def invert(
     run = ddim_invert(
         decoder.diffusion, fn, image.to(ctx.device), steps, progress=callback, device=ctx.device
     )
-    with stage_precision(decoder.model, ctx.device, ctx.dtype):
+    with stage_on_device(decoder, ctx), stage_precision(decoder.model, ctx.device, ctx.dtype):
         return deque(run, maxlen=1).pop().x
 
 
@@ -499,6 +524,7 @@ def upsample(
             name, up, fn, start, st.sampler, steps, st.eta, gens, progress, device, **extra
         )
         with (
+            stage_on_device(up, ctx),
             stage_precision(up.model, ctx.device, ctx.dtype),
             stage_precision(up.last_step, ctx.device, ctx.dtype),
         ):
