@@ -255,7 +255,7 @@ def test_variations_with_a_prompt_or_strength_are_image_to_image(client, pipe):
         assert_error(client.post(VAR, files={"image": upload()}, data=data), 400, param)
 
 
-def test_mix_prompts_and_images(client, pipe):
+def test_mix_prompts_and_images(client, pipe, tmp_path):
     blue = png(color=(0, 0, 250))
     fields = {"input_1": "a red apple", "weight_1": "0.7", "weight_2": "0.3", "seed": "5",
               "response_format": "b64_json"}  # fmt: skip
@@ -278,6 +278,13 @@ def test_mix_prompts_and_images(client, pipe):
     assert np.array_equal(first_pixels(client.post(MIX, files=multipart(weighted))), alone)
     equal = client.post(MIX, files=multipart(both)).json()["data"][0]["unclip"]
     assert equal["weights"][0] == equal["weights"][1]
+    # a text input is a caption, even one naming a file on the server's disk
+    on_disk = tmp_path / "secret.png"
+    on_disk.write_bytes(blue)
+    r = client.post(MIX, files=multipart({"input_1": str(on_disk), "seed": "5"}))
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["unclip"]["inputs"] == [{"text": str(on_disk)}]
+    assert r.json()["usage"]["input_tokens_details"]["image_tokens"] == 0
     errors = [
         ({}, {}, "input_1"),
         ({"input_1": "a cat", "weight_3": "1"}, {}, "weight_3"),

@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Serve a pipeline over HTTP: POST /v1/images/generations, /edits and /variations "
             "in the shapes of the OpenAI Images API (the official openai client works with "
-            "base_url=http://HOST:PORT/v1), progress as server-sent events, and a web page "
+            "base_url=http://HOST:PORT/v1; output formats, usage, streamed partial images), "
+            "/mix and /interpolations, progress as server-sent events, and a web page "
             "at / with a gallery kept in DATA_DIR. Bound to 127.0.0.1 unless --host says "
             f"otherwise; any other address needs an API key (${API_KEY_ENV} or "
             "--api-key-file) or an explicit --no-auth. Needs the server extra: "
@@ -152,7 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=DEFAULT_GALLERY_MAX_MB,
         metavar="MB",
-        help="the gallery's PNGs take at most this many MiB; the oldest images go first "
+        help="the gallery's image files take at most this many MiB; the oldest go first "
         f"(default {DEFAULT_GALLERY_MAX_MB})",
     )
     gallery.add_argument(

@@ -43,6 +43,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from unclip.clip.text import TextEncoder
+from unclip.pipeline import img2img, mixing
 from unclip.pipeline.base import PipelineBase
 from unclip.pipeline.config import PipelineConfig
 from unclip.pipeline.events import attach_info, image_info
@@ -68,7 +69,6 @@ from unclip.pipeline.runners import (
 )
 from unclip.pipeline.settings import (
     DEFAULT_MAX_BATCH,
-    DEFAULT_STRENGTH,
     check_count,
     check_draw,
     check_prompt,
@@ -454,54 +454,9 @@ class UnclipPipeline(PipelineBase):
             out.append(cropped)
         return out
 
-    @torch.no_grad()
-    def mix(
-        self,
-        inputs: Sequence[str | ImageInput],
-        weights: Sequence[float] | None = None,
-        *,
-        num_images: int = 1,
-        seed: int | None = None,
-        negative_prompt: str | None = None,
-        files: bool = True,
-        progress: ProgressCallback | None = None,
-        **overrides: Any,
-    ) -> list[Image.Image]:
-        """Weighted mix of captions and images (DALL·E 2 §3): images through CLIP, captions
-        through the prior; their z_i combined by the normalised ``weights`` (default equal):
-        a slerp of two, the renormalised weighted mean of more; decoded without a caption.
-        A weight-0 input is dropped, so weights (1, 0) give the first input's image. Image k
-        uses seed ``seed + k``. A string naming an existing file is an image; with
-        ``files=False`` (a server's clients' text) every string is a caption. See
-        :mod:`unclip.pipeline.mixing`."""
-        from unclip.pipeline.mixing import mix
-
-        return mix(self, inputs, weights, num_images=num_images, seed=seed,
-                   negative_prompt=negative_prompt, files=files, progress=progress,
-                   **overrides)  # fmt: skip
-
-    @torch.no_grad()
-    def image_to_image(
-        self,
-        image: ImageInput,
-        prompt: str | None = None,
-        *,
-        strength: float = DEFAULT_STRENGTH,
-        num_images: int = 1,
-        seed: int | None = None,
-        negative_prompt: str | None = None,
-        progress: ProgressCallback | None = None,
-        **overrides: Any,
-    ) -> list[Image.Image]:
-        """Image to image (SDEdit): noise the image to ``strength`` (in [0, 1]) of the
-        decoder's schedule and denoise it under the prompt's z_i from the prior, or without a
-        prompt the image's own CLIP embedding. Strength 1 is ``text_to_image(prompt)`` with the
-        same seed; strength 0 returns the input. See :mod:`unclip.pipeline.img2img`."""
-        from unclip.pipeline.img2img import image_to_image
-
-        return image_to_image(self, image, prompt, strength=strength, num_images=num_images,
-                              seed=seed, negative_prompt=negative_prompt, progress=progress,
-                              **overrides)  # fmt: skip
+    # Two capabilities whose bodies live in their own modules (the method is the function).
+    mix = torch.no_grad()(mixing.mix)
+    image_to_image = torch.no_grad()(img2img.image_to_image)
 
     @torch.no_grad()
     def scores(self, prompt: str, images: Sequence[ImageInput]) -> Tensor:

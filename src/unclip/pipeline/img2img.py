@@ -56,8 +56,10 @@ def image_to_image(
     progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> list[Image.Image]:
-    """The body of :meth:`UnclipPipeline.image_to_image
-    <unclip.pipeline.core.UnclipPipeline.image_to_image>`."""
+    """Image to image (SDEdit): noise the image to ``strength`` (in [0, 1]) of the
+    decoder's schedule and denoise it under the prompt's z_i from the prior, or without a
+    prompt the image's own CLIP embedding. Strength 1 is ``text_to_image(prompt)`` with the
+    same seed; strength 0 returns the input."""
     img = as_image(image)
     strength = check_strength(strength)
     if prompt is not None:

@@ -106,7 +106,12 @@ def mix(
     progress: ProgressCallback | None = None,
     **overrides: Any,
 ) -> list[Image.Image]:
-    """The body of :meth:`UnclipPipeline.mix <unclip.pipeline.core.UnclipPipeline.mix>`."""
+    """Weighted mix of captions and images (DALL·E 2 §3): images through CLIP, captions
+    through the prior; their z_i combined by the normalised ``weights`` (default equal):
+    a slerp of two, the renormalised weighted mean of more; decoded without a caption.
+    A weight-0 input is dropped, so weights (1, 0) give the first input's image. Image k
+    uses seed ``seed + k``. A string naming an existing file is an image; with
+    ``files=False`` (a server's clients' text) every string is a caption."""
     items = [inputs] if isinstance(inputs, (str, Image.Image, os.PathLike)) else list(inputs)
     check_count(len(items), "the number of mix inputs", 1, MAX_MIX_INPUTS)
     w = check_weights(len(items), weights)

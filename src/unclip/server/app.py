@@ -3,14 +3,18 @@
 Routes (see ``docs/server.md``):
 
 - ``POST /v1/images/generations`` (JSON), ``/v1/images/edits`` and ``/v1/images/variations``
-  (multipart): the OpenAI Images API, with extensions (``seed``, ``steps``, ``guidance``…);
-  ``POST /v1/images/interpolations`` (multipart ``image_a``, ``image_b``): an extension.
+  (multipart): the OpenAI Images API (``output_format``, ``output_compression``,
+  ``background``, ``usage``), with extensions (``seed``, ``steps``, ``guidance``,
+  ``negative_prompt``; variations with a ``prompt`` or ``strength``: image-to-image…);
+  ``POST /v1/images/mix`` (multipart inputs, prompts or images, and weights) and
+  ``POST /v1/images/interpolations`` (multipart ``image_a``, ``image_b``): extensions.
   With the header ``Prefer: respond-async`` each answers 202 at once with a job object;
-  otherwise it waits for the images (up to the request timeout).
+  otherwise it waits for the images (up to the request timeout). Generations and edits
+  with ``stream: true`` answer OpenAI's image stream events instead (:mod:`.streaming`).
 - ``GET /v1/jobs/{id}`` (state and result), ``GET /v1/jobs/{id}/events`` (SSE),
   ``DELETE /v1/jobs/{id}`` (cancel); ``GET /v1/gallery``, ``GET|DELETE /v1/gallery/{id}``;
   ``GET /v1/models``, ``GET /v1/status``.
-- ``GET /files/{id}.png``: a result image (capability URL: the id is 128 random bits).
+- ``GET /files/{id}.{format}``: a result image (capability URL: the id is 128 random bits).
 - ``GET /``: the web page; ``GET /openapi.json``, ``/docs``.
 
 Every ``/v1`` route checks the API key when one is set (:mod:`.auth`). Before any route,
@@ -24,8 +28,8 @@ Retry-After.
 This module only wires: :func:`create_app` makes the app, its state (:mod:`.state`), the
 middleware and the error handlers, and includes the routers of :mod:`.routes_images`,
 :mod:`.routes_jobs` and :mod:`.routes_gallery`, whose handlers read the state from
-``request.app.state``. Request bodies are read and checked in :mod:`.bodies`, answers built
-in :mod:`.responses`.
+``request.app.state``. Request bodies are read and checked in :mod:`.bodies` (their models:
+:mod:`.schemas`), answers built in :mod:`.responses` and :mod:`.streaming`.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def create_app(
     ``workers`` threads sample; at most ``queue_size`` jobs wait (more: 429). ``api_key``:
     required as ``Authorization: Bearer KEY`` on every ``/v1`` route. ``gallery_db``: a
     :class:`~unclip.server.gallery.Gallery` (with its size and age limits) or an SQLite file
-    for one with the default limits (PNGs in ``images/`` next to it); None: no gallery, and
+    for one with the default limits (files in ``images/`` next to it); None: no gallery, and
     ``url`` results live in memory (the most recent 64 MiB). ``gallery_keep_b64``: store
     ``b64_json`` results in the gallery too (by default only ``url`` results are stored).
     ``allowed_hosts``: Host header names accepted (None: any; :data:`ANY_IP_HOST` in it: any

@@ -189,7 +189,7 @@ class Gallery:
         return image_id
 
     def _evict(self, keep: str | None = None) -> list[str]:
-        """Delete images older than ``max_age`` and then the oldest ones until the PNGs
+        """Delete images older than ``max_age`` and then the oldest ones until the files
         total at most ``max_bytes``, never ``keep`` (the image just added). Returns the
         ids deleted. Called with ``_lock`` held."""
         gone: list[tuple[str, str]] = []  # (id, format)

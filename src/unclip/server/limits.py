@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 #: jobs that may wait for a worker (``--queue-size``); more get 429
 DEFAULT_QUEUE_SIZE = 8
-#: the gallery keeps at most this many bytes of PNG (``--gallery-max-mb``), oldest evicted first
+#: the gallery keeps at most this many MiB of image files (``--gallery-max-mb``), oldest first
 DEFAULT_GALLERY_MAX_MB = 1024
 #: and drops images older than this many days (``--gallery-max-days``; 0: no age limit)
 DEFAULT_GALLERY_MAX_DAYS = 90

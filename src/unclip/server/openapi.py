@@ -1,6 +1,6 @@
 """What the OpenAPI document says that FastAPI cannot infer: the error answers of each
 route (OpenAI error objects), the bodies the image routes parse by hand (JSON and
-multipart), and PNG answers."""
+multipart), and image file answers."""
 
 from __future__ import annotations
 

@@ -194,7 +194,10 @@ async def mix(request: Request) -> Response:
     images = {k + 1: img for k, img in enumerate(files) if img is not None}
     inputs, weights = mix_inputs(req, images, state(request).limits)
     pipe = state(request).pipe
-    sample = partial(pipe.mix, inputs, weights, num_images=req.n, seed=req.seed, **_negative(req))
+    # files=False: a client's text is a caption, never a path on the server's disk
+    sample = partial(
+        pipe.mix, inputs, weights, num_images=req.n, seed=req.seed, files=False, **_negative(req)
+    )
     return await _submit(request, req, "mix", sample, size, input_images=len(images))
 
 
