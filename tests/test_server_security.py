@@ -25,7 +25,7 @@ from unclip import cli
 from unclip.server import Limits, create_app
 from unclip.server.app import normalize_origin
 from unclip.server.errors import APIError
-from unclip.server.gallery import DAY, Gallery
+from unclip.server.gallery import DAY, Gallery, StoredImage
 from unclip.server.jsonbody import json_depth_exceeds, nesting, parse_json_object
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -377,13 +377,13 @@ def test_gallery_evicts_the_oldest_past_its_size(tmp_path):
     g = Gallery(tmp_path / "gallery.sqlite", max_bytes=3500, max_age=None)
     ids = []
     for i in range(10):
-        ids.append(g.put(_blob(1000), {"method": "t", "prompt": f"p{i}"}, (1, 1)))
+        ids.append(g.put(StoredImage(_blob(1000), {"method": "t", "prompt": f"p{i}"}, (1, 1))))
         files = _files(g)
         assert sum(files.values()) <= 3500 and g.total_bytes() == sum(files.values())
         assert set(files) == set(ids[-3:])  # the newest three, exactly
     assert g.count() == 3 and g.get(ids[0]) is None and g.get_file(ids[-1]) is not None
     # an image bigger than the whole limit is kept (just written), the rest evicted
-    big = g.put(_blob(5000), {}, (1, 1))
+    big = g.put(StoredImage(_blob(5000), {}, (1, 1)))
     assert set(_files(g)) == {big}
     assert set(_files(g)) == {big} and g.count() == 1
 
@@ -391,10 +391,13 @@ def test_gallery_evicts_the_oldest_past_its_size(tmp_path):
 def test_gallery_drops_images_past_its_age(tmp_path):
     db = tmp_path / "gallery.sqlite"
     g = Gallery(db, max_bytes=None, max_age=30 * DAY)
-    old, recent = g.put(_blob(100), {}, (1, 1)), g.put(_blob(100), {}, (1, 1))
+    old, recent = (
+        g.put(StoredImage(_blob(100), {}, (1, 1))),
+        g.put(StoredImage(_blob(100), {}, (1, 1))),
+    )
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE images SET created = ? WHERE id = ?", (time.time() - 31 * DAY, old))
-    new = g.put(_blob(100), {}, (1, 1))
+    new = g.put(StoredImage(_blob(100), {}, (1, 1)))
     assert set(_files(g)) == {recent, new} and g.get(old) is None
     # opening the gallery prunes too
     with sqlite3.connect(db) as conn:

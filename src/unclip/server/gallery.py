@@ -59,6 +59,19 @@ CREATE INDEX IF NOT EXISTS images_created ON images (created DESC, id DESC);
 """
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """What a store keeps of an image: its file ``data`` in format ``fmt`` ("png", "jpeg",
+    "webp"), its metadata as PNG text ``info``, its ``size`` (width, height) and the ``job``
+    that made it (None outside a job)."""
+
+    data: bytes
+    info: dict[str, str]
+    size: tuple[int, int]
+    job: str | None = None
+    fmt: str = "png"
+
+
 def valid_id(image_id: str) -> bool:
     return bool(ID_PATTERN.fullmatch(image_id))
 
@@ -156,23 +169,17 @@ class Gallery:
             raise ValueError(f"not an image format: {fmt!r}")
         return self.folder / f"{image_id}.{fmt}"
 
-    def put(
-        self,
-        data: bytes,
-        info: dict[str, str],
-        size: tuple[int, int],
-        job: str | None = None,
-        fmt: str = "png",
-    ) -> str:
-        """Store an image file of format ``fmt`` and its metadata; return the new image id."""
+    def put(self, image: StoredImage) -> str:
+        """Store an image file and its metadata; return the new image id."""
         image_id = secrets.token_hex(16)
-        path = self.path(image_id, fmt)
+        data, info, (width, height) = image.data, image.info, image.size
+        path = self.path(image_id, image.fmt)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
         row = (
             image_id, time.time(), info.get("method", "unknown"), info.get("prompt"),
-            _seed(info), size[0], size[1], job, json.dumps(info), len(data), fmt,
+            _seed(info), width, height, image.job, json.dumps(info), len(data), image.fmt,
         )  # fmt: skip
         try:
             with self._lock:
@@ -301,18 +308,12 @@ class MemoryStore:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(
-        self,
-        data: bytes,
-        info: dict[str, str],
-        size: tuple[int, int],
-        job: str | None = None,
-        fmt: str = "png",
-    ) -> str:
+    def put(self, image: StoredImage) -> str:
+        """Keep an image file (its metadata is not kept); return the new image id."""
         image_id = secrets.token_hex(16)
         with self._lock:
-            self._items[image_id] = (data, fmt)
-            self._bytes += len(data)
+            self._items[image_id] = (image.data, image.fmt)
+            self._bytes += len(image.data)
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, (old, _) = self._items.popitem(last=False)
                 self._bytes -= len(old)

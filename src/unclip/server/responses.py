@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 import unclip
 from unclip.server.errors import SERVER, APIError, bad_request
+from unclip.server.gallery import StoredImage
 from unclip.server.jobs import SUCCEEDED, Job, JobCancelled, QueueFull
 from unclip.server.state import Result, ServerState, state
 from unclip.server.uploads import encode_image
@@ -121,7 +122,7 @@ def make_job(
             image_id = None
             if store_all or output.response_format == "url":
                 text = info.to_png_text()
-                image_id = server.store.put(data, text, img.size, job.id, output.fmt)
+                image_id = server.store.put(StoredImage(data, text, img.size, job.id, output.fmt))
             results.append(Result(image_id, data if keep else None, info, output.size, output.fmt))
         return results
 
