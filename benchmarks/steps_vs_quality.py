@@ -9,7 +9,17 @@ the CLIP score (mean cosine between each caption and its sample, as in ``unclip 
 pipeline``) and the seconds per image. The "knee" of a sampler is the fewest steps whose FD
 is within ``--tolerance`` (default 5%) of its best FD and whose CLIP score is within
 ``--clip-tolerance`` (default 1%) of its best; the pipeline's default decoder setting should
-sit there.
+sit there. The "fast" setting is the fewest steps, of any sampler, whose FD is within
+``--fast-tolerance`` (default 3%) of the default setting's FD and whose CLIP score is within
+``--clip-tolerance`` of the default's: what the ``fast`` sampling preset
+(``unclip.pipeline.config.SAMPLING_PRESETS``, ``unclip generate --fast``) should be; the
+section says whether it is.
+
+``--steps`` takes one list for every sampler (``--steps 5,10,25``) or a list per sampler
+(``--steps ddim=10,25 --steps dpmpp_2m=5,8,10``; samplers without one get the default
+list). ``--reuse-prior`` samples each caption's prior z_i once and decodes it at every
+setting (the prior and its seed do not change between settings, so the images are the same
+as without it); its seconds are measured on the first setting and added to every row's.
 
 Writes a line plot (``docs/steps_vs_quality.svg``; drawn by hand, no plotting library
 needed), a Markdown section of docs/benchmarks.md, and JSON to stdout. FD from a few hundred
@@ -18,8 +28,8 @@ other tables. The full run draws ``images × 6 × 3`` images (``--images 128``: 
 so plan on an hour or more on a 2-core CPU.
 
 usage: python benchmarks/steps_vs_quality.py [--pipeline emoji-small] [--data data/emoji]
-       [--split test] [--images 128] [--steps 5,10,25,50,100,250]
-       [--samplers ddim,ddpm,dpmpp_2m] [--quick]
+       [--split test] [--images 128] [--spread] [--steps [SAMPLER=]5,10,25,50,100,250 ...]
+       [--samplers ddim,ddpm,dpmpp_2m] [--reuse-prior] [--quick]
        python benchmarks/steps_vs_quality.py --from-json RESULT.json   (re-render only)
 
 ``--from-json`` takes the JSON a full run printed and writes its table and plot again without
@@ -51,8 +61,12 @@ SAMPLERS = SAMPLER_NAMES
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-def real_set(pipe: Any, data: str, split: str | None, limit: int) -> tuple[list[str], Any]:
-    """(captions, CLIP image embeddings [N, D]) of the first ``limit`` items of the split."""
+def real_set(
+    pipe: Any, data: str, split: str | None, limit: int, spread: bool = False
+) -> tuple[list[str], Any]:
+    """(captions, CLIP image embeddings [N, D]) of the first ``limit`` items of the split, or
+    with ``spread`` of ``limit`` items evenly spaced over it (a split is stored style by
+    style, so its first items are of a few styles only)."""
     from unclip.data.datasets import open_dataset
     from unclip.data.transforms import from_tensor
 
@@ -61,16 +75,47 @@ def real_set(pipe: Any, data: str, split: str | None, limit: int) -> tuple[list[
     n = min(len(ds), limit)
     if n < 2:
         raise SystemExit(f"{data}: need at least 2 images, found {len(ds)}")
-    items = [ds[i] for i in range(n)]
+    index = [i * len(ds) // n for i in range(n)] if spread else range(n)
+    items = [ds[i] for i in index]
     real = pipe.encode_image([from_tensor(it["image"]) for it in items])
     return [it["caption"] for it in items], real
 
 
+class PriorCache:
+    """Wraps ``pipe._sample_prior`` so that each batch of captions and seeds is sampled once:
+    the decoder settings a run compares leave the prior's settings and seeds alone, so its
+    z_i are the same at every setting. ``seconds``: time spent sampling (cache misses)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.sample = pipe._sample_prior
+        self.cache: dict[tuple[Any, ...], Any] = {}
+        self.seconds = 0.0
+        pipe._sample_prior = self
+
+    def __call__(self, text: Any, seeds: Any, *args: Any, **kwargs: Any) -> Any:
+        seeds_key = seeds if isinstance(seeds, int) else tuple(seeds)
+        key = (text.text, tuple(text.z_t.shape), seeds_key)  # a run's seeds fix its captions
+        if key not in self.cache:
+            t = time.perf_counter()
+            self.cache[key] = self.sample(text, seeds, *args, **kwargs)
+            self.seconds += time.perf_counter() - t
+        return self.cache[key]
+
+
 def measure(
-    pipe: Any, captions: list[str], real: Any, sampler: str, steps: int
+    pipe: Any,
+    captions: list[str],
+    real: Any,
+    sampler: str,
+    steps: int,
+    prior: PriorCache | None = None,
+    prior_seconds: float = 0.0,
 ) -> dict[str, float]:
+    """FD, CLIP score and seconds per image of one decoder setting. With a ``prior`` cache,
+    the seconds are those of the stages after the prior plus ``prior_seconds`` (per image)."""
     from unclip.eval.metrics import clip_score, frechet_distance
 
+    before = prior.seconds if prior else 0.0
     t = time.perf_counter()
     feats = []
     step = max(1, pipe.max_batch)  # one call per batch: caption i still gets seed i
@@ -81,6 +126,8 @@ def measure(
         )  # fmt: skip
         feats.append(pipe.encode_image(images))
     seconds = (time.perf_counter() - t) / len(captions)
+    if prior is not None:
+        seconds += prior_seconds - (prior.seconds - before) / len(captions)
     gen = torch.cat(feats)
     return {
         "fd": frechet_distance(gen, real),
@@ -204,10 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(REPO / "data" / "emoji"), help="data set of real images")
     p.add_argument("--split", default="test", help="split (shard folders with a manifest)")
     p.add_argument("--images", type=int, default=128, help="captions/images (default 128)")
-    p.add_argument("--steps", help="decoder step counts, comma-separated (default "
-                   + ",".join(map(str, DEFAULT_STEPS)) + ")")  # fmt: skip
+    p.add_argument(
+        "--spread",
+        action="store_true",
+        help="take the --images captions evenly spaced over the split, not its first ones",
+    )
+    p.add_argument("--steps", action="append", metavar="[SAMPLER=]N,N,...",
+                   help="decoder step counts, comma-separated, for every sampler or (repeat "
+                   "the flag) for one (default " + ",".join(map(str, DEFAULT_STEPS)) + ")")  # fmt: skip
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="samplers, comma-separated")
     p.add_argument("--tolerance", type=float, default=0.05, help="knee: FD within this of best")
+    p.add_argument(
+        "--fast-tolerance",
+        type=float,
+        default=0.03,
+        help="fast setting: FD within this (relative) of the default setting's",
+    )
+    p.add_argument(
+        "--reuse-prior",
+        action="store_true",
+        help="sample each caption's prior z_i once and decode it at every setting",
+    )
     p.add_argument(
         "--clip-tolerance",
         type=float,
@@ -235,23 +299,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from unclip.pipeline import load_pipeline
 
-    if args.quick:
-        images, steps = min(args.images, 6), [2, 4]
-    else:
-        images, steps = args.images, list(DEFAULT_STEPS)
-    if args.steps:
-        steps = sorted({int(s) for s in args.steps.split(",")})
+    images = min(args.images, 6) if args.quick else args.images
     doc, plot = output_paths(args)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    plan = step_plan(samplers, args.steps, [2, 4] if args.quick else list(DEFAULT_STEPS))
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     args.dtype = str(pipe.dtype).removeprefix("torch.")
     default = pipe.sampling_settings().decoder
-    captions, real = real_set(pipe, args.data, args.split, images)
+    captions, real = real_set(pipe, args.data, args.split, images, args.spread)
 
     rows: list[dict[str, Any]] = []
+    prior = PriorCache(pipe) if args.reuse_prior else None
+    prior_seconds = 0.0
     for sampler in samplers:
-        for k in steps:
-            r = measure(pipe, captions, real, sampler, k)
+        for k in plan[sampler]:
+            r = measure(pipe, captions, real, sampler, k, prior, prior_seconds)
+            if prior is not None and not prior_seconds:
+                prior_seconds = prior.seconds / len(captions)
             rows.append({"sampler": sampler, "steps": k, **r})
             print(f"{sampler:9s} {k:4d} steps  FD {r['fd']:.4f}  CLIP {r['clip_score']:.4f}  "
                   f"{r['s_per_image']:.3f} s/img", file=sys.stderr)  # fmt: skip
@@ -261,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": args.data,
         "split": args.split,
         "images": len(captions),
+        "spread": args.spread,
         "dtype": args.dtype,
         "quick": args.quick,
         "default": {"sampler": default.sampler, "steps": default.steps},
@@ -268,12 +333,79 @@ def main(argv: list[str] | None = None) -> int:
         "clip_tolerance": args.clip_tolerance,
         "knee_steps": knees,
         "default_at_knee": knees.get(default.sampler) == default.steps,
+        "fast_tolerance": args.fast_tolerance,
+        "fast": fast_setting(
+            rows, default.sampler, default.steps, args.fast_tolerance, args.clip_tolerance
+        ),
+        "fast_preset": preset_setting(pipe, "fast"),
+        "reuse_prior": args.reuse_prior,
+        "prior_s_per_image": prior_seconds if prior is not None else None,
         "machine": machine_info(),
         "results": rows,
     }
     write_outputs(result, doc, plot)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def step_plan(
+    samplers: list[str], specs: list[str] | None, default: list[int]
+) -> dict[str, list[int]]:
+    """Each sampler's decoder step counts from the ``--steps`` flags: ``N,N,...`` for every
+    sampler, ``SAMPLER=N,N,...`` for one (later flags win); ``default`` where none is given."""
+    plan = {s: list(default) for s in samplers}
+    for spec in specs or []:
+        name, sep, counts = spec.rpartition("=")
+        try:
+            steps = sorted({int(c) for c in counts.split(",") if c.strip()})
+        except ValueError:
+            raise SystemExit(f"--steps {spec}: not a comma-separated list of integers") from None
+        if not steps or min(steps) < 1:
+            raise SystemExit(f"--steps {spec}: give step counts of at least 1")
+        if not sep:
+            plan = {s: list(steps) for s in samplers}
+        elif name in plan:
+            plan[name] = steps
+        else:
+            raise SystemExit(f"--steps {spec}: {name!r} is not one of --samplers {samplers}")
+    return plan
+
+
+def fast_setting(
+    rows: list[dict[str, Any]],
+    sampler: str,
+    steps: int,
+    tolerance: float,
+    clip_tolerance: float,
+) -> dict[str, Any] | None:
+    """The measured setting with the fewest decoder steps (then the lowest FD) whose FD is
+    within ``tolerance`` (relative) of the default setting's (``sampler``, ``steps``) and
+    whose CLIP score is within ``clip_tolerance`` of its; None if the default was not
+    measured. Returns {"sampler", "steps", "fd_ratio", "clip_ratio"} (ratios to the
+    default's)."""
+    ref = next((r for r in rows if r["sampler"] == sampler and r["steps"] == steps), None)
+    if ref is None:
+        return None
+    ok = [
+        r
+        for r in rows
+        if r["fd"] <= ref["fd"] * (1 + tolerance) + 1e-12
+        and r["clip_score"] >= ref["clip_score"] * (1 - clip_tolerance) - 1e-12
+    ]
+    best = min(ok, key=lambda r: (r["steps"], r["fd"]))
+    return {
+        "sampler": best["sampler"],
+        "steps": best["steps"],
+        "fd_ratio": best["fd"] / ref["fd"],
+        "clip_ratio": best["clip_score"] / ref["clip_score"],
+        "speedup": ref["s_per_image"] / best["s_per_image"],
+    }
+
+
+def preset_setting(pipe: Any, name: str) -> dict[str, Any]:
+    """The decoder sampler and steps the sampling preset ``name`` gives on ``pipe``."""
+    d = pipe.sampling_settings(preset=name).decoder
+    return {"sampler": d.sampler, "steps": d.steps}
 
 
 def output_paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -340,6 +472,10 @@ def rerender(args: argparse.Namespace) -> int:
     result["knee_steps"] = knees
     result["default"] = {"sampler": default.sampler, "steps": default.steps}
     result["default_at_knee"] = knees.get(default.sampler) == default.steps
+    result.setdefault("fast_tolerance", 0.03)
+    result["fast"] = fast_setting(rows, default.sampler, default.steps,
+                                  result["fast_tolerance"], result["clip_tolerance"])  # fmt: skip
+    result["fast_preset"] = preset_setting(pipe, "fast")
     result["rerendered"] = machine_info()["time"]
     write_outputs(result, *output_paths(args))
     print(json.dumps(result, indent=2))
@@ -358,6 +494,8 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
             *(
                 f"{fd[(s, k)]['fd']:.4f} / {fd[(s, k)]['clip_score']:.4f} "
                 f"({fd[(s, k)]['s_per_image']:.2f} s)"
+                if (s, k) in fd
+                else "—"
                 for s in samplers
             ),
         )
@@ -368,7 +506,9 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         "## Decoder steps vs sample quality",
         "",
         f"`python benchmarks/steps_vs_quality.py` — pipeline {r['pipeline']}, {r['images']} "
-        f"captions of {r['data']} ({r['split']}), one sample each (seed = row), "
+        f"captions of {r['data']} ({r['split']}"
+        + (", evenly spaced over the split" if r.get("spread") else "")
+        + "), one sample each (seed = row), "
         f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else "")
         + (
@@ -378,7 +518,13 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
             else ""
         ),
         "Cells: Fréchet distance to the real images in CLIP feature space (lower is better) / "
-        "CLIP score (higher is better), and seconds per image end to end.",
+        "CLIP score (higher is better), and seconds per image end to end"
+        + (
+            f" (the prior sampled once per caption, {r['prior_s_per_image']:.2f} s per image, "
+            "and its time added to every cell: `--reuse-prior`)."
+            if r.get("reuse_prior")
+            else "."
+        ),
         "",
         markdown_table(["decoder steps", *samplers], table),
         "",
@@ -389,6 +535,23 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         + f". Default: {d['sampler']} with {d['steps']} steps"
         + (" — at the knee." if r["default_at_knee"] else " — not at the knee."),
     ]
+    if r.get("fast"):
+        f, p = r["fast"], r["fast_preset"]
+        tol = 100 * r["fast_tolerance"]
+        lines += [
+            "",
+            f"Fast (fewest steps of any sampler within {tol:.0f}% of the default's FD and "
+            f"{100 * r['clip_tolerance']:.0f}% of its CLIP score): {f['sampler']} with "
+            f"{f['steps']} steps, FD {100 * (f['fd_ratio'] - 1):+.1f}% and CLIP score "
+            f"{100 * (f['clip_ratio'] - 1):+.1f}% against the default, "
+            f"{f['speedup']:.2f}× its images per second. The `fast` preset (`--fast`): "
+            f"{p['sampler']} with {p['steps']} steps"
+            + (
+                " — the measured setting."
+                if (p["sampler"], p["steps"]) == (f["sampler"], f["steps"])
+                else " — not the measured setting."
+            ),
+        ]
     if plot:
         rel = os.path.relpath(Path(plot).resolve(), Path(doc).resolve().parent)
         lines += ["", f"![FD vs decoder steps]({rel})"]

@@ -1,6 +1,7 @@
 """Options the generation commands share: their argument groups and help texts, and the
 pipeline they name (``--pipeline/--device/--dtype/--compile``) and the sampling overrides
-(``--sampler``, ``--*-steps``, ``--*-guidance``…) turned into pipeline keyword arguments.
+(``--sampler``, ``--*-steps``, ``--*-guidance``…, ``--fast``) turned into pipeline keyword
+arguments.
 
 A flag and the keyword it becomes live here together; nothing here imports torch (the
 pipeline is imported inside :func:`load_pipeline_from`).
@@ -121,6 +122,12 @@ def add_sampling_args(
     g.add_argument(
         "--sampler", choices=SAMPLER_NAMES, help="sampler for every stage (default per stage)"
     )
+    g.add_argument(
+        "--fast",
+        action="store_true",
+        help="the 'fast' preset: fewer decoder steps with a better sampler, FD within 3%% of "
+        "the default's (its steps and cost: docs/benchmarks.md); the flags above and below win",
+    )
     if prior:
         g.add_argument("--prior-steps", type=int, metavar="N", help="prior sampling steps")
         g.add_argument(
@@ -214,10 +221,14 @@ def pipeline_call(args: argparse.Namespace, count: int) -> Iterator[tuple[Any, d
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling flags given on the command line, as pipeline keyword arguments."""
+    """The sampling flags given on the command line, as pipeline keyword arguments
+    (``--fast``: ``preset="fast"``, which the other flags override)."""
     keys = ("sampler", "prior_steps", "prior_guidance", "prior_candidates", "decoder_steps",
             "decoder_guidance", "upsampler_steps", "upsampler_strength")  # fmt: skip
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "fast", False):
+        out["preset"] = "fast"
+    return out
 
 
 def load_pipeline_from(args: argparse.Namespace) -> Any:

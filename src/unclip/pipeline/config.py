@@ -36,6 +36,17 @@ MAX_CANDIDATES = 64  # prior samples per image, each a full prior run
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "karlo"]
 
+#: Named sampling presets: sampling overrides (keyword names of
+#: :data:`unclip.pipeline.settings.OVERRIDES`) that a call's ``preset`` applies before its own
+#: overrides, which win key by key (``sampler`` counts for every stage's sampler). Their one
+#: home: the CLI's ``--fast``, the API's ``preset=`` and the server's ``preset`` field read
+#: it. "fast": the fewest decoder steps whose FD in CLIP space is within 3% of the default's
+#: (DDIM, 25 steps) and whose CLIP score is within 1%, measured on emoji-small with
+#: ``benchmarks/steps_vs_quality.py`` (docs/benchmarks.md, "Decoder steps vs sample quality").
+SAMPLING_PRESETS: dict[str, dict[str, object]] = {
+    "fast": {"decoder_sampler": "dpmpp_2m", "decoder_steps": 10},
+}
+
 
 @dataclasses.dataclass
 class StageSampling(Config):

@@ -7,7 +7,9 @@ pipeline's default from ``pipeline.json``): ``sampler`` (all stages), ``prior_sa
 autoregressive prior ``prior_temperature``, ``prior_top_k``, ``prior_top_p``,
 ``prior_ar_guidance``; ``decoder_sampler``, ``decoder_steps``, ``decoder_guidance``,
 ``decoder_eta``; ``upsampler_sampler``, ``upsampler_steps``, ``upsampler_eta``,
-``upsampler_strength``.
+``upsampler_strength``; and ``preset`` (a name of
+:data:`~unclip.pipeline.config.SAMPLING_PRESETS`, e.g. ``"fast"``), whose overrides apply
+first: the call's own overrides win key by key.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from unclip.config import ConfigError
 from unclip.diffusion.samplers import SAMPLERS
 from unclip.pipeline.config import (
+    SAMPLING_PRESETS,
     DecoderSampling,
     PriorSampling,
     SamplingConfig,
@@ -120,9 +123,10 @@ def apply_overrides(
     """``base`` with the sampling ``overrides`` of a call applied (keyword names as in
     :data:`OVERRIDES` or ``sampler`` for every stage; None = keep), checked: a known sampler,
     numbers of the right type, each stage's own limits, steps at most the stage's diffusion
-    timesteps (``timesteps``: (stage, T) pairs), at most 64 prior candidates."""
+    timesteps (``timesteps``: (stage, T) pairs), at most 64 prior candidates. A ``preset``
+    is expanded first (:func:`expand_preset`)."""
     changes: dict[str, dict[str, Any]] = {"prior": {}, "decoder": {}, "upsampler": {}}
-    overrides = dict(overrides)
+    overrides = expand_preset(overrides)
     sampler = overrides.pop("sampler", None)
     if sampler is not None:
         for stage in changes:
@@ -169,6 +173,27 @@ def apply_overrides(
     if out.prior.candidates > 64:
         raise ValueError(f"prior_candidates must be at most 64, got {out.prior.candidates}")
     return out
+
+
+def expand_preset(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with its ``preset`` (None = none) replaced by the preset's overrides
+    (:data:`~unclip.pipeline.config.SAMPLING_PRESETS`), under the call's own: an override
+    that is not None wins over the preset's value of the same key, and ``sampler`` over the
+    preset's per-stage samplers. An unknown preset is a ValueError naming the known ones."""
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    if preset is None:
+        return overrides
+    if not isinstance(preset, str) or preset not in SAMPLING_PRESETS:
+        known = ", ".join(map(repr, SAMPLING_PRESETS))
+        raise ValueError(f"unknown preset {preset!r}; choose one of {known}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    expanded = {
+        k: v
+        for k, v in SAMPLING_PRESETS[preset].items()
+        if not ("sampler" in given and k.endswith("_sampler"))
+    }
+    return {**overrides, **expanded, **given}
 
 
 #: the settings of a stage an image's ``sampling`` metadata records (those that its

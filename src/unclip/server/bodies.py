@@ -304,6 +304,7 @@ def sampling_overrides(req: ImageRequest, pipe: Any, limits: Limits) -> dict[str
     if with_prior:
         out["prior_guidance"] = req.prior_guidance
     out["sampler"] = req.sampler
+    out["preset"] = req.preset
     from unclip.pipeline.config import MAX_GUIDANCE
 
     for key in ("decoder_guidance", "prior_guidance"):
