@@ -75,6 +75,39 @@ BETAS = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 STAGES = ("text", "prior", "decoder", "upsampler", "other")
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+CPU_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "UNCLIP_DTYPE")
+
+
+def cpu_info() -> dict[str, Any]:
+    """What chooses the kernels: torch's CPU capability, the CPU's flags among
+    :data:`CPU_FLAGS` (from /proc/cpuinfo, empty where it cannot be read) and the environment
+    variables that cap the instruction sets (an AVX2-only CPU emulated on a larger one)."""
+    import os
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(
+                next((ln for ln in f if ln.startswith("flags")), ":").split(":", 1)[1].split()
+            )
+    except OSError:
+        pass
+    return {
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "flags": [x for x in CPU_FLAGS if x in flags],
+        "env": {k: os.environ[k] for k in CPU_ENV if k in os.environ},
+    }
+
+
+def section_name(r: dict[str, Any]) -> str:
+    """The docs section of a result: one per kernel set and unclip precision, so the AVX2
+    float32 and the AVX-512 bf16 tables stand side by side."""
+    kernels = r["cpu"]["kernels"].lower().replace("default", "generic")
+    name = f"pipeline-vs-diffusers-{kernels}-{r['dtype']['unclip']}"
+    return name + ("-compiled" if r.get("compiled") else "")
+
+
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -650,23 +683,29 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": guidance,
         "repeat": repeat,
         "machine": machine_info(),
+        "cpu": cpu_info(),
         "parameters": params,
         "decoder_forward_gflops": flops,
         "generation": generation,
         "decoder_training_step": training,
     }
     if doc:
-        section = "pipeline-vs-diffusers" + ("-compiled" if args.compile else "")
-        write_doc_section(doc, section, format_markdown(result))
+        write_doc_section(doc, section_name(result), format_markdown(result))
     print(json.dumps(result, indent=2))
     return 0
 
 
 def format_markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
+    m, cpu = r["machine"], r["cpu"]
+    env = " ".join(f"{k}={v}" for k, v in cpu["env"].items())
     lines = [
-        "## unclip vs diffusers (unCLIP/Karlo components), matched sizes"
-        + (", unclip compiled" if r.get("compiled") else ""),
+        f"## unclip vs diffusers, matched sizes: {cpu['kernels']} kernels, unclip in "
+        f"{r['dtype']['unclip']}" + (", unclip compiled" if r.get("compiled") else ""),
+        "",
+        f"CPU: torch kernels **{cpu['kernels']}**, CPU flags {' '.join(cpu['flags']) or 'unknown'}"
+        + (f", capped by `{env}`" if env else "")
+        + f"; unclip samples in **{r['dtype']['unclip']}**, diffusers in "
+        f"**{r['dtype']['diffusers']}**.",
         "",
         f"`python benchmarks/pipeline_vs_diffusers.py` — sizes of {r['configs']}, random "
         f"weights, DDIM on both sides, steps prior/decoder/upsampler "

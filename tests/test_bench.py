@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from unclip.commands import bench, bench_measure, bench_report, random_pipelines
@@ -266,7 +267,12 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
         "diffusers": "float32",
     }
     text = doc.read_text()
-    assert "<!-- pipeline-vs-diffusers:start -->" in text and "Quick mode" in text
+    # one section per kernel set and unclip precision, which its text states
+    kernels = torch.backends.cpu.get_cpu_capability()
+    section = f"pipeline-vs-diffusers-{kernels.lower()}-{r['dtype']['unclip']}"
+    assert r["cpu"]["kernels"] == kernels
+    assert f"<!-- {section}:start -->" in text and "Quick mode" in text
+    assert f"kernels **{kernels}**" in text and f"samples in **{r['dtype']['unclip']}**" in text
 
 
 def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from unclip.config import Config, ConfigError
 from unclip.decoder.blocks import AttentionBlock, Downsample, ResBlock, UNetStage, Upsample
+from unclip.decoder.packed_conv import packed_convolutions
 from unclip.nn import (
     TimestepEmbedder,
     apply_null,
@@ -348,9 +349,10 @@ class UNet(nn.Module):
     @contextmanager
     def frozen_weights(self) -> Iterator[UNet]:
         """Within this context the weights are taken as fixed (a sampling run): what is
-        derived from them alone (the ResBlocks' embedding projections stacked into one
-        matrix, detached) is built once at entry. Do not change or train the weights inside;
-        nested use keeps the outer context's tensors."""
+        derived from them alone is built once (the ResBlocks' embedding projections stacked
+        into one matrix, detached, at entry; on the CPU the convolution weights in oneDNN's
+        layout, at their first call: :mod:`unclip.decoder.packed_conv`). Do not change or
+        train the weights inside; nested use keeps the outer context's tensors."""
         if self._stacked_emb_proj is not None:
             yield self
             return
@@ -360,7 +362,8 @@ class UNet(nn.Module):
             bias = torch.cat([p.bias for p in projs])  # [ΣE']
         self._stacked_emb_proj = (weight_t, bias)
         try:
-            yield self
+            with packed_convolutions(self):
+                yield self
         finally:
             self._stacked_emb_proj = None
 

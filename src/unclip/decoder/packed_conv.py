@@ -1,0 +1,122 @@
+"""Convolutions whose weights are laid out for oneDNN once per sampling run (CPU, no autograd).
+
+ATen's CPU convolution hands each call's weight to oneDNN in PyTorch's layout, and oneDNN
+reorders it into its blocked layout every time; at the sizes of a small decoder that reorder
+is up to half of a convolution's time (docs/benchmarks.md). Within
+:func:`packed_convolutions` every ``nn.Conv2d`` of a module runs through
+``torch.ops.mkldnn._convolution_pointwise`` with a weight reordered at its first call (for that
+call's memory format, shape and compute dtype: float32, or bfloat16 under bf16 autocast where
+oneDNN has bf16 kernels, cast as autocast would cast it) and kept until the context exits.
+The same oneDNN convolution runs, so the outputs are those of ``F.conv2d`` to float rounding.
+
+A call that cannot run packed (autograd recording, a device other than the CPU, a compute
+dtype oneDNN does not pack) runs the module's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _packable_dtypes() -> tuple[torch.dtype, ...]:
+    """float32, and bfloat16 where oneDNN runs it (not on an AVX2-only CPU)."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
+
+
+def packing_available(model: nn.Module) -> bool:
+    """Whether :func:`packed_convolutions` packs ``model``'s convolutions: float32 weights on
+    the CPU, oneDNN present, and ``model`` not compiled (dynamo traces its own convolutions)."""
+    p = next(model.parameters(), None)
+    return (
+        p is not None
+        and p.device.type == "cpu"
+        and p.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and getattr(model, "_compiled_call_impl", None) is None
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.conv2d`` would compute in for input ``x`` on the CPU."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+class _PackedForward:
+    """The forward of one ``nn.Conv2d`` with its weight reordered once (lazily, per layout)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        self.dtypes = _packable_dtypes()
+        self.packed: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        dtype = _compute_dtype(x)
+        if (
+            x.device.type != "cpu"
+            or x.ndim != 4
+            or dtype not in self.dtypes
+            or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+        ):
+            return type(conv).forward(conv, x)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
+            x.is_contiguous()
+        )
+        key = (dtype, channels_last)
+        if key not in self.packed:
+            self.packed[key] = self._pack(x, dtype, channels_last)
+        weight, bias = self.packed[key]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), weight, bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "none", [], "",
+        )  # fmt: skip
+
+    def _pack(
+        self, x: torch.Tensor, dtype: torch.dtype, channels_last: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        conv = self.conv
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        w = conv.weight.detach().to(dtype).contiguous(memory_format=fmt)
+        weight = torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            list(x.shape),
+        )  # fmt: skip
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        return weight, bias
+
+
+def _packable(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and "forward" not in conv.__dict__
+    )
+
+
+@contextmanager
+def packed_convolutions(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this context ``model``'s ``nn.Conv2d`` layers run with weights reordered once
+    for oneDNN (see the module docstring); a no-op where :func:`packing_available` is false.
+    The weights must not change inside. Nested use keeps the outer context's packing."""
+    convs = [m for m in model.modules() if _packable(m)] if packing_available(model) else []
+    for conv in convs:
+        conv.forward = _PackedForward(conv)  # type: ignore[method-assign]
+    try:
+        yield model
+    finally:
+        for conv in convs:
+            conv.__dict__.pop("forward", None)
+
+
+def packed_forward_count(model: nn.Module) -> int:
+    """How many of ``model``'s convolutions currently run packed (for tests)."""
+    return sum(isinstance(m.__dict__.get("forward"), _PackedForward) for m in model.modules())
