@@ -108,7 +108,7 @@ def add_sampling_args(
     *,
     prior: bool,
     guidance: bool = True,
-    negative: bool = False,
+    negative: bool = True,
     no_prior: bool = True,
 ) -> None:
     """Seed, sampler and per-stage step/guidance overrides (prior ones if ``prior``, with
@@ -187,20 +187,13 @@ def add_inpaint_args(p: argparse.ArgumentParser) -> None:
                    help="RePaint: steps to jump back up (default 5, at most half the steps)")  # fmt: skip
 
 
-def add_shared_args(
-    p: argparse.ArgumentParser,
-    *,
-    prior: bool,
-    inpaint: bool = False,
-    negative: bool = True,
-    no_prior: bool = True,
-) -> None:
-    """The option groups every image-making command has (inpainting, sampling, model,
-    output, in that order in --help); ``negative``/``no_prior``: as in
-    :func:`add_sampling_args`."""
+def add_shared_args(p: argparse.ArgumentParser, *, inpaint: bool = False, **sampling: bool) -> None:
+    """The option groups every image-making command has (inpainting if ``inpaint``,
+    sampling, model, output, in that order in --help); ``sampling``: the keywords of
+    :func:`add_sampling_args` (``prior`` required)."""
     if inpaint:
         add_inpaint_args(p)
-    add_sampling_args(p, prior=prior, negative=negative, no_prior=no_prior)
+    add_sampling_args(p, **sampling)
     add_model_args(p)
     add_output_args(p)
 
