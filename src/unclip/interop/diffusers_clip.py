@@ -152,44 +152,52 @@ def _check_type(doc: dict[str, Any], want: str, path: Path) -> None:
         raise ConfigError(f"{path}: model_type {got!r}, expected {want!r}")
 
 
-def clip_from_diffusers(
-    text_dir: Path, image_dir: Path | None = None, feature_dir: Path | None = None
-) -> CLIP:
-    """One unclip CLIP (eval mode, float32) from a ``text_encoder/`` folder and, when given,
-    an ``image_encoder/`` (+ ``feature_extractor/`` for the pixel mean and std) folder."""
-    text = read_json(text_dir / "config.json")
+def clip_config_from_diffusers(
+    text: dict[str, Any],
+    vision: dict[str, Any] | None,
+    text_dir: Path,
+    image_dir: Path | None = None,
+    feature_dir: Path | None = None,
+) -> CLIPConfig:
+    """unclip's :class:`CLIPConfig` of a ``text_encoder/config.json`` document ``text`` and,
+    for the image-variation layout, an ``image_encoder/config.json`` one (``vision``; None: a
+    text encoder alone, ``vision_type="none"``). The pixel mean and std come from
+    ``feature_dir/preprocessor_config.json`` when it exists (else CLIP's). Errors name the
+    files in ``text_dir`` and ``image_dir``."""
     _check_type(text, TEXT_MODEL_TYPE, text_dir / "config.json")
-    vision: dict[str, Any] = {"hidden_act": text.get("hidden_act", "quick_gelu")}
-    if image_dir is not None:
-        vision = read_json(image_dir / "config.json")
-        _check_type(vision, VISION_MODEL_TYPE, image_dir / "config.json")
+    image_cfg = (image_dir or text_dir.parent / "image_encoder") / "config.json"
+    if vision is not None:
+        _check_type(vision, VISION_MODEL_TYPE, image_cfg)
         if vision.get("projection_dim", 512) != text.get("projection_dim", 512):
             raise ConfigError(
-                f"{image_dir / 'config.json'}: projection_dim {vision.get('projection_dim')} "
+                f"{image_cfg}: projection_dim {vision.get('projection_dim')} "
                 f"!= the text encoder's {text.get('projection_dim')}"
             )
     doc = {
         "text_config": text,
-        "vision_config": vision,
+        "vision_config": (
+            {"hidden_act": text.get("hidden_act", "quick_gelu")} if vision is None else vision
+        ),
         "projection_dim": text.get("projection_dim", 512),
     }
     try:
         config = _hf_config(doc, feature_dir or text_dir)
     except HubError as e:
         raise ConfigError(str(e)) from None
-    if image_dir is None:
-        config = config.replace(vision_type="none")
-    state = read_weights(text_dir, HF_WEIGHTS)
-    if image_dir is not None:
-        state.update(read_weights(image_dir, HF_WEIGHTS))
+    return config.replace(vision_type="none") if vision is None else config
+
+
+def clip_from_diffusers_state(config: CLIPConfig, state: dict[str, Tensor], where: Path) -> CLIP:
+    """unclip's CLIP (eval mode, float32) of ``config`` holding transformers' CLIP ``state``
+    (text tower, + vision tower for a config with one): its float32 tensors assigned, not
+    copied; meta tensors give a meta model (shapes checked, nothing allocated). ``where``
+    names the folder in errors."""
     state = from_hf_state_dict(state)
     with torch.device("meta"):  # no random initialisation, no second copy of the weights
         model = CLIP(config)
     state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
     try:
-        check_weights(
-            model.state_dict(), state, text_dir if image_dir is None else image_dir.parent
-        )
+        check_weights(model.state_dict(), state, where)
     except HubError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
@@ -197,6 +205,22 @@ def clip_from_diffusers(
     model.image_mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     model.image_std = torch.tensor(config.image_std).view(1, 3, 1, 1)
     return model.eval()
+
+
+def clip_from_diffusers(
+    text_dir: Path, image_dir: Path | None = None, feature_dir: Path | None = None
+) -> CLIP:
+    """One unclip CLIP (eval mode, float32) from a ``text_encoder/`` folder and, when given,
+    an ``image_encoder/`` (+ ``feature_extractor/`` for the pixel mean and std) folder."""
+    text = read_json(text_dir / "config.json")
+    vision = None if image_dir is None else read_json(image_dir / "config.json")
+    config = clip_config_from_diffusers(text, vision, text_dir, image_dir, feature_dir)
+    state = read_weights(text_dir, HF_WEIGHTS)
+    if image_dir is not None:
+        state.update(read_weights(image_dir, HF_WEIGHTS))
+    return clip_from_diffusers_state(
+        config, state, text_dir if image_dir is None else image_dir.parent
+    )
 
 
 def _text_config(config: CLIPConfig) -> dict[str, Any]:

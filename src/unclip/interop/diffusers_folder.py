@@ -45,6 +45,7 @@ from unclip.config import (
 )
 from unclip.interop.diffusers_clip import (
     HF_WEIGHTS,
+    clip_config_from_diffusers,
     clip_from_diffusers,
     clip_to_diffusers,
     empty_caption,
@@ -53,13 +54,19 @@ from unclip.interop.diffusers_clip import (
     tokenizer_from_diffusers,
     tokenizer_to_diffusers,
 )
-from unclip.interop.diffusers_prior import prior_from_diffusers, prior_to_diffusers
+from unclip.interop.diffusers_prior import (
+    prior_config_from_diffusers,
+    prior_from_diffusers,
+    prior_to_diffusers,
+)
 from unclip.interop.diffusers_schedulers import diffusion_from_scheduler, scheduler_from_diffusion
 
 if TYPE_CHECKING:
-    from unclip.clip.model import CLIP
+    from unclip.clip.model import CLIP, CLIPConfig
+    from unclip.decoder import UNetConfig, UpsamplerConfig
     from unclip.pipeline.core import UnclipPipeline
     from unclip.pipeline.loading import Stage
+    from unclip.prior.model import PriorConfig
     from unclip.tokenizer import Tokenizer
 
 MODEL_INDEX = "model_index.json"
@@ -67,6 +74,8 @@ TEXT_TO_IMAGE = "UnCLIPPipeline"
 VARIATION = "UnCLIPImageVariationPipeline"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
+#: the empty caption's tokens (start and end with CLIP's tokenizer): the null caption's length
+EMPTY_CAPTION_TOKENS = 2
 
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 _COMMON = {
@@ -181,16 +190,87 @@ def _located(e: ConfigError, folder: Path) -> ConfigError:
     return ConfigError(msg if msg.startswith(str(folder)) else f"{folder}/{msg}")
 
 
-def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
-    """Read and convert a diffusers unCLIP folder (see the module docstring)."""
-    from unclip.interop.diffusers_unets import decoder_from_diffusers, upsampler_from_diffusers
+@dataclass
+class FolderConfigs:
+    """The unclip configs of a diffusers unCLIP folder, read from its JSON files alone.
+
+    ``super_res``: (``super_res_first``, ``super_res_last``); ``diffusion``: each diffusion
+    stage's :class:`DiffusionConfig` by unclip stage name (``"prior"`` where the folder has
+    one, ``"decoder"``, ``"upsampler"``)."""
+
+    clip: CLIPConfig
+    decoder: UNetConfig
+    super_res: tuple[UpsamplerConfig, UpsamplerConfig]
+    diffusion: dict[str, DiffusionConfig]
+    prior: PriorConfig | None = None
+
+
+def read_configs(path: str | os.PathLike, null_tokens: int = EMPTY_CAPTION_TOKENS) -> FolderConfigs:
+    """Every stage's unclip config of the diffusers unCLIP folder ``path``, from its
+    ``model_index.json`` and config files; no weights or tokenizer files are read, so a
+    folder of configs alone is enough (:func:`~unclip.interop.karlo_configs.write_config_folder`).
+    ``null_tokens``: the empty caption's token count (the null caption of the prior and the
+    decoder; :func:`convert_diffusers_folder` takes it from the tokenizer). Anything unclip
+    cannot express is a one-line :class:`ConfigError` naming the file and field."""
+    from unclip.interop.diffusers_unet_configs import (
+        decoder_config_from_diffusers,
+        upsampler_configs_from_diffusers,
+    )
 
     folder = Path(path)
     if not (folder / MODEL_INDEX).is_file():
         raise ConfigError(f"{folder}: not a diffusers pipeline folder (no {MODEL_INDEX})")
     cls, _ = _index(folder)
-    tokenizer = tokenizer_from_diffusers(folder / "tokenizer")
     variation = cls == VARIATION
+
+    def doc(name: str) -> dict[str, Any]:
+        return read_json(folder / name / "config.json")
+
+    clip = clip_config_from_diffusers(
+        doc("text_encoder"),
+        doc("image_encoder") if variation else None,
+        folder / "text_encoder",
+        folder / "image_encoder",
+        folder / "feature_extractor" if variation else None,
+    )
+    diffusion = {}
+    prior = None
+    try:
+        if not variation:
+            where = str(folder / "prior" / "config.json")
+            prior = prior_config_from_diffusers(doc("prior"), where)
+            prior = prior.replace(null_text_tokens=null_tokens)
+            diffusion["prior"] = _diffusion(folder, "prior_scheduler")
+        decoder = decoder_config_from_diffusers(doc("decoder"), doc("text_proj"), null_tokens)
+        super_res = upsampler_configs_from_diffusers(
+            doc("super_res_first"), doc("super_res_last"), decoder.image_size
+        )
+    except ConfigError as e:
+        raise _located(e, folder) from None
+    diffusion["decoder"] = _diffusion(folder, "decoder_scheduler")
+    if diffusion["decoder"].learn_sigma != decoder.learn_sigma:
+        raise ConfigError(
+            f"{folder / 'decoder_scheduler' / SCHEDULER_FILE}: variance_type does not fit the "
+            f"decoder's out_channels ({decoder.output_channels})"
+        )
+    diffusion["upsampler"] = _diffusion(folder, "super_res_scheduler")
+    if diffusion["upsampler"].learn_sigma:
+        raise ConfigError(
+            f"{folder / 'super_res_scheduler' / SCHEDULER_FILE}: variance_type learned_range "
+            "does not fit the super-resolution UNets (3 output channels)"
+        )
+    return FolderConfigs(clip, decoder, super_res, diffusion, prior)
+
+
+def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
+    """Read and convert a diffusers unCLIP folder (see the module docstring); every config
+    is checked (:func:`read_configs`) before any weights are read."""
+    from unclip.interop.diffusers_unets import decoder_from_diffusers, upsampler_from_diffusers
+
+    folder = Path(path)
+    configs = read_configs(folder)
+    variation = configs.prior is None
+    tokenizer = tokenizer_from_diffusers(folder / "tokenizer")
     clip = clip_from_diffusers(
         folder / "text_encoder",
         folder / "image_encoder" if variation else None,
@@ -207,7 +287,7 @@ def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
         if not variation:
             doc, state = _component(folder, "prior")
             model = prior_from_diffusers(doc, state, empty, str(folder / "prior" / "config.json"))
-            prior = (model, _diffusion(folder, "prior_scheduler"))
+            prior = (model, configs.diffusion["prior"])
         unet_doc, unet_state = _component(folder, "decoder")
         tp_doc, tp_state = _component(folder, "text_proj")
         decoder = decoder_from_diffusers(
@@ -221,25 +301,13 @@ def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
         )  # fmt: skip
     except ConfigError as e:
         raise _located(e, folder) from None
-    dec_diffusion = _diffusion(folder, "decoder_scheduler")
-    if dec_diffusion.learn_sigma != decoder.config.learn_sigma:
-        raise ConfigError(
-            f"{folder / 'decoder_scheduler' / SCHEDULER_FILE}: variance_type does not fit the "
-            f"decoder's out_channels ({decoder.config.output_channels})"
-        )
-    up_diffusion = _diffusion(folder, "super_res_scheduler")
-    if up_diffusion.learn_sigma:
-        raise ConfigError(
-            f"{folder / 'super_res_scheduler' / SCHEDULER_FILE}: variance_type learned_range "
-            "does not fit the super-resolution UNets (3 output channels)"
-        )
     return Converted(
         name=folder.name,
         tokenizer=tokenizer,
         clip=clip,
         prior=prior,
-        decoder=(decoder, dec_diffusion),
-        upsampler=(first, last, up_diffusion),
+        decoder=(decoder, configs.diffusion["decoder"]),
+        upsampler=(first, last, configs.diffusion["upsampler"]),
     )
 
 

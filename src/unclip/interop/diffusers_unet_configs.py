@@ -445,7 +445,8 @@ def upsampler_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     attends = _levels_attending(cfg)
     plain = "ResnetDownsampleBlock2D" if cfg.resblock_updown else "DownBlock2D"
     plain_up = "ResnetUpsampleBlock2D" if cfg.resblock_updown else "UpBlock2D"
-    resample = "resnet" if cfg.resblock_updown else "conv"
+    # read by AttnDown/UpBlock2D only; without them diffusers' default (Karlo's configs)
+    resample = "resnet" if cfg.resblock_updown and any(attends) else "conv"
     return {
         "_class_name": "UNet2DModel",
         **_common_config(cfg),
