@@ -266,6 +266,8 @@ def test_fp16_weights_load_without_a_float32_copy():
         ({"attention_head_dim": [4, 4, 8]}, "decoder/config.json: attention_head_dim"),
         ({"out_channels": 4}, "decoder/config.json: out_channels"),
         ({"class_embed_type": None}, "decoder/config.json: class_embed_type"),
+        ({"norm_num_groups": 0}, "decoder/config.json: norm_num_groups 0 must divide"),
+        ({"block_out_channels": [0, 16, 24]}, "decoder/config.json: block_out_channels [0,"),
     ],
 )
 def test_unsupported_decoder_options_name_the_file_and_field(change, message):

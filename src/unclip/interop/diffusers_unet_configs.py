@@ -191,11 +191,13 @@ def _unet_fields(r: _Reader, *, conditional: bool) -> dict[str, Any]:
     mid_types = _COND_MID if conditional else _PLAIN_MID
     if r["mid_block_type"] not in mid_types:
         raise r.unsupported("mid_block_type", r["mid_block_type"], ", ".join(mid_types))
+    if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise r.error("block_out_channels", f"{channels!r} must be positive integers")
     mc = channels[0]
     if any(c % mc for c in channels):
         raise r.error("block_out_channels", f"{channels}: each must be a multiple of the first")
     groups = r["norm_num_groups"]
-    if not isinstance(groups, int) or any(c % groups for c in channels):
+    if not isinstance(groups, int) or groups < 1 or any(c % groups for c in channels):
         raise r.error("norm_num_groups", f"{groups!r} must divide every block_out_channels")
     if r["time_embedding_dim"] not in (None, 4 * mc):
         raise r.unsupported("time_embedding_dim", r["time_embedding_dim"], f"None or {4 * mc}")
