@@ -26,7 +26,8 @@
    assumed fraction of a bf16 dense peak and its bf16 weights read once from memory.
 
 Prints Markdown tables (and JSON with ``--json``). usage:
-    python benchmarks/karlo_cost.py [--divisor 8] [--prior-layers 2] [--repeat 3] [--threads N]
+    python benchmarks/karlo_cost.py [--divisor 8] [--prior-layers 2] [--repeat 3]
+        [--threads N] [--cores N]
         [--gpu-peak-tflops 989] [--gpu-utilisation 0.3] [--gpu-bandwidth-tbs 4.8] [--json]
 """
 
@@ -218,6 +219,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument(
+        "--cores",
+        type=int,
+        help="cores of the CPU estimate (default: the threads measured with); other than the "
+        "threads, the measured rates are scaled linearly (an assumption the report states)",
+    )
+    p.add_argument(
         "--gpu-peak-tflops",
         type=float,
         default=989.0,
@@ -239,6 +246,8 @@ def main() -> None:
     args = p.parse_args()  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    scale = (args.cores or threads) / threads  # achieved FLOP/s on --cores, linear scaling
 
     load_before = os.getloadavg()[0]
     full, reduced = stage_configs(), stage_configs(args.divisor, args.prior_layers)
@@ -264,7 +273,7 @@ def main() -> None:
             }[st.reduced],
             "measured_gflops_per_call": measured_flops / 1e9,
             "measured_s": secs, "achieved_gflops": {k: v / 1e9 for k, v in rate.items()},
-            "cpu_s_per_image": {k: flops * st.calls / v for k, v in rate.items()},
+            "cpu_s_per_image": {k: flops * st.calls / (v * scale) for k, v in rate.items()},
             "gpu_s_per_image": gpu_call * st.calls,
         })  # fmt: skip
         print(f"# {st.name}: done", flush=True)
@@ -277,7 +286,8 @@ def main() -> None:
     report = {
         "machine": machine_info(), "load_average": [load_before, os.getloadavg()[0]],
         "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()}, "stages": rows,
-        "diffusers_prior_tflops_per_image": uncached / 1e12, "gpu": {
+        "diffusers_prior_tflops_per_image": uncached / 1e12, "cores": args.cores or threads,
+        "gpu": {
             "peak_tflops": args.gpu_peak_tflops, "utilisation": args.gpu_utilisation,
             "bandwidth_tbs": args.gpu_bandwidth_tbs,
         },
@@ -306,8 +316,11 @@ def format_report(r: dict[str, Any]) -> str:
     ]  # fmt: skip
     peak = r["matmul_peak_gflops"]
 
+    scale = r["cores"] / m["threads"]
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+
     def at_peak(tflops: float, dtype: str) -> float:
-        return tflops * 1e3 / peak[dtype]
+        return tflops * 1e3 / (peak[dtype] * scale)
 
     estimate_rows = [
         (s["stage"], s["cpu_s_per_image"]["fp32"], s["cpu_s_per_image"]["bf16"],
@@ -325,16 +338,21 @@ def format_report(r: dict[str, Any]) -> str:
         ),
         f"diffusers' `UnCLIPPipeline` runs the whole 81-token prior at every step (no caption "
         f"cache): {r['diffusers_prior_tflops_per_image']:.2f} TFLOPs per image for the prior.",
-        f"### Measured on this machine ({m['threads']} threads, {m['processor']}, load average "
+        f"### Measured on this machine ({threads}, {m['processor']}, load average "
         f"{r['load_average'][0]:.1f} before, {r['load_average'][1]:.1f} after; matmul peak "
         f"{peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16)",
         markdown_table(
             ("stage", "measured as", "GFLOPs per call", "fp32 ms", "fp32 GFLOP/s", "bf16 ms",
              "bf16 GFLOP/s"), measured_rows,
         ),
-        f"### Seconds per 256 px image: this CPU (extrapolated) and a GPU (estimated at "
-        f"{g['utilisation']:.0%} of {g['peak_tflops']:.0f} TFLOP/s bf16, weights read at "
-        f"{g['bandwidth_tbs']} TB/s)",
+        f"### Seconds per 256 px image: this CPU on {r['cores']} cores (extrapolated"
+        + (
+            ""
+            if scale == 1
+            else f" from {threads}, assuming linear scaling to {r['cores']} cores"
+        )
+        + f") and a GPU (estimated at {g['utilisation']:.0%} of {g['peak_tflops']:.0f} TFLOP/s "
+        f"bf16, weights read at {g['bandwidth_tbs']} TB/s)",
         markdown_table(
             ("stage", "CPU fp32 s", "CPU bf16 s", "CPU at the bf16 matmul peak s (bound)",
              "GPU s (estimate)"), estimate_rows,

@@ -18,12 +18,14 @@ from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel, U
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
+import diffusers_tiny as tiny
 from unclip.clip.model import CLIP
 from unclip.decoder import UNet, Upsampler
 from unclip.eval.model_stats import count_parameters, forward_flops
@@ -101,6 +103,41 @@ def test_karlo_configs_are_what_diffusers_and_transformers_write():
         patch_size=14, image_size=224, projection_dim=768, hidden_act="quick_gelu",
     )  # fmt: skip
     assert _hf_written(vision, "CLIPVisionModelWithProjection") == karlo.IMAGE_ENCODER
+    processor = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}
+    )
+    assert json.loads(processor.to_json_string()) == karlo.FEATURE_EXTRACTOR
+
+
+def test_karlo_model_indexes_are_what_diffusers_writes(tmp_path):
+    """The two pipelines assembled from Karlo's components (meta device; a tiny tokenizer
+    stands in for CLIP's, of the same class) write karlo_configs' model_index.json."""
+    from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline
+    from transformers import CLIPTokenizer
+
+    tiny.write_tokenizer(tmp_path / "tokenizer")
+    models = _diffusers_models()
+    common = {
+        "decoder": models["decoder"], "text_proj": models["text_proj"],
+        "super_res_first": models["super_res"], "super_res_last": models["super_res"],
+        "text_encoder": models["text_encoder"],
+        "tokenizer": CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        "decoder_scheduler": UnCLIPScheduler.from_config(karlo.DECODER_SCHEDULER),
+        "super_res_scheduler": UnCLIPScheduler.from_config(karlo.SUPER_RES_SCHEDULER),
+    }  # fmt: skip
+    t2i = UnCLIPPipeline(
+        prior=models["prior"], prior_scheduler=UnCLIPScheduler.from_config(karlo.PRIOR_SCHEDULER),
+        **common,
+    )  # fmt: skip
+    assert _written(t2i) == karlo.MODEL_INDEX
+    var = UnCLIPImageVariationPipeline(
+        image_encoder=models["image_encoder"], feature_extractor=CLIPImageProcessor(), **common
+    )
+    written = _written(var)
+    assert written.pop("feature_extractor")[1].startswith("CLIPImageProcessor")  # or ...Pil
+    assert written == {
+        k: v for k, v in karlo.VARIATION_MODEL_INDEX.items() if k != "feature_extractor"
+    }
 
 
 def _diffusers_models() -> dict[str, torch.nn.Module]:

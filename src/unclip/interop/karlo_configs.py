@@ -222,7 +222,7 @@ _COMMON_INDEX: dict[str, list[str]] = {
     "super_res_last": ["diffusers", "UNet2DModel"],
     "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
     "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-    "text_proj": ["unclip", "UnCLIPTextProjModel"],
+    "text_proj": ["diffusers", "UnCLIPTextProjModel"],  # the hub's older file: "unclip"
     "tokenizer": ["transformers", "CLIPTokenizer"],
 }
 #: model_index.json of the text-to-image folder (``UnCLIPPipeline``)
@@ -239,6 +239,7 @@ VARIATION_MODEL_INDEX: dict[str, Any] = {
     "_diffusers_version": DIFFUSERS_VERSION,
     **_COMMON_INDEX,
     "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+    # transformers names CLIPImageProcessorPil where torchvision is missing; both are read
     "feature_extractor": ["transformers", "CLIPImageProcessor"],
 }
 
