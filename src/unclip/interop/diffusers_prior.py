@@ -56,6 +56,19 @@ _SUPPORTED: dict[str, tuple[Any, ...] | None] = {
     "clip_embed_dim": None,
 }
 
+#: the options of a prior config.json that unclip writes as they are (diffusers' defaults,
+#: the values Karlo uses; ``None`` sizes follow the others)
+PRIOR_WRITTEN: dict[str, Any] = {
+    "time_embed_act_fn": "silu",
+    "norm_in_type": None,
+    "embedding_proj_norm_type": None,
+    "encoder_hid_proj_type": "linear",
+    "added_emb_type": "prd",
+    "time_embed_dim": None,
+    "embedding_proj_dim": None,
+    "clip_embed_dim": None,
+}
+
 _BLOCK_RENAMES = [
     (r"\.norm1\.", ".ln_1."),
     (r"\.attn1\.to_out\.0\.", ".attn.proj."),
@@ -254,13 +267,6 @@ def prior_to_diffusers(
         "num_embeddings": cfg.text_len,
         "additional_embeddings": NUM_EXTRA_TOKENS,
         "dropout": cfg.dropout,
-        "time_embed_act_fn": "silu",
-        "norm_in_type": None,
-        "embedding_proj_norm_type": None,
-        "encoder_hid_proj_type": "linear",
-        "added_emb_type": "prd",
-        "time_embed_dim": None,
-        "embedding_proj_dim": None,
-        "clip_embed_dim": None,
+        **PRIOR_WRITTEN,
     }
     return doc, out

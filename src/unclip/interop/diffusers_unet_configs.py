@@ -76,7 +76,7 @@ _FIXED: dict[str, Any] = {
     "time_embedding_type": "positional",
     "num_class_embeds": None,
 }
-_COND_FIXED: dict[str, Any] = {
+COND_FIXED: dict[str, Any] = {
     **_FIXED,
     "class_embed_type": "identity",
     "only_cross_attention": False,
@@ -97,7 +97,7 @@ _COND_FIXED: dict[str, Any] = {
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
 }
-_PLAIN_FIXED: dict[str, Any] = {**_FIXED, "class_embed_type": None}
+PLAIN_FIXED: dict[str, Any] = {**_FIXED, "class_embed_type": None}
 _TEXT_PROJ_DEFAULTS = {"clip_extra_context_tokens": 4, "clip_embeddings_dim": 768}
 _EQUIVALENT = {"mid_block_only_cross_attention": (None, False)}
 
@@ -179,7 +179,7 @@ class _Reader:
 def _unet_fields(r: _Reader, *, conditional: bool) -> dict[str, Any]:
     """The :class:`UNetConfig` fields of a diffusers UNet config (``conditional``:
     ``UNet2DConditionModel``, else ``UNet2DModel``), or ConfigError."""
-    r.require_defaults(_COND_FIXED if conditional else _PLAIN_FIXED)
+    r.require_defaults(COND_FIXED if conditional else PLAIN_FIXED)
     channels = r["block_out_channels"]
     levels = len(channels)
     down = r.block_types("down_block_types", _COND_DOWN if conditional else _PLAIN_DOWN)
@@ -415,7 +415,7 @@ def decoder_config_to_diffusers(cfg: UNetConfig) -> tuple[dict[str, Any], dict[s
         ],
         "cross_attention_dim": cfg.context_width,
         "attention_head_dim": cfg.num_head_channels,
-        **{k: v for k, v in _COND_FIXED.items() if k not in _FIXED},
+        **{k: v for k, v in COND_FIXED.items() if k not in _FIXED},
     }
     text_proj = {
         "_class_name": "UnCLIPTextProjModel",

@@ -18,6 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unclip.interop.diffusers_prior import PRIOR_WRITTEN
+from unclip.interop.diffusers_unet_configs import COND_FIXED, PLAIN_FIXED
+
 DIFFUSERS_VERSION = "0.42.1"
 
 #: prior/config.json: diffusers' PriorTransformer defaults (2048 wide, 20 layers, 32 heads)
@@ -31,67 +34,35 @@ PRIOR: dict[str, Any] = {
     "num_embeddings": 77,
     "additional_embeddings": 4,
     "dropout": 0.0,
-    "time_embed_act_fn": "silu",
-    "norm_in_type": None,
-    "embedding_proj_norm_type": None,
-    "encoder_hid_proj_type": "linear",
-    "added_emb_type": "prd",
-    "time_embed_dim": None,
-    "embedding_proj_dim": None,
-    "clip_embed_dim": None,
+    **PRIOR_WRITTEN,
 }
 
 #: decoder/config.json: the 64 px decoder
 DECODER: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": DIFFUSERS_VERSION,
+    **COND_FIXED,  # the options every converted decoder has (Karlo's among them)
     "sample_size": 64,
     "in_channels": 3,
     "out_channels": 6,  # epsilon and the learned variance interpolation
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
     "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
     "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
     "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
-    "only_cross_attention": False,
     "block_out_channels": [320, 640, 960, 1280],
     "layers_per_block": 3,
     "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
     "dropout": 0.0,
-    "act_fn": "silu",
     "norm_num_groups": 32,
-    "norm_eps": 1e-05,
     "cross_attention_dim": 1536,
     "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
     "attention_head_dim": 64,
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
     "use_linear_projection": False,
-    "class_embed_type": "identity",
-    "addition_embed_type": None,
     "addition_time_embed_dim": None,
-    "num_class_embeds": None,
     "upcast_attention": False,
     "resnet_time_scale_shift": "scale_shift",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
     "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
 
@@ -109,34 +80,35 @@ TEXT_PROJ: dict[str, Any] = {
 SUPER_RES: dict[str, Any] = {
     "_class_name": "UNet2DModel",
     "_diffusers_version": DIFFUSERS_VERSION,
+    **PLAIN_FIXED,  # the options every converted super-res UNet has (Karlo's among them)
     "sample_size": 256,
     "in_channels": 6,  # the noisy 256 px image and the upsampled 64 px one
     "out_channels": 3,
-    "center_input_sample": False,
-    "time_embedding_type": "positional",
     "time_embedding_dim": None,
-    "freq_shift": 0,
-    "flip_sin_to_cos": True,
     "down_block_types": ["ResnetDownsampleBlock2D"] * 4,
     "mid_block_type": "UNetMidBlock2D",
     "up_block_types": ["ResnetUpsampleBlock2D"] * 4,
     "block_out_channels": [320, 640, 960, 1280],
     "layers_per_block": 3,
-    "mid_block_scale_factor": 1,
     "downsample_padding": 1,
     "downsample_type": "conv",
     "upsample_type": "conv",
     "dropout": 0.0,
-    "act_fn": "silu",
     "attention_head_dim": 8,
     "norm_num_groups": 32,
     "attn_norm_num_groups": None,
-    "norm_eps": 1e-05,
     "resnet_time_scale_shift": "default",
     "add_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
     "num_train_timesteps": None,
+}
+
+#: what CLIP ViT-L/14's text and image towers share in their config.json
+_CLIP_TOWER: dict[str, Any] = {
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+    "attention_dropout": 0.0,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
 }
 
 #: text_encoder/config.json: CLIP ViT-L/14's text tower (``openai/clip-vit-large-patch14``,
@@ -151,11 +123,7 @@ TEXT_ENCODER: dict[str, Any] = {
     "num_attention_heads": 12,
     "max_position_embeddings": 77,
     "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "attention_dropout": 0.0,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
+    **_CLIP_TOWER,
     "bos_token_id": 0,
     "eos_token_id": 2,
     "pad_token_id": 1,
@@ -173,11 +141,7 @@ IMAGE_ENCODER: dict[str, Any] = {
     "image_size": 224,
     "patch_size": 14,
     "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "attention_dropout": 0.0,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
+    **_CLIP_TOWER,
 }
 
 #: feature_extractor/preprocessor_config.json (image-variation layout)
