@@ -395,7 +395,7 @@ class UNet(nn.Module):
         4·model_channels, C = ``config.context_width``.
 
         Lc = clip_tokens + L (L = 1 for the learned null caption token alone,
-        ``null_caption_len`` for the stored empty caption). Arguments as in :meth:`forward`.
+        ``null_caption_len`` for the stored empty caption). Arguments as in the class docstring.
         """
         cfg = self.config
         device = t.device
@@ -517,16 +517,13 @@ class UNet(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         *,
-        image_emb: torch.Tensor | None = None,
-        text_tokens: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
         low_res: torch.Tensor | None = None,
         inpaint_image: torch.Tensor | None = None,
         inpaint_mask: torch.Tensor | None = None,
-        drop_image_emb: torch.Tensor | None = None,
-        drop_text: torch.Tensor | None = None,
-        text_emb: torch.Tensor | None = None,
+        **cond: torch.Tensor | None,
     ) -> torch.Tensor:
+        """See the class docstring; ``cond``: the keywords of :meth:`condition` (image_emb,
+        text_tokens, text_mask, text_emb, drop_image_emb, drop_text)."""
         cfg = self.config
         n, c, height, width = x.shape
         if c != cfg.in_channels:
@@ -535,9 +532,7 @@ class UNet(nn.Module):
         if height % factor or width % factor:
             raise ValueError(f"image size {height}×{width} is not divisible by {factor}")
         t = t.reshape(1).expand(n) if t.ndim == 0 else t
-        emb, context, context_mask = self.condition(
-            n, t, image_emb, text_tokens, text_mask, drop_image_emb, drop_text, text_emb
-        )
+        emb, context, context_mask = self.condition(n, t, **cond)
 
         inputs = [x]
         if cfg.low_res_cond:
