@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unclip.pipeline.config import upsampler_name
 from unclip.pipeline.events import ImageInfo
 from unclip.pipeline.settings import overrides_from_info
 
@@ -27,17 +28,20 @@ REDOABLE = ("text_to_image", "variations", "image_to_image", "mix")
 
 def weights_hash(pipe: UnclipPipeline) -> str:
     """A short content hash of the weights of every network of ``pipe`` (CLIP, prior,
-    decoder, inpainting decoder, upsamplers): SHA-256 over each one's state-dict entries
-    (name, dtype, shape and bytes) in name order, its first :data:`HASH_DIGITS` hex digits.
-    The same weights give the same hash on any device; any changed value changes it. About
-    0.1 s for the shipped pipeline's 30 MB on a small CPU."""
-    stages = [("clip", pipe.clip)]
-    for name, stage in (("prior", pipe.prior), ("decoder", pipe.decoder)):
-        if stage is not None:
-            stages.append((name, stage.model))
-    if pipe.inpaint_decoder is not None and pipe.inpaint_decoder is not pipe.decoder:
-        stages.append(("inpaint_decoder", pipe.inpaint_decoder.model))
-    stages += [(f"upsampler{k + 1}", up.model) for k, up in enumerate(pipe.upsamplers)]
+    decoder, inpainting decoder, upsamplers, each with its last-step network if it has one):
+    SHA-256 over each one's state-dict entries (name, dtype, shape and bytes) in name order,
+    its first :data:`HASH_DIGITS` hex digits. The same weights give the same hash on any
+    device; any changed value changes it."""
+    named = [("prior", pipe.prior), ("decoder", pipe.decoder)]
+    if pipe.inpaint_decoder is not pipe.decoder:
+        named.append(("inpaint_decoder", pipe.inpaint_decoder))
+    named += [(upsampler_name(k), up) for k, up in enumerate(pipe.upsamplers)]
+    stages = [("clip", pipe.clip)] + [
+        (f"{name}/{i}", net)
+        for name, stage in named
+        if stage is not None
+        for i, net in enumerate(stage.networks())
+    ]
     h = hashlib.sha256()
     for name, module in stages:
         h.update(f"[{name}]".encode())
