@@ -203,6 +203,7 @@ def _eval_prior(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
+    from unclip.clip.text import TextEncoder
     from unclip.config import DIFFUSION_FILE, DiffusionConfig
     from unclip.data.embeddings import EmbeddingShards
     from unclip.diffusion import GaussianDiffusion
@@ -213,7 +214,6 @@ def _eval_prior(args: argparse.Namespace) -> int:
         sample_prior_embeddings,
     )
     from unclip.hub import from_pretrained
-    from unclip.train.stages.common import FrozenTextEncoder
 
     if args.steps < 1 or args.candidates < 1:
         raise ValueError("--steps and --candidates must be at least 1")
@@ -224,7 +224,7 @@ def _eval_prior(args: argparse.Namespace) -> int:
         diffusion = GaussianDiffusion.from_config(
             DiffusionConfig.load(Path(args.prior) / DIFFUSION_FILE)
         )
-    text = FrozenTextEncoder(args.clip)
+    text = TextEncoder(args.clip)
     train = EmbeddingShards(args.train_embeddings)
     w = fit_linear_map(
         torch.from_numpy(np.asarray(train.text_emb, dtype=np.float32)),
