@@ -26,7 +26,7 @@ print(f"cpu: {platform.machine()}, {os.cpu_count()} cores; {cpu}")
 try:
     import torch
 
-    from unclip.pipeline.loading import default_dtype
+    from unclip.pipeline.stages import default_dtype
 
     try:
         dtype = str(default_dtype(torch.device("cpu"))).removeprefix("torch.")

@@ -66,7 +66,7 @@ from unclip.commands.random_pipelines import (
     tiny_stage_configs,
 )
 from unclip.pipeline import UnclipPipeline
-from unclip.pipeline.loading import plain_copy
+from unclip.pipeline.stages import plain_copy
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"

@@ -24,7 +24,7 @@ from unclip.pipeline import (
 )
 from unclip.pipeline import loading as pipeline_loading
 from unclip.pipeline.images import keep_mask, repaint_mask, slerp
-from unclip.pipeline.loading import is_compiled, plain_copy
+from unclip.pipeline.stages import is_compiled, plain_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -492,7 +492,7 @@ def test_compile_wraps_every_sampling_network_once(pipeline_dir):
 
 
 def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, monkeypatch):
-    from unclip.pipeline.loading import DTYPE_ENV, default_dtype, native_bf16
+    from unclip.pipeline.stages import DTYPE_ENV, default_dtype, native_bf16
 
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     cpu = torch.device("cpu")
@@ -525,12 +525,13 @@ def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, 
 
 
 def test_auto_dtype_choice_both_ways_and_the_environment_override(pipeline_dir, monkeypatch):
-    from unclip.pipeline.loading import DTYPE_ENV, resolve_dtype
+    from unclip.pipeline import stages
+    from unclip.pipeline.stages import DTYPE_ENV, resolve_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(pipeline_loading, "native_bf16", lambda device, v=native: v)
+        monkeypatch.setattr(stages, "native_bf16", lambda device, v=native: v)
         assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == expected
         # UNCLIP_DTYPE overrides "auto" (a CI run samples as the other kind of CPU would) …
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):

@@ -246,7 +246,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
 def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(tmp_path, monkeypatch):
     """``compile: true`` compiles the model in place (here with dynamo's "eager" backend, so
     no code generation): the run trains, and its checkpoint loads into a plain model."""
-    from unclip.pipeline.loading import is_compiled
+    from unclip.pipeline.stages import is_compiled
 
     plain_compile = torch.nn.Module.compile
     monkeypatch.setattr(

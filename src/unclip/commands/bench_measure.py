@@ -394,7 +394,7 @@ def bench_training(
     import torch
 
     from unclip.config import TrainConfig
-    from unclip.pipeline.loading import plain_copy
+    from unclip.pipeline.stages import plain_copy
     from unclip.train.loop import autocast_context, build_optimizer
 
     gflops = forward_gflops(pipe)

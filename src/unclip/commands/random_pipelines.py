@@ -198,7 +198,7 @@ def random_pipeline(
     :func:`random_models`, built in memory."""
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline import PipelineConfig, SamplingConfig, StagesConfig, UnclipPipeline
-    from unclip.pipeline.loading import Stage, parse_device
+    from unclip.pipeline.stages import Stage, parse_device
 
     dev = parse_device(device)
     models = random_models(sc, seed)

@@ -69,8 +69,8 @@ def sample_prior_embeddings(
     Returns [N, D] unit-norm embeddings.
     """
     from unclip.pipeline.config import PriorSampling
-    from unclip.pipeline.loading import Stage
     from unclip.pipeline.runners import RunContext, TextCondition, sample_prior
+    from unclip.pipeline.stages import Stage
 
     ar = {"ar_guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     settings = PriorSampling(steps=steps, guidance=guidance, candidates=candidates, **ar)

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from unclip.clip.model import CLIP, CLIPConfig
     from unclip.decoder import UNetConfig, UpsamplerConfig
     from unclip.pipeline.core import UnclipPipeline
-    from unclip.pipeline.loading import Stage
+    from unclip.pipeline.stages import Stage
     from unclip.prior.model import PriorConfig
     from unclip.tokenizer import Tokenizer
 
@@ -340,7 +340,7 @@ def load_diffusers_pipeline(
     both and calls this for such a folder)."""
     from unclip.diffusion import GaussianDiffusion
     from unclip.pipeline.core import UnclipPipeline
-    from unclip.pipeline.loading import Stage
+    from unclip.pipeline.stages import Stage
 
     c = convert_diffusers_folder(path)
 
@@ -390,7 +390,7 @@ def write_unclip_folder(converted: Converted, folder: Path, dtype: torch.dtype) 
         save_pretrained(model, folder / name, dtype=dtype)
         cfg.save(folder / name / DIFFUSION_FILE)
         if last_model is not None:
-            from unclip.pipeline.loading import LAST_STEP_FOLDER
+            from unclip.pipeline.stages import LAST_STEP_FOLDER
 
             save_pretrained(last_model, folder / name / LAST_STEP_FOLDER, dtype=dtype)
     _pipeline_config(converted).save(folder / PIPELINE_FILE)
@@ -422,7 +422,7 @@ def write_diffusers_folder(pipe: UnclipPipeline, folder: Path, dtype: torch.dtyp
     null conditions, one upsampler sampled with the karlo sampler's scheduler; otherwise a
     ConfigError says what does not fit."""
     from unclip.interop.diffusers_unets import decoder_to_diffusers, upsampler_to_diffusers
-    from unclip.pipeline.loading import is_ar_prior
+    from unclip.pipeline.stages import is_ar_prior
 
     where = str(pipe.path or pipe.name)
     if not pipe.raw_embeddings:

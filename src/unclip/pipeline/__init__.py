@@ -2,6 +2,7 @@
 
 - :mod:`.config`: ``pipeline.json`` (stages and default sampling settings);
 - :mod:`.loading`: :func:`load_pipeline` (a folder or a shipped name -> stages, device, dtype);
+- :mod:`.stages`: :class:`Stage`, loading one, checking that stages fit, device and dtype;
 - :mod:`.core`: :class:`UnclipPipeline`, the capabilities (text to image, variations,
   interpolation, text diffs, inpainting, outpainting, mixing, image to image, CLIP
   re-ranking), with negative prompts; :mod:`.base`: the stage glue they share;
@@ -35,15 +36,9 @@ from unclip.pipeline.config import (
 )
 from unclip.pipeline.core import UnclipPipeline
 from unclip.pipeline.events import ImageInfo, ProgressCallback, ProgressEvent, image_info
-from unclip.pipeline.loading import (
-    PipelineError,
-    Stage,
-    load_pipeline,
-    parse_device,
-    resolve_pipeline,
-    shipped_pipelines,
-)
+from unclip.pipeline.loading import load_pipeline, resolve_pipeline, shipped_pipelines
 from unclip.pipeline.settings import MAX_IMAGES, MAX_PROMPT_CHARS, check_prompt
+from unclip.pipeline.stages import PipelineError, Stage, parse_device
 
 __all__ = [
     "MAX_IMAGES",

@@ -76,7 +76,8 @@ def assemble_pipeline(
     """
     from unclip.clip import load_clip
     from unclip.hub import save_pretrained
-    from unclip.pipeline.loading import PipelineError, load_pipeline
+    from unclip.pipeline.loading import load_pipeline
+    from unclip.pipeline.stages import PipelineError
     from unclip.tokenizer import Tokenizer
 
     out = Path(out)

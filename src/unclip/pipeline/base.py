@@ -22,7 +22,6 @@ from unclip.clip.text import TextEncoder
 from unclip.pipeline.config import PipelineConfig, SamplingConfig
 from unclip.pipeline.events import ImageInfo
 from unclip.pipeline.images import ImageInput, as_image, prepare_image, to_pil
-from unclip.pipeline.loading import Stage
 from unclip.pipeline.runners import (
     NegativeCondition,
     ProgressCallback,
@@ -35,6 +34,7 @@ from unclip.pipeline.runners import (
     upsample,
 )
 from unclip.pipeline.settings import apply_overrides, check_prompt, sampling_info
+from unclip.pipeline.stages import Stage
 
 
 class PipelineBase:

@@ -58,7 +58,6 @@ from unclip.pipeline.images import (
     source_name,
     to_pil,
 )
-from unclip.pipeline.loading import Stage, check_stages, is_compiled, resolve_dtype
 from unclip.pipeline.runners import (
     ProgressCallback,
     TextCondition,
@@ -74,6 +73,7 @@ from unclip.pipeline.settings import (
     check_prompt,
     check_seed,
 )
+from unclip.pipeline.stages import Stage, check_stages, is_compiled, resolve_dtype
 
 #: captions whose token ids a pipeline keeps (a server sees many distinct prompts)
 TOKEN_CACHE_SIZE = 4096

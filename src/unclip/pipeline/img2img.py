@@ -32,7 +32,7 @@ from unclip.pipeline.runners import (
 from unclip.pipeline.settings import DEFAULT_STRENGTH, check_count, check_prompt, check_seed
 
 if TYPE_CHECKING:
-    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.base import PipelineBase
 
 
 def check_strength(strength: Any, what: str = "strength") -> float:
@@ -45,7 +45,7 @@ def check_strength(strength: Any, what: str = "strength") -> float:
 
 
 def image_to_image(
-    pipe: UnclipPipeline,
+    pipe: PipelineBase,
     image: ImageInput,
     prompt: str | None = None,
     *,

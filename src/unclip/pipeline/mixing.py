@@ -33,7 +33,7 @@ from unclip.pipeline.runners import ProgressCallback, TextCondition
 from unclip.pipeline.settings import check_count, check_seed
 
 if TYPE_CHECKING:
-    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.base import PipelineBase
 
 #: the most inputs one mix may combine
 MAX_MIX_INPUTS = 16
@@ -95,7 +95,7 @@ def mix_embeddings(zs: Sequence[Tensor], weights: Sequence[float], raw: bool = F
 
 
 def mix(
-    pipe: UnclipPipeline,
+    pipe: PipelineBase,
     inputs: Sequence[str | ImageInput],
     weights: Sequence[float] | None = None,
     *,

@@ -18,7 +18,7 @@ from unclip.pipeline.events import ImageInfo
 from unclip.pipeline.settings import overrides_from_info
 
 if TYPE_CHECKING:
-    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.stages import StagedPipeline
 
 #: hex digits of SHA-256 kept in ``weights_hash``
 HASH_DIGITS = 12
@@ -26,7 +26,7 @@ HASH_DIGITS = 12
 REDOABLE = ("text_to_image", "variations", "image_to_image", "mix")
 
 
-def weights_hash(pipe: UnclipPipeline) -> str:
+def weights_hash(pipe: StagedPipeline) -> str:
     """A short content hash of the weights of every network of ``pipe`` (CLIP, prior,
     decoder, inpainting decoder, upsamplers, each with its last-step network if it has one):
     SHA-256 over each one's state-dict entries (name, dtype, shape and bytes) in name order,

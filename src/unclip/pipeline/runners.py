@@ -1,5 +1,5 @@
 """The stage runners: prior sampling with best-of-N candidates, decoding, upsampling and DDIM
-inversion, as plain functions of a :class:`~unclip.pipeline.loading.Stage`, the conditions,
+inversion, as plain functions of a :class:`~unclip.pipeline.stages.Stage`, the conditions,
 the sampling settings of that stage, the noise generators, and a :class:`RunContext` (device,
 precision, progress).
 
@@ -46,7 +46,7 @@ from unclip.diffusion import (
 )
 from unclip.pipeline.config import DecoderSampling, PriorSampling, UpsamplerSampling, upsampler_name
 from unclip.pipeline.events import ProgressCallback, ProgressEvent
-from unclip.pipeline.loading import Stage
+from unclip.pipeline.stages import Stage
 
 Generators = torch.Generator | Sequence[torch.Generator]
 

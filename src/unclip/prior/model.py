@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,6 @@ from unclip.nn import (
     condition_drop_mask,
     maybe_checkpoint,
 )
-
-if TYPE_CHECKING:
-    from unclip.prior.ar import ARPriorConfig
 
 #: tokens after the caption: z_t, timestep, noised z_i, query
 NUM_EXTRA_TOKENS = 4
@@ -63,6 +60,15 @@ def check_prior_transformer(config: Any, positive: tuple[str, ...] = ()) -> None
         raise ConfigError(f"text_drop_prob must be in [0, 1], got {config.text_drop_prob}")
     if not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
+
+
+class CaptionConfig(Protocol):
+    """What :class:`CaptionPrior` reads of its subclass's config (:class:`PriorConfig` or
+    :class:`~unclip.prior.ar.ARPriorConfig`): the longest caption and the training
+    probability of the null caption."""
+
+    text_len: int
+    text_drop_prob: float
 
 
 @dataclass
@@ -199,7 +205,7 @@ class CaptionPrior(nn.Module):
     and ``pos_emb`` [text_len + …, W].
     """
 
-    config: PriorConfig | ARPriorConfig
+    config: CaptionConfig
     text_proj: nn.Linear | None
     null_text_token: nn.Parameter
     pos_emb: nn.Parameter

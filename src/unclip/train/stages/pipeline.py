@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from unclip.pipeline import assemble_pipeline
     from unclip.pipeline.config import SamplingConfig
-    from unclip.pipeline.loading import DTYPES
+    from unclip.pipeline.stages import DTYPES
 
     sampling = SamplingConfig.load(args.sampling) if args.sampling else None
     stages = {key: getattr(args, key) for key in STAGE_FLAGS}
