@@ -386,12 +386,15 @@ def fast_setting(
     ref = next((r for r in rows if r["sampler"] == sampler and r["steps"] == steps), None)
     if ref is None:
         return None
+    # relative to |ref|: an FD estimated from few images can come out negative
     ok = [
         r
         for r in rows
-        if r["fd"] <= ref["fd"] * (1 + tolerance) + 1e-12
-        and r["clip_score"] >= ref["clip_score"] * (1 - clip_tolerance) - 1e-12
+        if r["fd"] <= ref["fd"] + abs(ref["fd"]) * tolerance + 1e-12
+        and r["clip_score"] >= ref["clip_score"] - abs(ref["clip_score"]) * clip_tolerance - 1e-12
     ]
+    if not ok:  # NaN measurements
+        return None
     best = min(ok, key=lambda r: (r["steps"], r["fd"]))
     return {
         "sampler": best["sampler"],
