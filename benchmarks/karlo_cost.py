@@ -54,7 +54,7 @@ from unclip.commands.bench_report import machine_info, markdown_table
 from unclip.decoder import UNet, Upsampler
 from unclip.eval.model_stats import count_parameters, forward_flops
 from unclip.interop import karlo_configs as karlo
-from unclip.interop.diffusers_folder import FolderConfigs, karlo_sampling, read_configs
+from unclip.pipeline.diffusers_folder import FolderConfigs, karlo_sampling, read_configs
 from unclip.prior.model import DiffusionPriorTransformer
 
 

@@ -31,7 +31,6 @@ from unclip.decoder import UNet, Upsampler
 from unclip.eval.model_stats import count_parameters, forward_flops
 from unclip.interop import karlo_configs as karlo
 from unclip.interop.diffusers_clip import clip_from_diffusers_state
-from unclip.interop.diffusers_folder import read_configs
 from unclip.interop.diffusers_prior import prior_from_diffusers
 from unclip.interop.diffusers_unets import (
     decoder_from_diffusers,
@@ -39,6 +38,7 @@ from unclip.interop.diffusers_unets import (
     upsampler_from_diffusers,
     upsampler_to_diffusers,
 )
+from unclip.pipeline.diffusers_folder import read_configs
 from unclip.prior.model import DiffusionPriorTransformer
 
 META = torch.device("meta")

@@ -35,7 +35,7 @@ def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from unclip.config import ConfigError, building_folder
-    from unclip.interop.diffusers_folder import (
+    from unclip.pipeline.diffusers_folder import (
         convert_diffusers_folder,
         is_diffusers_folder,
         write_diffusers_folder,

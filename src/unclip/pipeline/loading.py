@@ -63,7 +63,7 @@ def load_pipeline(
 ) -> UnclipPipeline:
     """Load a pipeline folder (or a shipped pipeline by name) onto ``device`` (default: CUDA
     when available, else CPU). A diffusers unCLIP folder (``model_index.json``, Karlo's
-    layout) is converted on load (:mod:`unclip.interop.diffusers_folder`).
+    layout) is converted on load (:mod:`unclip.pipeline.diffusers_folder`).
 
     ``dtype`` is the compute precision of the sampling networks (prior, decoders,
     upsamplers): float32, or float16/bfloat16 run under ``torch.autocast`` with float32
@@ -79,7 +79,7 @@ def load_pipeline(
     time, for a GPU too small for all of them; CLIP stays on ``device``).
     """
     from unclip.clip import load_clip
-    from unclip.interop.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
+    from unclip.pipeline.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
     from unclip.tokenizer import Tokenizer
 
     dev = parse_device(device)

@@ -8,11 +8,11 @@ A folder with ``model_index.json`` naming ``UnCLIPPipeline`` (text to image: ``p
 imported) and converted exactly:
 
 - ``text_encoder`` (+ ``image_encoder``) -> unclip's CLIP, ``tokenizer`` -> its tokenizer
-  (:mod:`.diffusers_clip`);
-- ``prior`` -> :class:`~unclip.prior.model.DiffusionPriorTransformer` (:mod:`.diffusers_prior`);
+  (:mod:`unclip.interop.diffusers_clip`);
+- ``prior`` -> :class:`~unclip.prior.model.DiffusionPriorTransformer` (:mod:`unclip.interop.diffusers_prior`);
 - ``decoder`` + ``text_proj`` -> the decoder UNet, ``super_res_first``/``super_res_last`` ->
-  an upsampler stage whose ``last_step`` network is ``super_res_last`` (:mod:`.diffusers_unets`);
-- each ``UnCLIPScheduler`` -> the stage's ``diffusion.json`` (:mod:`.diffusers_schedulers`),
+  an upsampler stage whose ``last_step`` network is ``super_res_last`` (:mod:`unclip.interop.diffusers_unets`);
+- each ``UnCLIPScheduler`` -> the stage's ``diffusion.json`` (:mod:`unclip.interop.diffusers_schedulers`),
   sampled with the ``karlo`` sampler, with Karlo's defaults: prior 25 steps at guidance 4 and
   one candidate, decoder 25 steps at guidance 8, super-resolution 7 steps;
 - the pipeline takes CLIP's embeddings unnormalised (``embeddings: "raw"``), as Karlo's stages
