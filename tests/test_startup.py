@@ -72,6 +72,9 @@ def test_building_the_parser_and_every_commands_help_loads_no_torch():
         ["info"],  # missing PATH
         ["serve", "--port", "eighty"],  # not a number
         ["classify", "x.png"],  # missing --labels
+        ["generate"],  # no caption: reported by the command itself
+        ["generate", "a cat", "--decoder-steps", "0"],  # out of range, before any model loads
+        ["vary", "no-such-image.png"],
         ["nosuch"],
     ],
     ids=" ".join,

@@ -65,17 +65,22 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from unclip.config import ConfigError
-    from unclip.hub import HubError
-    from unclip.train.checkpoint import CheckpointError
-    from unclip.train.loop import TrainingDiverged
+#: unclip's error classes that are the user's to fix (module, name)
+_USER_ERROR_CLASSES = (
+    ("unclip.config", "ConfigError"),
+    ("unclip.hub", "HubError"),
+    ("unclip.train.checkpoint", "CheckpointError"),
+    ("unclip.train.loop", "TrainingDiverged"),
+)
 
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a command reports as one ``error:`` line. A class whose module was never
+    imported cannot have been raised, so only loaded modules are looked in: reporting an
+    argument error imports nothing (no torch)."""
+    loaded = [getattr(sys.modules[m], n) for m, n in _USER_ERROR_CLASSES if m in sys.modules]
     return (
-        ConfigError,
-        HubError,
-        CheckpointError,
-        TrainingDiverged,
+        *loaded,
         FileNotFoundError,
         FileExistsError,
         NotADirectoryError,

@@ -74,17 +74,16 @@ def check_writable(folder: Path, flag: str) -> None:
 
 
 def load_images(paths: Sequence[str], what: str = "image") -> list[Any]:
-    """Decode the input images with ``load_image``, refusing a missing file or a folder."""
-    from unclip.data.transforms import load_image
-
-    images = []
+    """Decode the input images with ``load_image``, refusing a missing file or a folder
+    (before the decoder's modules, and torch, are imported)."""
     for name in paths:
         if not Path(name).exists():
             raise FileNotFoundError(f"{name}: no such {what} file")
         if Path(name).is_dir():
             raise ValueError(f"{name}: is a folder, not an {what} file")
-        images.append(load_image(name))
-    return images
+    from unclip.data.transforms import load_image
+
+    return [load_image(name) for name in paths]
 
 
 def check_inpaint(args: argparse.Namespace) -> None:

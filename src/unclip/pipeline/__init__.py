@@ -24,21 +24,55 @@ Typical use::
 
 from __future__ import annotations
 
-from unclip.pipeline.assemble import assemble_pipeline
-from unclip.pipeline.config import (
-    PIPELINE_FILE,
-    DecoderSampling,
-    PipelineConfig,
-    PriorSampling,
-    SamplingConfig,
-    StagesConfig,
-    UpsamplerSampling,
-)
-from unclip.pipeline.core import UnclipPipeline
-from unclip.pipeline.events import ImageInfo, ProgressCallback, ProgressEvent, image_info
-from unclip.pipeline.loading import load_pipeline, resolve_pipeline, shipped_pipelines
-from unclip.pipeline.settings import MAX_IMAGES, MAX_PROMPT_CHARS, check_prompt
-from unclip.pipeline.stages import PipelineError, Stage, parse_device
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names loaded on first use (_LAZY), for type checkers and editors
+    from unclip.pipeline.assemble import assemble_pipeline
+    from unclip.pipeline.config import (
+        PIPELINE_FILE,
+        DecoderSampling,
+        PipelineConfig,
+        PriorSampling,
+        SamplingConfig,
+        StagesConfig,
+        UpsamplerSampling,
+    )
+    from unclip.pipeline.core import UnclipPipeline
+    from unclip.pipeline.events import ImageInfo, ProgressCallback, ProgressEvent, image_info
+    from unclip.pipeline.loading import load_pipeline, resolve_pipeline, shipped_pipelines
+    from unclip.pipeline.settings import MAX_IMAGES, MAX_PROMPT_CHARS, check_prompt
+    from unclip.pipeline.stages import PipelineError, Stage, parse_device
+
+# Each public name and the module that defines it, imported on first use: importing a light
+# module of the package (config, settings, events) loads no torch.
+_LAZY = {
+    "assemble_pipeline": "assemble",
+    **dict.fromkeys(
+        ("PIPELINE_FILE", "PipelineConfig", "StagesConfig", "SamplingConfig"), "config"
+    ),
+    **dict.fromkeys(("PriorSampling", "DecoderSampling", "UpsamplerSampling"), "config"),
+    "UnclipPipeline": "core",
+    **dict.fromkeys(("ImageInfo", "ProgressCallback", "ProgressEvent", "image_info"), "events"),
+    **dict.fromkeys(("load_pipeline", "resolve_pipeline", "shipped_pipelines"), "loading"),
+    **dict.fromkeys(("MAX_IMAGES", "MAX_PROMPT_CHARS", "check_prompt"), "settings"),
+    **dict.fromkeys(("PipelineError", "Stage", "parse_device"), "stages"),
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unclip.pipeline' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"unclip.pipeline.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "MAX_IMAGES",

@@ -17,12 +17,10 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
-import numpy as np
-
 from unclip.config import ConfigError
-from unclip.diffusion.samplers import SAMPLERS
 from unclip.pipeline.config import (
     SAMPLING_PRESETS,
     DecoderSampling,
@@ -78,7 +76,7 @@ def check_prompt(prompt: Any, what: str = "prompt") -> str:
 
 def check_count(value: Any, what: str, low: int = 1, high: int = MAX_IMAGES) -> int:
     """An integer in [low, high], or ValueError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{what} must be an integer, got {value!r}")
     if not low <= int(value) <= high:
         raise ValueError(f"{what} must be between {low} and {high:,}, got {value}")
@@ -110,11 +108,19 @@ def check_draw(
 def check_seed(seed: int | None, count: int) -> int:
     if seed is None:
         return secrets.randbelow(2**31)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if not 0 <= seed <= MAX_SEED - count:
         raise ValueError(f"seed must be between 0 and {MAX_SEED - count:,}, got {seed}")
     return int(seed)
+
+
+def sampler_names() -> tuple[str, ...]:
+    """The samplers a stage may use (:data:`unclip.diffusion.samplers.SAMPLERS`; imported
+    when first needed, so that checking a call's limits loads no torch)."""
+    from unclip.diffusion.samplers import SAMPLERS
+
+    return tuple(SAMPLERS)
 
 
 def apply_overrides(
@@ -147,10 +153,12 @@ def apply_overrides(
         current = getattr(base, stage).to_dict()
         for key, value in changes[stage].items():
             label = f"{stage}_{key}"
-            if key == "sampler" and value not in SAMPLERS:
-                raise ValueError(f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
+            if key == "sampler" and value not in sampler_names():
+                raise ValueError(
+                    f"unknown sampler {value!r}; choose one of {', '.join(sampler_names())}"
+                )
             if key in ("steps", "candidates", "top_k"):
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                if isinstance(value, bool) or not isinstance(value, Integral):
                     raise ValueError(f"{label} must be an integer, got {value!r}")
                 value = int(value)
             if key in ("guidance", "eta", "strength", "temperature", "top_p", "ar_guidance"):
