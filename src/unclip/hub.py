@@ -15,12 +15,13 @@ imports no model package; a model class has a ``config_class`` attribute and is 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import pickle
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,6 +325,22 @@ def load_weights_into(
     return new
 
 
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """``torch.nn.init``'s fill functions do nothing inside: for a model built on the meta
+    device only to read its shapes (random init there would import torch's decompositions,
+    seconds on a small CPU, to fill tensors that hold no data)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -362,7 +379,7 @@ def from_pretrained(
     # file's header, so that a config.json declaring a huge model fails here with a message
     # instead of allocating (and perhaps exhausting) memory before the weights are compared.
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_init():
             skeleton = cls(config)
     except (ValueError, TypeError, AssertionError, RuntimeError) as e:
         raise HubError(

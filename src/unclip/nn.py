@@ -21,6 +21,13 @@ from torch.utils.checkpoint import checkpoint
 M = TypeVar("M", bound=nn.Module)
 
 
+def normal_parameter(*shape: int, std: float) -> nn.Parameter:
+    """A parameter of ``shape`` drawn from N(0, std²). Drawn by ``nn.init.normal_`` into an
+    empty tensor, so that a model built on the meta device only to read its shapes does no
+    arithmetic on meta tensors (which would import torch's decompositions: seconds)."""
+    return nn.Parameter(nn.init.normal_(torch.empty(shape), std=std))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in Vaswani et al. 2017 §3.5.
 

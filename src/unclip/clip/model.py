@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config
-from unclip.nn import Attention, attention
+from unclip.nn import Attention, attention, normal_parameter
 
 if TYPE_CHECKING:
     from unclip.tokenizer import Tokenizer
@@ -266,8 +266,8 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spatial: int, channels: int, heads: int, output_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.positional_embedding = nn.Parameter(
-            torch.randn(spatial * spatial + 1, channels) / channels**0.5
+        self.positional_embedding = normal_parameter(
+            spatial * spatial + 1, channels, std=channels**-0.5
         )
         self.q_proj = nn.Linear(channels, channels)
         self.k_proj = nn.Linear(channels, channels)

@@ -37,6 +37,7 @@ from unclip.nn import (
     TimestepEmbedder,
     apply_null,
     condition_drop_mask,
+    normal_parameter,
     normalization,
     zero_module,
 )
@@ -239,7 +240,7 @@ class UNet(nn.Module):
 
         cw = cfg.context_width
         if cfg.clip_dim:
-            self.null_image_emb = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
+            self.null_image_emb = normal_parameter(cfg.clip_dim, std=1 / math.sqrt(cfg.clip_dim))
             self.clip_emb_proj = nn.Linear(cfg.clip_dim, ted)
             self.clip_tokens_proj = (
                 nn.Linear(cfg.clip_dim, cfg.clip_tokens * cw) if cfg.clip_tokens else None
@@ -251,14 +252,14 @@ class UNet(nn.Module):
                     "null_caption_tokens", torch.zeros(cfg.null_caption_len, cfg.text_dim)
                 )
             else:
-                self.null_text_token = nn.Parameter(torch.randn(cw) * 0.02)
+                self.null_text_token = normal_parameter(cw, std=0.02)
         if cfg.text_emb_dim:
             self.text_emb_proj = nn.Linear(cfg.text_emb_dim, ted)
             if cfg.null_caption_len:
                 self.register_buffer("null_text_emb", torch.zeros(cfg.text_emb_dim))
             else:
                 d = cfg.text_emb_dim
-                self.null_text_emb = nn.Parameter(torch.randn(d) / math.sqrt(d))
+                self.null_text_emb = normal_parameter(d, std=1 / math.sqrt(d))
         self.context_norm = nn.LayerNorm(cw) if cfg.has_context else None
         context_dim = cw if cfg.has_context else None
 

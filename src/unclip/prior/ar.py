@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config, ConfigError
-from unclip.nn import apply_null, self_attention
+from unclip.nn import apply_null, normal_parameter, self_attention
 from unclip.prior.codebook import Codebook, pca_dequantize, pca_quantize
 from unclip.prior.model import CaptionPrior, PreNormBlock, append_keys, check_prior_transformer
 
@@ -199,10 +199,10 @@ class ARPrior(CaptionPrior):
         self.code_emb = nn.Embedding(b, w)
         self.code_value = nn.Linear(1, w)  # the bucket's value too: buckets are ordered
         # positions: caption 0..L-1, z_t and dot at text_len, text_len + 1, codes after them
-        self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS + k, w) * 0.02)
-        self.null_text_emb = nn.Parameter(torch.randn(w) * 0.02)
-        self.null_text_token = nn.Parameter(torch.randn(w) * 0.02)
-        self.null_dot = nn.Parameter(torch.randn(w) * 0.02)
+        self.pos_emb = normal_parameter(config.text_len + NUM_EXTRA_TOKENS + k, w, std=0.02)
+        self.null_text_emb = normal_parameter(w, std=0.02)
+        self.null_text_token = normal_parameter(w, std=0.02)
+        self.null_dot = normal_parameter(w, std=0.02)
         self.blocks = nn.ModuleList(
             ARBlock(w, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.layers)
         )

@@ -40,6 +40,7 @@ from unclip.nn import (
     apply_null,
     condition_drop_mask,
     maybe_checkpoint,
+    normal_parameter,
 )
 
 #: tokens after the caption: z_t, timestep, noised z_i, query
@@ -326,14 +327,14 @@ class DiffusionPriorTransformer(CaptionPrior):
         self.text_emb_proj = nn.Linear(d, w)
         self.time_embed = TimestepEmbedder(w, w)
         self.x_proj = nn.Linear(d, w)
-        self.query = nn.Parameter(torch.randn(w) * 0.02)
+        self.query = normal_parameter(w, std=0.02)
         # positions: caption tokens 0..L-1, then the four fixed tokens at text_len..text_len+3,
         # so the outputs do not depend on how far a caption was padded
-        self.pos_emb = nn.Parameter(torch.randn(config.text_len + NUM_EXTRA_TOKENS, w) * 0.02)
+        self.pos_emb = normal_parameter(config.text_len + NUM_EXTRA_TOKENS, w, std=0.02)
         # null condition (classifier-free guidance): z_t in the scaled space, one caption token
-        self.null_text_emb = nn.Parameter(torch.randn(d) * (config.embed_scale / math.sqrt(d)))
+        self.null_text_emb = normal_parameter(d, std=config.embed_scale / math.sqrt(d))
         k = config.null_text_tokens
-        self.null_text_token = nn.Parameter(torch.randn(*((k,) if k > 1 else ()), w) * 0.02)
+        self.null_text_token = normal_parameter(*((k,) if k > 1 else ()), w, std=0.02)
         if config.embeddings == "raw":  # per-coordinate statistics of the raw z_i
             self.register_buffer("clip_mean", torch.zeros(d))
             self.register_buffer("clip_std", torch.ones(d))
