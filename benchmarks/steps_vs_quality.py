@@ -30,11 +30,15 @@ so plan on an hour or more on a 2-core CPU.
 usage: python benchmarks/steps_vs_quality.py [--pipeline emoji-small] [--data data/emoji]
        [--split test] [--images 128] [--spread] [--steps [SAMPLER=]5,10,25,50,100,250 ...]
        [--samplers ddim,ddpm,dpmpp_2m] [--reuse-prior] [--quick]
-       python benchmarks/steps_vs_quality.py --from-json RESULT.json   (re-render only)
+       python benchmarks/steps_vs_quality.py --from-json RESULT.json [--from-json MORE.json]
+       (re-render only)
 
 ``--from-json`` takes the JSON a full run printed and writes its table and plot again without
-sampling anything, judging the knee against the pipeline's *current* default decoder setting
-(for when the default changes but the weights do not); the section says it was re-rendered.
+sampling anything, judging the knee and the fast setting against the pipeline's *current*
+default decoder setting and ``fast`` preset (for when they change but the weights do not); the
+section says it was re-rendered. Given more than once, the rows of the later runs (of the same
+captions, seeds and precision: the same images at equal settings) are added to the first's, a
+later row replacing an earlier one of the same sampler and steps.
 """
 
 from __future__ import annotations
@@ -287,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-doc", action="store_true", help="write neither Markdown nor plot")
     p.add_argument(
         "--from-json",
+        action="append",
         metavar="FILE",
         help="re-render the table and plot of an earlier run's JSON (no sampling), "
-        "judged against the pipeline's current default",
+        "judged against the pipeline's current default; repeat to merge runs",
     )
     args = p.parse_args(argv)
     if args.from_json:
@@ -458,18 +463,32 @@ def write_outputs(result: dict[str, Any], doc: str | None, plot: str | None) -> 
 
 
 def rerender(args: argparse.Namespace) -> int:
-    """``--from-json``: the table and plot of a saved run, against today's default setting."""
+    """``--from-json``: the table and plot of saved runs (merged), against today's default
+    setting and ``fast`` preset."""
     from unclip.pipeline import load_pipeline
 
-    path = Path(args.from_json)
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-        rows = result["results"]
-        samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-        knees = sampler_knees(rows, samplers, result["tolerance"], result["clip_tolerance"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {path}: not a steps_vs_quality result ({e})", file=sys.stderr)
-        return 2
+    same = ("pipeline", "data", "split", "images", "dtype", "quick")
+    result: dict[str, Any] = {}
+    for path in map(Path, args.from_json):
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+            if not result:
+                result = run
+            elif any(run.get(k) != result.get(k) for k in (*same, "spread")):
+                print(f"error: {path}: not a run of the same set ({', '.join(same)})",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            else:
+                new = {(r["sampler"], r["steps"]) for r in run["results"]}
+                old = [r for r in result["results"] if (r["sampler"], r["steps"]) not in new]
+                result["results"] = old + run["results"]
+                result.setdefault("merged", []).append(run["machine"]["time"])
+            rows = result["results"]
+            samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+            knees = sampler_knees(rows, samplers, result["tolerance"], result["clip_tolerance"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {path}: not a steps_vs_quality result ({e})", file=sys.stderr)
+            return 2
     pipe = load_pipeline(args.pipeline, device="cpu")
     default = pipe.sampling_settings().decoder
     result["knee_steps"] = knees
@@ -515,8 +534,14 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else "")
         + (
-            f" Re-rendered from that run's JSON ({r['rerendered']}; `--from-json`) after the "
-            "default changed: the measurements are the run's."
+            f" With the rows of {len(r['merged'])} more run(s) of the same captions and seeds "
+            f"({', '.join(r['merged'])}), each timed under its own load."
+            if r.get("merged")
+            else ""
+        )
+        + (
+            f" Re-rendered from the JSON ({r['rerendered']}; `--from-json`): the measurements "
+            "are the runs'."
             if r.get("rerendered")
             else ""
         ),
@@ -546,8 +571,8 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
             f"Fast (fewest steps of any sampler within {tol:.0f}% of the default's FD and "
             f"{100 * r['clip_tolerance']:.0f}% of its CLIP score): {f['sampler']} with "
             f"{f['steps']} steps, FD {100 * (f['fd_ratio'] - 1):+.1f}% and CLIP score "
-            f"{100 * (f['clip_ratio'] - 1):+.1f}% against the default, "
-            f"{f['speedup']:.2f}× its images per second. The `fast` preset (`--fast`): "
+            f"{100 * (f['clip_ratio'] - 1):+.1f}% against the default. The `fast` preset "
+            "(`--fast`): "
             f"{p['sampler']} with {p['steps']} steps"
             + (
                 " — the measured setting."

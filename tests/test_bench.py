@@ -332,7 +332,7 @@ def test_steps_vs_quality_rerender(tiny_pipe: Path, tmp_path: Path, capsys) -> N
     assert r["default"] == {"sampler": default.sampler, "steps": k}
     assert r["default_at_knee"] is True
     text = doc.read_text()
-    assert "Re-rendered from that run's JSON" in text and "— at the knee." in text
+    assert "Re-rendered from the JSON" in text and "— at the knee." in text
     assert "(then)" not in text and "2 threads, then." in text
     ET.fromstring(plot.read_text())
 
@@ -340,6 +340,76 @@ def test_steps_vs_quality_rerender(tiny_pipe: Path, tmp_path: Path, capsys) -> N
     bad.write_text('{"results": 3}')
     assert script.main(["--from-json", str(bad), "--no-doc"]) == 2
     assert "bad.json: not a steps_vs_quality result" in capsys.readouterr().err
+
+
+def test_steps_vs_quality_merges_runs_and_judges_the_fast_setting(
+    tiny_pipe: Path, tmp_path: Path, capsys
+) -> None:
+    """--from-json twice adds the second run's rows (replacing equal settings) and judges the
+    fast setting on them against the ``fast`` preset; a run of another set is refused."""
+    from unclip.pipeline import load_pipeline
+    from unclip.pipeline.config import SAMPLING_PRESETS
+
+    default = load_pipeline(str(tiny_pipe), device="cpu").sampling_settings().decoder
+    fast = SAMPLING_PRESETS["fast"]
+    assert default.steps == 2 and fast["decoder_steps"] > 2  # so the preset is not measured
+
+    def row(steps: int, fd: float) -> dict:
+        return {"sampler": default.sampler, "steps": steps, "fd": fd, "clip_score": 0.5,
+                "s_per_image": 0.1 * steps}  # fmt: skip
+
+    def run(time: str, rows: list[dict]) -> dict:
+        return {"pipeline": "tiny", "data": "d", "split": "val", "images": 4,
+                "dtype": "float32", "quick": False, "tolerance": 0.05, "clip_tolerance": 0.01,
+                "machine": {"threads": 2, "time": time}, "results": rows}  # fmt: skip
+
+    files = []
+    for name, doc in (("a", run("first", [row(2, 1.0), row(1, 1.5)])),
+                      ("b", run("second", [row(1, 1.01)]))):  # fmt: skip
+        files += ["--from-json", str(tmp_path / f"{name}.json")]
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    script = load_script("steps_vs_quality")
+    out = tmp_path / "b.md"
+    r = run_json(script.main, [*files, "--pipeline", str(tiny_pipe), "--doc", str(out),
+                               "--plot", str(tmp_path / "p.svg")])  # fmt: skip
+    assert sorted(x["fd"] for x in r["results"]) == [1.0, 1.01] and r["merged"] == ["second"]
+    assert (r["fast"]["sampler"], r["fast"]["steps"]) == (default.sampler, 1)
+    assert r["fast_preset"] == {"sampler": fast["decoder_sampler"], "steps": fast["decoder_steps"]}
+    text = out.read_text()
+    assert "1 more run(s) of the same captions and seeds (second)" in text
+    assert "FD +1.0% and CLIP score +0.0% against the default" in text
+    assert "— not the measured setting." in text
+    (tmp_path / "c.json").write_text(json.dumps(run("third", []) | {"images": 5}))
+    assert script.main([*files[:2], "--from-json", str(tmp_path / "c.json"), "--no-doc"]) == 2
+    assert "c.json: not a run of the same set" in capsys.readouterr().err
+
+
+def test_steps_vs_quality_fast_setting() -> None:
+    """The fewest steps, of any sampler, within 3% of the default's FD and 1% of its CLIP
+    score; None when the default was not measured."""
+    fast = load_script("steps_vs_quality").fast_setting
+
+    def row(sampler: str, steps: int, fd: float, clip: float = 0.5) -> dict:
+        return {"sampler": sampler, "steps": steps, "fd": fd, "clip_score": clip,
+                "s_per_image": 0.01 * steps}  # fmt: skip
+
+    rows = [row("ddim", 25, 1.0), row("ddim", 10, 1.06), row("dpmpp_2m", 10, 1.029),
+            row("dpmpp_2m", 8, 1.031), row("ddpm", 5, 1.01, clip=0.49)]  # fmt: skip
+    f = fast(rows, "ddim", 25, 0.03, 0.01)
+    assert (f["sampler"], f["steps"]) == ("dpmpp_2m", 10)
+    assert f["fd_ratio"] == pytest.approx(1.029) and f["speedup"] == pytest.approx(2.5)
+    assert fast(rows, "ddim", 50, 0.03, 0.01) is None
+
+
+def test_steps_vs_quality_step_plan() -> None:
+    plan = load_script("steps_vs_quality").step_plan
+    assert plan(["ddim", "dpmpp_2m"], None, [5, 25]) == {"ddim": [5, 25], "dpmpp_2m": [5, 25]}
+    assert plan(["ddim", "dpmpp_2m"], ["10,5", "dpmpp_2m=8"], [25]) == {
+        "ddim": [5, 10], "dpmpp_2m": [8]
+    }  # fmt: skip
+    for bad in (["ddpm=5"], ["ddim=x"], ["ddim=0"]):
+        with pytest.raises(SystemExit):
+            plan(["ddim"], bad, [25])
 
 
 def test_knee_and_plot_helpers() -> None:
