@@ -155,17 +155,15 @@ def knee(points: list[tuple[int, float]], tolerance: float, higher_is_better: bo
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values whose range covers [lo, hi]."""
     if hi <= lo:
         hi = lo + 1.0
     raw = (hi - lo) / count
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    ticks = []
-    v = first
-    while v <= hi + step * 1e-9:
-        ticks.append(round(v, 10))
-        v += step
+    ticks = [round(math.floor(lo / step + 1e-9) * step, 10)]
+    while ticks[-1] < hi - step * 1e-9:
+        ticks.append(round(ticks[-1] + step, 10))
     return ticks
 
 
@@ -193,7 +191,8 @@ def svg_line_plot(
         lx0, lx1 = lx0 - 0.5, lx1 + 0.5
     pad = 0.04 * (lx1 - lx0)  # keep the end points off the frame
     lx0, lx1 = lx0 - pad, lx1 + pad
-    yticks = _nice_ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
+    margin = 0.05 * (max(ys) - min(ys))  # the y axis spans the values, not 0 to the top one
+    yticks = _nice_ticks(min(ys) - margin, max(ys) + margin)
     y0, y1 = yticks[0], yticks[-1]
 
     def px(x: float) -> float:
@@ -534,8 +533,9 @@ def format_markdown(r: dict[str, Any], doc: str, plot: str | None) -> str:
         f"sampling in {r['dtype']}; {r['machine']['threads']} threads, {r['machine']['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else "")
         + (
-            f" With the rows of {len(r['merged'])} more run(s) of the same captions and seeds "
-            f"({', '.join(r['merged'])}), each timed under its own load."
+            f" With the rows of {len(r['merged'])} more run{'s' * (len(r['merged']) > 1)} of "
+            f"the same captions and seeds ({', '.join(r['merged'])}), each timed under its "
+            "own load."
             if r.get("merged")
             else ""
         )

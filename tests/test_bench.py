@@ -376,7 +376,7 @@ def test_steps_vs_quality_merges_runs_and_judges_the_fast_setting(
     assert (r["fast"]["sampler"], r["fast"]["steps"]) == (default.sampler, 1)
     assert r["fast_preset"] == {"sampler": fast["decoder_sampler"], "steps": fast["decoder_steps"]}
     text = out.read_text()
-    assert "1 more run(s) of the same captions and seeds (second)" in text
+    assert "1 more run of the same captions and seeds (second)" in text
     assert "FD +1.0% and CLIP score +0.0% against the default" in text
     assert "— not the measured setting." in text
     (tmp_path / "c.json").write_text(json.dumps(run("third", []) | {"images": 5}))
