@@ -41,8 +41,9 @@ SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "karlo"]
 #: overrides, which win key by key (``sampler`` counts for every stage's sampler). Their one
 #: home: the CLI's ``--fast``, the API's ``preset=`` and the server's ``preset`` field read
 #: it. "fast": the fewest decoder steps whose FD in CLIP space is within 3% of the default's
-#: (DDIM, 25 steps) and whose CLIP score is within 1%, measured on emoji-small with
-#: ``benchmarks/steps_vs_quality.py`` (docs/benchmarks.md, "Decoder steps vs sample quality").
+#: (DDIM, 25 steps) and whose CLIP score is within 1%, measured on emoji-small's 621 val
+#: captions with ``benchmarks/steps_vs_quality.py``: FD +2.3%, CLIP score -0.2%, 0.6× the
+#: time per image (9 steps: FD +3.1%; docs/benchmarks.md, "Decoder steps vs sample quality").
 SAMPLING_PRESETS: dict[str, dict[str, object]] = {
     "fast": {"decoder_sampler": "dpmpp_2m", "decoder_steps": 10},
 }
