@@ -177,7 +177,10 @@ def test_usage(client, pipe):
     assert usage["output_tokens"] == 3 * (2 + 2)
 
 
-def test_items_carry_their_metadata_and_redo_the_image(client):
+def test_items_carry_their_metadata_and_redo_the_image(client, pipe, monkeypatch):
+    # every image sampled on its own, as the single redo below samples it: then the two are
+    # equal by construction (across batch sizes they agree only up to float rounding)
+    monkeypatch.setattr(pipe, "max_batch", 1)
     body = {"prompt": "a green circle", "n": 2, "seed": 4, "steps": 3, "guidance": 2.0,
             "negative_prompt": "a red square", "response_format": "b64_json"}  # fmt: skip
     items = client.post(GEN, json=body).json()["data"]
