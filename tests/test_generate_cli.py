@@ -629,3 +629,34 @@ def test_generate_from_png_refuses_what_it_cannot_redo(pipeline_dir, images, tmp
         f"unclip generate: error: --from-png {frame}: cannot redo a interpolate image from its "
         "metadata; redoable: text_to_image, variations, image_to_image, mix"
     )
+
+
+def test_generate_from_png_takes_fast_and_sampler_over_the_pngs_settings(
+    pipeline_dir, images, tmp_path, capsys
+):
+    """--fast and --sampler replace the settings the PNG recorded (its decoder steps and every
+    stage's sampler), as they replace the pipeline's defaults without --from-png; a step flag
+    still wins over the preset."""
+    from unclip.pipeline.config import SAMPLING_PRESETS
+
+    fast = SAMPLING_PRESETS["fast"]
+    rc, stdout, err = run(["img2img", str(images["a"]), "a green circle", "--decoder-steps", "3",
+                           *common(pipeline_dir, tmp_path / "first")], capsys)  # fmt: skip
+    assert rc == 0, err
+    first = stdout.split()[0]
+    redo = ["generate", "--from-png", first, "--pipeline", str(pipeline_dir), "--device", "cpu",
+            "--no-progress", "--json"]  # fmt: skip
+
+    def redone(*flags: str) -> dict:
+        rc, stdout, err = run([*redo, *flags, "--out", str(tmp_path / "again")], capsys)
+        assert rc == 0, err
+        (item,) = json.loads(stdout)["images"]
+        assert item["method"] == "image_to_image" and item["strength"] == 0.6
+        return item
+
+    item = redone("--fast")
+    assert item["steps"]["decoder"] == fast["decoder_steps"]
+    assert item["sampler"]["decoder"] == fast["decoder_sampler"]
+    assert redone("--fast", "--decoder-steps", "4")["steps"]["decoder"] == 4
+    item = redone("--sampler", "ddpm")
+    assert set(item["sampler"].values()) == {"ddpm"} and item["steps"]["decoder"] == 3

@@ -135,10 +135,12 @@ def read_png_info(path: str) -> Any:
 
 def redo_png(args: argparse.Namespace) -> int:
     """``unclip generate --from-png FILE``: the call that made FILE, again (its method,
-    inputs, seed, settings, negative prompt and strength; flags given override them), with a
-    one-line warning when the pipeline's name or weights differ from FILE's."""
+    inputs, seed, settings, negative prompt and strength; flags given override them: ``--fast``
+    the settings its preset names, ``--sampler`` every stage's sampler), with a one-line
+    warning when the pipeline's name or weights differ from FILE's."""
     from unclip.pipeline.mixing import is_image_input
     from unclip.pipeline.provenance import redo_call
+    from unclip.pipeline.settings import layer_overrides
 
     if args.prompt is not None or args.prompts is not None:
         raise ValueError("--from-png redoes the PNG's call; give no CAPTION or --prompts with it")
@@ -163,5 +165,5 @@ def redo_png(args: argparse.Namespace) -> int:
                 "the images may differ",
                 file=sys.stderr,
             )
-        images = getattr(pipe, method)(*call_args, **{**kwargs, **shared})
+        images = getattr(pipe, method)(*call_args, **layer_overrides(kwargs, shared))
     return write_results(args, images, args.seed, seed_caption)

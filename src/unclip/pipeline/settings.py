@@ -185,9 +185,9 @@ def apply_overrides(
 
 def expand_preset(overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides`` with its ``preset`` (None = none) replaced by the preset's overrides
-    (:data:`~unclip.pipeline.config.SAMPLING_PRESETS`), under the call's own: an override
-    that is not None wins over the preset's value of the same key, and ``sampler`` over the
-    preset's per-stage samplers. An unknown preset is a ValueError naming the known ones."""
+    (:data:`~unclip.pipeline.config.SAMPLING_PRESETS`), under the call's own as
+    :func:`layer_overrides` puts them. An unknown preset is a ValueError naming the known
+    ones."""
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
     if preset is None:
@@ -195,13 +195,20 @@ def expand_preset(overrides: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(preset, str) or preset not in SAMPLING_PRESETS:
         known = ", ".join(map(repr, SAMPLING_PRESETS))
         raise ValueError(f"unknown preset {preset!r}; choose one of {known}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    expanded = {
-        k: v
-        for k, v in SAMPLING_PRESETS[preset].items()
-        if not ("sampler" in given and k.endswith("_sampler"))
-    }
-    return {**overrides, **expanded, **given}
+    return layer_overrides(SAMPLING_PRESETS[preset], overrides)
+
+
+def layer_overrides(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments ``under`` with ``over`` on top: ``over``'s ``preset`` expanded
+    (:func:`expand_preset`), then each of its values that is not None wins over ``under``'s
+    of the same key, and its ``sampler`` (every stage's) over ``under``'s per-stage samplers.
+    A preset on its own (under a call's overrides) and an image's recorded settings (under
+    ``unclip generate --from-png``'s flags) are layered so."""
+    over = expand_preset(over)
+    given = {k: v for k, v in over.items() if v is not None}
+    if "sampler" in given:
+        under = {k: v for k, v in under.items() if not k.endswith("_sampler")}
+    return {**over, **under, **given}
 
 
 #: the settings of a stage an image's ``sampling`` metadata records (those that its
