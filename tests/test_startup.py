@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from unclip.cli import main
+from unclip.cli import TRAIN_STAGES, main
 
 # Runs ``main(argv)`` (or only builds the parser and formats every command's help, for
 # argv None) and prints, last, whether torch was imported and the exit code.
@@ -61,6 +61,9 @@ def test_building_the_parser_and_every_commands_help_loads_no_torch():
         ["--help"],
         ["train", "--help"],
         ["train"],
+        *[["train", stage, "--help"] for stage in sorted(TRAIN_STAGES)],
+        ["train", "clip"],  # missing --run-dir
+        ["train", "prior", "--run-dir", "r", "--type", "gan"],  # not a prior type
         ["data", "check", "--help"],
         ["eval", "pipeline", "--help"],
         ["embed", "--help"],

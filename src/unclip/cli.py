@@ -19,8 +19,9 @@ from unclip.commands import add_command
 
 # Training stages: name -> (help, "module:run"). The module's ``run(args) -> int`` trains the
 # stage; an optional ``add_args(parser)`` in the same module adds stage-specific flags. A module
-# is imported only when its stage is parsed or its help shown (they import torch); one that
-# sets ``COMMON_TRAIN_ARGS = False`` does without --config/--run-dir/--resume (the tokenizer).
+# is imported only when its stage is parsed or its help shown, and imports torch only in the
+# functions that train (so ``unclip train STAGE --help`` is quick); one that sets
+# ``COMMON_TRAIN_ARGS = False`` does without --config/--run-dir/--resume (the tokenizer).
 TRAIN_STAGES: dict[str, tuple[str, str]] = {
     "tokenizer": (
         "learn a byte-level BPE vocabulary from a data set's captions",

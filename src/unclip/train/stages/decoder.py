@@ -9,15 +9,15 @@ token features from the frozen CLIP text encoder (``clip``).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import Dataset
+if TYPE_CHECKING:
+    import torch
 
 HELP = "train the diffusion decoder (CLIP image embedding -> image; inpainting optional)"
 
 
-class ImagesWithEmbeddings(Dataset):
+class ImagesWithEmbeddings:
     """``(image [3, S, S], image_emb [D], caption)``: images joined with their embeddings by key."""
 
     def __init__(self, images, shards) -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import Dataset
+if TYPE_CHECKING:
+    import torch
 
 HELP = "train the diffusion prior (caption embedding -> CLIP image embedding)"
 PRIOR_TYPES = ("diffusion", "ar")
@@ -32,7 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-class PriorItems(Dataset):
+class PriorItems:
     """Embedding rows as ``(image_emb [D], text_emb [D], caption)``."""
 
     def __init__(self, shards) -> None:
@@ -121,6 +121,7 @@ def _run_inputs(config_cls: type, args: argparse.Namespace) -> tuple[Any, str, A
 def run_ar(args: argparse.Namespace) -> int:
     """Train the autoregressive prior: fit the code book on every training row, then train."""
     import numpy as np
+    import torch
 
     from unclip.prior.ar import ARPrior
     from unclip.prior.codebook import fit_codebook
@@ -130,8 +131,9 @@ def run_ar(args: argparse.Namespace) -> int:
 
     cfg, where, shards, text = _run_inputs(ARPriorRunConfig, args)
     m = cfg.model
+    z = torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32))
     codebook = fit_codebook(
-        torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32)),
+        z,
         torch.from_numpy(np.asarray(shards.text_emb, dtype=np.float32)),
         components=m.components, variance=m.variance, buckets=m.buckets,
         dot_buckets=m.dot_buckets,
@@ -139,7 +141,6 @@ def run_ar(args: argparse.Namespace) -> int:
     k = codebook.components.shape[0]
     model = ARPrior(m.replace(components=k))
     model.load_codebook(codebook)
-    z = torch.from_numpy(np.asarray(shards.image_emb, dtype=np.float32))
     cos = (codebook.decode(codebook.encode(z)) * torch.nn.functional.normalize(z, dim=-1)).sum(-1)
     print(
         f"unclip: AR prior with {count_parameters(model) / 1e6:.1f}M parameters, {len(shards)} "

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 HELP = "train a diffusion upsampler (low-resolution image -> image)"
 
@@ -25,6 +26,8 @@ class Images:
 def random_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """One random ``size``² crop per image (the global RNG of the images' device), gathered as
     one tensor operation: [N, C, H, W] -> [N, C, s, s]."""
+    import torch
+
     n, _, h, w = images.shape
     if size <= 0 or (size >= h and size >= w):
         return images
