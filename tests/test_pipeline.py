@@ -23,6 +23,7 @@ from unclip.pipeline import (
     load_pipeline,
 )
 from unclip.pipeline import loading as pipeline_loading
+from unclip.pipeline.config import MAX_CANDIDATES
 from unclip.pipeline.images import keep_mask, repaint_mask, slerp
 from unclip.pipeline.stages import is_compiled, plain_copy
 
@@ -232,6 +233,7 @@ def test_overrides_reach_the_samplers_and_progress_reports_every_stage(pipe):
         ({"decoder_guidance": float("nan")}, "finite"),
         ({"prior_guidance": 1e6}, "guidance must be in"),
         ({"sampler": "euler"}, "unknown sampler 'euler'"),
+        ({"prior_candidates": MAX_CANDIDATES + 1}, f"candidates must be at most {MAX_CANDIDATES},"),
         ({"n": 0}, "n must be between 1"),
         ({"n": 10**6}, "n must be between 1"),
         ({"seed": -1}, "seed must be between 0"),

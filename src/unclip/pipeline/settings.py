@@ -22,6 +22,7 @@ from typing import Any
 
 from unclip.config import ConfigError
 from unclip.pipeline.config import (
+    MAX_CANDIDATES,
     SAMPLING_PRESETS,
     DecoderSampling,
     PriorSampling,
@@ -129,8 +130,8 @@ def apply_overrides(
     """``base`` with the sampling ``overrides`` of a call applied (keyword names as in
     :data:`OVERRIDES` or ``sampler`` for every stage; None = keep), checked: a known sampler,
     numbers of the right type, each stage's own limits, steps at most the stage's diffusion
-    timesteps (``timesteps``: (stage, T) pairs), at most 64 prior candidates. A ``preset``
-    is expanded first (:func:`expand_preset`)."""
+    timesteps (``timesteps``: (stage, T) pairs), at most :data:`MAX_CANDIDATES` prior
+    candidates. A ``preset`` is expanded first (:func:`expand_preset`)."""
     changes: dict[str, dict[str, Any]] = {"prior": {}, "decoder": {}, "upsampler": {}}
     overrides = expand_preset(overrides)
     sampler = overrides.pop("sampler", None)
@@ -178,8 +179,10 @@ def apply_overrides(
             raise ValueError(
                 f"{stage}_steps={steps} is more than the {stage}'s {total} diffusion timesteps"
             )
-    if out.prior.candidates > 64:
-        raise ValueError(f"prior_candidates must be at most 64, got {out.prior.candidates}")
+    if out.prior.candidates > MAX_CANDIDATES:
+        raise ValueError(
+            f"prior_candidates must be at most {MAX_CANDIDATES}, got {out.prior.candidates}"
+        )
     return out
 
 
