@@ -97,12 +97,6 @@ class TextCondition:
             torch.cat([r.mask for r in rows]),
         )
 
-    def row(self, i: int) -> TextCondition:
-        """Row ``i`` as a one-caption condition."""
-        return TextCondition(
-            self.text, self.z_t[i : i + 1], self.tokens[i : i + 1], self.mask[i : i + 1]
-        )
-
 
 @dataclass
 class NegativeCondition:
