@@ -102,3 +102,14 @@ def test_a_train_stage_gets_its_flags_when_used(capsys):
         main(["train", "clip"])  # --run-dir is required
     assert e.value.code == 2
     assert "--run-dir" in capsys.readouterr().err
+
+
+def test_the_light_name_lists_match_the_registries_they_stand_for():
+    """The sampler and precision names the parser and the server's schema list without
+    importing torch are the names the pipeline accepts."""
+    from unclip.commands import DTYPE_CHOICES, SAMPLER_NAMES
+    from unclip.diffusion import SAMPLERS
+    from unclip.pipeline.stages import DTYPES
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+    assert list(DTYPE_CHOICES) == ["auto", *DTYPES]

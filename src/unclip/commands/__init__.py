@@ -7,9 +7,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from unclip.pipeline.config import SAMPLER_NAMES as SAMPLER_NAMES  # re-exported for commands
+
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-#: the keys of ``unclip.diffusion.SAMPLERS``, without importing torch at start-up
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "karlo")
 
 
 def add_dtype_argument(

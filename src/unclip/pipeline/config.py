@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Literal
+from typing import Literal, get_args
 
 from unclip.config import PIPELINE_FILE as PIPELINE_FILE  # its home; re-exported here
 from unclip.config import Config, ConfigError
@@ -34,7 +34,10 @@ MAX_STEPS = 1000  # the diffusion schedules' length: more steps than timesteps m
 MAX_GUIDANCE = 100.0
 MAX_CANDIDATES = 64  # prior samples per image, each a full prior run
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "karlo"]
+#: the samplers a stage may use: the names of ``unclip.diffusion.SAMPLERS`` (a test keeps them
+#: equal), here so that the CLI and the server list them without importing torch
+SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "karlo"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 
 #: Named sampling presets: sampling overrides (keyword names of
 #: :data:`unclip.pipeline.settings.OVERRIDES`) that a call's ``preset`` applies before its own

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from unclip.pipeline.config import SamplerName
 from unclip.server.errors import bad_request
 
 __all__ = [
@@ -79,9 +80,7 @@ class ImageRequest(BaseModel):
     upsampler_steps: int | None = None
     guidance: float | None = Field(None, description="decoder guidance scale (1 = off)")
     decoder_guidance: float | None = None
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "karlo"] | None = Field(
-        None, description="sampler of every stage"
-    )
+    sampler: SamplerName | None = Field(None, description="sampler of every stage")
     preset: Literal["fast"] | None = Field(
         None,
         description="'fast': the sampling preset with fewer decoder steps (FD within 3% of "
