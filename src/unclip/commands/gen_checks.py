@@ -88,9 +88,9 @@ def load_images(paths: Sequence[str], what: str = "image") -> list[Any]:
 
 def check_inpaint(args: argparse.Namespace) -> None:
     """The RePaint options of ``edit`` and ``outpaint``."""
-    from unclip.pipeline.config import MAX_STEPS
+    from unclip.pipeline.config import MAX_REPAINT_RESAMPLE, MAX_STEPS
 
-    check_int(args.resample, "--resample", 1, 100)
+    check_int(args.resample, "--resample", 1, MAX_REPAINT_RESAMPLE)
     check_int(args.jump, "--jump", 1, MAX_STEPS)
 
 

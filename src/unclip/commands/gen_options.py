@@ -16,6 +16,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from unclip.commands import SAMPLER_NAMES, add_command, add_dtype_argument
+from unclip.pipeline.config import (
+    DEFAULT_REPAINT_JUMP,
+    DEFAULT_REPAINT_RESAMPLE,
+    MAX_REPAINT_RESAMPLE,
+)
 
 DEFAULT_PIPELINE = "emoji-small"
 DEFAULT_OUT = "unclip-out"
@@ -181,10 +186,12 @@ def add_inpaint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inpainting")
     g.add_argument("--repaint", action="store_true",
                    help="use RePaint even if the pipeline has an inpainting decoder")  # fmt: skip
-    g.add_argument("--resample", type=int, default=4, metavar="R",
-                   help="RePaint: passes over each jump, 1-100 (default 4)")  # fmt: skip
-    g.add_argument("--jump", type=int, default=5, metavar="J",
-                   help="RePaint: steps to jump back up (default 5, at most half the steps)")  # fmt: skip
+    g.add_argument("--resample", type=int, default=DEFAULT_REPAINT_RESAMPLE, metavar="R",
+                   help=f"RePaint: passes over each jump, 1-{MAX_REPAINT_RESAMPLE} (default "
+                   f"{DEFAULT_REPAINT_RESAMPLE})")  # fmt: skip
+    g.add_argument("--jump", type=int, default=DEFAULT_REPAINT_JUMP, metavar="J",
+                   help=f"RePaint: steps to jump back up (default {DEFAULT_REPAINT_JUMP}, at "
+                   "most half the steps)")  # fmt: skip
 
 
 def add_shared_args(p: argparse.ArgumentParser, *, inpaint: bool = False, **sampling: bool) -> None:

@@ -22,6 +22,7 @@ from unclip.commands.gen_options import (
     pipeline_call,
 )
 from unclip.commands.outputs import seed_caption, write_results
+from unclip.pipeline.config import DEFAULT_STRENGTH
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what the new image should show (default: the image's own CLIP "
                    "embedding, no caption)")  # fmt: skip
     p.add_argument("--strength", type=float, metavar="S", help="how far to noise IMAGE, from "
-                   "0 (keep it) to 1 (pure noise: CAPTION alone) (default: the pipeline's, 0.6)")  # fmt: skip
+                   f"0 (keep it) to 1 (pure noise: CAPTION alone) (default {DEFAULT_STRENGTH})")  # fmt: skip
     p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="images (default 1)")
     add_shared_args(p, prior=True, no_prior=False)
 

@@ -28,11 +28,19 @@ from unclip.config import Config, ConfigError
 PIPELINE_TYPE = "unclip_pipeline"
 PIPELINE_FORMAT_VERSION = 1
 
-# Limits of the sampling settings a caller may ask for (command line, server, pipeline.json):
-# their one home, which the CLI and the server import.
+# Limits of the sampling settings a caller may ask for (command line, server, pipeline.json),
+# and the defaults of a capability's own options: their one home, which the pipeline, the CLI
+# and the server import.
 MAX_STEPS = 1000  # the diffusion schedules' length: more steps than timesteps mean nothing
 MAX_GUIDANCE = 100.0
 MAX_CANDIDATES = 64  # prior samples per image, each a full prior run
+MAX_REPAINT_RESAMPLE = 100  # RePaint's passes over each jump point
+# RePaint's defaults (inpainting with a plain decoder): passes over each jump point, and steps
+# jumped back up (at most half the decoder's steps)
+DEFAULT_REPAINT_RESAMPLE = 4
+DEFAULT_REPAINT_JUMP = 5
+#: how far ``image_to_image`` noises its input by default (a fraction of the decoder's schedule)
+DEFAULT_STRENGTH = 0.6
 
 #: the samplers a stage may use: the names of ``unclip.diffusion.SAMPLERS`` (a test keeps them
 #: equal), here so that the CLI and the server list them without importing torch

@@ -45,7 +45,13 @@ from torch import Tensor, nn
 from unclip.clip.text import TextEncoder
 from unclip.pipeline import img2img, mixing
 from unclip.pipeline.base import PipelineBase
-from unclip.pipeline.config import PipelineConfig
+from unclip.pipeline.config import (
+    DEFAULT_REPAINT_JUMP,
+    DEFAULT_REPAINT_RESAMPLE,
+    MAX_REPAINT_RESAMPLE,
+    MAX_STEPS,
+    PipelineConfig,
+)
 from unclip.pipeline.events import attach_info, image_info
 from unclip.pipeline.images import (
     ImageInput,
@@ -367,8 +373,8 @@ class UnclipPipeline(PipelineBase):
         seed: int | None = None,
         use_prior: bool = True,
         repaint: bool = False,
-        repaint_resample: int = 4,
-        repaint_jump: int = 5,
+        repaint_resample: int = DEFAULT_REPAINT_RESAMPLE,
+        repaint_jump: int = DEFAULT_REPAINT_JUMP,
         negative_prompt: str | None = None,
         progress: ProgressCallback | None = None,
         **overrides: Any,
@@ -386,8 +392,10 @@ class UnclipPipeline(PipelineBase):
         known_full, keep_full = inpaint_inputs(as_image(image), mask, self.image_size)
         check_prompt(prompt)
         n = check_count(n, "n")
-        repaint_resample = check_count(repaint_resample, "repaint_resample", 1, 100)
-        repaint_jump = check_count(repaint_jump, "repaint_jump", 1, 1000)
+        repaint_resample = check_count(
+            repaint_resample, "repaint_resample", 1, MAX_REPAINT_RESAMPLE
+        )
+        repaint_jump = check_count(repaint_jump, "repaint_jump", 1, MAX_STEPS)
         settings = self.sampling_settings(**overrides)
         base = check_seed(seed, n)
         text = self._text(prompt)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from unclip.pipeline.config import DEFAULT_STRENGTH
 from unclip.pipeline.images import ImageInput, as_image, prepare_image, source_name, to_pil
 from unclip.pipeline.runners import (
     ProgressCallback,
@@ -29,7 +30,7 @@ from unclip.pipeline.runners import (
     stage_generators,
     upsample,
 )
-from unclip.pipeline.settings import DEFAULT_STRENGTH, check_count, check_prompt, check_seed
+from unclip.pipeline.settings import check_count, check_prompt, check_seed
 
 if TYPE_CHECKING:
     from unclip.pipeline.base import PipelineBase

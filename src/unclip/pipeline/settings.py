@@ -37,8 +37,6 @@ MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 1024
 #: images of one call sampled together as a batch (UnclipPipeline.max_batch)
 DEFAULT_MAX_BATCH = 8
-#: how far ``image_to_image`` noises its input by default (a fraction of the decoder's schedule)
-DEFAULT_STRENGTH = 0.6
 #: the largest seed (seeds are non-negative; seed + index must stay below this)
 MAX_SEED = 2**63 - 1
 
