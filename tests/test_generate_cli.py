@@ -22,20 +22,6 @@ COMMANDS = ("generate", "vary", "interpolate", "textdiff", "edit", "outpaint", "
             "img2img")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    """The commands as cli.py registers them (added here if this tree does not yet)."""
-    if "unclip.commands.generate" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(
-            cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "unclip.commands.generate"]
-        )
-    if "pipeline" not in cli.TRAIN_STAGES:
-        from unclip.train.stages import pipeline as stage
-
-        stages = dict(cli.TRAIN_STAGES, pipeline=(stage.HELP, "unclip.train.stages.pipeline:run"))
-        monkeypatch.setattr(cli, "TRAIN_STAGES", stages)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")

@@ -15,8 +15,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-HELP = "train CLIP (text and image encoders) with the contrastive loss"
-
 
 def caption_variants(record: dict[str, Any]) -> list[str]:
     """Other true descriptions of a manifest record: with its group, its tags, group + style."""

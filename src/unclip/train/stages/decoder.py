@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-HELP = "train the diffusion decoder (CLIP image embedding -> image; inpainting optional)"
-
 
 class ImagesWithEmbeddings:
     """``(image [3, S, S], image_emb [D], caption)``: images joined with their embeddings by key."""

@@ -13,7 +13,6 @@ import sys
 COMMON_TRAIN_ARGS = False
 #: the stage folders given by one flag each (``--inpaint-decoder`` sets ``inpaint_decoder``)
 STAGE_FLAGS = ("clip", "tokenizer", "prior", "decoder", "inpaint_decoder")
-HELP = "assemble trained stages (CLIP, prior, decoder, upsamplers) into a pipeline folder"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-HELP = "train the diffusion prior (caption embedding -> CLIP image embedding)"
 PRIOR_TYPES = ("diffusion", "ar")
 
 

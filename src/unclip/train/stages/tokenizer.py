@@ -6,7 +6,6 @@ import argparse
 import sys
 
 COMMON_TRAIN_ARGS = False
-HELP = "learn a byte-level BPE vocabulary from captions"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-HELP = "train a diffusion upsampler (low-resolution image -> image)"
-
 
 class Images:
     def __init__(self, dataset) -> None:
