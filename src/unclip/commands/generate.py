@@ -39,6 +39,7 @@ from unclip.commands.gen_options import (
     pipeline_call,
 )
 from unclip.commands.outputs import atomic_save, seed_caption, write_results
+from unclip.pipeline.config import MAX_OUTPAINT_MARGIN
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", metavar="CAPTION", help="what the grown image should show")
     for side in ("left", "right", "top", "bottom"):
         p.add_argument(f"--{side}", type=int, default=0, metavar="PX",
-                       help=f"pixels to add on the {side} (default 0; at most 4x the image side)")  # fmt: skip
+                       help=f"pixels to add on the {side} (default 0; at most {MAX_OUTPAINT_MARGIN}x "
+                       "the image's longer side)")  # fmt: skip
     add_shared_args(p, prior=True, inpaint=True)
 
     p = command_parser(sub, "rank", run_rank, RESIZE_POLICY)
@@ -273,7 +275,7 @@ def run_outpaint(args: argparse.Namespace) -> int:
     check_common(args)
     check_inpaint(args)
     (image,) = load_images([args.image])
-    limit = 4 * max(image.size)
+    limit = MAX_OUTPAINT_MARGIN * max(image.size)
     margins = {s: getattr(args, s) for s in ("left", "right", "top", "bottom")}
     for side, value in margins.items():
         check_int(value, f"--{side}", 0, limit)

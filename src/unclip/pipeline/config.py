@@ -39,6 +39,8 @@ MAX_REPAINT_RESAMPLE = 100  # RePaint's passes over each jump point
 # jumped back up (at most half the decoder's steps)
 DEFAULT_REPAINT_RESAMPLE = 4
 DEFAULT_REPAINT_JUMP = 5
+#: the widest margin ``outpaint`` adds, in multiples of the input image's longer side
+MAX_OUTPAINT_MARGIN = 4
 #: how far ``image_to_image`` noises its input by default (a fraction of the decoder's schedule)
 DEFAULT_STRENGTH = 0.6
 

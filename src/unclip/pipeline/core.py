@@ -48,6 +48,7 @@ from unclip.pipeline.base import PipelineBase
 from unclip.pipeline.config import (
     DEFAULT_REPAINT_JUMP,
     DEFAULT_REPAINT_RESAMPLE,
+    MAX_OUTPAINT_MARGIN,
     MAX_REPAINT_RESAMPLE,
     MAX_STEPS,
     PipelineConfig,
@@ -450,7 +451,7 @@ class UnclipPipeline(PipelineBase):
         img = as_image(image)
         margins = {"left": left, "right": right, "top": top, "bottom": bottom}
         for key, value in margins.items():
-            check_count(value, key, 0, 4 * max(img.size))
+            check_count(value, key, 0, MAX_OUTPAINT_MARGIN * max(img.size))
         if not any(margins.values()):
             raise ValueError("outpaint needs a margin: give left, right, top or bottom > 0")
         canvas, mask, crop = outpaint_canvas(img, left, right, top, bottom, self.image_size)
