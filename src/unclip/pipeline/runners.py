@@ -226,18 +226,18 @@ def sampler_steps(
     steps: int | None,
     eta: float,
     generator: Generators,
-    progress: ProgressCallback | None,
-    device: torch.device,
+    ctx: RunContext,
     **options: Any,
 ) -> Iterator[SampleStep]:
     """The sampler ``sampler`` of stage ``name`` over ``fn`` from ``start`` (a shape: noise
-    drawn from ``generator``; or x_T), as the generator of its steps (not yet run)."""
+    drawn from ``generator``; or x_T) on ``ctx.device``, reporting to ``ctx.progress``, as the
+    generator of its steps (not yet run)."""
     if sampler == "ddim":
         options["eta"] = eta
-    callback = stage_callback(progress, name)
+    callback = stage_callback(ctx.progress, name)
     return SAMPLERS[sampler](
         stage.diffusion, fn, start, steps, generator=generator, progress=callback,
-        device=device, **options,
+        device=ctx.device, **options,
     )  # fmt: skip
 
 
@@ -283,9 +283,8 @@ def sample_prior(
                     uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
             fn = guided(model, st.guidance, cond, uncond, False)
             shape = (n * c, model.config.clip_dim)
-            progress, device = ctx.progress, ctx.device
             steps = sampler_steps(
-                name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, progress, device
+                name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, ctx
             )
             with stage_precision(model, ctx.device, ctx.dtype):
                 x = deque(steps, maxlen=1).pop().x
@@ -424,10 +423,9 @@ def decode(
     else:
         name = "decoder" if known is None else "inpaint"
         eta = st.eta if eta is None else eta
-        progress, device = ctx.progress, ctx.device
         count, extra = (st.steps, {}) if timesteps is None else (None, {"timesteps": timesteps})
         steps = sampler_steps(
-            name, decoder, fn, start, st.sampler, count, eta, generator, progress, device, **extra
+            name, decoder, fn, start, st.sampler, count, eta, generator, ctx, **extra
         )
     with stage_on_device(decoder, ctx), stage_precision(model, ctx.device, ctx.dtype):
         x = deque(steps, maxlen=1).pop().x
@@ -513,10 +511,7 @@ def upsample(
         fn = model_fn(up.model, low_res=low)
         if up.last_step is not None:
             fn = last_step_switch(fn, model_fn(up.last_step, low_res=low))
-        progress, device = ctx.progress, ctx.device
-        run = sampler_steps(
-            name, up, fn, start, st.sampler, steps, st.eta, gens, progress, device, **extra
-        )
+        run = sampler_steps(name, up, fn, start, st.sampler, steps, st.eta, gens, ctx, **extra)
         with (
             stage_on_device(up, ctx),
             stage_precision(up.model, ctx.device, ctx.dtype),
