@@ -119,3 +119,15 @@ def test_bf16_autocast() -> None:
     assert got.dtype == want.dtype == torch.bfloat16
     exact = reference(h.double(), w.double(), b.double())
     assert max_err(got.double(), exact) < 0.05 * exact.abs().max().item()
+
+
+def test_traces_under_torch_compile() -> None:
+    """One graph under dynamo (no graph break at the interleave), forward and backward."""
+    h, w, b = (t.requires_grad_() for t in operands((1, 4, 3, 5), 2, torch.float32, LAYOUTS[1]))
+    compiled = torch.compile(upsample_conv3x3, backend="aot_eager", fullgraph=True)
+    out = compiled(h, w, b)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(out.square().sum(), (h, w, b))
+    want = torch.autograd.grad(reference(h, w, b).square().sum(), (h, w, b))
+    for a, e in zip(got, want, strict=True):
+        assert max_err(a, e) < 1e-4 * e.abs().max().item()

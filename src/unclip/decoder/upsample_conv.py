@@ -30,6 +30,7 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 #: the taps of phase p (rows) as sums of the three taps of the 3×3 kernel (columns): R_p
 _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
@@ -37,11 +38,13 @@ _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 _PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
-@cache
 def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[2, 2, 2, 2, 3, 3]: M[p, q, k, l, a, b] = R_p[k, a] · R_q[l, b]."""
+    """[16, 9]: M[(p, q, k, l), (a, b)] = R_p[k, a] · R_q[l, b]."""
     r = torch.tensor(_PHASE_TAPS, dtype=dtype, device=device)  # [p, k, a]
-    return torch.einsum("pka,qlb->pqklab", r, r)
+    return torch.einsum("pka,qlb->pqklab", r, r).reshape(16, 9)
+
+
+_cached_phase_matrix = cache(_phase_matrix)  # one per dtype and device, outside torch.compile
 
 
 def phase_weights(
@@ -50,15 +53,18 @@ def phase_weights(
     """3×3 kernel -> the four 2×2 phase kernels of :func:`phase_upsample_conv`.
 
     weight: [C', C, 3, 3], bias: [C'] or None -> (W_phases [4·C', C, 2, 2], whose output
-    channel ``(2p + q)·C' + o`` holds ``R_p · weight[o] · R_qᵀ``; bias [4·C'] or None).
-    Differentiable; computed in ``weight``'s dtype even under autocast (the convolution casts
-    the result, as it would have cast ``weight``).
+    channel ``(2p + q)·C' + o`` holds ``R_p · weight[o] · R_qᵀ``, in channels-last layout;
+    bias [4·C'] or None). Differentiable; computed in ``weight``'s dtype even under autocast
+    (the convolution casts the result, as it would have cast ``weight``).
     """
     co, ci = weight.shape[:2]
-    m = _phase_matrix(weight.dtype, weight.device)
+    matrix = _phase_matrix if torch.compiler.is_compiling() else _cached_phase_matrix
+    m = matrix(weight.dtype, weight.device)
     with torch.autocast(weight.device.type, enabled=False):
-        w = torch.einsum("pqklab,oiab->pqoikl", m, weight)  # [2, 2, C', C, 2, 2]
-    return w.reshape(4 * co, ci, 2, 2), None if bias is None else bias.repeat(4)
+        w = torch.matmul(m, weight.flatten(2).transpose(1, 2))  # [C', (p, q, k, l), C]
+    # -> memory [(p, q), C', k, l, C]: W_phases in channels-last (copies runs of 4·C)
+    w = w.view(co, 4, 2, 2, ci).transpose(0, 1).reshape(4 * co, 2, 2, ci).permute(0, 3, 1, 2)
+    return w, None if bias is None else bias.repeat(4)
 
 
 def _phase_view(z: torch.Tensor) -> torch.Tensor:
@@ -71,7 +77,6 @@ def _phase_view(z: torch.Tensor) -> torch.Tensor:
     return z.as_strided(
         (n, co, h1 - 1, 2, w1 - 1, 2),
         (sn, sc, sh, sh + 2 * co * sc, sw, sw + co * sc),
-        z.storage_offset(),
     )
 
 
@@ -80,9 +85,7 @@ def _pixel_view(out: torch.Tensor) -> torch.Tensor:
     2i+p, 2j+q], in any layout."""
     n, co, h2, w2 = out.shape
     sn, sc, sh, sw = out.stride()
-    return out.as_strided(
-        (n, co, h2 // 2, 2, w2 // 2, 2), (sn, sc, 2 * sh, sh, 2 * sw, sw), out.storage_offset()
-    )
+    return out.as_strided((n, co, h2 // 2, 2, w2 // 2, 2), (sn, sc, 2 * sh, sh, 2 * sw, sw))
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -126,23 +129,23 @@ class _Interleave(torch.autograd.Function):
     higher derivatives work)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, z: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         ctx.fmt = _memory_format(z)
         return _interleave(z, fmt)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _Deinterleave.apply(g, ctx.fmt), None
 
 
 class _Deinterleave(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, g: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         ctx.fmt = _memory_format(g)
         return _deinterleave(g, fmt)
 
     @staticmethod
-    def backward(ctx, z: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, z: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _Interleave.apply(z, ctx.fmt), None
 
 
@@ -158,9 +161,12 @@ def phase_upsample_conv(
     h: torch.Tensor, phase_weight: torch.Tensor, phase_bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """h [N, C, H, W], phase kernels from :func:`phase_weights` ([4·C', C, 2, 2], [4·C'] or
-    None) -> [N, C', 2H, 2W], ``conv3x3(nearest2x(h))`` in ``h``'s memory format."""
-    z = F.conv2d(h, phase_weight, phase_bias, padding=1)  # [N, 4·C', H+1, W+1]
-    return interleave_phases(z, _memory_format(h) == torch.channels_last)
+    None) -> [N, C', 2H, 2W], ``conv3x3(nearest2x(h))`` in ``h``'s memory format. The
+    kernels are used in ``h``'s memory format (copied if in the other one; phase_weights
+    gives channels-last)."""
+    fmt = _memory_format(h)  # a channels-last weight would make oneDNN compute channels-last
+    z = F.conv2d(h, phase_weight.contiguous(memory_format=fmt), phase_bias, padding=1)
+    return interleave_phases(z, fmt == torch.channels_last)  # z: [N, 4·C', H+1, W+1]
 
 
 def upsample_conv3x3(
