@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.decoder.winograd import Conv3x3
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
 
 
@@ -42,7 +43,7 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         if not use_conv and out_channels != channels:
             raise ValueError("upsampling without a conv cannot change the channel count")
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.conv = Conv3x3(channels, out_channels) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -78,7 +79,7 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_norm = normalization(channels, groups)
-        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.in_conv = Conv3x3(channels, out_channels)
         self.updown = up or down
         if up:
             self.h_upd: nn.Module = Upsample(channels, False)
@@ -93,7 +94,7 @@ class ResBlock(nn.Module):
         )
         self.out_norm = normalization(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_conv = zero_module(Conv3x3(out_channels, out_channels))
         self.skip = (
             nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         )

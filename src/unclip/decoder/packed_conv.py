@@ -15,11 +15,20 @@ dtype oneDNN does not pack) runs the module's own forward.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from unclip.decoder.winograd import (
+    Conv3x3,
+    Workspace,
+    winograd_applies,
+    winograd_conv3x3,
+    winograd_weight,
+)
 
 
 def _packable_dtypes() -> tuple[torch.dtype, ...]:
@@ -52,10 +61,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _PackedForward:
     """The forward of one ``nn.Conv2d`` with its weight reordered once (lazily, per layout)."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, workspace: threading.local) -> None:
         self.conv = conv
+        self.workspace = workspace  # .winograd: the Winograd buffers, one Workspace per thread
         self.dtypes = _packable_dtypes()
-        self.packed: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.packed: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
@@ -70,6 +80,15 @@ class _PackedForward:
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
             x.is_contiguous()
         )
+        if winograd_applies(conv, x):
+            if "winograd" not in self.packed:
+                bias = None if conv.bias is None else conv.bias.detach()
+                self.packed["winograd"] = (winograd_weight(conv.weight.detach()), bias)
+            u, bias = self.packed["winograd"]
+            if not hasattr(self.workspace, "winograd"):
+                self.workspace.winograd = Workspace()
+            y = winograd_conv3x3(x, u, bias, self.workspace.winograd)
+            return y if channels_last else y.contiguous()
         key = (dtype, channels_last)
         if key not in self.packed:
             self.packed[key] = self._pack(x, dtype, channels_last)
@@ -95,7 +114,7 @@ class _PackedForward:
 
 def _packable(conv: nn.Module) -> bool:
     return (
-        type(conv) is nn.Conv2d
+        type(conv) in (nn.Conv2d, Conv3x3)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and "forward" not in conv.__dict__
@@ -108,8 +127,9 @@ def packed_convolutions(model: nn.Module) -> Iterator[nn.Module]:
     for oneDNN (see the module docstring); a no-op where :func:`packing_available` is false.
     The weights must not change inside. Nested use keeps the outer context's packing."""
     convs = [m for m in model.modules() if _packable(m)] if packing_available(model) else []
+    workspace = threading.local()  # shared by the model's convolutions, one per thread
     for conv in convs:
-        conv.forward = _PackedForward(conv)  # type: ignore[method-assign]
+        conv.forward = _PackedForward(conv, workspace)  # type: ignore[method-assign]
     try:
         yield model
     finally:

@@ -33,6 +33,7 @@ from torch import nn
 from unclip.config import Config, ConfigError
 from unclip.decoder.blocks import AttentionBlock, Downsample, ResBlock, UNetStage, Upsample
 from unclip.decoder.packed_conv import packed_convolutions
+from unclip.decoder.winograd import Conv3x3
 from unclip.nn import (
     TimestepEmbedder,
     apply_null,
@@ -279,7 +280,7 @@ class UNet(nn.Module):
 
         attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions if r > 0}
         ch = mc * cfg.channel_mult[0]
-        self.input_conv = nn.Conv2d(cfg.input_channels, ch, 3, padding=1)
+        self.input_conv = Conv3x3(cfg.input_channels, ch)
         self.down = nn.ModuleList()
         skips = [ch]
         ds = 1
@@ -326,7 +327,7 @@ class UNet(nn.Module):
                 self.up.append(UNetStage(layers))
 
         self.out_norm = normalization(ch, groups)
-        self.out_conv = zero_module(nn.Conv2d(ch, cfg.output_channels, 3, padding=1))
+        self.out_conv = zero_module(Conv3x3(ch, cfg.output_channels))
         # the ResBlocks in execution order (a plain list: they are registered in the stages)
         self._res_blocks = [
             layer
