@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from test_packed_conv import inputs, tiny_unet
-from unclip.decoder import winograd
+from unclip.decoder import packed_conv, winograd
+from unclip.decoder.blocks import Conv3x3, ResBlock
 from unclip.decoder.packed_conv import packed_convolutions
 from unclip.decoder.winograd import (
-    Conv3x3,
     WinogradConv3x3,
     Workspace,
     winograd_applies,
@@ -134,18 +134,27 @@ def test_unet_sampling_path_runs_winograd_with_the_same_outputs(layout, monkeypa
         want = model(x, t, **kw)
         monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
         monkeypatch.setattr(winograd, "MIN_MACS", 0)
-        calls = []
-        real = winograd.winograd_conv3x3
+        calls = {"winograd": 0, "phases": 0}
 
-        def counted(*args, **kwargs):
-            calls.append(1)
-            return real(*args, **kwargs)
+        def counted(name, real):
+            def run(*args, **kwargs):
+                calls[name] += 1
+                return real(*args, **kwargs)
 
-        monkeypatch.setattr("unclip.decoder.packed_conv.winograd_conv3x3", counted)
+            return run
+
+        for name, fn in (("winograd", "winograd_conv3x3"), ("phases", "interleave_phases")):
+            real = getattr(packed_conv, fn)
+            monkeypatch.setattr(packed_conv, fn, counted(name, real))
         with packed_convolutions(model):
             got = model(x, t, **kw)
             again = model(x, t, **kw)
-    assert len(calls) == 2 * sum(isinstance(m, Conv3x3) for m in model.modules())
+    upsampled = sum(isinstance(m, ResBlock) and m.up for m in model.modules())
+    assert upsampled > 0
+    assert calls["phases"] == 2 * upsampled
+    assert calls["winograd"] == 2 * (
+        sum(isinstance(m, Conv3x3) for m in model.modules()) - upsampled
+    )
     if layout == torch.channels_last:  # the pipeline's layout is kept
         assert got.is_contiguous(memory_format=layout)
     assert want.abs().max() > 0.1

@@ -14,8 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unclip.decoder.winograd import Conv3x3
+from unclip.decoder.upsample_conv import upsample_conv3x3
+from unclip.decoder.winograd import WinogradConv3x3, winograd_applies
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
+
+
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` (the same parameters and
+    state-dict keys) that computes by the fastest exact route: Winograd F(4×4, 3×3) where
+    :func:`~unclip.decoder.winograd.winograd_applies` (float32 CPU layers large enough), and,
+    after a nearest ×2 upsampling, one 2×2 phase convolution at the low resolution
+    (:meth:`upsampled`). Within a sampling run :mod:`unclip.decoder.packed_conv` replaces both
+    routes with ones whose transformed weights are made once."""
+
+    packable = True  # packed_convolutions may replace forward (and upsampled)
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if winograd_applies(self, x):
+            return WinogradConv3x3.apply(x, self.weight, self.bias)
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> this conv of x upsampled ×2 (nearest), [N, C', 2H, 2W]."""
+        packed = getattr(self.__dict__.get("forward"), "upsampled", None)
+        if packed is not None:
+            return packed(x)
+        return upsample_conv3x3(x, self.weight, self.bias)
 
 
 class Downsample(nn.Module):
@@ -46,8 +73,9 @@ class Upsample(nn.Module):
         self.conv = Conv3x3(channels, out_channels) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.conv is not None else x
+        if self.conv is not None:
+            return self.conv.upsampled(x)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
 class ResBlock(nn.Module):
@@ -80,7 +108,7 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_norm = normalization(channels, groups)
         self.in_conv = Conv3x3(channels, out_channels)
-        self.updown = up or down
+        self.up, self.updown = up, up or down
         if up:
             self.h_upd: nn.Module = Upsample(channels, False)
             self.x_upd: nn.Module = Upsample(channels, False)
@@ -107,9 +135,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.in_norm(x))
-        if self.updown:
-            h, x = self.h_upd(h), self.x_upd(x)
-        h = self.in_conv(h)
+        if self.up:  # h_upd then in_conv, at the low resolution
+            h, x = self.in_conv.upsampled(h), self.x_upd(x)
+        elif self.updown:
+            h, x = self.in_conv(self.h_upd(h)), self.x_upd(x)
+        else:
+            h = self.in_conv(h)
         e = emb_out[:, :, None, None]  # [N, E', 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)

@@ -8,6 +8,11 @@ is up to half of a convolution's time (docs/benchmarks.md). Within
 call's memory format, shape and compute dtype: float32, or bfloat16 under bf16 autocast where
 oneDNN has bf16 kernels, cast as autocast would cast it) and kept until the context exits.
 The same oneDNN convolution runs, so the outputs are those of ``F.conv2d`` to float rounding.
+A :class:`~unclip.decoder.blocks.Conv3x3` keeps its two faster routes, with their weights
+transformed once too: Winograd's U for float32 layers where
+:func:`~unclip.decoder.winograd.winograd_applies` (the transforms' buffers in one
+:class:`~unclip.decoder.winograd.Workspace` per thread, shared by the model's layers), and
+the packed phase kernels of :mod:`unclip.decoder.upsample_conv` after a ×2 upsampling.
 
 A call that cannot run packed (autograd recording, a device other than the CPU, a compute
 dtype oneDNN does not pack) runs the module's own forward.
@@ -22,8 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from unclip.decoder.upsample_conv import interleave_phases, phase_weights, upsample_conv3x3
 from unclip.decoder.winograd import (
-    Conv3x3,
     Workspace,
     winograd_applies,
     winograd_conv3x3,
@@ -59,7 +64,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _PackedForward:
-    """The forward of one ``nn.Conv2d`` with its weight reordered once (lazily, per layout)."""
+    """The forward of one ``nn.Conv2d`` with its weight transformed once (lazily, per route):
+    reordered for oneDNN (per compute dtype and layout), or Winograd's U where
+    :func:`winograd_applies`; and, for a :class:`~unclip.decoder.blocks.Conv3x3`, the
+    :meth:`upsampled` route with its four phase kernels reordered for oneDNN."""
 
     def __init__(self, conv: nn.Conv2d, workspace: threading.local) -> None:
         self.conv = conv
@@ -67,19 +75,19 @@ class _PackedForward:
         self.dtypes = _packable_dtypes()
         self.packed: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        dtype = _compute_dtype(x)
-        if (
+    def _runs_packed(self, x: torch.Tensor) -> bool:
+        return not (
             x.device.type != "cpu"
             or x.ndim != 4
-            or dtype not in self.dtypes
-            or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-        ):
-            return type(conv).forward(conv, x)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not (
-            x.is_contiguous()
+            or _compute_dtype(x) not in self.dtypes
+            or (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad))
         )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if not self._runs_packed(x):
+            return type(conv).forward(conv, x)
+        channels_last = _is_channels_last(x)
         if winograd_applies(conv, x):
             if "winograd" not in self.packed:
                 bias = None if conv.bias is None else conv.bias.detach()
@@ -89,32 +97,55 @@ class _PackedForward:
                 self.workspace.winograd = Workspace()
             y = winograd_conv3x3(x, u, bias, self.workspace.winograd)
             return y if channels_last else y.contiguous()
-        key = (dtype, channels_last)
+        return self._onednn(x, "conv", conv.weight, conv.bias, conv.padding)
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(nearest2x(x))`` by the phase convolution of :mod:`unclip.decoder.upsample_conv`
+        with packed phase kernels."""
+        conv = self.conv
+        if not self._runs_packed(x):
+            return upsample_conv3x3(x, conv.weight, conv.bias)
+        if "phases" not in self.packed:
+            with torch.no_grad():
+                self.packed["phases"] = phase_weights(conv.weight, conv.bias)
+        weight, bias = self.packed["phases"]
+        z = self._onednn(x, "phases", weight, bias, (1, 1))  # [N, 4·C', H+1, W+1]
+        return interleave_phases(z, _is_channels_last(x))
+
+    def _onednn(
+        self,
+        x: torch.Tensor,
+        route: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: tuple[int, ...],
+    ) -> torch.Tensor:
+        """The oneDNN convolution of x by ``weight`` (reordered at the first call per route,
+        compute dtype and layout) with the conv's stride, dilation and groups."""
+        conv, dtype = self.conv, _compute_dtype(x)
+        key = (route, dtype, _is_channels_last(x))
         if key not in self.packed:
-            self.packed[key] = self._pack(x, dtype, channels_last)
-        weight, bias = self.packed[key]
+            fmt = torch.channels_last if key[2] else torch.contiguous_format
+            w = weight.detach().to(dtype).contiguous(memory_format=fmt)
+            w = torch.ops.mkldnn._reorder_convolution_weight(
+                w, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
+                list(x.shape),
+            )  # fmt: skip
+            self.packed[key] = (w, None if bias is None else bias.detach().to(dtype))
+        w, b = self.packed[key]
         return torch.ops.mkldnn._convolution_pointwise(
-            x.to(dtype), weight, bias, list(conv.padding), list(conv.stride),
-            list(conv.dilation), conv.groups, "none", [], "",
+            x.to(dtype), w, b, list(padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "none", [], "",
         )  # fmt: skip
 
-    def _pack(
-        self, x: torch.Tensor, dtype: torch.dtype, channels_last: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        conv = self.conv
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        w = conv.weight.detach().to(dtype).contiguous(memory_format=fmt)
-        weight = torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            list(x.shape),
-        )  # fmt: skip
-        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
-        return weight, bias
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _packable(conv: nn.Module) -> bool:
     return (
-        type(conv) in (nn.Conv2d, Conv3x3)
+        (type(conv) is nn.Conv2d or getattr(type(conv), "packable", False))
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and "forward" not in conv.__dict__

@@ -31,9 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.config import Config, ConfigError
-from unclip.decoder.blocks import AttentionBlock, Downsample, ResBlock, UNetStage, Upsample
+from unclip.decoder.blocks import (
+    AttentionBlock,
+    Conv3x3,
+    Downsample,
+    ResBlock,
+    UNetStage,
+    Upsample,
+)
 from unclip.decoder.packed_conv import packed_convolutions
-from unclip.decoder.winograd import Conv3x3
 from unclip.nn import (
     TimestepEmbedder,
     apply_null,

@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: Winograd convolutions are used at all (set to False to compare against ``F.conv2d``).
@@ -318,16 +317,3 @@ class WinogradConv3x3(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db
-
-
-class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` (same parameters and state-dict
-    keys) that runs :class:`WinogradConv3x3` where :func:`winograd_applies`."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if winograd_applies(self, x):
-            return WinogradConv3x3.apply(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, padding=1)
