@@ -90,3 +90,35 @@ def test_autograd_and_other_precisions_take_the_module_forward() -> None:
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(packed, y.detach(), rtol=1e-4, atol=1e-5)
     assert not packing_available(nn.Linear(2, 2).to(torch.float64))
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsampling_convolutions_run_at_low_resolution_packed_or_not(layout, monkeypatch) -> None:
+    from unclip.decoder import packed_conv
+    from unclip.decoder.blocks import ResBlock, Upsample
+
+    torch.manual_seed(0)
+    block, up = ResBlock(8, 4, 12, up=True, groups=4), Upsample(8, True, 12)
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout)
+    calls = []
+    real = packed_conv.interleave_phases
+    monkeypatch.setattr(packed_conv, "interleave_phases", lambda *a: calls.append(1) or real(*a))
+    for conv in (block.in_conv, up.conv):
+        ref = nn.functional.conv2d(
+            nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+            conv.weight, conv.bias, padding=1,
+        )  # fmt: skip
+        with torch.no_grad():
+            plain = conv.upsampled(x)
+            with packed_convolutions(conv):
+                packed = conv.upsampled(x)
+                again = conv.upsampled(x)
+        torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, packed)
+        assert packed.is_contiguous(memory_format=layout)
+    assert len(calls) == 4  # the packed route ran (twice per conv)
+    with torch.no_grad():
+        want = up.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)

@@ -15,27 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.decoder.upsample_conv import upsample_conv3x3
-from unclip.decoder.winograd import WinogradConv3x3, winograd_applies
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
 
 
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` (the same parameters and
-    state-dict keys) that computes by the fastest exact route: Winograd F(4×4, 3×3) where
-    :func:`~unclip.decoder.winograd.winograd_applies` (float32 CPU layers large enough), and,
-    after a nearest ×2 upsampling, one 2×2 phase convolution at the low resolution
-    (:meth:`upsampled`). Within a sampling run :mod:`unclip.decoder.packed_conv` replaces both
-    routes with ones whose transformed weights are made once."""
+    state-dict keys) that can also convolve its input upsampled ×2 (nearest) without making
+    it: :meth:`upsampled`, one 2×2 phase convolution at the low resolution
+    (:mod:`unclip.decoder.upsample_conv`). Within a sampling run
+    :mod:`unclip.decoder.packed_conv` runs both with weights prepared once."""
 
-    packable = True  # packed_convolutions may replace forward (and upsampled)
+    packable = True  # packed_convolutions may replace forward (and so upsampled)
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if winograd_applies(self, x):
-            return WinogradConv3x3.apply(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, padding=1)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] -> this conv of x upsampled ×2 (nearest), [N, C', 2H, 2W]."""

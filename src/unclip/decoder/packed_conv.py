@@ -8,11 +8,9 @@ is up to half of a convolution's time (docs/benchmarks.md). Within
 call's memory format, shape and compute dtype: float32, or bfloat16 under bf16 autocast where
 oneDNN has bf16 kernels, cast as autocast would cast it) and kept until the context exits.
 The same oneDNN convolution runs, so the outputs are those of ``F.conv2d`` to float rounding.
-A :class:`~unclip.decoder.blocks.Conv3x3` keeps its two faster routes, with their weights
-transformed once too: Winograd's U for float32 layers where
-:func:`~unclip.decoder.winograd.winograd_applies` (the transforms' buffers in one
-:class:`~unclip.decoder.winograd.Workspace` per thread, shared by the model's layers), and
-the packed phase kernels of :mod:`unclip.decoder.upsample_conv` after a ×2 upsampling.
+A :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling (its ``upsampled``) runs
+the phase convolution of :mod:`unclip.decoder.upsample_conv` with its four phase kernels
+made and packed once.
 
 A call that cannot run packed (autograd recording, a device other than the CPU, a compute
 dtype oneDNN does not pack) runs the module's own forward.
@@ -20,7 +18,6 @@ dtype oneDNN does not pack) runs the module's own forward.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,12 +25,6 @@ import torch
 from torch import nn
 
 from unclip.decoder.upsample_conv import interleave_phases, phase_weights, upsample_conv3x3
-from unclip.decoder.winograd import (
-    Workspace,
-    winograd_applies,
-    winograd_conv3x3,
-    winograd_weight,
-)
 
 
 def _packable_dtypes() -> tuple[torch.dtype, ...]:
@@ -64,14 +55,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _PackedForward:
-    """The forward of one ``nn.Conv2d`` with its weight transformed once (lazily, per route):
-    reordered for oneDNN (per compute dtype and layout), or Winograd's U where
-    :func:`winograd_applies`; and, for a :class:`~unclip.decoder.blocks.Conv3x3`, the
-    :meth:`upsampled` route with its four phase kernels reordered for oneDNN."""
+    """The forward of one ``nn.Conv2d`` with its weight reordered for oneDNN once (lazily, per
+    compute dtype and layout), and :meth:`upsampled`, the same for the phase kernels of a
+    :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling."""
 
-    def __init__(self, conv: nn.Conv2d, workspace: threading.local) -> None:
+    def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
-        self.workspace = workspace  # .winograd: the Winograd buffers, one Workspace per thread
         self.dtypes = _packable_dtypes()
         self.packed: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -87,16 +76,6 @@ class _PackedForward:
         conv = self.conv
         if not self._runs_packed(x):
             return type(conv).forward(conv, x)
-        channels_last = _is_channels_last(x)
-        if winograd_applies(conv, x):
-            if "winograd" not in self.packed:
-                bias = None if conv.bias is None else conv.bias.detach()
-                self.packed["winograd"] = (winograd_weight(conv.weight.detach()), bias)
-            u, bias = self.packed["winograd"]
-            if not hasattr(self.workspace, "winograd"):
-                self.workspace.winograd = Workspace()
-            y = winograd_conv3x3(x, u, bias, self.workspace.winograd)
-            return y if channels_last else y.contiguous()
         return self._onednn(x, "conv", conv.weight, conv.bias, conv.padding)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +137,8 @@ def packed_convolutions(model: nn.Module) -> Iterator[nn.Module]:
     for oneDNN (see the module docstring); a no-op where :func:`packing_available` is false.
     The weights must not change inside. Nested use keeps the outer context's packing."""
     convs = [m for m in model.modules() if _packable(m)] if packing_available(model) else []
-    workspace = threading.local()  # shared by the model's convolutions, one per thread
     for conv in convs:
-        conv.forward = _PackedForward(conv, workspace)  # type: ignore[method-assign]
+        conv.forward = _PackedForward(conv)  # type: ignore[method-assign]
     try:
         yield model
     finally:
