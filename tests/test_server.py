@@ -162,6 +162,14 @@ def test_json_errors(client):
     assert_error(client.post(gen, json={"prompt": "x", "response_format": "gif"}), 400,
                  "response_format")  # fmt: skip
     assert_error(client.post(gen, json={"prompt": "x", "seed": -1}), 400, "seed")
+    from unclip.pipeline.settings import MAX_IMAGES, MAX_SEED  # the CLI's bound too
+
+    big = client.post(gen, json={"prompt": "x", "seed": 2**62 + 1, "response_format": "b64_json"})
+    assert big.status_code == 200 and big.json()["data"][0]["seed"] == 2**62 + 1
+    assert_error(client.post(gen, json={"prompt": "x", "seed": MAX_SEED}), 400, "seed")
+    assert_error(
+        client.post(gen, json={"prompt": "x", "seed": MAX_SEED - MAX_IMAGES + 1}), 400, "seed"
+    )
     # variations have no prior: its options are unknown there
     r = client.post("/v1/images/variations", files={"image": ("a.png", png(), "image/png")},
                     data={"prior_steps": "2"})  # fmt: skip

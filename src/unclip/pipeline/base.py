@@ -72,7 +72,7 @@ class PipelineBase:
 
     def sampling_settings(self, **overrides: Any) -> SamplingConfig:
         """The pipeline's default sampling with ``overrides`` applied (None = keep), checked:
-        a known sampler, 1 ≤ steps ≤ the stage's diffusion timesteps, guidance in [0, 100]."""
+        a known sampler, 1 ≤ steps ≤ the stage's diffusion timesteps, guidance in [0, MAX_GUIDANCE]."""
         stages = [("prior", self.prior), ("decoder", self.decoder)]
         stages += [("upsampler", u) for u in self.upsamplers]
         timesteps = [(k, st.diffusion.num_timesteps) for k, st in stages if st and st.diffusion]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unclip.pipeline.config import SamplerName
+from unclip.pipeline.settings import MAX_IMAGES, MAX_SEED
 from unclip.server.errors import bad_request
 
 __all__ = [
@@ -73,7 +74,10 @@ class ImageRequest(BaseModel):
     )
     # extensions
     seed: int | None = Field(
-        None, ge=0, le=2**62, description="seed of the first image; image i uses seed+i"
+        None,
+        ge=0,
+        le=MAX_SEED - MAX_IMAGES,
+        description="seed of the first image; image i uses seed+i",
     )
     steps: int | None = Field(None, description="sampling steps of the prior and the decoder")
     decoder_steps: int | None = None
