@@ -26,8 +26,6 @@ channels-last out).
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
@@ -44,9 +42,6 @@ def _phase_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.einsum("pka,qlb->pqklab", r, r).reshape(16, 9)
 
 
-_cached_phase_matrix = cache(_phase_matrix)  # one per dtype and device, outside torch.compile
-
-
 def phase_weights(
     weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -58,8 +53,7 @@ def phase_weights(
     (the convolution casts the result, as it would have cast ``weight``).
     """
     co, ci = weight.shape[:2]
-    matrix = _phase_matrix if torch.compiler.is_compiling() else _cached_phase_matrix
-    m = matrix(weight.dtype, weight.device)
+    m = _phase_matrix(weight.dtype, weight.device)  # not cached: it may be a fake tensor
     with torch.autocast(weight.device.type, enabled=False):
         w = torch.matmul(m, weight.flatten(2).transpose(1, 2))  # [C', (p, q, k, l), C]
     # -> memory [(p, q), C', k, l, C]: W_phases in channels-last (copies runs of 4·C)
