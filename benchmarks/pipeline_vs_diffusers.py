@@ -556,6 +556,12 @@ def side_by_side(
     return ra, rb
 
 
+def pair_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """The ratio of each alternating pair of runs (run i of unclip / run i of diffusers), sorted:
+    its spread says how much the machine moved during the measurement."""
+    return sorted(a / b for a, b in zip(ours, theirs, strict=True) if b)
+
+
 def median_times(runs: list[dict[str, float]], n: int) -> dict[str, float]:
     """Median seconds per image per stage, and ``total`` (median of the runs' totals)."""
     out = {s: statistics.median(r[s] for r in runs) / n for s in STAGES}
@@ -655,9 +661,11 @@ def main(argv: list[str] | None = None) -> int:
             repeat,
         )
         a, b = median_times(ours, n), median_times(theirs_runs, n)
+        totals = [sum(r.values()) for r in ours], [sum(r.values()) for r in theirs_runs]
         generation.append({
             "batch": n, "unclip_s_per_image": a, "diffusers_s_per_image": b,
             "ratio": {k: (a[k] / b[k] if b[k] else None) for k in a},
+            "total_ratio_per_run": pair_ratios(*totals),
         })  # fmt: skip
     timer.close()
 
@@ -681,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers_s": statistics.median(t_theirs),
     }
     training["ratio"] = training["unclip_s"] / training["diffusers_s"]
+    training["ratio_per_step"] = pair_ratios(t_ours, t_theirs)
 
     result = {
         "configs": "tiny (quick)" if args.quick else args.configs,
@@ -747,15 +756,30 @@ def format_markdown(r: dict[str, Any]) -> str:
             rows.append((g["batch"], s, f"{a:.4f}", f"{b:.4f}", "" if q is None else f"{q:.3f}"))
     lines.append(markdown_table(["batch", "stage", "unclip s/img", "diffusers s/img", "ratio"],
                                 rows))  # fmt: skip
+    spread = [
+        f"{g['batch']} image(s) {_span(g['total_ratio_per_run'])}"
+        for g in r["generation"]
+        if g.get("total_ratio_per_run")
+    ]
+    if spread:
+        lines += [
+            "",
+            "End-to-end ratio of each alternating pair of runs: " + "; ".join(spread) + ".",
+        ]
     t = r["decoder_training_step"]
     lines += [
         "",
         f"Decoder training step (forward, backward, AdamW; batch {t['batch']}; median of "
         f"{t.get('repeat', '?')} alternating steps after {t.get('warmup', 1)} untimed): unclip "
         f"{t['unclip_s']:.4f} s ({t['precision']['unclip']}), diffusers {t['diffusers_s']:.4f} s "
-        f"({t['precision']['diffusers']}), ratio **{t['ratio']:.3f}**.",
+        f"({t['precision']['diffusers']}), ratio **{t['ratio']:.3f}**"
+        + (f" (pairs of steps {_span(t['ratio_per_step'])})." if t.get("ratio_per_step") else "."),
     ]
     return "\n".join(lines)
+
+
+def _span(ratios: list[float]) -> str:
+    return f"{ratios[0]:.3f}" if len(ratios) == 1 else f"{ratios[0]:.3f}–{ratios[-1]:.3f}"
 
 
 if __name__ == "__main__":

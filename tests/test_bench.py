@@ -258,8 +258,11 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
             assert set(g[side]) == {"text", "prior", "decoder", "upsampler", "other", "total"}
             assert g[side]["total"] > 0
         assert g["ratio"]["total"] > 0
+        per_run = g["total_ratio_per_run"]  # one ratio per alternating pair, sorted
+        assert len(per_run) == r["repeat"] and per_run == sorted(per_run) and per_run[0] > 0
     training = r["decoder_training_step"]
     assert training["ratio"] > 0
+    assert len(training["ratio_per_step"]) == training["repeat"]
     # each side trains in its own default precision, as it samples
     unclip_bf16 = r["dtype"]["unclip"] == "bfloat16"
     assert training["precision"] == {
@@ -272,6 +275,7 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
     section = f"pipeline-vs-diffusers-{kernels.lower()}-{r['dtype']['unclip']}"
     assert r["cpu"]["kernels"] == kernels
     assert f"<!-- {section}:start -->" in text and "Quick mode" in text
+    assert "End-to-end ratio of each alternating pair of runs: 1 image(s)" in text
     assert f"kernels **{kernels}**" in text and f"samples in **{r['dtype']['unclip']}**" in text
 
 
