@@ -50,6 +50,18 @@ def test_import_unclip_loads_no_torch_and_keeps_its_names():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("package", ["unclip", "unclip.pipeline", "unclip.train"])
+def test_lazy_packages_list_their_names_and_refuse_others(package):
+    import importlib
+
+    mod = importlib.import_module(package)
+    for name in mod.__all__:
+        assert name in dir(mod)
+        assert getattr(mod, name) is not None
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+        mod.nope  # noqa: B018
+
+
 def test_building_the_parser_and_every_commands_help_loads_no_torch():
     assert _probe(None) == (False, 0)
 

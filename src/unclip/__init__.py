@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING
 
 from unclip.config import Config, ConfigError, DiffusionConfig, TrainConfig
+from unclip.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names loaded on first use (_LAZY), for type checkers and editors
     from unclip.hub import from_pretrained, save_pretrained
@@ -38,16 +39,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'unclip' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

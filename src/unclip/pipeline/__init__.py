@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from unclip.lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names loaded on first use (_LAZY), for type checkers and editors
     from unclip.pipeline.assemble import assemble_pipeline
     from unclip.pipeline.config import (
@@ -59,19 +61,9 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'unclip.pipeline' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"unclip.pipeline.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(
+    globals(), {name: f"unclip.pipeline.{module}" for name, module in _LAZY.items()}
+)
 
 
 __all__ = [
