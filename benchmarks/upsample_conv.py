@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from unclip.decoder.blocks import Conv3x3
+from unclip.decoder.packed_conv import packed_convolutions, packing_available
 from unclip.decoder.upsample_conv import phase_upsample_conv, phase_weights, upsample_conv3x3
 
 SHAPES = [  # low-resolution input [N, C, H, W], output channels C'
@@ -56,39 +58,13 @@ def medians(fns: list[Callable[[], object]], repeat: int, warmup: int = 3) -> li
     return [1e3 * statistics.median(ts) for ts in times]
 
 
-def _pack(w: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.ops.mkldnn._reorder_convolution_weight(
-        w.contiguous(memory_format=fmt), [1, 1], [1, 1], [1, 1], 1, list(shape)
-    )
-
-
-def _packed_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, w, b, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
-    )
-
-
-def _packed_pair(
-    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, channels_last: bool
-) -> tuple[Callable[[], object], Callable[[], object]] | None:
-    """(reference, phase) forwards with oneDNN-packed weights, or None without oneDNN."""
-    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
-        return None
-    from unclip.decoder.upsample_conv import interleave_phases
-
-    n, c, height, width = h.shape
-    wk = _pack(w, torch.Size((n, c, 2 * height, 2 * width)), channels_last)
-    pw, pb = phase_weights(w, b)
-    pwk = _pack(pw, h.shape, channels_last)
-
-    def ref() -> object:
-        return _packed_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), wk, b)
-
-    def new() -> object:
-        return interleave_phases(_packed_conv(h, pwk, pb), channels_last)
-
-    return ref, new
+def _conv(w: torch.Tensor, b: torch.Tensor) -> Conv3x3:
+    """The UNet's convolution module with weights ``w``, ``b``."""
+    conv = Conv3x3(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+    return conv
 
 
 def row(
@@ -104,10 +80,14 @@ def row(
     def autocast() -> torch.autocast:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    with torch.no_grad(), autocast():
+    conv = _conv(w, b)
+    with torch.no_grad(), autocast(), packed_convolutions(conv):  # as sampling runs it
         fns = [lambda: reference(h, w, b), lambda: upsample_conv3x3(h, w, b)]
         fns.append(lambda: phase_upsample_conv(h, pw, pb))
-        packed = None if bf16 else _packed_pair(h, w, b, cl)
+        packed = None
+        if not bf16 and packing_available(conv):  # (reference, phase) with packed weights
+            up = F.interpolate
+            packed = (lambda: conv(up(h, scale_factor=2.0)), lambda: conv.upsampled(h))
         fwd = medians(fns + list(packed or ()), repeat)
     hg, wg, bg = (t.clone().requires_grad_() for t in (h, w, b))
     grad = torch.randn(shape[0], co, 2 * shape[2], 2 * shape[3]).contiguous(memory_format=fmt)

@@ -102,14 +102,12 @@ class ResBlock(nn.Module):
         self.in_norm = normalization(channels, groups)
         self.in_conv = Conv3x3(channels, out_channels)
         self.up, self.updown = up, up or down
+        # h is resampled before in_conv; upsampling happens inside it (in_conv.upsampled)
+        self.h_upd: nn.Module = Downsample(channels, False) if down else nn.Identity()
         if up:
-            self.h_upd: nn.Module = Upsample(channels, False)
             self.x_upd: nn.Module = Upsample(channels, False)
-        elif down:
-            self.h_upd = Downsample(channels, False)
-            self.x_upd = Downsample(channels, False)
         else:
-            self.h_upd = self.x_upd = nn.Identity()
+            self.x_upd = self.h_upd
         self.emb_proj = nn.Linear(
             emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels
         )
@@ -128,12 +126,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.in_norm(x))
-        if self.up:  # h_upd then in_conv, at the low resolution
-            h, x = self.in_conv.upsampled(h), self.x_upd(x)
-        elif self.updown:
-            h, x = self.in_conv(self.h_upd(h)), self.x_upd(x)
-        else:
-            h = self.in_conv(h)
+        h = self.in_conv.upsampled(h) if self.up else self.in_conv(self.h_upd(h))
+        x = self.x_upd(x)
         e = emb_out[:, :, None, None]  # [N, E', 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)

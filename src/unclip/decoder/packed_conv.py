@@ -24,7 +24,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from unclip.decoder.upsample_conv import interleave_phases, phase_weights, upsample_conv3x3
+from unclip.decoder.upsample_conv import (
+    interleave_phases,
+    memory_format,
+    phase_weights,
+    upsample_conv3x3,
+)
 
 
 def _packable_dtypes() -> tuple[torch.dtype, ...]:
@@ -89,7 +94,7 @@ class _PackedForward:
                 self.packed["phases"] = phase_weights(conv.weight, conv.bias)
         weight, bias = self.packed["phases"]
         z = self._onednn(x, "phases", weight, bias, (1, 1))  # [N, 4·C', H+1, W+1]
-        return interleave_phases(z, _is_channels_last(x))
+        return interleave_phases(z, memory_format(x) == torch.channels_last)
 
     def _onednn(
         self,
@@ -102,10 +107,9 @@ class _PackedForward:
         """The oneDNN convolution of x by ``weight`` (reordered at the first call per route,
         compute dtype and layout) with the conv's stride, dilation and groups."""
         conv, dtype = self.conv, _compute_dtype(x)
-        key = (route, dtype, _is_channels_last(x))
+        key = (route, dtype, memory_format(x))
         if key not in self.packed:
-            fmt = torch.channels_last if key[2] else torch.contiguous_format
-            w = weight.detach().to(dtype).contiguous(memory_format=fmt)
+            w = weight.detach().to(dtype).contiguous(memory_format=key[2])
             w = torch.ops.mkldnn._reorder_convolution_weight(
                 w, list(padding), list(conv.stride), list(conv.dilation), conv.groups,
                 list(x.shape),
@@ -116,10 +120,6 @@ class _PackedForward:
             x.to(dtype), w, b, list(padding), list(conv.stride), list(conv.dilation),
             conv.groups, "none", [], "",
         )  # fmt: skip
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _packable(conv: nn.Module) -> bool:

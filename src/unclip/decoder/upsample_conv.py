@@ -82,7 +82,8 @@ def _pixel_view(out: torch.Tensor) -> torch.Tensor:
     return out.as_strided((n, co, h2 // 2, 2, w2 // 2, 2), (sn, sc, 2 * sh, sh, 2 * sw, sw))
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
 
@@ -124,7 +125,7 @@ class _Interleave(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, z: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.fmt = _memory_format(z)
+        ctx.fmt = memory_format(z)
         return _interleave(z, fmt)
 
     @staticmethod
@@ -135,7 +136,7 @@ class _Interleave(torch.autograd.Function):
 class _Deinterleave(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, g: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-        ctx.fmt = _memory_format(g)
+        ctx.fmt = memory_format(g)
         return _deinterleave(g, fmt)
 
     @staticmethod
@@ -158,7 +159,7 @@ def phase_upsample_conv(
     None) -> [N, C', 2H, 2W], ``conv3x3(nearest2x(h))`` in ``h``'s memory format. The
     kernels are used in ``h``'s memory format (copied if in the other one; phase_weights
     gives channels-last)."""
-    fmt = _memory_format(h)  # a channels-last weight would make oneDNN compute channels-last
+    fmt = memory_format(h)  # a channels-last weight would make oneDNN compute channels-last
     z = F.conv2d(h, phase_weight.contiguous(memory_format=fmt), phase_bias, padding=1)
     return interleave_phases(z, fmt == torch.channels_last)  # z: [N, 4·C', H+1, W+1]
 

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .gaussian import GaussianDiffusion, ModelFn, randn
-from .gaussian import dynamic_threshold as threshold_x0
+from .gaussian import GaussianDiffusion, ModelFn, process_x0, randn
 from .samplers import Run, SamplerOptions, SampleStep
 
 if TYPE_CHECKING:
@@ -89,7 +88,6 @@ def _karlo_loop(diffusion: GaussianDiffusion, r: Run) -> Iterator[SampleStep]:
     clip = diffusion.clip_denoised if r.clip_denoised is None else r.clip_denoised
     threshold = diffusion.dynamic_threshold
     threshold = threshold if r.dynamic_threshold is None else r.dynamic_threshold
-    bound = diffusion.clip_range  # Karlo's prior clips x₀ at 5
     ts = [int(t) for t in r.d.schedule.timestep_map.tolist()][::-1]  # descending
     x = r.x
     for n, t in enumerate(ts):
@@ -112,10 +110,7 @@ def _karlo_loop(diffusion: GaussianDiffusion, r: Run) -> Iterator[SampleStep]:
                 x0 = (x - beta_prod_t**0.5 * output) / abar_t**0.5
             else:
                 x0 = output
-            if threshold > 0:
-                x0 = threshold_x0(x0, threshold)
-            elif clip:
-                x0 = x0.clamp(-bound, bound)
+            x0 = process_x0(x0, clip, threshold, diffusion.clip_range)  # Karlo's prior: at 5
             x0_coef = (abar_prev**0.5 * beta) / beta_prod_t  # Ho et al. Eq. 7
             xt_coef = alpha**0.5 * beta_prod_prev / beta_prod_t
             mean = x0_coef.to(x.device) * x0 + xt_coef.to(x.device) * x

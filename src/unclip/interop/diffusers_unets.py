@@ -52,10 +52,15 @@ State = dict[str, Tensor]
 Component = tuple[dict[str, Any], State]  # (config.json as a dict, state dict)
 
 
-def _build(cls: type[UNet], config: UNetConfig, state: State, where: str) -> UNet:
-    """``cls(config)`` holding ``state`` (its tensors, assigned: no float32 copy), eval mode."""
+def _skeleton(cls: type[UNet], config: UNetConfig) -> UNet:
+    """``cls(config)`` on the meta device: its keys and shapes, no memory."""
     with torch.device("meta"):
-        model = cls(config)
+        return cls(config)
+
+
+def _build(model: UNet, state: State, where: str) -> UNet:
+    """The meta-device ``model`` holding ``state`` (its tensors, assigned: no float32 copy),
+    eval mode."""
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -235,8 +240,7 @@ def decoder_from_diffusers(
             f"null_caption must be (tokens [k, {dim}], z_t [{dim}]), "
             f"got {tuple(tokens.shape)}, {tuple(z_t.shape)}"
         )
-    with torch.device("meta"):
-        skeleton = UNet(config)
+    skeleton = _skeleton(UNet, config)
     state = _unet_state(skeleton, unet_state, f"{DECODER}/", dtype)
     where = f"{TEXT_PROJ}/"
     used = {f"{_TOKENS}.weight", f"{_TOKENS}.bias"}
@@ -250,7 +254,7 @@ def decoder_from_diffusers(
     like = state["input_conv.weight"]
     state["null_caption_tokens"] = tokens.to(like.dtype)
     state["null_text_emb"] = z_t.to(like.dtype)
-    return _build(UNet, config, state, f"{DECODER}/")
+    return _build(skeleton, state, f"{DECODER}/")
 
 
 def upsampler_from_diffusers(
@@ -274,10 +278,8 @@ def upsampler_from_diffusers(
     for name, state, config in zip(
         (SUPER_RES_FIRST, SUPER_RES_LAST), (first_state, last_state), configs, strict=True
     ):
-        with torch.device("meta"):
-            skeleton = Upsampler(config)
-        where = f"{name}/"
-        out.append(_build(Upsampler, config, _unet_state(skeleton, state, where, dtype), where))
+        skeleton, where = _skeleton(Upsampler, config), f"{name}/"
+        out.append(_build(skeleton, _unet_state(skeleton, state, where, dtype), where))
     return out[0], out[1]  # type: ignore[return-value]
 
 

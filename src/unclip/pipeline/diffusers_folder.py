@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,11 +144,10 @@ class Converted:
     decoder: tuple[nn.Module, DiffusionConfig]
     upsampler: tuple[nn.Module, nn.Module, DiffusionConfig]
     prior: tuple[nn.Module, DiffusionConfig] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _index(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]]:
-    """The pipeline class and its expected components, with every component checked."""
+def _index(folder: Path) -> str:
+    """The pipeline class, with every component it expects checked."""
     doc = read_json(folder / MODEL_INDEX)
     cls = doc.get("_class_name")
     if cls not in COMPONENTS:
@@ -171,7 +170,7 @@ def _index(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]]:
             )
         if not (folder / name).is_dir():
             raise ConfigError(f"{folder / name}: the {name} folder is missing")
-    return cls, expected
+    return cls
 
 
 def _component(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -220,7 +219,7 @@ def read_configs(path: str | os.PathLike, null_tokens: int = EMPTY_CAPTION_TOKEN
     folder = Path(path)
     if not (folder / MODEL_INDEX).is_file():
         raise ConfigError(f"{folder}: not a diffusers pipeline folder (no {MODEL_INDEX})")
-    cls, _ = _index(folder)
+    cls = _index(folder)
     variation = cls == VARIATION
 
     def doc(name: str) -> dict[str, Any]:
@@ -322,13 +321,14 @@ def _pipeline_config(converted: Converted) -> Any:
     )
 
 
-def own_storage(model: nn.Module) -> nn.Module:
-    """Give every tensor of ``model`` its own freshly allocated storage, as
-    ``from_pretrained`` does (converters may keep views into the loaded weights file, whose
-    alignment can change which CPU kernel runs, and so the last bits of results)."""
+def own_storage(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Give every tensor of ``model`` its own freshly allocated storage on ``device`` (one
+    copy), as ``from_pretrained`` does (converters may keep views into the loaded weights
+    file, whose alignment can change which CPU kernel runs, and so the last bits of
+    results)."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            t.data = t.data.clone(memory_format=torch.contiguous_format)
+            t.data = t.data.to(device, memory_format=torch.contiguous_format, copy=True)
     return model
 
 
@@ -347,15 +347,15 @@ def load_diffusers_pipeline(
     at = torch.device("cpu") if offload else dev  # where the stages wait (``offload``)
 
     def stage(model: nn.Module, cfg: DiffusionConfig, last: nn.Module | None = None) -> Stage:
-        own_storage(model).to(at)
+        own_storage(model, at)
         if last is not None:
-            own_storage(last).to(at)
+            own_storage(last, at)
         return Stage(model, GaussianDiffusion.from_config(cfg), last)
 
     first, last, up_cfg = c.upsampler
     return UnclipPipeline(
         tokenizer=c.tokenizer,
-        clip=own_storage(c.clip).to(dev),
+        clip=own_storage(c.clip, dev),
         prior=stage(*c.prior) if c.prior else None,
         decoder=stage(*c.decoder),
         upsamplers=[stage(first, up_cfg, last)],
@@ -497,7 +497,7 @@ def _stage_diffusion(pipe: UnclipPipeline, what: str) -> DiffusionConfig:
         d.schedule.betas.double(), cosine_betas(d.num_timesteps).double()
     ):
         raise ConfigError(f"{pipe.path or pipe.name}: the {what} stage's schedule is not cosine")
-    sampler = getattr(pipe.config.sampling, what if what != "upsampler" else "upsampler").sampler
+    sampler = getattr(pipe.config.sampling, what).sampler
     if sampler != "karlo":
         raise ConfigError(
             f"{pipe.path or pipe.name}: the {what} stage samples with {sampler!r}; diffusers' "

@@ -23,6 +23,7 @@ from typing import Any
 from unclip.config import ConfigError
 from unclip.pipeline.config import (
     MAX_CANDIDATES,
+    SAMPLER_NAMES,
     SAMPLING_PRESETS,
     DecoderSampling,
     PriorSampling,
@@ -114,14 +115,6 @@ def check_seed(seed: int | None, count: int) -> int:
     return int(seed)
 
 
-def sampler_names() -> tuple[str, ...]:
-    """The samplers a stage may use (:data:`unclip.diffusion.samplers.SAMPLERS`; imported
-    when first needed, so that checking a call's limits loads no torch)."""
-    from unclip.diffusion.samplers import SAMPLERS
-
-    return tuple(SAMPLERS)
-
-
 def apply_overrides(
     base: SamplingConfig, overrides: dict[str, Any], timesteps: Sequence[tuple[str, int]] = ()
 ) -> SamplingConfig:
@@ -152,9 +145,9 @@ def apply_overrides(
         current = getattr(base, stage).to_dict()
         for key, value in changes[stage].items():
             label = f"{stage}_{key}"
-            if key == "sampler" and value not in sampler_names():
+            if key == "sampler" and value not in SAMPLER_NAMES:
                 raise ValueError(
-                    f"unknown sampler {value!r}; choose one of {', '.join(sampler_names())}"
+                    f"unknown sampler {value!r}; choose one of {', '.join(SAMPLER_NAMES)}"
                 )
             if key in ("steps", "candidates", "top_k"):
                 if isinstance(value, bool) or not isinstance(value, Integral):

@@ -23,14 +23,8 @@ python-multipart); ``import unclip`` never imports this package.
 
 from __future__ import annotations
 
-from typing import Any
+from unclip.lazy import lazy_exports
 
 __all__ = ["Limits", "create_app"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from unclip.server import app
-
-        return getattr(app, name)
-    raise AttributeError(f"module 'unclip.server' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), dict.fromkeys(__all__, "unclip.server.app"))
