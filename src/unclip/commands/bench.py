@@ -139,6 +139,9 @@ def _bench(args: argparse.Namespace) -> int:
     """
     import torch
 
+    from unclip.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the pipeline's runs and the trainer do
     if args.pipeline == TRAIN:
         return bench_train.run(args)
     if args.stage is not None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from unclip.allocator import keep_freed_memory
 from unclip.config import Config, TrainConfig, write_text_atomic
 from unclip.train import distributed
 from unclip.train import fsdp as sharding
@@ -180,6 +181,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        keep_freed_memory()  # each step reuses the last one's activations (unclip.allocator)
         self.device = torch.device(device) if device is not None else default_device()
         self.dist = distributed.setup(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
