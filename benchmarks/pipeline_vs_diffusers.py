@@ -23,8 +23,15 @@ embedding width).
 Reported: seconds per image per stage and end to end for each batch size, the ratio
 unclip/diffusers (< 1: unclip is faster), and one decoder training step (forward, backward,
 AdamW) per implementation. Runs alternate between the two implementations after a warm-up
-run of each; medians are reported. JSON goes to stdout, a Markdown section to
-docs/benchmarks.md (full mode; ``--doc`` elsewhere).
+run of each, so machine noise hits both alike; medians are reported. JSON goes to stdout, a
+Markdown section to docs/benchmarks.md (full mode; ``--doc`` elsewhere).
+
+Processes: unclip runs in this process, with unclip's malloc setting
+(``unclip.allocator.keep_freed_memory``, as its pipeline and trainer set it); diffusers runs in
+a worker process (this script with ``--diffusers-worker``, same arguments and environment, same
+torch threads) with glibc's default malloc settings, as a diffusers user gets them, or with
+unclip's under ``--diffusers-keep-freed-memory``. Each side times its own runs; the parent
+asks the worker for one run after each of its own. Parameters and FLOPs are counted here.
 
 Precision: each side samples as it does by default unless told otherwise: unclip in its
 ``load_pipeline`` default ("auto": bf16 autocast where the CPU has AVX-512 BF16 or AMX, with
@@ -35,7 +42,8 @@ resolved to bf16, diffusers in float32 (its training scripts' default) unless to
 
 usage: python benchmarks/pipeline_vs_diffusers.py [--quick] [--configs configs/emoji-small]
        [--batch 1 --batch 4] [--repeat 3] [--dtype auto|float32|bfloat16]
-       [--unclip-dtype ...] [--diffusers-dtype ...] [--doc docs/benchmarks.md]
+       [--unclip-dtype ...] [--diffusers-dtype ...] [--diffusers-keep-freed-memory]
+       [--doc docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -43,11 +51,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.allocator import keep_freed_memory
 from unclip.commands import add_dtype_argument
 from unclip.commands.bench_report import machine_info, markdown_table, write_doc_section
 from unclip.commands.random_pipelines import (
@@ -472,68 +484,171 @@ def bf16_autocast(on: bool) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else nullcontext()
 
 
-def training_steps(
-    pipe: UnclipPipeline,
-    m: DiffusersModels,
-    batch: int,
-    bf16: tuple[bool, bool],
-    compile: bool = False,
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """One forward+backward+AdamW step of the decoder on random data, per implementation
-    (loss: MSE of the first 3 output channels against a random target, the same for both).
-    ``bf16``: (unclip, diffusers) under bf16 autocast, else float32. ``compile``: unclip's
-    network compiled in place, as the trainer does with ``compile``."""
-    import copy
+def training_inputs(sc: StageConfigs, batch: int) -> dict[str, torch.Tensor]:
+    """The random decoder training batch both sides train on (the same seed in each process):
+    x, target [B, 3, S, S]; t [B]; z_i, z_t [B, clip_dim]; tokens [B, L, text_dim]; mask [B, L]
+    (the first 10 tokens)."""
+    cfg, ctx = sc.decoder, sc.clip.context_length
+    s, d = cfg.image_size, cfg.clip_dim
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(batch, 3, s, s, generator=g),
+        "target": torch.randn(batch, 3, s, s, generator=g),
+        "t": torch.randint(0, 1000, (batch,), generator=g),
+        "z_i": F.normalize(torch.randn(batch, d, generator=g), dim=-1),
+        "z_t": F.normalize(torch.randn(batch, d, generator=g), dim=-1),
+        "tokens": torch.randn(batch, ctx, cfg.text_dim, generator=g),
+        "mask": torch.arange(ctx)[None].expand(batch, -1) < 10,
+    }
 
+
+def unclip_training_step(
+    pipe: UnclipPipeline, inputs: dict[str, torch.Tensor], bf16: bool, compile: bool = False
+) -> Callable[[], None]:
+    """One forward+backward+AdamW step of a copy of unclip's decoder on ``inputs`` (loss: MSE
+    of the first 3 output channels against ``target``), under bf16 autocast when ``bf16``.
+    ``compile``: the network compiled in place, as the trainer does with ``compile``."""
     from unclip.config import TrainConfig
     from unclip.train.loop import build_optimizer, training_layout
-
-    cfg = pipe.decoder.model.config
-    s, d, ctx = cfg.image_size, cfg.clip_dim, pipe.clip.config.context_length
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, s, s, generator=g)
-    target = torch.randn(batch, 3, s, s, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    z_i = F.normalize(torch.randn(batch, d, generator=g), dim=-1)
-    z_t = F.normalize(torch.randn(batch, d, generator=g), dim=-1)
-    tokens = torch.randn(batch, ctx, cfg.text_dim, generator=g)
-    mask = torch.arange(ctx)[None].expand(batch, -1) < 10
-    ours_cast, theirs_cast = bf16_autocast(bf16[0]), bf16_autocast(bf16[1])
 
     ours = plain_copy(pipe.decoder.model).float().train()
     ours.to(memory_format=training_layout(ours, torch.device("cpu")))  # as the trainer does
     if compile:
         ours.compile()
-    opt_ours = build_optimizer(ours, TrainConfig())
+    opt = build_optimizer(ours, TrainConfig())
+    cast, i = bf16_autocast(bf16), inputs
 
-    def step_unclip() -> None:
-        with ours_cast:
-            out = ours(x, t, image_emb=z_i, text_tokens=tokens, text_mask=mask)
-        loss = F.mse_loss(out[:, :3].float(), target)
-        opt_ours.zero_grad(set_to_none=True)
+    def step() -> None:
+        with cast:
+            out = ours(i["x"], i["t"], image_emb=i["z_i"], text_tokens=i["tokens"],
+                       text_mask=i["mask"])  # fmt: skip
+        loss = F.mse_loss(out[:, :3].float(), i["target"])
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt_ours.step()
+        opt.step()
+
+    return step
+
+
+def diffusers_training_step(
+    m: DiffusersModels, inputs: dict[str, torch.Tensor], bf16: bool
+) -> Callable[[], None]:
+    """The same step for a copy of the diffusers decoder and text projection (AdamW, lr 1e-4)."""
+    import copy
 
     unet, proj = copy.deepcopy(m.decoder).train(), copy.deepcopy(m.text_proj).train()
-    opt_theirs = torch.optim.AdamW([*unet.parameters(), *proj.parameters()], lr=1e-4)
-    dec_mask = F.pad(mask, (proj.clip_extra_context_tokens, 0), value=True)
+    opt = torch.optim.AdamW([*unet.parameters(), *proj.parameters()], lr=1e-4)
+    cast, i = bf16_autocast(bf16), inputs
+    dec_mask = F.pad(i["mask"], (proj.clip_extra_context_tokens, 0), value=True)
 
-    def step_diffusers() -> None:
-        with theirs_cast:
+    def step() -> None:
+        with cast:
             hid, add_emb = proj(
-                image_embeddings=z_i, prompt_embeds=z_t, text_encoder_hidden_states=tokens,
-                do_classifier_free_guidance=False,
+                image_embeddings=i["z_i"], prompt_embeds=i["z_t"],
+                text_encoder_hidden_states=i["tokens"], do_classifier_free_guidance=False,
             )  # fmt: skip
             out = unet(
-                sample=x, timestep=t, encoder_hidden_states=hid, class_labels=add_emb,
+                sample=i["x"], timestep=i["t"], encoder_hidden_states=hid, class_labels=add_emb,
                 attention_mask=dec_mask,
             ).sample  # fmt: skip
-        loss = F.mse_loss(out[:, :3].float(), target)
-        opt_theirs.zero_grad(set_to_none=True)
+        loss = F.mse_loss(out[:, :3].float(), i["target"])
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt_theirs.step()
+        opt.step()
 
-    return step_unclip, step_diffusers
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusers side in its own process
+
+
+class DiffusersWorker:
+    """The diffusers side in a worker process (this script with ``--diffusers-worker`` and the
+    parent's arguments, so it builds the same models; the environment is inherited), so that
+    the allocator setting of the parent (unclip's) does not leak into it. It talks JSON lines:
+    one reply when its models are built (``{"keep_freed_memory": bool}``), then one per command
+    (``{"run": "generate", "n", "caption_length"}``: seconds per stage; ``{"run": "train"}``:
+    seconds of one training step). An error in it raises here; leaving the ``with`` block
+    ends it (killed if the block raised)."""
+
+    def __init__(self, argv: list[str], threads: int) -> None:
+        command = [sys.executable, __file__, *argv, "--threads", str(threads), "--diffusers-worker"]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        assert self.proc.stdin and self.proc.stdout
+        self.commands, self.replies = self.proc.stdin, self.proc.stdout
+
+    def __enter__(self) -> DiffusersWorker:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.proc.kill()
+        with suppress(BrokenPipeError):
+            self.commands.close()  # the worker's cue to exit
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.replies.close()
+
+    def reply(self) -> Any:
+        """The worker's next reply (its result), or a RuntimeError saying why there is none."""
+        line = self.replies.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"the diffusers worker exited with code {code} before replying "
+                               "(its error is on stderr above)")  # fmt: skip
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"the diffusers worker failed:\n{msg['error']}")
+        return msg["result"]
+
+    def __call__(self, **command: Any) -> Any:
+        with suppress(BrokenPipeError):  # a dead worker: reply() says so
+            self.commands.write(json.dumps(command) + "\n")
+            self.commands.flush()
+        return self.reply()
+
+
+def serve_diffusers(args: argparse.Namespace, setup: Setup) -> int:
+    """The ``--diffusers-worker`` loop (see :class:`DiffusersWorker`): build the diffusers
+    models, then answer the parent's commands from stdin until it closes it. glibc's malloc
+    keeps its defaults unless ``--diffusers-keep-freed-memory``."""
+    replies = os.fdopen(os.dup(1), "w")  # the parent reads JSON lines here ...
+    os.dup2(2, 1)  # ... and anything else printed goes to stderr
+
+    def send(**msg: Any) -> None:
+        replies.write(json.dumps(msg) + "\n")
+        replies.flush()
+
+    try:
+        keep = keep_freed_memory() if args.diffusers_keep_freed_memory else False
+        m = build_diffusers(setup.sc)
+        bf16 = args.diffusers_dtype == "bfloat16"
+        autocast, train_step = bf16_autocast(bf16), None
+        send(result={"keep_freed_memory": keep})
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["run"] == "generate":
+                out = diffusers_generate(m, cmd["n"], setup.steps, setup.guidance, 0, autocast,
+                                         cmd["caption_length"])  # fmt: skip
+            elif cmd["run"] == "train":
+                if train_step is None:
+                    inputs = training_inputs(setup.sc, setup.train_batch)
+                    train_step = diffusers_training_step(m, inputs, bf16)
+                t = time.perf_counter()
+                train_step()
+                out = time.perf_counter() - t
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            send(result=out)
+    except Exception:
+        send(error=traceback.format_exc())
+        return 1
+    return 0
 
 
 def side_by_side(
@@ -572,7 +687,34 @@ def median_times(runs: list[dict[str, float]], n: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclasses.dataclass
+class Setup:
+    """What both processes derive from the arguments: the stage configs, batches, steps,
+    guidance, repeats and the training batch."""
+
+    sc: StageConfigs
+    batches: list[int]
+    steps: dict[str, int]
+    guidance: dict[str, float]
+    repeat: int
+    train_repeat: int
+    train_batch: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Setup:
+        guidance = {"prior": args.prior_guidance, "decoder": args.decoder_guidance}
+        if args.quick:
+            return cls(tiny_stage_configs(), args.batch or [1, 2],
+                       {"prior": 2, "decoder": 2, "upsampler": 2}, guidance, 1, 1,
+                       args.train_batch or 2)  # fmt: skip
+        sc = stage_configs_from_dir(args.configs)
+        steps = {"prior": args.prior_steps, "decoder": args.decoder_steps,
+                 "upsampler": args.upsampler_steps}  # fmt: skip
+        return cls(sc, args.batch or [1, 4], steps, guidance, args.repeat, args.train_repeat,
+                   args.train_batch or sc.train_batch.get("decoder", 16))  # fmt: skip
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=str(REPO / "configs" / "emoji-small"),
                    help="unclip run configs giving the sizes (default configs/emoji-small)")  # fmt: skip
@@ -593,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diffusers-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="diffusers' sampling precision (default float32, its default)")  # fmt: skip
     p.add_argument(
+        "--diffusers-keep-freed-memory",
+        action="store_true",
+        help="give the diffusers process unclip's malloc setting too "
+        "(unclip.allocator.keep_freed_memory; default: glibc's defaults, as diffusers users get)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile unclip's sampling networks (UnclipPipeline.compile; the "
@@ -602,37 +750,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--train-repeat", type=int, default=9, help="timed training steps per side (default 9)"
     )
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--threads", type=int, help="torch threads (both processes)")
     p.add_argument("--quick", action="store_true",
                    help="tiny models, 2 steps per stage, batches 1 and 2, 1 repeat")  # fmt: skip
     p.add_argument("--doc", help=f"Markdown file for the table (default in full mode: {DOC})")
     p.add_argument("--no-doc", action="store_true", help="write no Markdown")
+    # internal: this script as the diffusers side's process (DiffusersWorker)
+    p.add_argument("--diffusers-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    if args.quick:
-        sc = tiny_stage_configs()
-        batches = args.batch or [1, 2]
-        steps = {"prior": 2, "decoder": 2, "upsampler": 2}
-        repeat, train_repeat, train_batch = 1, 1, args.train_batch or 2
-        doc = args.doc
-    else:
-        sc = stage_configs_from_dir(args.configs)
-        batches = args.batch or [1, 4]
-        steps = {"prior": args.prior_steps, "decoder": args.decoder_steps,
-                 "upsampler": args.upsampler_steps}  # fmt: skip
-        repeat, train_repeat = args.repeat, args.train_repeat
-        train_batch = args.train_batch or sc.train_batch.get("decoder", 16)
-        doc = args.doc or str(DOC)
-    if args.no_doc:
-        doc = None
-    guidance = {"prior": args.prior_guidance, "decoder": args.decoder_guidance}
     if args.dtype:
         args.unclip_dtype = args.diffusers_dtype = args.dtype
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = Setup.from_args(args)
+    if args.diffusers_worker:
+        return serve_diffusers(args, setup)
+    keep_freed_memory()  # as unclip's pipeline and trainer do (unclip.allocator)
+    with DiffusersWorker(argv, torch.get_num_threads()) as worker:  # builds while we do
+        result = compare(args, setup, worker)
+    doc = None if args.no_doc else args.doc or (None if args.quick else str(DOC))
+    if doc:
+        write_doc_section(doc, section_name(result), format_markdown(result))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def compare(args: argparse.Namespace, setup: Setup, worker: DiffusersWorker) -> dict[str, Any]:
+    """Check the sizes match, then time unclip here against the diffusers ``worker``."""
+    sc, steps, guidance = setup.sc, setup.steps, setup.guidance
     pipe = random_pipeline(sc, dtype=args.unclip_dtype)
     dtypes = {"unclip": str(pipe.dtype).removeprefix("torch."), "diffusers": args.diffusers_dtype}
-    theirs = build_diffusers(sc)
+    theirs = build_diffusers(sc)  # only counted here; the worker runs its own
     params = parameter_table(pipe, theirs)
     for row in params:
         print(f"{row['stage']:24s} unclip {row['unclip']:>10,}  diffusers {row['diffusers']:>10,}"
@@ -642,23 +796,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"parameter counts differ by more than 10%: {', '.join(bad)}")
 
     flops = decoder_gflops(pipe, theirs)
+    del theirs
     if args.compile:  # after the FLOP count: a model first called under a dispatch mode
         pipe.compile()  # would be left uncompiled by dynamo for good
     print(f"decoder forward GFLOPs: unclip {flops['unclip']:.4g}, diffusers "
           f"{flops['diffusers']:.4g}", file=sys.stderr)  # fmt: skip
 
-    bf16 = args.diffusers_dtype == "bfloat16"
-    autocast = bf16_autocast(bf16)
+    worker_keep = worker.reply()["keep_freed_memory"]  # its models are built
     # the diffusers caption has as many tokens as unclip's tokenizer gives the benchmark caption
     tokens = pipe.tokenizer([CAPTION], sc.clip.context_length)
     length = max(3, int(pipe.clip.eot_positions(tokens)[0]) + 1)
     timer = StageTimer(pipe)
     generation = []
-    for n in batches:
+    for n in setup.batches:
         ours, theirs_runs = side_by_side(
             lambda n=n: unclip_generate(pipe, timer, n, steps, guidance, seed=0),
-            lambda n=n: diffusers_generate(theirs, n, steps, guidance, 0, autocast, length),
-            repeat,
+            lambda n=n: worker(run="generate", n=n, caption_length=length),
+            setup.repeat,
         )
         a, b = median_times(ours, n), median_times(theirs_runs, n)
         totals = [sum(r.values()) for r in ours], [sum(r.values()) for r in theirs_runs]
@@ -671,15 +825,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # each side trains as it samples: unclip's TrainConfig default is bf16 autocast, used here
     # when its sampling dtype resolved to bf16; diffusers' training scripts default to float32
-    train_bf16 = (pipe.dtype == torch.bfloat16, bf16)
-    step_ours, step_theirs = training_steps(
-        pipe, theirs, train_batch, train_bf16, compile=args.compile
-    )
+    train_bf16 = (pipe.dtype == torch.bfloat16, args.diffusers_dtype == "bfloat16")
+    inputs = training_inputs(sc, setup.train_batch)
+    step_ours = unclip_training_step(pipe, inputs, train_bf16[0], compile=args.compile)
     # diffusers' step needs a few steps to settle (0.74 s, then 0.48 s at batch 16 on AVX2)
-    t_ours, t_theirs = side_by_side(step_ours, step_theirs, train_repeat, warmup=TRAIN_WARMUP)
+    t_ours, t_theirs = side_by_side(
+        step_ours, lambda: worker(run="train"), setup.train_repeat, warmup=TRAIN_WARMUP
+    )
     training = {
-        "batch": train_batch,
-        "repeat": train_repeat,
+        "batch": setup.train_batch,
+        "repeat": setup.train_repeat,
         "warmup": TRAIN_WARMUP,
         "precision": {
             side: "bf16 autocast" if on else "float32"
@@ -691,29 +846,27 @@ def main(argv: list[str] | None = None) -> int:
     training["ratio"] = training["unclip_s"] / training["diffusers_s"]
     training["ratio_per_step"] = pair_ratios(t_ours, t_theirs)
 
-    result = {
+    return {
         "configs": "tiny (quick)" if args.quick else args.configs,
         "quick": args.quick,
         "dtype": dtypes,
         "compiled": bool(args.compile),
         "steps": steps,
         "guidance": guidance,
-        "repeat": repeat,
+        "repeat": setup.repeat,
         "machine": machine_info(),
         "cpu": cpu_info(),
         "parameters": params,
         "decoder_forward_gflops": flops,
         "generation": generation,
         "decoder_training_step": training,
+        # keep_freed_memory() repeats its first call's answer
+        "keep_freed_memory": {"unclip": keep_freed_memory(), "diffusers": worker_keep},
     }
-    if doc:
-        write_doc_section(doc, section_name(result), format_markdown(result))
-    print(json.dumps(result, indent=2))
-    return 0
 
 
 def format_markdown(r: dict[str, Any]) -> str:
-    m, cpu = r["machine"], r["cpu"]
+    m, cpu, keep = r["machine"], r["cpu"], r["keep_freed_memory"]
     env = " ".join(f"{k}={v}" for k, v in cpu["env"].items())
     lines = [
         f"## unclip vs diffusers, matched sizes: {cpu['kernels']} kernels, unclip in "
@@ -731,8 +884,9 @@ def format_markdown(r: dict[str, Any]) -> str:
         f"{r['dtype']['unclip']} (unclip, channels-last convolutions"
         f"{', torch.compile' if r.get('compiled') else ''}) and "
         f"{r['dtype']['diffusers']} (diffusers), "
-        f"median of {r['repeat']} alternating runs; {m['threads']} threads, torch "
-        f"{m['torch']}, {m['time']}."
+        f"median of {r['repeat']} alternating runs; each side in its own process, unclip "
+        f"with {_malloc(keep['unclip'])} and diffusers with {_malloc(keep['diffusers'])}; "
+        f"{m['threads']} threads, torch {m['torch']}, {m['time']}."
         + (" **Quick mode: not a measurement.**" if r["quick"] else ""),
         "",
         markdown_table(
@@ -776,6 +930,12 @@ def format_markdown(r: dict[str, Any]) -> str:
         + (f" (pairs of steps {_span(t['ratio_per_step'])})." if t.get("ratio_per_step") else "."),
     ]
     return "\n".join(lines)
+
+
+def _malloc(keep_freed_memory: bool) -> str:
+    if keep_freed_memory:
+        return "the freed-memory malloc setting of `unclip.allocator`"
+    return "glibc's default malloc settings"
 
 
 def _span(ratios: list[float]) -> str:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unclip.allocator import keep_freed_memory
 from unclip.commands import bench, bench_measure, bench_report, random_pipelines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -277,6 +278,23 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
     assert f"<!-- {section}:start -->" in text and "Quick mode" in text
     assert "End-to-end ratio of each alternating pair of runs: 1 image(s)" in text
     assert f"kernels **{kernels}**" in text and f"samples in **{r['dtype']['unclip']}**" in text
+    # diffusers runs in its own process, with glibc's default malloc settings unless asked
+    assert r["keep_freed_memory"] == {"unclip": keep_freed_memory(), "diffusers": False}
+    assert "each side in its own process" in text
+    assert "diffusers with glibc's default malloc settings" in text
+
+
+def test_pipeline_vs_diffusers_worker() -> None:
+    """The diffusers worker takes unclip's malloc setting only when asked, and its errors (and
+    its exit) surface in the parent as errors, not hangs."""
+    script = load_script("pipeline_vs_diffusers")
+    with script.DiffusersWorker(["--quick", "--diffusers-keep-freed-memory"], 1) as worker:
+        assert worker.reply() == {"keep_freed_memory": keep_freed_memory()}
+        assert worker(run="train") > 0
+        with pytest.raises(RuntimeError, match="(?s)diffusers worker failed:.*unknown command"):
+            worker(run="sample")
+        with pytest.raises(RuntimeError, match="diffusers worker exited with code 1"):
+            worker(run="train")
 
 
 def test_steps_vs_quality_quick(tiny_pipe: Path, tmp_path: Path) -> None:
