@@ -97,18 +97,14 @@ class RowCounter:
 
 def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ...], st: Any) -> Any:
     from unclip.diffusion import final
-    from unclip.pipeline.runners import (
-        RunContext,
-        sampler_steps,
-        stage_generator,
-        stage_precision,
-    )
+    from unclip.pipeline.runners import RunContext, running, sampler_steps, stage_generator
 
+    ctx = RunContext(pipe.device, pipe.dtype)
     steps = sampler_steps(
         "decoder", stage, fn, shape, st.sampler, st.steps, st.eta, stage_generator(0, "decoder"),
-        RunContext(pipe.device),
+        ctx,
     )  # fmt: skip
-    with stage_precision(stage.model, pipe.device, pipe.dtype):  # as the pipeline runs a stage
+    with running(stage, ctx):  # as the pipeline runs a stage
         return final(steps)
 
 

@@ -60,7 +60,7 @@ class RunContext:
     ``generator``: one CPU generator that every stage of a batch draws from in turn, in place
     of the seeds' (:meth:`generators`), as diffusers' unCLIP pipelines draw; None: the seeds'.
     ``offload``: the stages' networks wait on the CPU and only the running one is on
-    ``device`` (:func:`stage_on_device`).
+    ``device`` (:func:`running`).
     """
 
     device: torch.device
@@ -156,20 +156,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-@contextmanager
-def stage_precision(model: nn.Module | None, device: torch.device, dtype: torch.dtype) -> Iterator:
-    """The context a whole sampler run goes in: one autocast context, so each weight is cast
-    to the low precision once per run rather than at every model call (autocast caches casts
-    until its outermost context exits), and a UNet's ``frozen_weights`` context (tensors
-    derived from its weights built once per run)."""
-    with ExitStack() as stack:
-        stack.enter_context(autocast(device, dtype))
-        frozen = getattr(model, "frozen_weights", None)
-        if frozen is not None:
-            stack.enter_context(frozen())
-        yield
-
-
 def _on(net: nn.Module, device: torch.device) -> bool:
     """Whether ``net``'s weights are on ``device`` (``cuda`` matches any ``cuda:N``)."""
     where = next(net.parameters()).device
@@ -177,11 +163,10 @@ def _on(net: nn.Module, device: torch.device) -> bool:
 
 
 @contextmanager
-def stage_on_device(stage: Stage | None, ctx: RunContext) -> Iterator[None]:
-    """With ``ctx.offload``, the networks of ``stage`` on ``ctx.device`` for the block and back
-    on the CPU after it (a network already there stays: the contexts nest); without, nothing."""
-    nets = [] if stage is None or not ctx.offload else stage.networks()
-    moved = [net for net in nets if not _on(net, ctx.device)]
+def _on_device(nets: Sequence[nn.Module], ctx: RunContext) -> Iterator[None]:
+    """With ``ctx.offload``, ``nets`` on ``ctx.device`` for the block and back on the CPU
+    after it (a network already there stays: the contexts nest); without, nothing."""
+    moved = [net for net in nets if ctx.offload and not _on(net, ctx.device)]
     for net in moved:
         net.to(ctx.device)
     try:
@@ -191,10 +176,29 @@ def stage_on_device(stage: Stage | None, ctx: RunContext) -> Iterator[None]:
             net.to("cpu")
 
 
+@contextmanager
+def running(stage: Stage, ctx: RunContext) -> Iterator[None]:
+    """The context a whole sampler run of ``stage`` goes in: with ``ctx.offload`` its networks
+    on ``ctx.device`` (and back on the CPU after); one autocast context in ``ctx.dtype``, so
+    each weight is cast to the low precision once per run rather than at every model call
+    (autocast caches casts until its outermost context exits); and each network's
+    ``frozen_weights`` context where it has one (a UNet's tensors derived from its weights,
+    built once per run)."""
+    nets = stage.networks()
+    with ExitStack() as stack:
+        stack.enter_context(_on_device(nets, ctx))
+        stack.enter_context(autocast(ctx.device, ctx.dtype))
+        for net in nets:
+            frozen = getattr(net, "frozen_weights", None)
+            if frozen is not None:
+                stack.enter_context(frozen())
+        yield
+
+
 def model_fn(model: Callable[..., Tensor], **fixed: Any) -> Callable[..., Tensor]:
     """The network as a diffusion model function with float32 output and the keyword
     arguments ``fixed`` bound; it runs in the precision of the context around the sampler
-    (:func:`stage_precision`)."""
+    (:func:`running`)."""
 
     def fn(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
         return model(x, t, **fixed, **kwargs).float()
@@ -273,21 +277,19 @@ def sample_prior(
 
     model, st, z_t = prior.model, settings, text.z_t
     n, c = z_t.shape[0], st.candidates
-    with stage_on_device(prior, ctx):
+    with running(prior, ctx):  # the caption caches too, in the steps' dtype
         if prior.diffusion is None:
             z = _sample_ar(prior, text, st, generator, ctx).view(n, c, -1)
         else:
-            with autocast(ctx.device, ctx.dtype):  # [n·c] rows; the caption caches in that dtype
-                cond, uncond = model.sampling_conditions(*_candidate_rows(text, c))
-                if negative is not None:  # the negative caption's condition replaces the null one
-                    uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
+            cond, uncond = model.sampling_conditions(*_candidate_rows(text, c))  # [n·c] rows
+            if negative is not None:  # the negative caption's condition replaces the null one
+                uncond = model.sampling_conditions(*_candidate_rows(negative, c))[0]
             fn = guided(model, st.guidance, cond, uncond, False)
             shape = (n * c, model.config.clip_dim)
             steps = sampler_steps(
                 name, prior, fn, shape, st.sampler, st.steps, st.eta, generator, ctx
             )
-            with stage_precision(model, ctx.device, ctx.dtype):
-                x = deque(steps, maxlen=1).pop().x
+            x = deque(steps, maxlen=1).pop().x
             if model.config.embeddings == "raw":  # a raw CLIP image embedding, as Karlo's
                 z = model.from_latent(x).view(n, c, -1)
                 cos = (F.normalize(z, dim=-1) * F.normalize(z_t, dim=-1)[:, None]).sum(-1)
@@ -427,7 +429,7 @@ def decode(
         steps = sampler_steps(
             name, decoder, fn, start, st.sampler, count, eta, generator, ctx, **extra
         )
-    with stage_on_device(decoder, ctx), stage_precision(model, ctx.device, ctx.dtype):
+    with running(decoder, ctx):
         x = deque(steps, maxlen=1).pop().x
     if known is not None and repaint is None:  # keep the known pixels exactly
         x = known[1] * known[0] + (1 - known[1]) * x
@@ -450,7 +452,7 @@ def invert(
     run = ddim_invert(
         decoder.diffusion, fn, image.to(ctx.device), steps, progress=callback, device=ctx.device
     )
-    with stage_on_device(decoder, ctx), stage_precision(decoder.model, ctx.device, ctx.dtype):
+    with running(decoder, ctx):
         return deque(run, maxlen=1).pop().x
 
 
@@ -512,11 +514,7 @@ def upsample(
         if up.last_step is not None:
             fn = last_step_switch(fn, model_fn(up.last_step, low_res=low))
         run = sampler_steps(name, up, fn, start, st.sampler, steps, st.eta, gens, ctx, **extra)
-        with (
-            stage_on_device(up, ctx),
-            stage_precision(up.model, ctx.device, ctx.dtype),
-            stage_precision(up.last_step, ctx.device, ctx.dtype),
-        ):
+        with running(up, ctx):
             x = deque(run, maxlen=1).pop().x
     return x
 
