@@ -298,6 +298,14 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(doc))
 
 
+def _edit_weights(folder: Path, edit) -> None:
+    """Rewrite the safetensors weights file in ``folder`` as ``edit(state)`` returns them."""
+    from safetensors.torch import save_file
+
+    (file,) = [f for f in folder.iterdir() if f.suffix == ".safetensors"]
+    save_file(edit(_state(folder)), str(file))
+
+
 BAD_FOLDERS = {
     "missing component folder": (
         lambda f: shutil.rmtree(f / "decoder"),
@@ -341,6 +349,19 @@ BAD_FOLDERS = {
     "missing weights": (
         lambda f: (f / "prior" / "diffusion_pytorch_model.safetensors").unlink(),
         r"prior: no weights file",
+    ),
+    "prior tensor missing": (
+        lambda f: _edit_weights(
+            f / "prior", lambda sd: {k: v for k, v in sd.items() if k != "clip_std"}
+        ),
+        r"prior/config.json: weights do not match the config: missing 1 tensor\(s\), "
+        r"e.g. 'clip_std'",
+    ),
+    "prior tensor of another size": (
+        lambda f: _edit_weights(
+            f / "prior", lambda sd: {**sd, "proj_to_clip_embeddings.bias": torch.zeros(3)}
+        ),
+        r"prior/config.json: tensor 'out.bias' has shape \(3,\), the config needs",
     ),
 }
 

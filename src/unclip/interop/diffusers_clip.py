@@ -65,6 +65,16 @@ def read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, Tensor]:
         raise ConfigError(str(e).splitlines()[0]) from None
 
 
+def check_converted(own: dict[str, Tensor], state: dict[str, Tensor], where: str | Path) -> None:
+    """:func:`unclip.hub.check_weights` of converted weights ``state`` against a model's
+    own state dict ``own`` (names, shapes, float-ness), its error a one-line ConfigError
+    naming ``where``."""
+    try:
+        check_weights(own, state, where)
+    except HubError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -196,10 +206,7 @@ def clip_from_diffusers_state(config: CLIPConfig, state: dict[str, Tensor], wher
     with torch.device("meta"):  # no random initialisation, no second copy of the weights
         model = CLIP(config)
     state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
-    try:
-        check_weights(model.state_dict(), state, where)
-    except HubError as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    check_converted(model.state_dict(), state, where)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
     # the non-persistent buffers come from the config, not the weights
     model.image_mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)

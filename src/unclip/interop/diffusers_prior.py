@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from unclip.config import ConfigError
+from unclip.interop.diffusers_clip import check_converted
 from unclip.prior.model import NUM_EXTRA_TOKENS, DiffusionPriorTransformer, PriorConfig
 
 PRIOR_CLASS = "PriorTransformer"
@@ -183,18 +184,7 @@ def prior_from_diffusers(
     ours["null_text_token"] = null_tokens if k > 1 else null_tokens[0]
     with torch.device("meta"):  # no random initialisation, no second copy of the weights
         model = DiffusionPriorTransformer(config)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(ours))
-    extra = sorted(set(ours) - set(own))
-    if missing or extra:
-        raise ConfigError(
-            f"{where}: tensors do not match (missing {missing[:3]}, extra {extra[:3]})"
-        )
-    for key, value in ours.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ConfigError(
-                f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
-            )
+    check_converted(model.state_dict(), ours, where)
     model.load_state_dict(ours, assign=True)
     return model.eval()
 
