@@ -189,7 +189,8 @@ _COMMON_INDEX: dict[str, list[str]] = {
     "text_proj": ["diffusers", "UnCLIPTextProjModel"],  # the hub's older file: "unclip"
     "tokenizer": ["transformers", "CLIPTokenizer"],
 }
-#: model_index.json of the text-to-image folder (``UnCLIPPipeline``)
+#: model_index.json of the text-to-image folder (``UnCLIPPipeline``); also what unclip writes
+#: (:func:`unclip.pipeline.diffusers_folder.write_diffusers_folder`) and reads it against
 MODEL_INDEX: dict[str, Any] = {
     "_class_name": "UnCLIPPipeline",
     "_diffusers_version": DIFFUSERS_VERSION,
@@ -197,7 +198,7 @@ MODEL_INDEX: dict[str, Any] = {
     "prior": ["diffusers", "PriorTransformer"],
     "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
 }
-#: model_index.json of the image-variation folder (``UnCLIPImageVariationPipeline``)
+#: model_index.json of the image-variation folder (``UnCLIPImageVariationPipeline``), as above
 VARIATION_MODEL_INDEX: dict[str, Any] = {
     "_class_name": "UnCLIPImageVariationPipeline",
     "_diffusers_version": DIFFUSERS_VERSION,

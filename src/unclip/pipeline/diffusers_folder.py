@@ -43,6 +43,7 @@ from unclip.config import (
     ConfigError,
     DiffusionConfig,
 )
+from unclip.interop import karlo_configs as karlo
 from unclip.interop.diffusers_clip import (
     HF_WEIGHTS,
     clip_config_from_diffusers,
@@ -77,38 +78,25 @@ SCHEDULER_FILE = "scheduler_config.json"
 #: the empty caption's tokens (start and end with CLIP's tokenizer): the null caption's length
 EMPTY_CAPTION_TOKENS = 2
 
-_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
-_COMMON = {
-    "decoder": ("UNet2DConditionModel",),
-    "text_proj": ("UnCLIPTextProjModel",),
-    "super_res_first": ("UNet2DModel",),
-    "super_res_last": ("UNet2DModel",),
-    "text_encoder": ("CLIPTextModelWithProjection",),
-    "tokenizer": _TOKENIZERS,
-    "decoder_scheduler": ("UnCLIPScheduler",),
-    "super_res_scheduler": ("UnCLIPScheduler",),
+#: model_index.json as diffusers writes it (and unclip writes back), per pipeline class
+MODEL_INDEXES: dict[str, dict[str, Any]] = {
+    TEXT_TO_IMAGE: karlo.MODEL_INDEX,
+    VARIATION: karlo.VARIATION_MODEL_INDEX,
+}
+#: the classes unclip also reads for a component, besides the one diffusers writes
+_ALSO_READ = {
+    "tokenizer": ("CLIPTokenizerFast",),
+    "feature_extractor": ("CLIPImageProcessorPil", "CLIPFeatureExtractor"),
 }
 #: the components of each pipeline class, and the classes unclip converts for each
 COMPONENTS: dict[str, dict[str, tuple[str, ...]]] = {
-    TEXT_TO_IMAGE: {
-        "prior": ("PriorTransformer",),
-        "prior_scheduler": ("UnCLIPScheduler",),
-        **_COMMON,
-    },
-    VARIATION: {
-        **_COMMON,
-        "image_encoder": ("CLIPVisionModelWithProjection",),
-        "feature_extractor": (
-            "CLIPImageProcessor",
-            "CLIPImageProcessorPil",
-            "CLIPFeatureExtractor",
-        ),
-    },
+    cls: {
+        name: (entry[1], *_ALSO_READ.get(name, ()))
+        for name, entry in index.items()
+        if not name.startswith("_")
+    }
+    for cls, index in MODEL_INDEXES.items()
 }
-_LIBRARIES = {
-    "text_encoder": "transformers", "tokenizer": "transformers", "image_encoder": "transformers",
-    "feature_extractor": "transformers",
-}  # fmt: skip
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
@@ -439,15 +427,9 @@ def write_diffusers_folder(pipe: UnclipPipeline, folder: Path, dtype: torch.dtyp
         raise ConfigError(f"{where}: no prior and no image encoder: nothing diffusers can run")
     empty = empty_caption(pipe.clip, pipe.tokenizer)
     cast = {"dtype": dtype}
-    index: dict[str, Any] = {
-        "_class_name": VARIATION if variation else TEXT_TO_IMAGE,
-        "_diffusers_version": "0.42.1",
-    }
     text_cfg, text_state, vis_cfg, vis_state = clip_to_diffusers(pipe.clip, **cast)
     _write_component(folder / "text_encoder", text_cfg, text_state, HF_WEIGHTS[0], "")
     tokenizer_to_diffusers(pipe.tokenizer, folder / "tokenizer")
-    index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
-    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     if variation:
         assert vis_cfg is not None and vis_state is not None
         _write_component(folder / "image_encoder", vis_cfg, vis_state, HF_WEIGHTS[0], "")
@@ -460,29 +442,22 @@ def write_diffusers_folder(pipe: UnclipPipeline, folder: Path, dtype: torch.dtyp
             "image_mean": list(c.image_mean), "image_std": list(c.image_std),
             "do_convert_rgb": True,
         })  # fmt: skip
-        index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
-        index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     else:
         assert pipe.prior is not None and pipe.prior.diffusion is not None
         doc, state = prior_to_diffusers(pipe.prior.model, empty, dtype)
         _write_component(folder / "prior", doc, state, DIFFUSERS_WEIGHTS[0], "PriorTransformer")
-        index["prior"] = ["diffusers", "PriorTransformer"]
         _write_scheduler(folder / "prior_scheduler", _stage_diffusion(pipe, "prior"), where)
-        index["prior_scheduler"] = ["diffusers", "UnCLIPScheduler"]
     for name, (cfg, state) in decoder_to_diffusers(pipe.decoder.model).items():
         state = {k: v.to(dtype) for k, v in state.items()}
         cls = cfg.get("_class_name", "")
         _write_component(folder / name, cfg, state, DIFFUSERS_WEIGHTS[0], cls)
-        index[name] = ["diffusers", cls]
     up = pipe.upsamplers[0]
     for name, (cfg, state) in upsampler_to_diffusers(up.model, up.last_step).items():
         state = {k: v.to(dtype) for k, v in state.items()}
         _write_component(folder / name, cfg, state, DIFFUSERS_WEIGHTS[0], "UNet2DModel")
-        index[name] = ["diffusers", "UNet2DModel"]
     _write_scheduler(folder / "decoder_scheduler", _stage_diffusion(pipe, "decoder"), where)
     _write_scheduler(folder / "super_res_scheduler", _stage_diffusion(pipe, "upsampler"), where)
-    index["decoder_scheduler"] = index["super_res_scheduler"] = ["diffusers", "UnCLIPScheduler"]
-    _write_json(folder / MODEL_INDEX, index)
+    _write_json(folder / MODEL_INDEX, MODEL_INDEXES[VARIATION if variation else TEXT_TO_IMAGE])
 
 
 def _stage_diffusion(pipe: UnclipPipeline, what: str) -> DiffusionConfig:
@@ -516,4 +491,4 @@ def _stage_diffusion(pipe: UnclipPipeline, what: str) -> DiffusionConfig:
 
 def _write_scheduler(folder: Path, cfg: DiffusionConfig, where: str) -> None:
     doc = scheduler_from_diffusion(cfg, where)
-    _write_json(folder / SCHEDULER_FILE, {**doc, "_diffusers_version": "0.42.1"})
+    _write_json(folder / SCHEDULER_FILE, {**doc, "_diffusers_version": karlo.DIFFUSERS_VERSION})
