@@ -286,6 +286,27 @@ def test_convert_fp16_writes_half_the_bytes_and_loads(folders, tmp_path):
     assert image.size == (tiny.SUPER, tiny.SUPER)
 
 
+@pytest.mark.parametrize("which", ["t2i", "var"])
+def test_converting_reads_each_json_file_once(folders, monkeypatch, which):
+    from unclip.clip import convert
+    from unclip.interop import diffusers_clip
+    from unclip.pipeline.diffusers_folder import convert_diffusers_folder
+
+    t2i_dir, _, var_dir, _ = folders
+    reads: list[str] = []
+    for module, name in ((diffusers_clip, "read_config_json"), (convert, "read_json")):
+        real = getattr(module, name)
+
+        def counting(path, *args, _real=real, **kwargs):
+            reads.append(str(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+    convert_diffusers_folder(t2i_dir if which == "t2i" else var_dir)
+    assert any(r.endswith("text_encoder/config.json") for r in reads)
+    assert len(reads) == len(set(reads)), sorted(reads)
+
+
 def test_unclips_own_pipeline_does_not_convert_to_diffusers(tmp_path, capsys):
     code = main(["convert", "emoji-small", "--to", "diffusers", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip()

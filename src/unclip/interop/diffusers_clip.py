@@ -214,14 +214,10 @@ def clip_from_diffusers_state(config: CLIPConfig, state: dict[str, Tensor], wher
     return model.eval()
 
 
-def clip_from_diffusers(
-    text_dir: Path, image_dir: Path | None = None, feature_dir: Path | None = None
-) -> CLIP:
-    """One unclip CLIP (eval mode, float32) from a ``text_encoder/`` folder and, when given,
-    an ``image_encoder/`` (+ ``feature_extractor/`` for the pixel mean and std) folder."""
-    text = read_json(text_dir / "config.json")
-    vision = None if image_dir is None else read_json(image_dir / "config.json")
-    config = clip_config_from_diffusers(text, vision, text_dir, image_dir, feature_dir)
+def clip_from_diffusers(config: CLIPConfig, text_dir: Path, image_dir: Path | None = None) -> CLIP:
+    """One unclip CLIP (eval mode, float32) of ``config`` (:func:`clip_config_from_diffusers`
+    of the folders' config files, read once) holding the weights of a ``text_encoder/``
+    folder and, when given, an ``image_encoder/`` folder."""
     state = read_weights(text_dir, HF_WEIGHTS)
     if image_dir is not None:
         state.update(read_weights(image_dir, HF_WEIGHTS))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,9 +161,11 @@ def _index(folder: Path) -> str:
     return cls
 
 
-def _component(folder: Path, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config.json, weights) of a diffusers model component."""
-    return read_json(folder / name / "config.json"), read_weights(folder / name, DIFFUSERS_WEIGHTS)
+def _component(
+    folder: Path, name: str, configs: FolderConfigs
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json as :func:`read_configs` read it, weights) of a diffusers model component."""
+    return configs.documents[name], read_weights(folder / name, DIFFUSERS_WEIGHTS)
 
 
 def _diffusion(folder: Path, name: str) -> DiffusionConfig:
@@ -183,13 +185,15 @@ class FolderConfigs:
 
     ``super_res``: (``super_res_first``, ``super_res_last``); ``diffusion``: each diffusion
     stage's :class:`DiffusionConfig` by unclip stage name (``"prior"`` where the folder has
-    one, ``"decoder"``, ``"upsampler"``)."""
+    one, ``"decoder"``, ``"upsampler"``); ``documents``: each component's ``config.json`` as
+    read, by component name (the converters take them with the weights)."""
 
     clip: CLIPConfig
     decoder: UNetConfig
     super_res: tuple[UpsamplerConfig, UpsamplerConfig]
     diffusion: dict[str, DiffusionConfig]
     prior: PriorConfig | None = None
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def read_configs(path: str | os.PathLike, null_tokens: int = EMPTY_CAPTION_TOKENS) -> FolderConfigs:
@@ -210,8 +214,12 @@ def read_configs(path: str | os.PathLike, null_tokens: int = EMPTY_CAPTION_TOKEN
     cls = _index(folder)
     variation = cls == VARIATION
 
+    documents: dict[str, dict[str, Any]] = {}
+
     def doc(name: str) -> dict[str, Any]:
-        return read_json(folder / name / "config.json")
+        if name not in documents:
+            documents[name] = read_json(folder / name / "config.json")
+        return documents[name]
 
     clip = clip_config_from_diffusers(
         doc("text_encoder"),
@@ -246,7 +254,7 @@ def read_configs(path: str | os.PathLike, null_tokens: int = EMPTY_CAPTION_TOKEN
             f"{folder / 'super_res_scheduler' / SCHEDULER_FILE}: variance_type learned_range "
             "does not fit the super-resolution UNets (3 output channels)"
         )
-    return FolderConfigs(clip, decoder, super_res, diffusion, prior)
+    return FolderConfigs(clip, decoder, super_res, diffusion, prior, documents)
 
 
 def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
@@ -259,9 +267,7 @@ def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
     variation = configs.prior is None
     tokenizer = tokenizer_from_diffusers(folder / "tokenizer")
     clip = clip_from_diffusers(
-        folder / "text_encoder",
-        folder / "image_encoder" if variation else None,
-        folder / "feature_extractor" if variation else None,
+        configs.clip, folder / "text_encoder", folder / "image_encoder" if variation else None
     )
     if tokenizer.vocab_size > clip.config.vocab_size:
         raise ConfigError(f"{folder / 'tokenizer'}: more tokens than the text encoder's vocabulary")
@@ -272,16 +278,16 @@ def convert_diffusers_folder(path: str | os.PathLike) -> Converted:
     try:
         prior = None
         if not variation:
-            doc, state = _component(folder, "prior")
+            doc, state = _component(folder, "prior", configs)
             model = prior_from_diffusers(doc, state, empty, str(folder / "prior" / "config.json"))
             prior = (model, configs.diffusion["prior"])
-        unet_doc, unet_state = _component(folder, "decoder")
-        tp_doc, tp_state = _component(folder, "text_proj")
+        unet_doc, unet_state = _component(folder, "decoder", configs)
+        tp_doc, tp_state = _component(folder, "text_proj", configs)
         decoder = decoder_from_diffusers(
             unet_state, unet_doc, tp_state, tp_doc, null_caption=null_caption
         )
-        first_doc, first_state = _component(folder, "super_res_first")
-        last_doc, last_state = _component(folder, "super_res_last")
+        first_doc, first_state = _component(folder, "super_res_first", configs)
+        last_doc, last_state = _component(folder, "super_res_last", configs)
         first, last = upsampler_from_diffusers(
             first_state, first_doc, last_state, last_doc,
             low_res_size=decoder.config.image_size,
