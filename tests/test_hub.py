@@ -14,6 +14,7 @@ from unclip.hub import (
     from_pretrained,
     load_config,
     load_state_dict,
+    meta_model,
     save_pretrained,
 )
 
@@ -154,3 +155,48 @@ def test_plain_legacy_tensor_file_loads_with_opt_in(tmp_path):
         load_state_dict(path)
     state = load_state_dict(path, allow_legacy=True)
     assert torch.equal(state["net.0.weight"], model.net[0].weight)
+
+
+def test_meta_model_builds_on_meta_and_leaves_other_threads_initialising():
+    """A meta build skips initialisation for its own thread only: a model built at the same
+    time in another thread (a server loading a pipeline) gets its random weights."""
+    import threading
+
+    other: dict[str, torch.Tensor] = {}
+
+    def build(config):
+        def elsewhere():
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(64, 64)
+            other["weight"], other["bias"] = layer.weight, layer.bias
+            other["normal"] = torch.nn.init.normal_(torch.zeros(256), std=1.0)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        return ToyModel(config)
+
+    model = meta_model(build, ToyConfig(dim=6, hidden=12))
+    assert all(p.is_meta for p in model.parameters())
+    assert model.state_dict().keys() == make_model(dim=6, hidden=12).state_dict().keys()
+    assert all(not t.is_meta for t in other.values())
+    assert other["weight"].std() > 0.05 and other["normal"].std() > 0.5  # initialised
+
+
+def test_meta_model_imports_no_compiler_stack():
+    """Random fills of meta tensors go through torch's Python decompositions, whose first
+    use imports torch._dynamo and sympy (a second or more); meta_model skips them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from unclip.hub import meta_model; "
+        "from unclip.prior.model import DiffusionPriorTransformer, PriorConfig; "
+        "m = meta_model(DiffusionPriorTransformer, PriorConfig(clip_dim=8, text_dim=8, "
+        "text_len=4, width=16, layers=1, heads=2)); "
+        "assert all(p.is_meta for p in m.parameters()); "
+        "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -15,20 +15,20 @@ imports no model package; a model class has a ``config_class`` attribute and is 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
 import pickle
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from unclip.config import Config, ConfigError, write_text_atomic
 
@@ -37,6 +37,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+M = TypeVar("M", bound=nn.Module)
 
 # type name -> model class or "module:Class" (imported on first use).
 # The package's own model types, resolved lazily so a folder loads without importing its
@@ -325,20 +326,41 @@ def load_weights_into(
     return new
 
 
-@contextlib.contextmanager
-def _skip_init() -> Iterator[None]:
-    """``torch.nn.init``'s fill functions do nothing inside: for a model built on the meta
-    device only to read its shapes (random init there would import torch's decompositions,
-    seconds on a small CPU, to fill tensors that hold no data)."""
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
+#: the in-place random fills of a tensor (weight initialisation's, besides ``torch.nn.init``'s own)
+_RANDOM_FILLS = frozenset(
+    ("normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_",
+     "log_normal_", "cauchy_")
+)  # fmt: skip
+
+
+class _NoMetaFills(TorchFunctionMode):
+    """Weight initialisation's fills (``torch.nn.init``'s functions, a tensor's random fills)
+    do nothing to meta tensors: they hold no data, and torch fills them by its Python
+    decompositions, whose first use imports the compiler stack (a second or more on a small
+    CPU). A torch function mode, so it holds for this thread alone (a server loading in
+    another thread initialises as usual)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        fill = name in _RANDOM_FILLS or (
+            getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_")
+        )
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes tensor=
+        if fill and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def meta_model(build: Callable[..., M], *args: Any, **kwargs: Any) -> M:
+    """``build(*args, **kwargs)`` on the meta device, e.g. ``meta_model(UNet, config)``: the
+    model's names, shapes and dtypes with no memory and no initialisation (its weights hold
+    no data until assigned, e.g. by ``load_state_dict(..., assign=True)``). Thread-safe: the
+    meta device and the skipped fills (:class:`_NoMetaFills`) hold for this thread alone."""
+    with torch.device("meta"), _NoMetaFills():
+        return build(*args, **kwargs)
 
 
 def from_pretrained(
@@ -379,8 +401,7 @@ def from_pretrained(
     # file's header, so that a config.json declaring a huge model fails here with a message
     # instead of allocating (and perhaps exhausting) memory before the weights are compared.
     try:
-        with torch.device("meta"), _skip_init():
-            skeleton = cls(config)
+        skeleton = meta_model(cls, config)
     except (ValueError, TypeError, AssertionError, RuntimeError) as e:
         raise HubError(
             f"{path / CONFIG_NAME}: the config does not describe a model ({e})"

@@ -27,7 +27,7 @@ from unclip.clip.convert import _hf_config, _read_weights, from_hf_state_dict
 from unclip.clip.model import CLIP, CLIPConfig
 from unclip.config import ConfigError
 from unclip.config import read_json as read_config_json
-from unclip.hub import HubError, check_weights
+from unclip.hub import HubError, check_weights, meta_model
 from unclip.tokenizer import EOT_TOKEN, SOT_TOKEN, Tokenizer
 
 TEXT_MODEL_TYPE = "clip_text_model"
@@ -203,8 +203,7 @@ def clip_from_diffusers_state(config: CLIPConfig, state: dict[str, Tensor], wher
     copied; meta tensors give a meta model (shapes checked, nothing allocated). ``where``
     names the folder in errors."""
     state = from_hf_state_dict(state)
-    with torch.device("meta"):  # no random initialisation, no second copy of the weights
-        model = CLIP(config)
+    model = meta_model(CLIP, config)  # no random initialisation, no second copy of the weights
     state.setdefault("logit_scale", torch.tensor(math.log(1 / 0.07)))
     check_converted(model.state_dict(), state, where)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from unclip.config import ConfigError
+from unclip.hub import meta_model
 from unclip.interop.diffusers_clip import check_converted
 from unclip.prior.model import NUM_EXTRA_TOKENS, DiffusionPriorTransformer, PriorConfig
 
@@ -182,8 +183,7 @@ def prior_from_diffusers(
         null_tokens = states[0, :k].float() @ ours["text_proj.weight"].T + ours["text_proj.bias"]
     ours["null_text_emb"] = z_t[0].float()
     ours["null_text_token"] = null_tokens if k > 1 else null_tokens[0]
-    with torch.device("meta"):  # no random initialisation, no second copy of the weights
-        model = DiffusionPriorTransformer(config)
+    model = meta_model(DiffusionPriorTransformer, config)  # no second copy of the weights
     check_converted(model.state_dict(), ours, where)
     model.load_state_dict(ours, assign=True)
     return model.eval()

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from unclip.config import ConfigError
 from unclip.decoder.blocks import AttentionBlock, Downsample, ResBlock, Upsample
-from unclip.decoder.unet import UNet, UNetConfig
+from unclip.decoder.unet import UNet
 from unclip.decoder.upsampler import Upsampler
+from unclip.hub import meta_model
 from unclip.interop.diffusers_unet_configs import (
     DECODER,
     SUPER_RES_FIRST,
@@ -50,12 +51,6 @@ from unclip.interop.diffusers_unet_configs import (
 
 State = dict[str, Tensor]
 Component = tuple[dict[str, Any], State]  # (config.json as a dict, state dict)
-
-
-def _skeleton(cls: type[UNet], config: UNetConfig) -> UNet:
-    """``cls(config)`` on the meta device: its keys and shapes, no memory."""
-    with torch.device("meta"):
-        return cls(config)
 
 
 def _build(model: UNet, state: State, where: str) -> UNet:
@@ -240,7 +235,7 @@ def decoder_from_diffusers(
             f"null_caption must be (tokens [k, {dim}], z_t [{dim}]), "
             f"got {tuple(tokens.shape)}, {tuple(z_t.shape)}"
         )
-    skeleton = _skeleton(UNet, config)
+    skeleton = meta_model(UNet, config)  # keys and shapes, no memory
     state = _unet_state(skeleton, unet_state, f"{DECODER}/", dtype)
     where = f"{TEXT_PROJ}/"
     used = {f"{_TOKENS}.weight", f"{_TOKENS}.bias"}
@@ -278,7 +273,7 @@ def upsampler_from_diffusers(
     for name, state, config in zip(
         (SUPER_RES_FIRST, SUPER_RES_LAST), (first_state, last_state), configs, strict=True
     ):
-        skeleton, where = _skeleton(Upsampler, config), f"{name}/"
+        skeleton, where = meta_model(Upsampler, config), f"{name}/"
         out.append(_build(skeleton, _unet_state(skeleton, state, where, dtype), where))
     return out[0], out[1]  # type: ignore[return-value]
 
