@@ -77,52 +77,74 @@ def karlo_sample(
     return _karlo_loop(diffusion, run)
 
 
-def _karlo_loop(diffusion: GaussianDiffusion, r: Run) -> Iterator[SampleStep]:
-    """The steps of a run :meth:`~Run.start` set up; ``diffusion`` the full (unrespaced) one,
-    whose β and ᾱ Karlo's step reads."""
+def _step_coefficients(
+    diffusion: GaussianDiffusion, ts: list[int]
+) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Karlo's float32 coefficients of each step n of the descending timesteps ``ts``, computed
+    on the CPU one step at a time, as diffusers computes them: ``scales[n]`` = (√(1 - ᾱ_t),
+    √ᾱ_t), which turn ε into x₀ and stay CPU scalars (diffusers divides by a CPU scalar,
+    which CUDA does as a multiplication by its reciprocal), and ``coefs`` [steps, 5]: x₀'s
+    and x_t's coefficients of the mean (Ho et al. Eq. 7), the fixed small standard deviation,
+    log β̃ and log β between the two timesteps."""
     # float32 as diffusers keeps them: β rounded from float64, ᾱ its float32 cumulative product
     betas = diffusion.schedule.betas.to(torch.float32)
     alphas = 1.0 - betas
     abar = torch.cumprod(alphas, dim=0)
     one = torch.tensor(1.0)
+    scales, rows = [], []
+    for n, t in enumerate(ts):
+        prev = ts[n + 1] if n + 1 < len(ts) else -1
+        abar_t = abar[t]
+        abar_prev = abar[prev] if prev >= 0 else one
+        beta_prod_t, beta_prod_prev = 1 - abar_t, 1 - abar_prev
+        if prev == t - 1:
+            beta, alpha = betas[t], alphas[t]
+        else:
+            beta = 1 - abar_t / abar_prev
+            alpha = 1 - beta
+        variance = beta_prod_prev / beta_prod_t * beta  # β̃ between the two timesteps
+        scales.append((beta_prod_t**0.5, abar_t**0.5))
+        rows.append(torch.stack([
+            (abar_prev**0.5 * beta) / beta_prod_t,
+            alpha**0.5 * beta_prod_prev / beta_prod_t,
+            torch.exp(0.5 * torch.log(torch.clamp(variance, min=1e-20))),  # "fixed_small_log"
+            variance.log(),  # -inf at the last step, which draws no noise
+            beta.log(),
+        ]))  # fmt: skip
+    return scales, torch.stack(rows)
+
+
+def _karlo_loop(diffusion: GaussianDiffusion, r: Run) -> Iterator[SampleStep]:
+    """The steps of a run :meth:`~Run.start` set up; ``diffusion`` the full (unrespaced) one,
+    whose β and ᾱ Karlo's step reads."""
     clip = diffusion.clip_denoised if r.clip_denoised is None else r.clip_denoised
     threshold = diffusion.dynamic_threshold
     threshold = threshold if r.dynamic_threshold is None else r.dynamic_threshold
     ts = [int(t) for t in r.d.schedule.timestep_map.tolist()][::-1]  # descending
     x = r.x
+    scales, coefs = _step_coefficients(diffusion, ts)
+    coefs = coefs.to(x.device)  # [steps, 5]: one copy for the whole run
     for n, t in enumerate(ts):
-        prev = ts[n + 1] if n + 1 < len(ts) else -1
         with torch.no_grad():
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             output = r.model_fn(x, t_batch, **r.model_kwargs)
             var_values = None
             if diffusion.learn_sigma:
                 output, var_values = torch.split(output, x.shape[1], dim=1)
-            abar_t = abar[t]
-            abar_prev = abar[prev] if prev >= 0 else one
-            beta_prod_t, beta_prod_prev = 1 - abar_t, 1 - abar_prev
-            if prev == t - 1:
-                beta, alpha = betas[t], alphas[t]
-            else:
-                beta = 1 - abar_t / abar_prev
-                alpha = 1 - beta
             if diffusion.prediction == "eps":
-                x0 = (x - beta_prod_t**0.5 * output) / abar_t**0.5
+                sqrt_beta_prod_t, sqrt_abar_t = scales[n]
+                x0 = (x - sqrt_beta_prod_t * output) / sqrt_abar_t
             else:
                 x0 = output
             x0 = process_x0(x0, clip, threshold, diffusion.clip_range)  # Karlo's prior: at 5
-            x0_coef = (abar_prev**0.5 * beta) / beta_prod_t  # Ho et al. Eq. 7
-            xt_coef = alpha**0.5 * beta_prod_prev / beta_prod_t
-            mean = x0_coef.to(x.device) * x0 + xt_coef.to(x.device) * x
+            x0_coef, xt_coef, std, min_log, max_log = coefs[n]
+            mean = x0_coef * x0 + xt_coef * x  # Ho et al. Eq. 7
             if t > 0:
                 noise = randn(output.shape, r.generator, output.device, output.dtype)
-                variance = beta_prod_prev / beta_prod_t * beta  # β̃ between the two timesteps
                 if var_values is None:  # Karlo's "fixed_small_log"
-                    std = torch.exp(0.5 * torch.log(torch.clamp(variance, min=1e-20)))
-                    x = mean + std.to(x.device) * noise
+                    x = mean + std * noise
                 else:  # "learned_range" (IDDPM Eq. 15, with the unclipped log β̃)
                     frac = (var_values + 1) / 2
-                    min_log, max_log = variance.log().to(x.device), beta.log().to(x.device)
                     log_var = frac * max_log + (1 - frac) * min_log
                     x = mean + (0.5 * log_var).exp() * noise
             else:
