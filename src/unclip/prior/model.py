@@ -19,8 +19,8 @@ variance per coordinate: train on ``scale_embedding(z_i, s)`` and map a sample b
 A prior converted from Karlo (diffusers' ``PriorTransformer``) works on CLIP's *raw*
 embeddings instead (``embeddings="raw"``): z_t is fed as the text encoder's projection gives
 it, and the diffusion runs on z_i standardised per coordinate with the training set's
-``clip_mean``/``clip_std`` (:meth:`DiffusionPriorTransformer.to_latent` /
-:meth:`~DiffusionPriorTransformer.from_latent`), whose sample is a raw (not unit) z_i.
+``clip_mean``/``clip_std``, whose sample is a raw (not unit) z_i
+(:meth:`DiffusionPriorTransformer.from_latent` maps it back).
 """
 
 from __future__ import annotations
@@ -350,18 +350,11 @@ class DiffusionPriorTransformer(CaptionPrior):
         """The norm the prior's embeddings are scaled to (``config.embed_scale``)."""
         return self.config.embed_scale
 
-    def to_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """CLIP image embeddings z: [N, D] -> the space the diffusion runs in, [N, D] float32:
-        unit z scaled to ``embed_scale`` (:func:`scale_embedding`), or with
-        ``embeddings="raw"`` the raw z standardised by ``clip_mean``/``clip_std``."""
-        if self.config.embeddings == "raw":
-            return (z.float() - self.clip_mean.float()) / self.clip_std.float()
-        return scale_embedding(z, self.embed_scale)
-
     def from_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`to_latent` for a sample x: [N, D] -> z_i [N, D] float32,
-        unit norm (:func:`unscale_embedding`), or with ``embeddings="raw"`` a raw CLIP image
-        embedding ``x · clip_std + clip_mean`` (diffusers' ``post_process_latents``)."""
+        """A sample x: [N, D] of the space the diffusion runs in -> z_i [N, D] float32, unit
+        norm (:func:`unscale_embedding`), or with ``embeddings="raw"`` (x is z_i standardised
+        by ``clip_mean``/``clip_std``) a raw CLIP image embedding ``x · clip_std + clip_mean``
+        (diffusers' ``post_process_latents``)."""
         if self.config.embeddings == "raw":
             return x.float() * self.clip_std.float() + self.clip_mean.float()
         return unscale_embedding(x, self.embed_scale)
