@@ -40,7 +40,7 @@ from unclip.clip.model import CLIP, CLIPConfig
 from unclip.config import PIPELINE_FILE, Config, ConfigError
 from unclip.decoder.unet import UNet, UNetConfig
 from unclip.decoder.upsampler import Upsampler, UpsamplerConfig
-from unclip.hub import CONFIG_NAME
+from unclip.hub import CONFIG_NAME, meta_model
 from unclip.prior.ar import ARPrior, ARPriorConfig
 from unclip.prior.model import DiffusionPriorTransformer, PriorConfig
 
@@ -134,9 +134,7 @@ def model_class_for(config: Config) -> type[nn.Module]:
 
 def build_model(config: Config) -> nn.Module:
     """The model of ``config`` in eval mode with uninitialised float32 CPU weights."""
-    cls = model_class_for(config)
-    with torch.device("meta"):
-        model = cls(config)  # type: ignore[call-arg]
+    model = meta_model(model_class_for(config), config)
     return model.to_empty(device="cpu").eval()
 
 
