@@ -601,7 +601,10 @@ class DiffusersWorker:
             code = self.proc.wait()
             raise RuntimeError(f"the diffusers worker exited with code {code} before replying "
                                "(its error is on stderr above)")  # fmt: skip
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"the diffusers worker sent {line!r}, not a JSON reply") from None
         if "error" in msg:
             raise RuntimeError(f"the diffusers worker failed:\n{msg['error']}")
         return msg["result"]
@@ -828,7 +831,7 @@ def compare(args: argparse.Namespace, setup: Setup, worker: DiffusersWorker) -> 
     train_bf16 = (pipe.dtype == torch.bfloat16, args.diffusers_dtype == "bfloat16")
     inputs = training_inputs(sc, setup.train_batch)
     step_ours = unclip_training_step(pipe, inputs, train_bf16[0], compile=args.compile)
-    # diffusers' step needs a few steps to settle (0.74 s, then 0.48 s at batch 16 on AVX2)
+    # diffusers' step needs a few steps to settle: TRAIN_WARMUP untimed steps per side
     t_ours, t_theirs = side_by_side(
         step_ours, lambda: worker(run="train"), setup.train_repeat, warmup=TRAIN_WARMUP
     )

@@ -357,8 +357,9 @@ class _NoMetaFills(TorchFunctionMode):
 def meta_model(build: Callable[..., M], *args: Any, **kwargs: Any) -> M:
     """``build(*args, **kwargs)`` on the meta device, e.g. ``meta_model(UNet, config)``: the
     model's names, shapes and dtypes with no memory and no initialisation (its weights hold
-    no data until assigned, e.g. by ``load_state_dict(..., assign=True)``). Thread-safe: the
-    meta device and the skipped fills (:class:`_NoMetaFills`) hold for this thread alone."""
+    no data until assigned, e.g. by ``load_state_dict(..., assign=True)``). The skipped
+    initialisation (:class:`_NoMetaFills`) holds for this thread alone: a model built in
+    another thread meanwhile is initialised as usual."""
     with torch.device("meta"), _NoMetaFills():
         return build(*args, **kwargs)
 

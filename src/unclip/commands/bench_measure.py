@@ -97,9 +97,9 @@ class RowCounter:
 
 def _run_sampler(pipe: UnclipPipeline, stage: Any, fn: Any, shape: tuple[int, ...], st: Any) -> Any:
     from unclip.diffusion import final
-    from unclip.pipeline.runners import RunContext, running, sampler_steps, stage_generator
+    from unclip.pipeline.runners import running, sampler_steps, stage_generator
 
-    ctx = RunContext(pipe.device, pipe.dtype)
+    ctx = pipe._ctx(None)  # the pipeline's device, precision and offload
     steps = sampler_steps(
         "decoder", stage, fn, shape, st.sampler, st.steps, st.eta, stage_generator(0, "decoder"),
         ctx,

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from unclip.allocator import keep_freed_memory
 from unclip.clip.text import TextEncoder
 from unclip.pipeline.config import PipelineConfig, SamplingConfig
 from unclip.pipeline.events import ImageInfo
@@ -194,9 +193,7 @@ class PipelineBase:
         self, progress: ProgressCallback | None, generator: torch.Generator | None = None
     ) -> RunContext:
         """What every stage runner takes: the device, the precision, ``progress`` and the one
-        ``generator`` of a call given one (see ``UnclipPipeline.text_to_image``). The first
-        run of the process keeps freed host memory for reuse (:mod:`unclip.allocator`)."""
-        keep_freed_memory()
+        ``generator`` of a call given one (see ``UnclipPipeline.text_to_image``)."""
         return RunContext(self.device, self.dtype, progress, generator, self.offload)
 
     def _info(

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unclip.allocator import keep_freed_memory
 from unclip.diffusion import (
     SAMPLERS,
     SampleStep,
@@ -183,7 +184,9 @@ def running(stage: Stage, ctx: RunContext) -> Iterator[None]:
     each weight is cast to the low precision once per run rather than at every model call
     (autocast caches casts until its outermost context exits); and each network's
     ``frozen_weights`` context where it has one (a UNet's tensors derived from its weights,
-    built once per run)."""
+    built once per run). The first run of the process keeps freed host memory for reuse
+    (:mod:`unclip.allocator`)."""
+    keep_freed_memory()
     nets = stage.networks()
     with ExitStack() as stack:
         stack.enter_context(_on_device(nets, ctx))
@@ -332,14 +335,13 @@ def _sample_ar(
     rows = []
     for part, g in zip(groups, gens, strict=True):
         sel = slice(part.start, part.stop)
-        with autocast(ctx.device, ctx.dtype):
-            rows.append(model.sample(
-                z_t[sel].repeat_interleave(c, 0),
-                None if tokens is None else tokens[sel].repeat_interleave(c, 0),
-                None if mask is None else mask[sel].repeat_interleave(c, 0),
-                guidance=st.ar_guidance, temperature=st.temperature, top_k=st.top_k,
-                top_p=st.top_p, generator=g, callback=callback,
-            ))  # fmt: skip
+        rows.append(model.sample(  # in the autocast of running(), around sample_prior's run
+            z_t[sel].repeat_interleave(c, 0),
+            None if tokens is None else tokens[sel].repeat_interleave(c, 0),
+            None if mask is None else mask[sel].repeat_interleave(c, 0),
+            guidance=st.ar_guidance, temperature=st.temperature, top_k=st.top_k,
+            top_p=st.top_p, generator=g, callback=callback,
+        ))  # fmt: skip
     return F.normalize(torch.cat(rows).float(), dim=-1)
 
 
