@@ -105,3 +105,18 @@ def test_every_shipped_run_config_loads():
             cls.load(path)
         except ConfigError as e:
             pytest.fail(f"{path}: {e}")
+
+
+def test_a_prior_run_refuses_raw_embeddings(tmp_path):
+    """A prior run trains on unit CLIP embeddings; 'raw' is the standardised space of
+    converted Karlo priors, which its loss does not produce."""
+    from pathlib import Path
+
+    from unclip.run_configs import PriorRunConfig
+
+    data = json.loads((Path(__file__).parents[1] / "configs/emoji-small/prior.json").read_text())
+    data["model"]["embeddings"] = "raw"
+    path = tmp_path / "prior.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"prior\.json: model\.embeddings: .*got 'raw'"):
+        PriorRunConfig.load(path)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 from unclip.clip.model import CLIPConfig
-from unclip.config import Config, DataConfig, DiffusionConfig, TrainConfig
+from unclip.config import Config, ConfigError, DataConfig, DiffusionConfig, TrainConfig
 from unclip.decoder.unet import UNetConfig
 from unclip.decoder.upsampler import UpsamplerConfig
 from unclip.prior.ar import ARPriorConfig
@@ -56,6 +56,14 @@ class PriorRunConfig(StageRunConfig):
     )
     clip: str = ""
     type: Literal["diffusion"] = "diffusion"
+
+    def __post_init__(self) -> None:
+        if self.model.embeddings != "unit":
+            raise ConfigError(
+                f"model.embeddings: a prior run trains on unit CLIP embeddings ('unit'), got "
+                f"{self.model.embeddings!r} (the space of converted Karlo priors, standardised "
+                "by their clip_mean and clip_std)"
+            )
 
 
 @dataclasses.dataclass
