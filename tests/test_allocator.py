@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ import pytest
 if TYPE_CHECKING:
     from unclip.pipeline import UnclipPipeline
 
+from python_child import run_python
 from unclip import allocator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,20 +59,25 @@ _LOOP = textwrap.dedent(
 _ALLOCATOR_ENV = (allocator.KEEP_FREED_MEMORY_ENV, "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
+def fresh_answer() -> None:
+    """Forget this process's answer (the next call asks again), and again after the test."""
+    allocator.keep_freed_memory.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _forget_fake_answers() -> Iterator[None]:
+    yield
+    allocator.keep_freed_memory.cache_clear()
+
+
 def _run(mode: str, **env: str) -> dict:
     clean = {
         k: v
         for k, v in os.environ.items()
         if k not in _ALLOCATOR_ENV and not k.startswith("MALLOC_")
     }
-    out = subprocess.run(
-        [sys.executable, "-c", _LOOP, mode, str(REPO / "configs" / "emoji-small")],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_python(_LOOP, mode, str(REPO / "configs" / "emoji-small"), env={**clean, **env})
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @glibc
@@ -95,7 +100,7 @@ def test_the_environment_variable_leaves_the_allocator_alone() -> None:
 def test_nothing_is_set_where_the_c_library_is_not_glibc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(allocator, "_state", {})
+    fresh_answer()
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.keep_freed_memory() is False
 
@@ -154,7 +159,7 @@ def test_the_first_answer_holds_for_the_process(monkeypatch: pytest.MonkeyPatch)
             calls.append((param, value))
             return 1
 
-    monkeypatch.setattr(allocator, "_state", {})
+    fresh_answer()
     monkeypatch.setattr(allocator, "_glibc", lambda: FakeLibc())
     monkeypatch.delenv(allocator.KEEP_FREED_MEMORY_ENV, raising=False)
     assert allocator.keep_freed_memory() is True
@@ -170,7 +175,7 @@ def test_a_refused_setting_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         def mallopt(self, param: int, value: int) -> int:
             return 0
 
-    monkeypatch.setattr(allocator, "_state", {})
+    fresh_answer()
     monkeypatch.setattr(allocator, "_glibc", lambda: RefusingLibc())
     monkeypatch.delenv(allocator.KEEP_FREED_MEMORY_ENV, raising=False)
     assert allocator.keep_freed_memory() is False
@@ -184,7 +189,7 @@ def test_both_settings_are_tried_when_one_is_refused(monkeypatch: pytest.MonkeyP
             calls.append(param)
             return int(param == allocator._M_TRIM_THRESHOLD)
 
-    monkeypatch.setattr(allocator, "_state", {})
+    fresh_answer()
     monkeypatch.setattr(allocator, "_glibc", lambda: HalfLibc())
     monkeypatch.delenv(allocator.KEEP_FREED_MEMORY_ENV, raising=False)
     assert allocator.keep_freed_memory() is False

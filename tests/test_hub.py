@@ -186,8 +186,7 @@ def test_meta_model_builds_on_meta_and_leaves_other_threads_initialising():
 def test_meta_model_imports_no_compiler_stack():
     """Random fills of meta tensors go through torch's Python decompositions, whose first
     use imports torch._dynamo and sympy (a second or more); meta_model skips them."""
-    import subprocess
-    import sys
+    from python_child import run_python
 
     code = (
         "import sys; from unclip.hub import meta_model; "
@@ -197,6 +196,4 @@ def test_meta_model_imports_no_compiler_stack():
         "assert all(p.is_meta for p in m.parameters()); "
         "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert run_python(code).strip() == "[]"

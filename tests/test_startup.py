@@ -1,11 +1,9 @@
 """Start-up: ``import unclip``, building the ``unclip`` parser, ``--help`` and argument errors
 import no torch (issue #34); each check runs in a fresh interpreter."""
 
-import subprocess
-import sys
-
 import pytest
 
+from python_child import run_python
 from unclip.cli import TRAIN_STAGES, main
 
 # Runs ``main(argv)`` (or only builds the parser and formats every command's help, for
@@ -31,11 +29,7 @@ print("torch" in sys.modules, code)
 
 
 def _probe(argv: list[str] | None) -> tuple[bool, int]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    loaded, code = out.stdout.splitlines()[-1].split()
+    loaded, code = run_python(PROBE.format(argv=argv)).splitlines()[-1].split()
     return loaded == "True", int(code)
 
 
@@ -46,8 +40,7 @@ def test_import_unclip_loads_no_torch_and_keeps_its_names():
         "import unclip.hub; assert from_pretrained is unclip.hub.from_pretrained; "
         "assert save_pretrained is unclip.hub.save_pretrained"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run_python(code)
 
 
 @pytest.mark.parametrize("package", ["unclip", "unclip.pipeline", "unclip.train"])

@@ -20,6 +20,7 @@ server short of memory, say). Elsewhere than Linux with glibc it does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -35,8 +36,6 @@ KEEP_FREED_MEMORY_ENV = "UNCLIP_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-_state: dict[str, bool] = {}
-
 
 def _glibc() -> ctypes.CDLL | None:
     """The process's C library if it is glibc (it has ``gnu_get_libc_version``), else None."""
@@ -51,22 +50,20 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to ``MMAP_THRESHOLD`` and ``TRIM_THRESHOLD``
     (see the module docstring), at the first call of the process; later calls return the first
     one's answer. True when the settings are in effect; False where the C library is not
     glibc on Linux, where ``UNCLIP_KEEP_FREED_MEMORY=0``, or where glibc refused either (the
     other may then be in effect)."""
-    if "applied" in _state:
-        return _state["applied"]
-    applied = False
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() != "0":
-        libc = _glibc()
-        if libc is not None:
-            done = [
-                libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-            ]  # both tried: one refused leaves the other in effect
-            applied = all(done)
-    _state["applied"] = applied
-    return applied
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() == "0":
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    done = [
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ]  # both tried: one refused leaves the other in effect
+    return all(done)
