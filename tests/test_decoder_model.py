@@ -318,7 +318,7 @@ def test_bf16_autocast_and_channels_last():
 def test_block_embeddings_and_frozen_weights():
     """Inside ``frozen_weights`` the ResBlock embedding projections are one matmul with
     weights stacked once, giving each block's own numbers and the same outputs (to float32
-    rounding); a
+    rounding, and Winograd's); a
     weight change after the context shows at the next call (nothing stale is kept)."""
     model = make(seed=7)
     x, t, cond = inputs()
@@ -336,12 +336,14 @@ def test_block_embeddings_and_frozen_weights():
             inner = model._stacked_emb_proj
             with model.frozen_weights():  # nested: the outer tensors are kept
                 assert model._stacked_emb_proj is inner
-            torch.testing.assert_close(model(x, t, **cond), ref, atol=1e-5, rtol=1e-4)
+            # float32 convolutions may run as Winograd inside (unclip.decoder.winograd), whose
+            # rounding is about 1e-5 of the output's scale
+            torch.testing.assert_close(model(x, t, **cond), ref, atol=1e-4, rtol=1e-4)
         assert model._stacked_emb_proj is None
         blocks[0].emb_proj.weight.add_(0.5)
         with model.frozen_weights():
             changed = model(x, t, **cond)
-        torch.testing.assert_close(model(x, t, **cond), changed, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x, t, **cond), changed, atol=1e-4, rtol=1e-4)
     assert differs(changed, ref)
 
 

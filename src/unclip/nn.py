@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from unclip import group_norm_silu
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -86,6 +88,18 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.modulate(x)
+
+    def silu(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F.silu(self.modulate(x, scale, shift))``: one compiled kernel for float32
+        channels-last input on the CPU without autograd (:mod:`unclip.group_norm_silu`,
+        equal to float32 rounding), else the eager ops."""
+        if group_norm_silu.applies(x, self.weight, self.bias, scale, shift):
+            return group_norm_silu.group_norm_silu(
+                x, self.num_groups, self.weight, self.bias, self.eps, scale, shift
+            )
+        return F.silu(self.modulate(x, scale, shift))
 
     def modulate(
         self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None

@@ -125,16 +125,16 @@ class ResBlock(nn.Module):
             return self.emb_proj(F.silu(emb))
 
     def forward(self, x: torch.Tensor, emb_out: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.in_norm(x))
+        h = self.in_norm.silu(x)
         h = self.in_conv.upsampled(h) if self.up else self.in_conv(self.h_upd(h))
         x = self.x_upd(x)
         e = emb_out[:, :, None, None]  # [N, E', 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm.modulate(h, scale, shift)
+            h = self.out_norm.silu(h, scale, shift)
         else:
-            h = self.out_norm(h + e.to(h.dtype))
-        return self.skip(x) + self.out_conv(self.dropout(F.silu(h)))
+            h = self.out_norm.silu(h + e.to(h.dtype))
+        return self.skip(x) + self.out_conv(self.dropout(h))
 
 
 class AttentionBlock(nn.Module):

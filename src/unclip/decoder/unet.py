@@ -581,7 +581,7 @@ class UNet(nn.Module):
         for stage in self.up:
             h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)  # [N, ch + skip_ch, H', W']
             h = stage(h, emb_outs, context, context_mask, ckpt)
-        return self.out_conv(F.silu(self.out_norm(h)))
+        return self.out_conv(self.out_norm.silu(h))
 
 
 def widen_to_inpainting(model: UNet) -> UNet:

@@ -1,0 +1,122 @@
+/* Group norm, ADM's scale-shift modulation and SiLU in two passes over a float32
+ * channels-last tensor (unclip/nn.py, GroupNorm32.silu):
+ *
+ *   y[n, p, c] = silu(((x[n, p, c] - mean[n, g]) rstd[n, g] w[c] + b[c]) (1 + scale[n, c])
+ *                      + shift[n, c]),   g = c / (C / G),  silu(v) = v / (1 + exp(-v))
+ *
+ * Pass 1 sums x and x^2 per channel over pixel blocks (float within a block of at most
+ * BLOCK pixels, double across blocks), one block per thread at a time; the group statistics
+ * come from those sums in double. Pass 2 is y = silu(a[n, c] x + d[n, c]) with a and d folded
+ * from the statistics, weights and modulation. Threads are those of the OpenMP runtime torch
+ * runs on. C must be a multiple of LANES.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#ifndef LANES
+#define LANES 8
+#endif
+#define BLOCK 64
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef float vfu __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int vi __attribute__((vector_size(LANES * 4)));
+#define LOAD(p) (*(const vfu *)(p))
+#define STORE(p, v) (*(vfu *)(p) = (v))
+
+int group_norm_silu_lanes(void) { return LANES; }
+
+/* a where m is set, else b */
+static inline vf pick(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+
+/* exp(v), v clamped to [-87, 88]: 2^k exp(r), k = round(v / ln 2) (by the 1.5 * 2^23 trick),
+ * r = v - k ln 2 (ln 2 in two parts), exp(r) by its degree-6 Taylor polynomial on
+ * |r| <= ln 2 / 2 (relative error under 2e-7). */
+static inline vf vexp(vf v) {
+  const vf zero = {0};
+  v = pick(v < zero - 87.0f, zero - 87.0f, v);
+  v = pick(v > zero + 88.0f, zero + 88.0f, v);
+  const vf kf = (v * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const vf r = v - kf * 0.693145752f - kf * 1.42860677e-6f;
+  vf p = zero + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi bits = (__builtin_convertvector(kf, vi) + 127) << 23;
+  return p * (vf)bits;
+}
+
+static inline vf vsilu(vf v) { return v / (1.0f + vexp(-v)); }
+
+/* x, y: [N, HW, C]; weight, bias: [C] or NULL (1, 0); scale, shift: [N, C] or NULL (0, 0).
+ * y may be x. Returns 0, or -1 if scratch memory could not be had (y untouched). */
+int group_norm_silu(const float *x, float *y, int N, long HW, int C, int G, const float *weight,
+                    const float *bias, const float *scale, const float *shift, float eps,
+                    int apply_silu) {
+  const long blocks = (HW + BLOCK - 1) / BLOCK;
+  double *sums = calloc((size_t)N * blocks * 2 * C, sizeof(double));
+  float *fold = malloc((size_t)N * 2 * C * sizeof(float));
+  if (!sums || !fold) {
+    free(sums);
+    free(fold);
+    return -1;
+  }
+#pragma omp parallel for schedule(static)
+  for (long nb = 0; nb < (long)N * blocks; nb++) {
+    const long n = nb / blocks, p0 = (nb % blocks) * BLOCK;
+    const long p1 = p0 + BLOCK < HW ? p0 + BLOCK : HW;
+    double *s = sums + nb * 2 * C;
+    for (int c = 0; c < C; c += LANES) {
+      vf a = {0}, q = {0};
+      for (long p = p0; p < p1; p++) {
+        const vf v = LOAD(x + (n * HW + p) * C + c);
+        a += v;
+        q += v * v;
+      }
+      for (int l = 0; l < LANES; l++) {
+        s[c + l] = a[l];
+        s[C + c + l] = q[l];
+      }
+    }
+  }
+  const int cg = C / G;
+  for (int n = 0; n < N; n++)
+    for (int g = 0; g < G; g++) {
+      double sum = 0, sq = 0;
+      for (long b = 0; b < blocks; b++) {
+        const double *s = sums + ((long)n * blocks + b) * 2 * C;
+        for (int c = g * cg; c < (g + 1) * cg; c++) {
+          sum += s[c];
+          sq += s[C + c];
+        }
+      }
+      const double count = (double)HW * cg, mean = sum / count;
+      double var = sq / count - mean * mean;
+      var = var > 0 ? var : 0;
+      const double rstd = 1.0 / sqrt(var + eps);
+      for (int c = g * cg; c < (g + 1) * cg; c++) {
+        const double w = weight ? weight[c] : 1.0, b = bias ? bias[c] : 0.0;
+        const double m = scale ? 1.0 + scale[(long)n * C + c] : 1.0;
+        const double t = shift ? shift[(long)n * C + c] : 0.0;
+        fold[(long)n * 2 * C + c] = (float)(rstd * w * m);
+        fold[(long)n * 2 * C + C + c] = (float)((b - mean * rstd * w) * m + t);
+      }
+    }
+  free(sums);
+#pragma omp parallel for schedule(static)
+  for (long nb = 0; nb < (long)N * blocks; nb++) {
+    const long n = nb / blocks, p0 = (nb % blocks) * BLOCK;
+    const long p1 = p0 + BLOCK < HW ? p0 + BLOCK : HW;
+    const float *f = fold + n * 2 * C;
+    for (long p = p0; p < p1; p++)
+      for (int c = 0; c < C; c += LANES) {
+        const vf v = LOAD(f + c) * LOAD(x + (n * HW + p) * C + c) + LOAD(f + C + c);
+        STORE(y + (n * HW + p) * C + c, apply_silu ? vsilu(v) : v);
+      }
+  }
+  free(fold);
+  return 0;
+}

@@ -1,0 +1,104 @@
+/* Winograd F(4x4, 3x3) transforms (Lavin & Gray 2016, "Fast Algorithms for Convolutional
+ * Neural Networks"), float32, channels-last; the 36 matrix products between them are
+ * torch.bmm's (unclip/decoder/winograd.py). Tiles are split over the threads of the OpenMP
+ * runtime torch itself runs on (the process's libgomp), so torch.set_num_threads holds.
+ *
+ * Convolution with zero padding 1: y[n, p, q, k] = sum_{a,b,c} w[k, c, a, b] x[n, p+a-1, q+b-1, c],
+ * x read as zero outside [0, H) x [0, W); the output is Ho x Wo (H x W for a 3x3 convolution,
+ * H+1 x W+1 for a 2x2 one embedded in a 3x3 kernel). Output tiles are 4x4, T = N ceil(Ho/4)
+ * ceil(Wo/4) of them; tile t reads the 6x6 input patch whose top left is (4 ty - 1, 4 tx - 1).
+ * C and K must be multiples of LANES.
+ */
+#include <stddef.h>
+
+#ifndef LANES
+#define LANES 8
+#endif
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef float vfu __attribute__((vector_size(LANES * 4), aligned(4)));
+#define LOAD(p) (*(const vfu *)(p))
+#define STORE(p, v) (*(vfu *)(p) = (v))
+
+int winograd_lanes(void) { return LANES; }
+
+/* B^T d for a column d of six input rows */
+static inline void input_rows(const vf d[6], vf u[6]) {
+  u[0] = 4 * d[0] - 5 * d[2] + d[4];
+  u[1] = -4 * d[1] - 4 * d[2] + d[3] + d[4];
+  u[2] = 4 * d[1] - 4 * d[2] - d[3] + d[4];
+  u[3] = -2 * d[1] - d[2] + 2 * d[3] + d[4];
+  u[4] = 2 * d[1] - d[2] - 2 * d[3] + d[4];
+  u[5] = 4 * d[1] - 5 * d[3] + d[5];
+}
+
+/* A^T m for a column m of six transformed rows */
+static inline void output_rows(const vf m[6], vf o[4]) {
+  const vf a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], e = m[3] - m[4];
+  o[0] = m[0] + a + c;
+  o[1] = b + 2 * e;
+  o[2] = a + 4 * c;
+  o[3] = b + 8 * e + m[5];
+}
+
+/* x [N, H, W, C] -> V [36, T, C]: V[6i+j, t] = (B^T d_t B)[i, j] */
+void winograd_input(const float *restrict x, float *restrict V, int N, int H, int W, int C,
+                    int Ho, int Wo) {
+  const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
+  const long T = (long)N * tH * tW;
+#pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) {
+    const int n = t / (tH * tW), r = t % (tH * tW);
+    const int y0 = (r / tW) * 4 - 1, x0 = (r % tW) * 4 - 1;
+    const int inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= H && x0 + 6 <= W;
+    for (int c = 0; c < C; c += LANES) {
+      vf u[6][6]; /* u[i][j] = (B^T d)[i, j] */
+      for (int j = 0; j < 6; j++) {
+        vf d[6], col[6];
+        const int xx = x0 + j;
+        for (int i = 0; i < 6; i++) {
+          const int yy = y0 + i;
+          if (inside || (yy >= 0 && yy < H && xx >= 0 && xx < W))
+            d[i] = LOAD(x + (((long)n * H + yy) * W + xx) * C + c);
+          else
+            d[i] = (vf){0};
+        }
+        input_rows(d, col);
+        for (int i = 0; i < 6; i++) u[i][j] = col[i];
+      }
+      for (int i = 0; i < 6; i++) {
+        vf o[6];
+        input_rows(u[i], o);
+        for (int j = 0; j < 6; j++) STORE(V + ((long)(6 * i + j) * T + t) * C + c, o[j]);
+      }
+    }
+  }
+}
+
+/* M [36, T, K] -> y [N, Ho, Wo, K]: y_t = A^T m_t A + bias (bias may be NULL) */
+void winograd_output(const float *restrict M, const float *restrict bias, float *restrict y,
+                     int N, int Ho, int Wo, int K) {
+  const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
+  const long T = (long)N * tH * tW;
+#pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) {
+    const int n = t / (tH * tW), r = t % (tH * tW);
+    const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
+    for (int k = 0; k < K; k += LANES) {
+      vf u[4][6]; /* u[i][j] = (A^T m)[i, j] */
+      for (int j = 0; j < 6; j++) {
+        vf m[6], col[4];
+        for (int i = 0; i < 6; i++) m[i] = LOAD(M + ((long)(6 * i + j) * T + t) * K + k);
+        output_rows(m, col);
+        for (int i = 0; i < 4; i++) u[i][j] = col[i];
+      }
+      const vf b = bias ? LOAD(bias + k) : (vf){0};
+      for (int i = 0; i < 4 && y0 + i < Ho; i++) {
+        vf o[4];
+        output_rows(u[i], o);
+        for (int j = 0; j < 4 && x0 + j < Wo; j++)
+          STORE(y + (((long)n * Ho + y0 + i) * Wo + x0 + j) * K + k, o[j] + b);
+      }
+    }
+  }
+}

@@ -1,0 +1,140 @@
+"""Winograd F(4×4, 3×3) convolution (unclip.decoder.winograd) and its use in sampling runs."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.decoder import UNet, UNetConfig, winograd
+from unclip.decoder.packed_conv import packed_convolutions
+
+compiled = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and shutil.which("cc")),
+    reason="the kernels are compiled on Linux with a C compiler",
+)
+LANES = 16  # channel counts below are multiples of every vector width (4, 8, 16)
+
+
+def direct(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The padding-1 convolution in float64."""
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to Winograd's float32 rounding: a few 1e-6 of the output's scale."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err < 2e-5, f"relative error {err:.2e}"
+
+
+@compiled
+def test_the_kernels_are_built_here() -> None:
+    assert winograd.available()
+
+
+@compiled
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w"),
+    [
+        (2, 16, 32, 8, 8),
+        (1, 32, 16, 5, 7),
+        (3, 16, 16, 9, 4),
+        (2, 16, 16, 1, 1),
+        (1, 48, 32, 32, 32),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_equals_the_direct_convolution(
+    n: int, c: int, k: int, h: int, w: int, with_bias: bool
+) -> None:
+    g = torch.Generator().manual_seed(n * 100 + h)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g)
+    b = bias if with_bias else None
+    y = winograd.winograd_conv(x, winograd.kernel_transform(weight), b)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    close(y, direct(x, weight, b))
+
+
+@compiled
+def test_a_2x2_kernel_gives_the_larger_output() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(32, 16, 2, 2, generator=g), torch.randn(32, generator=g)
+    size = winograd.conv_output_size(6, 5, 2)
+    assert size == (7, 6)
+    close(winograd.winograd_conv(x, winograd.kernel_transform(weight), bias, size),
+          direct(x, weight, bias))  # fmt: skip
+
+
+def conv(c: int = LANES, k: int = LANES, **kw: int) -> nn.Conv2d:
+    return nn.Conv2d(c, k, kw.pop("kernel_size", 3), padding=kw.pop("padding", 1), **kw)
+
+
+def cl(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@compiled
+def test_applies_only_where_it_is_exact_and_pays() -> None:
+    assert winograd.applies(cl(2, LANES, 16, 16), conv())
+    assert not winograd.applies(cl(2, LANES, 16, 16, dtype=torch.bfloat16), conv())
+    assert not winograd.applies(torch.randn(2, LANES, 16, 16), conv())  # not channels-last
+    assert not winograd.applies(cl(2, LANES, 16, 16), conv(stride=2))
+    assert not winograd.applies(cl(2, LANES, 16, 16), conv(groups=2))
+    assert not winograd.applies(cl(2, LANES, 16, 16), conv(dilation=2, padding=2))
+    assert not winograd.applies(cl(2, LANES, 16, 16), conv(kernel_size=1, padding=0))
+    assert not winograd.applies(cl(2, 3, 16, 16), conv(c=3))  # channels off the vector width
+    # few tiles for large kernels: one 8×8 map is 4 tiles
+    big = winograd.MAX_KERNEL_ELEMENTS_PER_TILE * 4 // (12 * LANES) + 1
+    assert not winograd.applies(cl(1, 12 * LANES, 8, 8), conv(c=12 * LANES, k=big * LANES))
+
+
+def unet() -> UNet:
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=16, model_channels=LANES, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), num_head_channels=8, clip_dim=12)  # fmt: skip
+    model = UNet(cfg).eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():  # the zero-initialised output convs would hide a wrong result
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.1)
+    return model
+
+
+@compiled
+def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    real = winograd.winograd_conv
+
+    def counted(x: torch.Tensor, *a: object) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x, *a)
+
+    monkeypatch.setattr(winograd, "winograd_conv", counted)
+    model = unet()
+    x = cl(2, 3, 16, 16)
+    t, emb = torch.tensor([10, 500]), torch.randn(2, 12)
+    with torch.no_grad():
+        want = model(x, t, image_emb=emb)
+        assert calls == []
+        with model.frozen_weights():
+            got = model(x, t, image_emb=emb)
+    assert len(calls) >= 4
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@compiled
+def test_training_keeps_the_direct_convolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(winograd, "winograd_conv", lambda *a: pytest.fail("used with autograd"))
+    layer = conv()
+    with packed_convolutions(layer):
+        y = layer(cl(2, LANES, 8, 8, dtype=torch.float32).requires_grad_())
+        y.sum().backward()
+    assert layer.weight.grad is not None
