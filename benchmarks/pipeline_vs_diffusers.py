@@ -512,7 +512,7 @@ def unclip_training_step(
     from unclip.train.loop import build_optimizer, training_layout
 
     ours = plain_copy(pipe.decoder.model).float().train()
-    ours.to(memory_format=training_layout(ours, torch.device("cpu")))  # as the trainer does
+    ours.to(memory_format=training_layout(ours, torch.device("cpu"), bf16=bf16))  # as the trainer
     if compile:
         ours.compile()
     opt = build_optimizer(ours, TrainConfig())

@@ -267,8 +267,9 @@ def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(tmp_path, m
 
 
 def test_channels_last_only_where_it_pays(tmp_path):
-    """Convolution models train channels-last, except GroupNorm models on the CPU (oneDNN's
-    channels-last bf16 group-norm backward costs more than the convolutions gain)."""
+    """Convolution models train channels-last, except GroupNorm models on the CPU in bf16
+    (oneDNN's channels-last bf16 group-norm backward costs more than the convolutions gain);
+    in float32 those go channels-last where the Winograd kernels run."""
     from torch import nn
 
     from unclip.train.loop import channels_last_pays
@@ -278,6 +279,9 @@ def test_channels_last_only_where_it_pays(tmp_path):
     group_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
     assert channels_last_pays(batch_norm, cpu) and channels_last_pays(batch_norm, cuda)
     assert not channels_last_pays(group_norm, cpu) and channels_last_pays(group_norm, cuda)
+    from unclip.decoder import winograd
+
+    assert channels_last_pays(group_norm, cpu, bf16=False) == winograd.available()
 
     def weight_format(model: nn.Module) -> bool:
         trainer = Trainer(model, lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
@@ -287,6 +291,11 @@ def test_channels_last_only_where_it_pays(tmp_path):
 
     assert weight_format(batch_norm)
     assert not weight_format(group_norm.to(memory_format=torch.channels_last))
+    float32 = Trainer(group_norm, lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
+                      TrainConfig(steps=1, batch_size=4, bf16=False), tmp_path / "float32",
+                      progress=False)  # fmt: skip
+    cl = float32.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert cl == winograd.available()
 
 
 def _cpuinfo(cores: list[tuple[int, int]]) -> str:
@@ -357,3 +366,40 @@ def test_loader_workers_draw_per_sample_seeds_that_resume_exactly():
         assert torch.equal(a, b)
     other_seed = take(EpochBatches(_RandomDraws(), 4, seed=4, num_workers=2), 1)[0]
     assert not torch.equal(other_seed[:, 1:], straight[0][:, 1:])
+
+
+def test_resumed_moments_take_their_parameters_layout():
+    """A channels-last model's AdamW moments come back from a checkpoint contiguous; the fused
+    step pairs elements in memory order, so they are given the parameters' strides again and
+    the resumed step equals the uninterrupted one."""
+    from torch import nn
+
+    from unclip.train.loop import match_state_layouts
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+
+    def step(m: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+        x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+
+    a = model()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1, fused=True)
+    step(a, opt_a, 0)
+    saved = {k: v for k, v in opt_a.state_dict().items()}
+    saved["state"] = {
+        i: {k: v.contiguous().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in saved["state"].items()
+    }  # as a checkpoint stores them; fmt: skip
+    b = model()
+    b.load_state_dict(a.state_dict())
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.1, fused=True)
+    opt_b.load_state_dict(saved)
+    match_state_layouts(opt_b)
+    assert opt_b.state[b.weight]["exp_avg"].stride() == b.weight.stride()
+    step(a, opt_a, 1)
+    step(b, opt_b, 1)
+    assert torch.equal(a.weight, b.weight)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unclip.decoder import UNet, UNetConfig, winograd
-from unclip.decoder.packed_conv import packed_convolutions
+from unclip.decoder.blocks import Conv3x3
 
 compiled = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and shutil.which("cc")),
@@ -131,10 +131,76 @@ def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -
 
 
 @compiled
-def test_training_keeps_the_direct_convolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(winograd, "winograd_conv", lambda *a: pytest.fail("used with autograd"))
-    layer = conv()
-    with packed_convolutions(layer):
-        y = layer(cl(2, LANES, 8, 8, dtype=torch.float32).requires_grad_())
-        y.sum().backward()
-    assert layer.weight.grad is not None
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradients_equal_the_direct_convolutions(with_bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = Conv3x3(LANES, 2 * LANES).to(memory_format=torch.channels_last)
+    if not with_bias:
+        layer.bias = None
+    x = cl(2, LANES, 9, 7).requires_grad_()
+    assert winograd.trains(x, layer)
+    y = layer(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w64, b64, padding=1)
+    (y64 * g.double()).sum().backward()
+    close(y, y64.detach())
+    close(x.grad, x64.grad)
+    close(layer.weight.grad, w64.grad)
+    if b64 is not None:
+        close(layer.bias.grad, b64.grad)
+
+
+@compiled
+def test_training_steps_follow_the_direct_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few AdamW steps of a small UNet in float32 channels-last: the same losses with the
+    3×3 convolutions as Winograd (which ran) as with the direct ones."""
+    calls: list[int] = []
+    real = winograd.winograd_conv_autograd
+
+    def counted(*a: torch.Tensor | None) -> torch.Tensor:
+        calls.append(1)
+        return real(*a)
+
+    def losses(use_winograd: bool) -> list[float]:
+        model = unet().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(5)
+        x = cl(4, 3, 16, 16)
+        t, emb = torch.randint(0, 1000, (4,), generator=g), torch.randn(4, 12, generator=g)
+        out = []
+        with monkeypatch.context() as m:
+            if use_winograd:
+                m.setattr(winograd, "winograd_conv_autograd", counted)
+            else:
+                m.setattr(winograd, "trains", lambda x, conv: False)
+            for _ in range(4):
+                loss = (model(x, t, image_emb=emb)[:, :3] - x).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                out.append(loss.item())
+        return out
+
+    direct_losses = losses(False)
+    assert calls == []
+    winograd_losses = losses(True)
+    assert len(calls) >= 4 * 4
+    assert winograd_losses[-1] < winograd_losses[0]
+    assert winograd_losses == pytest.approx(direct_losses, rel=1e-4)
+
+
+@compiled
+def test_no_training_under_autocast_or_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, x = conv(), cl(2, LANES, 8, 8).requires_grad_()
+    assert winograd.trains(x, layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not winograd.trains(x, layer)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not winograd.trains(x, layer)
+    with torch.no_grad():
+        monkeypatch.undo()
+        assert not winograd.trains(x, layer)  # nothing to record: the packed path's business

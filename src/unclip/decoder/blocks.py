@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unclip.decoder import winograd
 from unclip.decoder.upsample_conv import upsample_conv3x3
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
 
@@ -29,6 +30,12 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> [N, C', H, W]; as Winograd where :func:`winograd.trains`."""
+        if winograd.trains(x, self):
+            return winograd.winograd_conv_autograd(x, self.weight, self.bias)
+        return super().forward(x)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] -> this conv of x upsampled ×2 (nearest), [N, C', 2H, 2W]."""

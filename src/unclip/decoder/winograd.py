@@ -54,6 +54,7 @@ def _kernels() -> ctypes.CDLL | None:
     ptr, i = ctypes.c_void_p, ctypes.c_int
     lib.winograd_input.argtypes = [ptr, ptr, i, i, i, i, i, i]
     lib.winograd_output.argtypes = [ptr, ptr, ptr, i, i, i, i]
+    lib.winograd_output_grad.argtypes = [ptr, ptr, i, i, i, i]
     lib.winograd_lanes.restype = i
     return lib
 
@@ -63,21 +64,37 @@ def available() -> bool:
     return _kernels() is not None
 
 
-def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
+def kernel_transform(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """weight [K, C, 3, 3] or [K, C, 2, 2] -> U [36, C, K] float32, U[6a+b, c, k] =
-    (G w[k, c] Gᵀ)[a, b] (computed in float64). A 2×2 kernel is padded to 3×3 at the
-    bottom and right."""
-    w = weight.detach().double()
+    (G w[k, c] Gᵀ)[a, b], computed in ``dtype`` (float64 for a sampling run's once-made
+    kernels, float32 for a training step's). A 2×2 kernel is padded to 3×3 at the bottom and
+    right."""
+    w = weight.detach().to(dtype)
     if w.shape[-2:] == (2, 2):
         w = F.pad(w, (0, 1, 0, 1))
-    g = torch.tensor(_G, dtype=torch.float64, device=w.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, w, g)
-    return u.reshape(36, w.shape[1], w.shape[0]).float().contiguous()
+    k, c = w.shape[:2]
+    g = torch.tensor(_G, dtype=dtype, device=w.device)
+    gg = torch.kron(g, g)  # [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j]
+    u = gg @ w.reshape(k * c, 9).t()  # [36, K·C], one matrix product
+    return u.view(36, k, c).transpose(1, 2).float().contiguous()
 
 
 def conv_output_size(h: int, w: int, kernel: int) -> tuple[int, int]:
     """Output size of a padding-1 convolution of an h×w input by a 3×3 or 2×2 kernel."""
     return (h, w) if kernel == 3 else (h + 1, w + 1)
+
+
+def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether ``conv(x)`` records autograd and :func:`winograd_conv_autograd` can run it:
+    :func:`applies`, not under autocast (its compute dtype is float32) and not being compiled
+    (dynamo traces its own convolutions)."""
+    return (
+        torch.is_grad_enabled()
+        and (x.requires_grad or conv.weight.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and applies(x, conv)
+    )
 
 
 def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -105,6 +122,17 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
+def input_transform(x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [N, C, H, W] float32 channels-last -> V [36, T, C], each output tile's 6×6 input patch
+    as Bᵀ d B (T = N·⌈Ho/4⌉·⌈Wo/4⌉ tiles of the (Ho, Wo) output, default (H, W))."""
+    lib = _loaded()
+    n, c, h, w = x.shape
+    ho, wo = out_size or (h, w)
+    v = torch.empty(36, n * ((ho + 3) // 4) * ((wo + 3) // 4), c)
+    lib.winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, ho, wo)
+    return v
+
+
 def winograd_conv(
     x: torch.Tensor,
     u: torch.Tensor,
@@ -114,17 +142,80 @@ def winograd_conv(
     """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
     bias [K] or None -> [N, K, Ho, Wo] channels-last, the padding-1 convolution (out_size
     (Ho, Wo), default (H, W)). No autograd; the caller checks :func:`applies`."""
-    lib = _kernels()
-    assert lib is not None, "winograd_conv called where the compiled kernels are not loaded"
-    n, c, h, w = x.shape
-    k = u.shape[2]
-    ho, wo = out_size or (h, w)
-    tiles = n * ((ho + 3) // 4) * ((wo + 3) // 4)
-    v = torch.empty(36, tiles, c)
-    lib.winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, ho, wo)
-    m = torch.bmm(v, u)  # [36, T, K]
+    return _output(
+        torch.bmm(input_transform(x, out_size), u), x.shape[0], bias, out_size or x.shape[2:]
+    )
+
+
+def _output(
+    m: torch.Tensor, n: int, bias: torch.Tensor | None, out_size: tuple[int, int]
+) -> torch.Tensor:
+    """M [36, T, K] -> y [N, K, Ho, Wo] channels-last, Aᵀ M A per tile, plus bias."""
+    lib = _loaded()
+    ho, wo = out_size
+    k = m.shape[2]
     y = torch.empty(n, k, ho, wo, memory_format=torch.channels_last)
     b = None if bias is None else bias.detach().float().contiguous()
     lib.winograd_output(m.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
                         n, ho, wo, k)  # fmt: skip
     return y
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = _kernels()
+    assert lib is not None, "Winograd called where the compiled kernels are not loaded"
+    return lib
+
+
+class _WinogradConv(torch.autograd.Function):
+    """The padding-1 3×3 convolution, all as Winograd. Forward: M = V·U per tile element,
+    y = Aᵀ M A. Input gradient: the convolution of the output gradient by the kernel flipped
+    and transposed. Weight gradient: through the transforms, dM = A dy Aᵀ per tile,
+    dU[ξ] = V[ξ]ᵀ dM[ξ] (one batched product over all tiles), dw = Gᵀ dU G. Bias gradient:
+    the output gradient summed."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        v = input_transform(x)
+        ctx.save_for_backward(v, weight)
+        ctx.size = (x.shape[0], x.shape[2], x.shape[3])  # type: ignore[attr-defined]
+        return _output(torch.bmm(v, kernel_transform(weight, torch.float32)), x.shape[0], bias,
+                       x.shape[2:])  # fmt: skip
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        v, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        n, h, w = ctx.size  # type: ignore[attr-defined]
+        k, c = weight.shape[:2]
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3).transpose(0, 1)  # [C, K, 3, 3]
+            dx = winograd_conv(dy, kernel_transform(flipped, torch.float32), None)
+        if ctx.needs_input_grad[1]:
+            dm = torch.empty(36, v.shape[1], k)
+            _loaded().winograd_output_grad(dy.data_ptr(), dm.data_ptr(), n, h, w, k)
+            du = torch.bmm(v.transpose(1, 2), dm)  # [36, C, K]
+            gg = torch.kron(*(torch.tensor(_G, dtype=torch.float32),) * 2)  # [36, 9]
+            g9 = gg.t() @ du.view(36, c * k)  # [9, C·K]
+            dw = torch.empty_like(weight).copy_(g9.view(3, 3, c, k).permute(3, 2, 0, 1))
+        if ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db
+
+
+def winograd_conv_autograd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [N, C, H, W] float32 channels-last, weight [K, C, 3, 3], bias [K] or None ->
+    [N, K, H, W] channels-last, the padding-1 convolution with autograd (a training step),
+    forward and gradients as Winograd (:class:`_WinogradConv`), kernels transformed at each
+    call. The caller checks :func:`trains`."""
+    return _WinogradConv.apply(x, weight, bias)

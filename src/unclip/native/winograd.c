@@ -102,3 +102,44 @@ void winograd_output(const float *restrict M, const float *restrict bias, float 
     }
   }
 }
+
+/* A y for a column y of four output rows (the transpose of output_rows) */
+static inline void output_grad_rows(const vf y[4], vf m[6]) {
+  const vf a = y[0] + y[2], b = y[1] + y[3], c = y[0] + 4 * y[2], e = 2 * y[1] + 8 * y[3];
+  m[0] = y[0];
+  m[1] = a + b;
+  m[2] = a - b;
+  m[3] = c + e;
+  m[4] = c - e;
+  m[5] = y[3];
+}
+
+/* dy [N, Ho, Wo, K] -> dM [36, T, K]: dM_t = A dy_t A^T, the gradient of M in
+ * winograd_output for the output gradient dy (positions past Ho, Wo are zero) */
+void winograd_output_grad(const float *restrict dy, float *restrict dM, int N, int Ho, int Wo,
+                          int K) {
+  const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
+  const long T = (long)N * tH * tW;
+#pragma omp parallel for schedule(static)
+  for (long t = 0; t < T; t++) {
+    const int n = t / (tH * tW), r = t % (tH * tW);
+    const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
+    for (int k = 0; k < K; k += LANES) {
+      vf u[6][4]; /* u[i][j] = (A dy)[i, j] */
+      for (int j = 0; j < 4; j++) {
+        vf d[4], col[6];
+        for (int i = 0; i < 4; i++)
+          d[i] = (y0 + i < Ho && x0 + j < Wo)
+                     ? LOAD(dy + (((long)n * Ho + y0 + i) * Wo + x0 + j) * K + k)
+                     : (vf){0};
+        output_grad_rows(d, col);
+        for (int i = 0; i < 6; i++) u[i][j] = col[i];
+      }
+      for (int i = 0; i < 6; i++) {
+        vf o[6];
+        output_grad_rows(u[i], o);
+        for (int j = 0; j < 6; j++) STORE(dM + ((long)(6 * i + j) * T + t) * K + k, o[j]);
+      }
+    }
+  }
+}

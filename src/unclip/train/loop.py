@@ -116,23 +116,48 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
-def channels_last_pays(model: nn.Module, device: torch.device) -> bool:
+def channels_last_pays(model: nn.Module, device: torch.device, bf16: bool = True) -> bool:
     """Whether to train ``model`` with channels-last 4-d weights on ``device``: faster cuDNN and
     oneDNN convolutions (CLIP's ResNet encoder, batch 256, bf16 on 2 CPU cores: 0.87 -> 0.62 s
-    forward+backward), except for GroupNorm models on the CPU, whose channels-last bf16
-    group-norm backward costs more than the convolutions gain (the emoji-small decoder, batch
-    16: 300 ms channels-last, 280 ms contiguous). A no-op for models without convolutions."""
+    forward+backward), except for GroupNorm models on the CPU in bf16, whose channels-last
+    bf16 group-norm backward costs more than the convolutions gain (the emoji-small decoder,
+    batch 16: 300 ms channels-last, 280 ms contiguous). In float32 such models go
+    channels-last where the Winograd kernels are built, which run their 3×3 convolutions
+    only on channels-last input (:mod:`unclip.decoder.winograd`). A no-op for models without
+    convolutions."""
     gn = any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    return device.type != "cpu" or not gn
+    if device.type != "cpu" or not gn:
+        return True
+    from unclip.decoder import winograd
+
+    return not bf16 and winograd.available()
 
 
 def training_layout(
-    model: nn.Module, device: torch.device, channels_last: bool | None = None
+    model: nn.Module,
+    device: torch.device,
+    channels_last: bool | None = None,
+    bf16: bool = True,
 ) -> torch.memory_format:
-    """The memory format the trainer gives ``model``'s 4-d weights on ``device``: channels-last
-    when ``channels_last`` says so, or (None) where :func:`channels_last_pays`."""
-    pays = channels_last_pays(model, device) if channels_last is None else channels_last
+    """The memory format the trainer gives ``model``'s 4-d weights on ``device`` (training
+    under bf16 autocast or not): channels-last when ``channels_last`` says so, or (None)
+    where :func:`channels_last_pays`."""
+    pays = channels_last_pays(model, device, bf16) if channels_last is None else channels_last
     return torch.channels_last if pays else torch.contiguous_format
+
+
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (AdamW's moments) its parameter's strides.
+
+    A checkpoint stores tensors contiguous, so a channels-last model resumes with NCHW
+    moments; the fused AdamW kernel walks parameter, gradient and moments in memory order,
+    and would pair mismatched elements."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 class Trainer:
@@ -194,7 +219,10 @@ class Trainer:
             self.model = sharding.shard_model(model, self.device)
         else:
             self.model = model.to(
-                self.device, memory_format=training_layout(model, self.device, config.channels_last)
+                self.device,
+                memory_format=training_layout(
+                    model, self.device, config.channels_last, config.bf16
+                ),
             )
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
@@ -345,6 +373,7 @@ class Trainer:
         else:
             load_weights_into(self.model, ckpt.model, folder / "model.safetensors")
             self.optimizer.load_state_dict(ckpt.optimizer)
+            match_state_layouts(self.optimizer)
         if self.ema is not None:
             if ckpt.ema is None:
                 raise RuntimeError(f"{folder}: the run uses EMA but the checkpoint has none")
