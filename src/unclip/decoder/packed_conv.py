@@ -86,7 +86,7 @@ class _PackedForward:
         if not self._runs_packed(x):
             return type(conv).forward(conv, x)
         if self._runs_winograd(x):
-            return self._winograd(x, "conv", conv.weight, conv.bias)
+            return self._winograd(x)
         return self._onednn(x, "conv", conv.weight, conv.bias, conv.padding)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,17 +110,13 @@ class _PackedForward:
             self.winograd_shapes[key] = winograd.applies(x, self.conv)
         return self.winograd_shapes[key]
 
-    def _winograd(
-        self, x: torch.Tensor, route: str, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The padding-1 convolution of x by the 3×3 or 2×2 ``weight`` as Winograd F(4×4, 3×3)
-        (:mod:`unclip.decoder.winograd`), its kernels transformed at the first call."""
-        key = (route, "winograd")
-        if key not in self.packed:
-            self.packed[key] = (winograd.kernel_transform(weight), bias)
-        u, b = self.packed[key]
-        size = winograd.conv_output_size(x.shape[2], x.shape[3], weight.shape[-1])
-        return winograd.winograd_conv(x, u, b, size)
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of x as Winograd F(4×4, 3×3) (:mod:`unclip.decoder.winograd`), its kernels
+        transformed at the first call."""
+        if "winograd" not in self.packed:
+            self.packed["winograd"] = (winograd.kernel_transform(self.conv.weight), self.conv.bias)
+        u, b = self.packed["winograd"]
+        return winograd.winograd_conv(x, u, b)
 
     def _onednn(
         self,

@@ -1,4 +1,4 @@
-"""Winograd F(4×4, 3×3) convolution for float32 on the CPU, weights fixed (sampling).
+"""Winograd F(4×4, 3×3) convolution for float32 on the CPU: sampling and training.
 
 Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks": a 4×4 output tile
 of a 3×3 convolution is ``Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` for the 6×6 input patch d around it,
@@ -10,12 +10,11 @@ compiled kernels of ``unclip/native/winograd.c`` (threads shared with torch), th
 ``torch.bmm``. Against oneDNN's direct float32 convolution on AVX2 this takes 0.4–0.8× the time
 at the decoder's layer sizes (``benchmarks/winograd_conv.py``).
 
+A sampling run (:mod:`unclip.decoder.packed_conv`) transforms each kernel once and calls
+:func:`winograd_conv`; a training step (:class:`~unclip.decoder.blocks.Conv3x3` where
+:func:`trains`) calls :func:`winograd_conv_autograd`, whose gradients are Winograd too.
 Float32 results differ from the direct convolution's by rounding, about 1e-5 of the output's
 scale (the transforms' coefficients are small integers and 1/4, 1/6, 1/12, 1/24).
-
-A 2×2 kernel with padding 1 (the phase convolution of :mod:`unclip.decoder.upsample_conv`)
-is the 3×3 kernel with a zero last row and column, output one row and column larger:
-:func:`conv_output_size` and ``out_size`` cover it.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from unclip import native
 
@@ -64,24 +62,19 @@ def available() -> bool:
     return _kernels() is not None
 
 
+def _g_kron_g(dtype: torch.dtype) -> torch.Tensor:
+    """G ⊗ G [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j], so vec(G g Gᵀ) = (G ⊗ G) vec(g)."""
+    g = torch.tensor(_G, dtype=dtype)
+    return torch.kron(g, g)
+
+
 def kernel_transform(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """weight [K, C, 3, 3] or [K, C, 2, 2] -> U [36, C, K] float32, U[6a+b, c, k] =
-    (G w[k, c] Gᵀ)[a, b], computed in ``dtype`` (float64 for a sampling run's once-made
-    kernels, float32 for a training step's). A 2×2 kernel is padded to 3×3 at the bottom and
-    right."""
-    w = weight.detach().to(dtype)
-    if w.shape[-2:] == (2, 2):
-        w = F.pad(w, (0, 1, 0, 1))
-    k, c = w.shape[:2]
-    g = torch.tensor(_G, dtype=dtype, device=w.device)
-    gg = torch.kron(g, g)  # [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j]
-    u = gg @ w.reshape(k * c, 9).t()  # [36, K·C], one matrix product
+    """weight [K, C, 3, 3] -> U [36, C, K] float32, U[6a+b, c, k] = (G w[k, c] Gᵀ)[a, b],
+    one matrix product computed in ``dtype`` (float64 for a sampling run's once-made kernels,
+    float32 for a training step's)."""
+    k, c = weight.shape[:2]
+    u = _g_kron_g(dtype) @ weight.detach().to(dtype).reshape(k * c, 9).t()  # [36, K·C]
     return u.view(36, k, c).transpose(1, 2).float().contiguous()
-
-
-def conv_output_size(h: int, w: int, kernel: int) -> tuple[int, int]:
-    """Output size of a padding-1 convolution of an h×w input by a 3×3 or 2×2 kernel."""
-    return (h, w) if kernel == 3 else (h + 1, w + 1)
 
 
 def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -98,11 +91,10 @@ def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 
 
 def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    """Whether :func:`winograd_conv` can run ``conv`` on ``x`` (and the phase convolution of
-    ``conv.upsampled``, whose channel counts are the same multiples): float32 channels-last
-    x on the CPU, a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel
-    counts that are multiples of the kernels' vector width, and the compiled kernels
-    loaded."""
+    """Whether :func:`winograd_conv` can run ``conv`` on ``x``: float32 channels-last x on the
+    CPU, a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
+    multiples of the kernels' vector width, enough tiles for the kernels' size
+    (``MAX_KERNEL_ELEMENTS_PER_TILE``), and the compiled kernels loaded."""
     lib = _kernels()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
         return False
@@ -122,42 +114,30 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def input_transform(x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """x [N, C, H, W] float32 channels-last -> V [36, T, C], each output tile's 6×6 input patch
-    as Bᵀ d B (T = N·⌈Ho/4⌉·⌈Wo/4⌉ tiles of the (Ho, Wo) output, default (H, W))."""
-    lib = _loaded()
+def input_transform(x: torch.Tensor) -> torch.Tensor:
+    """x [N, C, H, W] float32 channels-last -> V [36, T, C], the 6×6 input patch of each 4×4
+    output tile as Bᵀ d B (T = N·⌈H/4⌉·⌈W/4⌉ tiles; zero padding 1)."""
     n, c, h, w = x.shape
-    ho, wo = out_size or (h, w)
-    v = torch.empty(36, n * ((ho + 3) // 4) * ((wo + 3) // 4), c)
-    lib.winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, ho, wo)
+    v = torch.empty(36, n * ((h + 3) // 4) * ((w + 3) // 4), c)
+    _loaded().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, h, w)
     return v
 
 
-def winograd_conv(
-    x: torch.Tensor,
-    u: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_size: tuple[int, int] | None = None,
-) -> torch.Tensor:
+def winograd_conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
-    bias [K] or None -> [N, K, Ho, Wo] channels-last, the padding-1 convolution (out_size
-    (Ho, Wo), default (H, W)). No autograd; the caller checks :func:`applies`."""
-    return _output(
-        torch.bmm(input_transform(x, out_size), u), x.shape[0], bias, out_size or x.shape[2:]
-    )
+    bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution. No autograd;
+    the caller checks :func:`applies`."""
+    n, _, h, w = x.shape
+    return _output(torch.bmm(input_transform(x), u), n, h, w, bias)
 
 
-def _output(
-    m: torch.Tensor, n: int, bias: torch.Tensor | None, out_size: tuple[int, int]
-) -> torch.Tensor:
-    """M [36, T, K] -> y [N, K, Ho, Wo] channels-last, Aᵀ M A per tile, plus bias."""
-    lib = _loaded()
-    ho, wo = out_size
+def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """M [36, T, K] -> y [N, K, H, W] channels-last, Aᵀ M A per tile, plus bias."""
     k = m.shape[2]
-    y = torch.empty(n, k, ho, wo, memory_format=torch.channels_last)
+    y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
     b = None if bias is None else bias.detach().float().contiguous()
-    lib.winograd_output(m.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                        n, ho, wo, k)  # fmt: skip
+    _loaded().winograd_output(m.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                              n, h, w, k)  # fmt: skip
     return y
 
 
@@ -181,11 +161,11 @@ class _WinogradConv(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
+        n, _, h, w = x.shape
         v = input_transform(x)
         ctx.save_for_backward(v, weight)
-        ctx.size = (x.shape[0], x.shape[2], x.shape[3])  # type: ignore[attr-defined]
-        return _output(torch.bmm(v, kernel_transform(weight, torch.float32)), x.shape[0], bias,
-                       x.shape[2:])  # fmt: skip
+        ctx.size = (n, h, w)  # type: ignore[attr-defined]
+        return _output(torch.bmm(v, kernel_transform(weight, torch.float32)), n, h, w, bias)
 
     @staticmethod
     def backward(
@@ -203,8 +183,7 @@ class _WinogradConv(torch.autograd.Function):
             dm = torch.empty(36, v.shape[1], k)
             _loaded().winograd_output_grad(dy.data_ptr(), dm.data_ptr(), n, h, w, k)
             du = torch.bmm(v.transpose(1, 2), dm)  # [36, C, K]
-            gg = torch.kron(*(torch.tensor(_G, dtype=torch.float32),) * 2)  # [36, 9]
-            g9 = gg.t() @ du.view(36, c * k)  # [9, C·K]
+            g9 = _g_kron_g(torch.float32).t() @ du.view(36, c * k)  # [9, C·K]
             dw = torch.empty_like(weight).copy_(g9.view(3, 3, c, k).permute(3, 2, 0, 1))
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
