@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from compiled import compiled
 from unclip import group_norm_silu as fused
 from unclip.nn import normalization
-
-compiled = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and shutil.which("cc")),
-    reason="the kernels are compiled on Linux with a C compiler",
-)
 
 
 def case(n: int, c: int, h: int, w: int, groups: int, seed: int = 0):
@@ -111,3 +104,54 @@ def test_channels_must_split_into_the_groups() -> None:
     x, norm, *_ = case(1, 16, 4, 4, 4)
     with pytest.raises(ValueError, match="16 channels do not split into 3 groups"):
         fused.group_norm_silu(x, 3, norm.weight, norm.bias, norm.eps)
+
+
+@compiled
+def test_a_scale_for_every_image_broadcasts() -> None:
+    """[1, C, 1, 1] scale and shift apply to every image, as the eager addcmul broadcasts."""
+    x, norm, scale, shift = case(4, 32, 6, 6, 8)
+    with torch.no_grad():
+        got = norm.silu(x, scale[:1], shift[:1])
+        want = F.silu(norm.modulate(x, scale[:1], shift[:1]))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_a_large_mean_keeps_its_precision(offset: float) -> None:
+    x, norm, *_ = case(2, 32, 32, 32, 8)
+    x = x + offset
+    with torch.no_grad():
+        got = norm.silu(x)
+        want = F.silu(F.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double()))
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@compiled
+def test_what_the_kernel_cannot_read_is_refused() -> None:
+    x, norm, *_ = case(2, 16, 4, 4, 4)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    with pytest.raises(ValueError, match="channels-last"):
+        fused.group_norm_silu(x.contiguous(), 4, w, b, 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        fused.group_norm_silu(x.double(), 4, w, b, 1e-5)
+    with pytest.raises(ValueError, match="scale"):
+        fused.group_norm_silu(x, 4, w, b, 1e-5, torch.ones(3, 16, 1, 1), torch.ones(3, 16, 1, 1))
+    with pytest.raises(ValueError, match="weight"):
+        fused.group_norm_silu(x, 4, torch.ones(8), b, 1e-5)
+
+
+def test_scale_and_shift_come_together() -> None:
+    x, norm, scale, _ = case(2, 16, 4, 4, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="scale and shift"):
+        norm.silu(x, scale, None)
+    with torch.no_grad(), pytest.raises(ValueError, match="scale and shift"):
+        norm.modulate(x, scale, None)
+
+
+@compiled
+def test_not_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, norm, *_ = case(1, 16, 4, 4, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        assert not fused.applies(x, norm.weight)

@@ -269,7 +269,7 @@ def test_compile_trains_the_same_model_with_the_same_checkpoint_keys(tmp_path, m
 def test_channels_last_only_where_it_pays(tmp_path):
     """Convolution models train channels-last, except GroupNorm models on the CPU in bf16
     (oneDNN's channels-last bf16 group-norm backward costs more than the convolutions gain);
-    in float32 those go channels-last where the Winograd kernels run."""
+    in float32 those go channels-last where their 3×3 convolutions train as Winograd."""
     from torch import nn
 
     from unclip.train.loop import channels_last_pays
@@ -280,8 +280,12 @@ def test_channels_last_only_where_it_pays(tmp_path):
     assert channels_last_pays(batch_norm, cpu) and channels_last_pays(batch_norm, cuda)
     assert not channels_last_pays(group_norm, cpu) and channels_last_pays(group_norm, cuda)
     from unclip.decoder import winograd
+    from unclip.decoder.blocks import Conv3x3
 
-    assert channels_last_pays(group_norm, cpu, bf16=False) == winograd.available()
+    adm = nn.Sequential(Conv3x3(8, 8), nn.GroupNorm(2, 8))
+    assert not channels_last_pays(group_norm, cpu, bf16=False)  # no Conv3x3: nothing gained
+    assert channels_last_pays(adm, cpu, bf16=False) == winograd.available()
+    assert not channels_last_pays(adm, cpu, bf16=True)
 
     def weight_format(model: nn.Module) -> bool:
         trainer = Trainer(model, lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
@@ -291,7 +295,8 @@ def test_channels_last_only_where_it_pays(tmp_path):
 
     assert weight_format(batch_norm)
     assert not weight_format(group_norm.to(memory_format=torch.channels_last))
-    float32 = Trainer(group_norm, lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
+    float32 = Trainer(nn.Sequential(Conv3x3(3, 8), nn.GroupNorm(2, 8)),
+                      lambda m, b: m(b).mean(), torch.randn(8, 3, 6, 6),
                       TrainConfig(steps=1, batch_size=4, bf16=False), tmp_path / "float32",
                       progress=False)  # fmt: skip
     cl = float32.model[0].weight.is_contiguous(memory_format=torch.channels_last)

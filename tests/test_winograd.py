@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compiled import compiled
 from unclip.decoder import UNet, UNetConfig, winograd
 from unclip.decoder.blocks import Conv3x3
 
-compiled = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and shutil.which("cc")),
-    reason="the kernels are compiled on Linux with a C compiler",
-)
 LANES = 16  # channel counts below are multiples of every vector width (4, 8, 16)
 
 
@@ -180,6 +174,32 @@ def test_training_steps_follow_the_direct_convolutions(monkeypatch: pytest.Monke
     assert len(calls) >= 4 * 4
     assert winograd_losses[-1] < winograd_losses[0]
     assert winograd_losses == pytest.approx(direct_losses, rel=1e-4)
+
+
+@compiled
+def test_the_weight_gradient_alone() -> None:
+    """With the input not requiring a gradient (a first layer), only dw and db are made."""
+    torch.manual_seed(1)
+    layer = Conv3x3(LANES, LANES).to(memory_format=torch.channels_last)
+    x = cl(3, LANES, 5, 6)
+    y = layer(x)
+    y.square().sum().backward()
+    w64 = layer.weight.detach().double().requires_grad_()
+    F.conv2d(x.double(), w64, layer.bias.detach().double(), padding=1).square().sum().backward()
+    close(layer.weight.grad, w64.grad)
+
+
+@compiled
+def test_what_the_kernels_cannot_read_is_refused() -> None:
+    u = winograd.kernel_transform(torch.randn(LANES, LANES, 3, 3))
+    with pytest.raises(ValueError, match="channels-last"):
+        winograd.winograd_conv(torch.randn(1, LANES, 4, 4), u, None)
+    with pytest.raises(ValueError, match="multiple of"):
+        winograd.winograd_conv(cl(1, LANES + 1, 4, 4), u, None)
+    with pytest.raises(ValueError, match="kernels"):
+        winograd.winograd_conv(cl(1, 2 * LANES, 4, 4), u, None)
+    with pytest.raises(ValueError, match="bias"):
+        winograd.winograd_conv(cl(1, LANES, 4, 4), u, torch.ones(3))
 
 
 @compiled

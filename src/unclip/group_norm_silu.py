@@ -5,12 +5,14 @@ output head start their layers (:meth:`unclip.nn.GroupNorm32.silu`). Eager PyTor
 as three kernels (group norm, ``addcmul``, SiLU) that each read and write the whole
 activation; ``unclip/native/group_norm_silu.c`` reads it twice (statistics, then the
 normalised, modulated and activated output) and writes it once, with statistics in double.
-Its SiLU uses its own vectorised ``exp`` (relative error under 2e-7), so results equal
-PyTorch's to float32 rounding, about 1e-6.
+Its SiLU uses its own vectorised ``exp`` (relative error under 2e-7), and its statistics are
+taken around each channel's first value (a large mean costs no precision), so results equal
+PyTorch's to float32 rounding.
 
 It runs where :func:`applies`: float32 channels-last input on the CPU, channel counts a
-multiple of the kernel's vector width, no autograd to record, and the kernel built
-(:mod:`unclip.native`); elsewhere callers run the eager ops.
+multiple of the kernel's vector width, no autograd to record, not being compiled (inductor
+fuses the eager ops itself), and the kernel built (:mod:`unclip.native`); elsewhere callers
+run the eager ops.
 """
 
 from __future__ import annotations
@@ -29,9 +31,8 @@ def _kernels() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.group_norm_silu.argtypes = [p, p, i, ctypes.c_long, i, i, p, p, p, p, ctypes.c_float, i]
+    lib.group_norm_silu.argtypes = [i, p, p, i, ctypes.c_long, i, i, p, p, p, p, ctypes.c_float, i]
     lib.group_norm_silu.restype = i
-    lib.group_norm_silu_lanes.restype = i
     return lib
 
 
@@ -40,20 +41,28 @@ def applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     (weight, bias, scale, shift; any may be None): see the module docstring."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
         return False
-    lib = _kernels()
-    if lib is None or x.shape[1] % lib.group_norm_silu_lanes() != 0:
+    if torch.compiler.is_compiling() or _kernels() is None or x.shape[1] % native.lanes():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return False
     return x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _per_channel(t: torch.Tensor | None, n: int, c: int) -> torch.Tensor | None:
-    """[C] or [N, C, 1, 1] (or None) -> a contiguous float32 tensor the kernel reads."""
+def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...], name: str) -> torch.Tensor | None:
+    """t (or None) broadcast to ``shape`` ([C] for weight and bias, [N, C] for scale and
+    shift, given as [N or 1, C, 1, 1]) as a dense float32 tensor the kernel reads."""
     if t is None:
         return None
-    t = t.detach().float()
-    return (t.reshape(c) if t.numel() == c else t.expand(n, c, 1, 1).reshape(n, c)).contiguous()
+    if t.ndim == 4:
+        if t.shape[2:] != (1, 1):
+            raise ValueError(f"group_norm_silu: {name} must be [N, C, 1, 1]; got {tuple(t.shape)}")
+        t = t.flatten(1)
+    try:
+        return t.detach().float().expand(shape).contiguous()
+    except RuntimeError:
+        raise ValueError(
+            f"group_norm_silu: {name} of shape {tuple(t.shape)} does not fit {list(shape)}"
+        ) from None
 
 
 def group_norm_silu(
@@ -68,19 +77,36 @@ def group_norm_silu(
 ) -> torch.Tensor:
     """x [N, C, H, W] channels-last float32 -> ``silu(group_norm(x, groups, weight, bias, eps)
     · (1 + scale) + shift)`` (without the SiLU if ``silu`` is false), the same shape and
-    layout. weight, bias: [C] or None; scale, shift: [N, C, 1, 1] or None. No autograd; the
-    caller checks :func:`applies`."""
+    layout. weight, bias: [C] or None; scale, shift: [N or 1, C, 1, 1] or None. No autograd;
+    the caller checks :func:`applies` (what the kernel cannot read raises ValueError)."""
     lib = _kernels()
     assert lib is not None, "group_norm_silu called where the kernel is not loaded"
     n, c, h, w = x.shape
+    if not (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and c % native.lanes() == 0
+    ):
+        raise ValueError(
+            f"group_norm_silu: x must be float32 channels-last on the CPU with channels a "
+            f"multiple of {native.lanes()}; got {x.dtype} {tuple(x.shape)} on {x.device} "
+            f"with strides {x.stride()}"
+        )
     if c % groups:
         raise ValueError(f"{c} channels do not split into {groups} groups")
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    args = [_per_channel(t, n, c) for t in (weight, bias, scale, shift)]
+    args = [
+        _per_channel(weight, (c,), "weight"),
+        _per_channel(bias, (c,), "bias"),
+        _per_channel(scale, (n, c), "scale"),
+        _per_channel(shift, (n, c), "shift"),
+    ]
     ptrs = [None if t is None else t.data_ptr() for t in args]
     failed = lib.group_norm_silu(
-        x.data_ptr(), y.data_ptr(), n, h * w, c, groups, *ptrs, float(eps), int(silu)
-    )
+        native.threads(), x.data_ptr(), y.data_ptr(), n, h * w, c, groups, *ptrs, float(eps),
+        int(silu),
+    )  # fmt: skip
     if failed:
         raise MemoryError("group_norm_silu: no memory for its statistics")
     return y

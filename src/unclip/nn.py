@@ -95,6 +95,7 @@ class GroupNorm32(nn.GroupNorm):
         """``F.silu(self.modulate(x, scale, shift))``: one compiled kernel for float32
         channels-last input on the CPU without autograd (:mod:`unclip.group_norm_silu`,
         equal to float32 rounding), else the eager ops."""
+        _both_or_neither(scale, shift)
         if group_norm_silu.applies(x, self.weight, self.bias, scale, shift):
             return group_norm_silu.group_norm_silu(
                 x, self.num_groups, self.weight, self.bias, self.eps, scale, shift
@@ -107,6 +108,7 @@ class GroupNorm32(nn.GroupNorm):
         """``norm(x) * (1 + scale) + shift`` (ADM's scale-shift norm), one ``addcmul`` after
         the norm, in float32 on the float32 path. x: [N, C, H, W]; scale, shift: [N, C, 1, 1]
         (both or neither) -> x's shape, dtype and memory format."""
+        _both_or_neither(scale, shift)
         layout = _bf16_group_norm_layout(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if layout == "direct":
@@ -122,6 +124,11 @@ class GroupNorm32(nn.GroupNorm):
             if scale is not None and shift is not None:
                 y = torch.addcmul(shift.to(y.dtype), y, (1 + scale).to(y.dtype))
         return y.to(x.dtype)
+
+
+def _both_or_neither(scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    if (scale is None) != (shift is None):
+        raise ValueError("scale and shift come together (ADM's scale-shift norm)")
 
 
 def _bf16_group_norm_layout(x: torch.Tensor) -> str | None:

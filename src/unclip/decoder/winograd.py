@@ -7,8 +7,7 @@ becomes 36 matrix products ``M[ξ] = V[ξ] · U[ξ]`` (V [T, C] the transformed 
 U [C, K] the transformed kernels, ξ = 6i + j), which is 36 multiply-adds per tile and channel
 pair where the direct convolution does 144: 4× fewer. The transforms Bᵀ·B and Aᵀ·A run in the
 compiled kernels of ``unclip/native/winograd.c`` (threads shared with torch), the products in
-``torch.bmm``. Against oneDNN's direct float32 convolution on AVX2 this takes 0.4–0.8× the time
-at the decoder's layer sizes (``benchmarks/winograd_conv.py``).
+``torch.bmm`` (timings against oneDNN's direct convolution: ``benchmarks/winograd_conv.py``).
 
 A sampling run (:mod:`unclip.decoder.packed_conv`) transforms each kernel once and calls
 :func:`winograd_conv`; a training step (:class:`~unclip.decoder.blocks.Conv3x3` where
@@ -23,6 +22,7 @@ import ctypes
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from unclip import native
 
@@ -40,7 +40,7 @@ _G = (
 #: Winograd runs a layer only where its transformed kernels (36·C·K floats, 4× the 3×3
 #: kernel) are small against the work they serve, C·K ≤ this × tiles: with few tiles (an 8×8
 #: map of a few images) the 36 products read more kernel than they compute, and the direct
-#: convolution is faster (measured on AVX2, docs/benchmarks.md).
+#: convolution is faster (docs/benchmarks.md, issue 34).
 MAX_KERNEL_ELEMENTS_PER_TILE = 2048
 
 
@@ -50,10 +50,9 @@ def _kernels() -> ctypes.CDLL | None:
     if lib is None:
         return None
     ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.winograd_input.argtypes = [ptr, ptr, i, i, i, i, i, i]
-    lib.winograd_output.argtypes = [ptr, ptr, ptr, i, i, i, i]
-    lib.winograd_output_grad.argtypes = [ptr, ptr, i, i, i, i]
-    lib.winograd_lanes.restype = i
+    lib.winograd_input.argtypes = [i, ptr, ptr, i, i, i, i, i, i]
+    lib.winograd_output.argtypes = [i, ptr, ptr, ptr, i, i, i, i]
+    lib.winograd_output_grad.argtypes = [i, ptr, ptr, i, i, i, i]
     return lib
 
 
@@ -68,6 +67,15 @@ def _g_kron_g(dtype: torch.dtype) -> torch.Tensor:
     return torch.kron(g, g)
 
 
+def trains_in(model: torch.nn.Module) -> bool:
+    """Whether float32 training of ``model`` runs 3×3 convolutions as Winograd (given
+    channels-last input): the kernels are built and it has
+    :class:`~unclip.decoder.blocks.Conv3x3` layers."""
+    from unclip.decoder.blocks import Conv3x3  # blocks imports this module
+
+    return available() and any(isinstance(m, Conv3x3) for m in model.modules())
+
+
 def kernel_transform(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """weight [K, C, 3, 3] -> U [36, C, K] float32, U[6a+b, c, k] = (G w[k, c] Gᵀ)[a, b],
     one matrix product computed in ``dtype`` (float64 for a sampling run's once-made kernels,
@@ -79,8 +87,7 @@ def kernel_transform(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -
 
 def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     """Whether ``conv(x)`` records autograd and :func:`winograd_conv_autograd` can run it:
-    :func:`applies`, not under autocast (its compute dtype is float32) and not being compiled
-    (dynamo traces its own convolutions)."""
+    :func:`applies` and not under autocast (its compute dtype is float32)."""
     return (
         torch.is_grad_enabled()
         and (x.requires_grad or conv.weight.requires_grad)
@@ -94,11 +101,12 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     """Whether :func:`winograd_conv` can run ``conv`` on ``x``: float32 channels-last x on the
     CPU, a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
     multiples of the kernels' vector width, enough tiles for the kernels' size
-    (``MAX_KERNEL_ELEMENTS_PER_TILE``), and the compiled kernels loaded."""
-    lib = _kernels()
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
+    (``MAX_KERNEL_ELEMENTS_PER_TILE``), not being compiled (dynamo traces its own
+    convolutions), and the compiled kernels loaded."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
         return False
-    lanes = lib.winograd_lanes()
+    if torch.compiler.is_compiling() or _kernels() is None:
+        return False
     n, c, h, w = x.shape
     tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
     return (
@@ -107,37 +115,64 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         and tuple(conv.padding) == (1, 1)
         and tuple(conv.dilation) == (1, 1)
         and conv.groups == 1
-        and conv.in_channels % lanes == 0
-        and conv.out_channels % lanes == 0
+        and conv.weight.dtype == torch.float32
+        and _channels_fit(conv.in_channels, conv.out_channels)
         and x.is_contiguous(memory_format=torch.channels_last)
         and c * conv.out_channels <= MAX_KERNEL_ELEMENTS_PER_TILE * tiles
     )
 
 
+def _channels_fit(*channels: int) -> bool:
+    return all(c % native.lanes() == 0 for c in channels)
+
+
+def _check(x: torch.Tensor, what: str) -> None:
+    """Raise ValueError unless x is what the kernels read: dense float32 channels-last on the
+    CPU with a channel count that is a multiple of the vector width."""
+    if not (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.ndim == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and _channels_fit(x.shape[1])
+    ):
+        raise ValueError(
+            f"winograd: {what} must be float32 channels-last on the CPU with channels a "
+            f"multiple of {native.lanes()}; got {x.dtype} {tuple(x.shape)} on {x.device} "
+            f"with strides {x.stride()}"
+        )
+
+
 def input_transform(x: torch.Tensor) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last -> V [36, T, C], the 6×6 input patch of each 4×4
     output tile as Bᵀ d B (T = N·⌈H/4⌉·⌈W/4⌉ tiles; zero padding 1)."""
+    _check(x, "the input")
     n, c, h, w = x.shape
     v = torch.empty(36, n * ((h + 3) // 4) * ((w + 3) // 4), c)
-    _loaded().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, h, w)
+    _loaded().winograd_input(native.threads(), x.data_ptr(), v.data_ptr(), n, h, w, c, h, w)
     return v
 
 
 def winograd_conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
     bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution. No autograd;
-    the caller checks :func:`applies`."""
-    n, _, h, w = x.shape
+    the caller checks :func:`applies` (what the kernels cannot read raises ValueError)."""
+    _check(x, "the input")
+    n, c, h, w = x.shape
+    if u.dtype != torch.float32 or u.shape[:2] != (36, c) or not _channels_fit(u.shape[2]):
+        raise ValueError(f"winograd: kernels must be float32 [36, {c}, K]; got {tuple(u.shape)}")
     return _output(torch.bmm(input_transform(x), u), n, h, w, bias)
 
 
 def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) -> torch.Tensor:
     """M [36, T, K] -> y [N, K, H, W] channels-last, Aᵀ M A per tile, plus bias."""
     k = m.shape[2]
+    if bias is not None and bias.numel() != k:
+        raise ValueError(f"winograd: bias must have {k} elements; got {tuple(bias.shape)}")
     y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
     b = None if bias is None else bias.detach().float().contiguous()
-    _loaded().winograd_output(m.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                              n, h, w, k)  # fmt: skip
+    _loaded().winograd_output(native.threads(), m.data_ptr(), None if b is None else b.data_ptr(),
+                              y.data_ptr(), n, h, w, k)  # fmt: skip
     return y
 
 
@@ -152,7 +187,8 @@ class _WinogradConv(torch.autograd.Function):
     y = Aᵀ M A. Input gradient: the convolution of the output gradient by the kernel flipped
     and transposed. Weight gradient: through the transforms, dM = A dy Aᵀ per tile,
     dU[ξ] = V[ξ]ᵀ dM[ξ] (one batched product over all tiles), dw = Gᵀ dU G. Bias gradient:
-    the output gradient summed."""
+    the output gradient summed. Keeps V [36, T, C] for the backward (2.25× the input's
+    size, against a pass over the input to make it again); first derivatives only."""
 
     @staticmethod
     def forward(
@@ -168,6 +204,7 @@ class _WinogradConv(torch.autograd.Function):
         return _output(torch.bmm(v, kernel_transform(weight, torch.float32)), n, h, w, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -181,7 +218,8 @@ class _WinogradConv(torch.autograd.Function):
             dx = winograd_conv(dy, kernel_transform(flipped, torch.float32), None)
         if ctx.needs_input_grad[1]:
             dm = torch.empty(36, v.shape[1], k)
-            _loaded().winograd_output_grad(dy.data_ptr(), dm.data_ptr(), n, h, w, k)
+            _loaded().winograd_output_grad(native.threads(), dy.data_ptr(), dm.data_ptr(),
+                                           n, h, w, k)  # fmt: skip
             du = torch.bmm(v.transpose(1, 2), dm)  # [36, C, K]
             g9 = _g_kron_g(torch.float32).t() @ du.view(36, c * k)  # [9, C·K]
             dw = torch.empty_like(weight).copy_(g9.view(3, 3, c, k).permute(3, 2, 0, 1))

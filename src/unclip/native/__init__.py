@@ -5,11 +5,13 @@
 source, the compiler and its flags (a compile takes well under a second, once per machine and
 source), and loads it with ctypes. The flags follow the CPU kernels torch chose
 (``torch.backends.cpu.get_cpu_capability()``): AVX-512 or AVX2 vectors where torch runs them,
-else the compiler's defaults, so ``ATEN_CPU_CAPABILITY=avx2`` caps both alike. The kernels are
-built with ``-fopenmp`` and share the process's OpenMP runtime with torch (the torch wheel's
-libgomp has the system's soname), so ``torch.set_num_threads`` sets their threads too.
+else the compiler's defaults, so ``ATEN_CPU_CAPABILITY=avx2`` caps both alike; :func:`lanes` is the vector width the
+kernels are built for (their channel counts must be multiples of it). The kernels are built
+with ``-fopenmp`` and share the process's OpenMP runtime with torch (the torch wheel's libgomp
+has the system's soname); callers pass ``torch.get_num_threads()`` to each call.
 
-Off Linux, without a C compiler (``$CC``, else ``cc``), where the compile fails, or with
+Off Linux, without a C compiler (``$CC``, which may carry arguments, else ``cc``), where the
+compile fails, or with
 ``UNCLIP_NATIVE=0``, :func:`load` returns None and callers run their PyTorch path; why is
 logged (``logging``, this module's logger) and kept in :func:`unavailable_reason`.
 """
@@ -22,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,37 +53,64 @@ def cpu_flags() -> tuple[list[str], int]:
     return [], 4
 
 
+def lanes() -> int:
+    """float32 lanes per vector of the kernels built here: channel counts they take are
+    multiples of it."""
+    return cpu_flags()[1]
+
+
+def compiler() -> list[str] | None:
+    """The C compiler's command (``$CC`` split as a shell would, else ``cc``), or None where it
+    is not on PATH."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    return cc if cc and shutil.which(cc[0]) else None
+
+
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$XDG_CACHE_HOME/unclip/native``."""
+    """Where compiled kernels are kept: ``$XDG_CACHE_HOME/unclip/native`` (``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "unclip" / "native"
 
 
+def _writable_cache() -> Path:
+    """:func:`cache_dir`, or a folder in the system's temporary folder where that cannot be
+    made (a read-only or missing home)."""
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to expand
+        pass
+    folder = Path(tempfile.gettempdir()) / f"unclip-native-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
 def _build(name: str, source: bytes) -> Path:
-    """The shared library of ``source`` in :func:`cache_dir`, compiled unless already there.
-    Raises OSError or subprocess.SubprocessError when it cannot be built."""
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise OSError(f"no C compiler ({cc!r} is not on PATH; set CC to one)")
-    flags, lanes = cpu_flags()
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", f"-DLANES={lanes}", *flags]
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode()]))
-    out = cache_dir() / f"{name}-{platform.machine()}-{key.hexdigest()[:16]}.so"
+    """The shared library of ``source`` in the cache, compiled unless already there. Raises
+    OSError or subprocess.SubprocessError when it cannot be built."""
+    cc = compiler()
+    if cc is None:
+        raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH; set CC)")
+    flags, width = cpu_flags()
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", f"-DLANES={width}", *flags]
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc + flags).encode()]))
+    out = _writable_cache() / f"{name}-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, lib = Path(tmp) / f"{name}.c", Path(tmp) / out.name
         src.write_bytes(source)
         done = subprocess.run(
-            [cc, *flags, str(src), "-o", str(lib)],
+            [*cc, *flags, str(src), "-o", str(lib)],
             capture_output=True,
             text=True,
             timeout=COMPILE_TIMEOUT_S,
         )
         if done.returncode != 0:
             raise subprocess.SubprocessError(
-                f"{cc} failed on {name}.c: {done.stderr.strip()[-2000:]}"
+                f"{cc[0]} failed on {name}.c: {done.stderr.strip()[-2000:]}"
             )
         os.replace(lib, out)  # atomic: a concurrent build of the same key is harmless
     return out
@@ -89,22 +119,38 @@ def _build(name: str, source: bytes) -> Path:
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled ``unclip/native/<name>.c`` (built at the first call of the process if the
-    cache lacks it), or None where it cannot be had (module docstring)."""
+    cache lacks it, and again if the cached file does not load), or None where it cannot be
+    had (module docstring)."""
     if os.environ.get(NATIVE_ENV, "").strip() == "0":
         return _unavailable(name, f"{NATIVE_ENV}=0")
     if not sys.platform.startswith("linux"):
         return _unavailable(name, f"compiled kernels are built on Linux only, not {sys.platform}")
     try:
         source = resources.files(__package__).joinpath(f"{name}.c").read_bytes()
-        return ctypes.CDLL(str(_build(name, source)))
+        path = _build(name, source)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a truncated or foreign file under the name: build it again
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build(name, source)))
     except (OSError, subprocess.SubprocessError) as e:
         return _unavailable(name, str(e))
+    _reasons.pop(name, None)
+    return lib
 
 
 def _unavailable(name: str, why: str) -> None:
     _reasons[name] = why
     _log.info("unclip.native: %s.c not used: %s", name, why)
     return None
+
+
+def threads() -> int:
+    """The thread count to pass a kernel: torch's intra-op count (OpenMP's own count is per
+    calling thread, so a thread torch has not run in would otherwise use every core)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -7,7 +7,9 @@
  * x read as zero outside [0, H) x [0, W); the output is Ho x Wo (H x W for a 3x3 convolution,
  * H+1 x W+1 for a 2x2 one embedded in a 3x3 kernel). Output tiles are 4x4, T = N ceil(Ho/4)
  * ceil(Wo/4) of them; tile t reads the 6x6 input patch whose top left is (4 ty - 1, 4 tx - 1).
- * C and K must be multiples of LANES.
+ * C and K must be multiples of LANES (unclip/native/__init__.py sets it); every tensor is dense.
+ * threads: how many OpenMP threads split the tiles (torch's intra-op count, passed in because
+ * OpenMP's count is per calling thread).
  */
 #include <stddef.h>
 
@@ -19,8 +21,6 @@ typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vfu __attribute__((vector_size(LANES * 4), aligned(4)));
 #define LOAD(p) (*(const vfu *)(p))
 #define STORE(p, v) (*(vfu *)(p) = (v))
-
-int winograd_lanes(void) { return LANES; }
 
 /* B^T d for a column d of six input rows */
 static inline void input_rows(const vf d[6], vf u[6]) {
@@ -42,11 +42,11 @@ static inline void output_rows(const vf m[6], vf o[4]) {
 }
 
 /* x [N, H, W, C] -> V [36, T, C]: V[6i+j, t] = (B^T d_t B)[i, j] */
-void winograd_input(const float *restrict x, float *restrict V, int N, int H, int W, int C,
+void winograd_input(int threads, const float *restrict x, float *restrict V, int N, int H, int W, int C,
                     int Ho, int Wo) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4 - 1, x0 = (r % tW) * 4 - 1;
@@ -76,11 +76,11 @@ void winograd_input(const float *restrict x, float *restrict V, int N, int H, in
 }
 
 /* M [36, T, K] -> y [N, Ho, Wo, K]: y_t = A^T m_t A + bias (bias may be NULL) */
-void winograd_output(const float *restrict M, const float *restrict bias, float *restrict y,
+void winograd_output(int threads, const float *restrict M, const float *restrict bias, float *restrict y,
                      int N, int Ho, int Wo, int K) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
@@ -116,11 +116,11 @@ static inline void output_grad_rows(const vf y[4], vf m[6]) {
 
 /* dy [N, Ho, Wo, K] -> dM [36, T, K]: dM_t = A dy_t A^T, the gradient of M in
  * winograd_output for the output gradient dy (positions past Ho, Wo are zero) */
-void winograd_output_grad(const float *restrict dy, float *restrict dM, int N, int Ho, int Wo,
+void winograd_output_grad(int threads, const float *restrict dy, float *restrict dM, int N, int Ho, int Wo,
                           int K) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;

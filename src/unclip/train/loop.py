@@ -122,15 +122,15 @@ def channels_last_pays(model: nn.Module, device: torch.device, bf16: bool = True
     forward+backward), except for GroupNorm models on the CPU in bf16, whose channels-last
     bf16 group-norm backward costs more than the convolutions gain (the emoji-small decoder,
     batch 16: 300 ms channels-last, 280 ms contiguous). In float32 such models go
-    channels-last where the Winograd kernels are built, which run their 3×3 convolutions
-    only on channels-last input (:mod:`unclip.decoder.winograd`). A no-op for models without
-    convolutions."""
+    channels-last where their 3×3 convolutions then train as Winograd, which reads only
+    channels-last input (:func:`unclip.decoder.winograd.trains_in`). A no-op for models
+    without convolutions."""
     gn = any(isinstance(m, nn.GroupNorm) for m in model.modules())
     if device.type != "cpu" or not gn:
         return True
     from unclip.decoder import winograd
 
-    return not bf16 and winograd.available()
+    return not bf16 and winograd.trains_in(model)
 
 
 def training_layout(
