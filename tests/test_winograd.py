@@ -55,6 +55,20 @@ def test_equals_the_direct_convolution(
     close(y, direct(x, weight, b))
 
 
+@compiled
+@pytest.mark.parametrize(("h", "w"), [(8, 8), (5, 3), (1, 1)])
+def test_the_input_read_upsampled(h: int, w: int) -> None:
+    """conv(nearest2x(x)) without the upsampled map: [N, K, 2H, 2W]."""
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(2, LANES, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = (
+        torch.randn(2 * LANES, LANES, 3, 3, generator=g),
+        torch.randn(2 * LANES, generator=g),
+    )
+    y = winograd.winograd_conv(x, winograd.kernel_transform(weight), bias, upsample=True)
+    close(y, direct(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias))
+
+
 def conv(c: int = LANES, k: int = LANES, **kw: int) -> nn.Conv2d:
     return nn.Conv2d(c, k, kw.pop("kernel_size", 3), padding=kw.pop("padding", 1), **kw)
 
@@ -92,12 +106,14 @@ def unet() -> UNet:
 
 @compiled
 def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, ...]] = []
+    calls: list[tuple[tuple[int, ...], bool]] = []
     real = winograd.winograd_conv
 
-    def counted(x: torch.Tensor, *a: object) -> torch.Tensor:
-        calls.append(tuple(x.shape))
-        return real(x, *a)
+    def counted(
+        x: torch.Tensor, u: torch.Tensor, b: torch.Tensor, up: bool = False
+    ) -> torch.Tensor:
+        calls.append((tuple(x.shape), up))
+        return real(x, u, b, up)
 
     monkeypatch.setattr(winograd, "winograd_conv", counted)
     model = unet()
@@ -109,6 +125,7 @@ def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -
         with model.frozen_weights():
             got = model(x, t, image_emb=emb)
     assert len(calls) >= 4
+    assert ((2, 2 * LANES, 8, 8), True) in calls  # the upsampling ResBlock reads its input ×2
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

@@ -90,11 +90,14 @@ class _PackedForward:
         return self._onednn(x, "conv", conv.weight, conv.bias, conv.padding)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv(nearest2x(x))`` by the phase convolution of :mod:`unclip.decoder.upsample_conv`
-        with packed phase kernels."""
+        """``conv(nearest2x(x))``: as Winograd reading x upsampled where it applies (float32),
+        else by the phase convolution of :mod:`unclip.decoder.upsample_conv` with packed phase
+        kernels."""
         conv = self.conv
         if not self._runs_packed(x):
             return upsample_conv3x3(x, conv.weight, conv.bias)
+        if self._runs_winograd(x, upsample=True):
+            return self._winograd(x, upsample=True)
         if "phases" not in self.packed:
             with torch.no_grad():
                 self.packed["phases"] = phase_weights(conv.weight, conv.bias)
@@ -102,21 +105,21 @@ class _PackedForward:
         z = self._onednn(x, "phases", weight, bias, (1, 1))  # [N, 4·C', H+1, W+1]
         return interleave_phases(z, memory_format(x) == torch.channels_last)
 
-    def _runs_winograd(self, x: torch.Tensor) -> bool:
+    def _runs_winograd(self, x: torch.Tensor, upsample: bool = False) -> bool:
         if _compute_dtype(x) != torch.float32:
             return False
-        key = (tuple(x.shape), x.stride())
+        key = (tuple(x.shape), x.stride(), upsample)
         if key not in self.winograd_shapes:
-            self.winograd_shapes[key] = winograd.applies(x, self.conv)
+            self.winograd_shapes[key] = winograd.applies(x, self.conv, upsample)
         return self.winograd_shapes[key]
 
-    def _winograd(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv of x as Winograd F(4×4, 3×3) (:mod:`unclip.decoder.winograd`), its kernels
-        transformed at the first call."""
+    def _winograd(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
+        """The conv of x (upsampled ×2, nearest, if ``upsample``) as Winograd F(4×4, 3×3)
+        (:mod:`unclip.decoder.winograd`), its kernels transformed at the first call."""
         if "winograd" not in self.packed:
             self.packed["winograd"] = (winograd.kernel_transform(self.conv.weight), self.conv.bias)
         u, b = self.packed["winograd"]
-        return winograd.winograd_conv(x, u, b)
+        return winograd.winograd_conv(x, u, b, upsample)
 
     def _onednn(
         self,

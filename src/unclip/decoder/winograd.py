@@ -50,7 +50,7 @@ def _kernels() -> ctypes.CDLL | None:
     if lib is None:
         return None
     ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.winograd_input.argtypes = [i, ptr, ptr, i, i, i, i, i, i]
+    lib.winograd_input.argtypes = [i, ptr, ptr, i, i, i, i, i]
     lib.winograd_output.argtypes = [i, ptr, ptr, ptr, i, i, i, i]
     lib.winograd_output_grad.argtypes = [i, ptr, ptr, i, i, i, i]
     return lib
@@ -97,8 +97,9 @@ def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    """Whether :func:`winograd_conv` can run ``conv`` on ``x``: float32 channels-last x on the
+def applies(x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False) -> bool:
+    """Whether :func:`winograd_conv` can run ``conv`` on ``x`` (upsampled ×2 first, nearest,
+    if ``upsample``): float32 channels-last x on the
     CPU, a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
     multiples of the kernels' vector width, enough tiles for the kernels' size
     (``MAX_KERNEL_ELEMENTS_PER_TILE``), not being compiled (dynamo traces its own
@@ -108,7 +109,7 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     if torch.compiler.is_compiling() or _kernels() is None:
         return False
     n, c, h, w = x.shape
-    tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
+    tiles = n * ((h * (1 + upsample) + 3) // 4) * ((w * (1 + upsample) + 3) // 4)
     return (
         tuple(conv.kernel_size) == (3, 3)
         and tuple(conv.stride) == (1, 1)
@@ -143,25 +144,32 @@ def _check(x: torch.Tensor, what: str) -> None:
         )
 
 
-def input_transform(x: torch.Tensor) -> torch.Tensor:
+def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last -> V [36, T, C], the 6×6 input patch of each 4×4
-    output tile as Bᵀ d B (T = N·⌈H/4⌉·⌈W/4⌉ tiles; zero padding 1)."""
+    output tile as Bᵀ d B (T = N·⌈H'/4⌉·⌈W'/4⌉ tiles; zero padding 1), of x or, if
+    ``upsample``, of x upsampled ×2 (nearest; H', W' = 2H, 2W), read from x as it is."""
     _check(x, "the input")
     n, c, h, w = x.shape
-    v = torch.empty(36, n * ((h + 3) // 4) * ((w + 3) // 4), c)
-    _loaded().winograd_input(native.threads(), x.data_ptr(), v.data_ptr(), n, h, w, c, h, w)
+    up = int(upsample)
+    v = torch.empty(36, n * (((h << up) + 3) // 4) * (((w << up) + 3) // 4), c)
+    _loaded().winograd_input(native.threads(), x.data_ptr(), v.data_ptr(), n, h, w, c, up)
     return v
 
 
-def winograd_conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv(
+    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, upsample: bool = False
+) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
-    bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution. No autograd;
-    the caller checks :func:`applies` (what the kernels cannot read raises ValueError)."""
+    bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution; with
+    ``upsample``, of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never
+    made. No autograd; the caller checks :func:`applies` (what the kernels cannot read raises
+    ValueError)."""
     _check(x, "the input")
     n, c, h, w = x.shape
     if u.dtype != torch.float32 or u.shape[:2] != (36, c) or not _channels_fit(u.shape[2]):
         raise ValueError(f"winograd: kernels must be float32 [36, {c}, K]; got {tuple(u.shape)}")
-    return _output(torch.bmm(input_transform(x), u), n, h, w, bias)
+    up = int(upsample)
+    return _output(torch.bmm(input_transform(x, upsample), u), n, h << up, w << up, bias)
 
 
 def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) -> torch.Tensor:

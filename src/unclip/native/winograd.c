@@ -4,8 +4,8 @@
  * runtime torch itself runs on (the process's libgomp), so torch.set_num_threads holds.
  *
  * Convolution with zero padding 1: y[n, p, q, k] = sum_{a,b,c} w[k, c, a, b] x[n, p+a-1, q+b-1, c],
- * x read as zero outside [0, H) x [0, W); the output is Ho x Wo (H x W for a 3x3 convolution,
- * H+1 x W+1 for a 2x2 one embedded in a 3x3 kernel). Output tiles are 4x4, T = N ceil(Ho/4)
+ * x read as zero outside [0, H) x [0, W); the output is H x W (Ho x Wo below: the input's size,
+ * or twice it when the input is read upsampled). Output tiles are 4x4, T = N ceil(Ho/4)
  * ceil(Wo/4) of them; tile t reads the 6x6 input patch whose top left is (4 ty - 1, 4 tx - 1).
  * C and K must be multiples of LANES (unclip/native/__init__.py sets it); every tensor is dense.
  * threads: how many OpenMP threads split the tiles (torch's intra-op count, passed in because
@@ -41,16 +41,18 @@ static inline void output_rows(const vf m[6], vf o[4]) {
   o[3] = b + 8 * e + m[5];
 }
 
-/* x [N, H, W, C] -> V [36, T, C]: V[6i+j, t] = (B^T d_t B)[i, j] */
-void winograd_input(int threads, const float *restrict x, float *restrict V, int N, int H, int W, int C,
-                    int Ho, int Wo) {
-  const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
+/* x [N, H, W, C] -> V [36, T, C]: V[6i+j, t] = (B^T d_t B)[i, j], the input read as the
+ * (H << up) x (W << up) map of x upsampled x2 (nearest) when up is 1 (so a convolution after
+ * a x2 upsampling never makes the upsampled map), tiles over that map */
+void winograd_input(int threads, const float *restrict x, float *restrict V, int N, int H, int W,
+                    int C, int up) {
+  const int Hu = H << up, Wu = W << up, tH = (Hu + 3) / 4, tW = (Wu + 3) / 4;
   const long T = (long)N * tH * tW;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4 - 1, x0 = (r % tW) * 4 - 1;
-    const int inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= H && x0 + 6 <= W;
+    const int inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= Hu && x0 + 6 <= Wu;
     for (int c = 0; c < C; c += LANES) {
       vf u[6][6]; /* u[i][j] = (B^T d)[i, j] */
       for (int j = 0; j < 6; j++) {
@@ -58,8 +60,8 @@ void winograd_input(int threads, const float *restrict x, float *restrict V, int
         const int xx = x0 + j;
         for (int i = 0; i < 6; i++) {
           const int yy = y0 + i;
-          if (inside || (yy >= 0 && yy < H && xx >= 0 && xx < W))
-            d[i] = LOAD(x + (((long)n * H + yy) * W + xx) * C + c);
+          if (inside || (yy >= 0 && yy < Hu && xx >= 0 && xx < Wu))
+            d[i] = LOAD(x + (((long)n * H + (yy >> up)) * W + (xx >> up)) * C + c);
           else
             d[i] = (vf){0};
         }
