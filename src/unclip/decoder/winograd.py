@@ -61,6 +61,7 @@ def available() -> bool:
     return _kernels() is not None
 
 
+@functools.cache
 def _g_kron_g(dtype: torch.dtype) -> torch.Tensor:
     """G ⊗ G [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j], so vec(G g Gᵀ) = (G ⊗ G) vec(g)."""
     g = torch.tensor(_G, dtype=dtype)
@@ -76,13 +77,13 @@ def trains_in(model: torch.nn.Module) -> bool:
     return available() and any(isinstance(m, Conv3x3) for m in model.modules())
 
 
-def kernel_transform(weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """weight [K, C, 3, 3] -> U [36, C, K] float32, U[6a+b, c, k] = (G w[k, c] Gᵀ)[a, b],
-    one matrix product computed in ``dtype`` (float64 for a sampling run's once-made kernels,
-    float32 for a training step's)."""
+def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
+    """weight [K, C, 3, 3] -> U [36, C, K] float32, U[6a+b, c, k] = (G w[k, c] Gᵀ)[a, b]: one
+    float32 matrix product, (G ⊗ G) [36, 9] by the taps laid out [9, C·K], so U comes out in
+    its own layout with no transposing copy."""
     k, c = weight.shape[:2]
-    u = _g_kron_g(dtype) @ weight.detach().to(dtype).reshape(k * c, 9).t()  # [36, K·C]
-    return u.view(36, k, c).transpose(1, 2).float().contiguous()
+    taps = weight.detach().float().permute(2, 3, 1, 0).reshape(9, c * k)  # [(i, j), (c, k)]
+    return (_g_kron_g(torch.float32) @ taps).view(36, c, k)
 
 
 def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -209,7 +210,7 @@ class _WinogradConv(torch.autograd.Function):
         v = input_transform(x)
         ctx.save_for_backward(v, weight)
         ctx.size = (n, h, w)  # type: ignore[attr-defined]
-        return _output(torch.bmm(v, kernel_transform(weight, torch.float32)), n, h, w, bias)
+        return _output(torch.bmm(v, kernel_transform(weight)), n, h, w, bias)
 
     @staticmethod
     @once_differentiable
@@ -223,7 +224,7 @@ class _WinogradConv(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(2, 3).transpose(0, 1)  # [C, K, 3, 3]
-            dx = winograd_conv(dy, kernel_transform(flipped, torch.float32), None)
+            dx = winograd_conv(dy, kernel_transform(flipped), None)
         if ctx.needs_input_grad[1]:
             dm = torch.empty(36, v.shape[1], k)
             _loaded().winograd_output_grad(native.threads(), dy.data_ptr(), dm.data_ptr(),
