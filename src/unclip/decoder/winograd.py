@@ -39,8 +39,8 @@ _G = (
 
 #: Winograd runs a layer only where its transformed kernels (36·C·K floats, 4× the 3×3
 #: kernel) are small against the work they serve, C·K ≤ this × tiles: with few tiles (an 8×8
-#: map of a few images) the 36 products read more kernel than they compute, and the direct
-#: convolution is faster (docs/benchmarks.md, issue 34).
+#: map of a few images) the 36 products read more kernel than they compute. A bound, not a
+#: tuned value: halving or doubling it moves an emoji-small decoder call by under 1%.
 MAX_KERNEL_ELEMENTS_PER_TILE = 2048
 
 
@@ -66,15 +66,6 @@ def _g_kron_g(dtype: torch.dtype) -> torch.Tensor:
     """G ⊗ G [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j], so vec(G g Gᵀ) = (G ⊗ G) vec(g)."""
     g = torch.tensor(_G, dtype=dtype)
     return torch.kron(g, g)
-
-
-def trains_in(model: torch.nn.Module) -> bool:
-    """Whether float32 training of ``model`` runs 3×3 convolutions as Winograd (given
-    channels-last input): the kernels are built and it has
-    :class:`~unclip.decoder.blocks.Conv3x3` layers."""
-    from unclip.decoder.blocks import Conv3x3  # blocks imports this module
-
-    return available() and any(isinstance(m, Conv3x3) for m in model.modules())
 
 
 def kernel_transform(weight: torch.Tensor) -> torch.Tensor:

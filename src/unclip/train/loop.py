@@ -123,14 +123,16 @@ def channels_last_pays(model: nn.Module, device: torch.device, bf16: bool = True
     bf16 group-norm backward costs more than the convolutions gain (the emoji-small decoder,
     batch 16: 300 ms channels-last, 280 ms contiguous). In float32 such models go
     channels-last where their 3×3 convolutions then train as Winograd, which reads only
-    channels-last input (:func:`unclip.decoder.winograd.trains_in`). A no-op for models
-    without convolutions."""
+    channels-last input (:class:`~unclip.decoder.blocks.Conv3x3` layers, where the kernels of
+    :mod:`unclip.decoder.winograd` are built). A no-op for models without convolutions."""
     gn = any(isinstance(m, nn.GroupNorm) for m in model.modules())
     if device.type != "cpu" or not gn:
         return True
     from unclip.decoder import winograd
+    from unclip.decoder.blocks import Conv3x3
 
-    return not bf16 and winograd.trains_in(model)
+    has_3x3 = any(isinstance(m, Conv3x3) for m in model.modules())
+    return not bf16 and has_3x3 and winograd.available()
 
 
 def training_layout(
