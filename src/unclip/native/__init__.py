@@ -34,9 +34,6 @@ from pathlib import Path
 
 #: set to "0" to run the PyTorch paths instead of the compiled kernels
 NATIVE_ENV = "UNCLIP_NATIVE"
-#: a kernel call that writes fewer floats than this runs on the calling thread alone: a few
-#: microseconds of work cost less than waking and joining the other threads
-PARALLEL_MIN = 65536
 #: seconds a compile may take before the kernels are given up for this process
 COMPILE_TIMEOUT_S = 120
 
@@ -97,8 +94,7 @@ def _build(name: str, source: bytes) -> Path:
     if cc is None:
         raise OSError(f"no C compiler ({os.environ.get('CC') or 'cc'!r} is not on PATH; set CC)")
     flags, width = cpu_flags()
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", f"-DLANES={width}",
-             f"-DPARALLEL_MIN={PARALLEL_MIN}", *flags]  # fmt: skip
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", f"-DLANES={width}", *flags]
     key = hashlib.sha256(b"\0".join([source, " ".join(cc + flags).encode()]))
     out = _writable_cache() / f"{name}-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if out.exists():

@@ -9,15 +9,14 @@
  * across blocks, one block per thread at a time; the group statistics come from those sums
  * in double. Pass 2 is y = silu(a[n, c] (x - mean[n, g]) + d[n, c]), a and d folded from the
  * statistics, weights and modulation. Threads: `threads` of the OpenMP runtime torch runs on
- * (torch's intra-op count, passed in: OpenMP's own count is per calling thread); fewer than
- * PARALLEL_MIN elements run on the calling thread alone.
+ * (torch's intra-op count, passed in: OpenMP's own count is per calling thread).
  * C must be a multiple of LANES (unclip/native/__init__.py sets it); every tensor is dense.
  */
 #include <math.h>
 #include <stdlib.h>
 
-#if !defined(LANES) || !defined(PARALLEL_MIN)
-#error "built by unclip/native/__init__.py, which defines LANES and PARALLEL_MIN"
+#ifndef LANES
+#define LANES 8
 #endif
 #define BLOCK 64
 
@@ -65,7 +64,7 @@ int group_norm_silu(int threads, const float *x, float *y, int N, long HW, int C
     free(fold);
     return -1;
   }
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * HW * C >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long nb = 0; nb < (long)N * blocks; nb++) {
     const long n = nb / blocks, p0 = (nb % blocks) * BLOCK;
     const long p1 = p0 + BLOCK < HW ? p0 + BLOCK : HW;
@@ -115,7 +114,7 @@ int group_norm_silu(int threads, const float *x, float *y, int N, long HW, int C
       }
     }
   free(sums);
-#pragma omp parallel for schedule(static) num_threads(threads) if (N * HW * C >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long nb = 0; nb < (long)N * blocks; nb++) {
     const long n = nb / blocks, p0 = (nb % blocks) * BLOCK;
     const long p1 = p0 + BLOCK < HW ? p0 + BLOCK : HW;

@@ -9,13 +9,12 @@
  * ceil(Wo/4) of them; tile t reads the 6x6 input patch whose top left is (4 ty - 1, 4 tx - 1).
  * C and K must be multiples of LANES (unclip/native/__init__.py sets it); every tensor is dense.
  * threads: how many OpenMP threads split the tiles (torch's intra-op count, passed in because
- * OpenMP's count is per calling thread); a call that writes fewer than PARALLEL_MIN floats
- * runs on the calling thread alone (no fork and join for a few microseconds of work).
+ * OpenMP's count is per calling thread).
  */
 #include <stddef.h>
 
-#if !defined(LANES) || !defined(PARALLEL_MIN)
-#error "built by unclip/native/__init__.py, which defines LANES and PARALLEL_MIN"
+#ifndef LANES
+#define LANES 8
 #endif
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
@@ -49,7 +48,7 @@ void winograd_input(int threads, const float *restrict x, float *restrict V, int
                     int C, int up) {
   const int Hu = H << up, Wu = W << up, tH = (Hu + 3) / 4, tW = (Wu + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static) num_threads(threads) if (36 * T * C >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4 - 1, x0 = (r % tW) * 4 - 1;
@@ -83,7 +82,7 @@ void winograd_output(int threads, const float *restrict M, const float *restrict
                      int N, int Ho, int Wo, int K) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static) num_threads(threads) if (16 * T * K >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
@@ -123,7 +122,7 @@ void winograd_output_grad(int threads, const float *restrict dy, float *restrict
                           int K) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const long T = (long)N * tH * tW;
-#pragma omp parallel for schedule(static) num_threads(threads) if (36 * T * K >= PARALLEL_MIN)
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (long t = 0; t < T; t++) {
     const int n = t / (tH * tW), r = t % (tH * tW);
     const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
