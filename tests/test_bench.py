@@ -217,6 +217,9 @@ def test_bench_train_command(tiny_run_configs: Path, tmp_path: Path, capsys) -> 
     assert cli.main([*argv, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["stage"] == "decoder" and r["peak_gflops"] == 50.0
+    assert r["precision"] == "bf16 autocast"  # the tiny config's
+    assert cli.main([*argv, "--json", "--train-fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "float32"
     text = doc.read_text()
     assert "<!-- bench-train-decoder:start -->" in text and "| **step** |" in text
     assert cli.main([*argv, "--loss-only"]) == 0

@@ -115,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-batch", type=int,
                    help="training batch for every stage (default: the run configs' batch "
                    "sizes where known, else 16)")  # fmt: skip
-    p.add_argument("--train-fp32", action="store_true", help="train in float32 (no bf16)")
+    p.add_argument("--train-fp32", action="store_true",
+                   help="train in float32 (no bf16; with train STAGE too)")  # fmt: skip
     p.add_argument("--peak-fp32", type=float, help="fp32 matmul peak in GFLOP/s (skip measuring)")
     p.add_argument("--peak-bf16", type=float, help="bf16 matmul peak in GFLOP/s (skip measuring)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -320,9 +320,11 @@ def profile(
     real_data: bool = False,
     peaks_gflops: dict[str, float | None] | None = None,
     loss_only: bool = False,
+    float32: bool = False,
 ) -> dict[str, Any]:
     """Profile ``steps`` training steps of ``stage`` (after ``warmup`` untimed ones, the first
-    of them counting FLOPs); returns the parts (ms per step), samples/s and MFU.
+    of them counting FLOPs); returns the parts (ms per step), samples/s and MFU. ``float32``:
+    train without bf16 autocast whatever the config says.
 
     ``peaks_gflops``: known peaks by precision (``"bf16"``, ``"fp32"``); the step's is
     measured where it is missing. ``loss_only``: time only the loss outside the network
@@ -341,6 +343,8 @@ def profile(
         s = build_stage(stage, config, Path(tmp), real_data)
         cfg = s["cfg"]
         train = cfg.train.replace(batch_size=batch or cfg.train.batch_size)
+        if float32:
+            train = train.replace(bf16=False)
         n = train.batch_size
         dev = torch.device(device) if device else default_device()
         clock = Clock(dev, enabled=False)
@@ -514,7 +518,8 @@ def run(args: argparse.Namespace) -> int:
     peaks = {"bf16": args.peak_bf16, "fp32": args.peak_fp32}
     result = profile(args.stage, args.config, batch=args.batch, device=args.device,
                      steps=args.steps, warmup=args.warmup, real_data=args.real_data,
-                     peaks_gflops=peaks, loss_only=args.loss_only)  # fmt: skip
+                     peaks_gflops=peaks, loss_only=args.loss_only,
+                     float32=args.train_fp32)  # fmt: skip
     text = format_markdown(result)
     if args.doc:
         name = DOC_SECTION.format(stage=args.stage) + ("-loss" if args.loss_only else "")
