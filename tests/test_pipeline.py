@@ -15,6 +15,7 @@ import unclip
 from tiny_pipeline import FAST_SAMPLING, OUT, write_stages, write_tiny_pipeline
 from unclip.config import ConfigError
 from unclip.data.transforms import onto_white
+from unclip.decoder import winograd
 from unclip.hub import load_state_dict
 from unclip.pipeline import (
     PipelineConfig,
@@ -477,7 +478,8 @@ def test_upsampler_strength_starts_from_the_noised_input(tmp_path):
 
 def test_compile_wraps_every_sampling_network_once(pipeline_dir):
     """``compile`` puts torch.compile on the prior, decoder and upsamplers; with the "eager"
-    backend (dynamo tracing, no code generation) the images are the uncompiled ones."""
+    backend (dynamo tracing, no code generation) the images are the uncompiled ones (to a
+    grey level where the uncompiled float32 run used the C kernels)."""
     pipe = load_pipeline(pipeline_dir, device="cpu")
     plain = pipe.text_to_image("a red square", n=2, seed=4)
     assert pipe.compile(backend="eager") is pipe
@@ -490,7 +492,13 @@ def test_compile_wraps_every_sampling_network_once(pipeline_dir):
     copy = plain_copy(pipe.decoder.model)
     assert not is_compiled(copy) and is_compiled(pipe.decoder.model)
     again = pipe.text_to_image("a red square", n=2, seed=4)
-    assert all(same(a, b) for a, b in zip(plain, again, strict=True))
+    if pipe.dtype == torch.float32 and winograd.available():
+        # uncompiled, float32 convolutions and group norms run unclip's C kernels, which
+        # dynamo leaves to the plain ops: the images agree to a grey level or two
+        for a, b in zip(plain, again, strict=True):
+            assert np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() <= 2
+    else:
+        assert all(same(a, b) for a, b in zip(plain, again, strict=True))
 
 
 def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, monkeypatch):
