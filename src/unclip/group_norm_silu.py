@@ -39,13 +39,11 @@ def _kernels() -> ctypes.CDLL | None:
 def applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether :func:`group_norm_silu` can run on ``x`` [N, C, H, W] with these parameters
     (weight, bias, scale, shift; any may be None): see the module docstring."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
+    if not native.readable(x) or torch.compiler.is_compiling() or _kernels() is None:
         return False
-    if torch.compiler.is_compiling() or _kernels() is None or x.shape[1] % native.lanes():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
-        return False
-    return x.is_contiguous(memory_format=torch.channels_last)
+    return not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    )
 
 
 def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...], name: str) -> torch.Tensor | None:
@@ -81,18 +79,8 @@ def group_norm_silu(
     the caller checks :func:`applies` (what the kernel cannot read raises ValueError)."""
     lib = _kernels()
     assert lib is not None, "group_norm_silu called where the kernel is not loaded"
+    native.require_readable(x, "group_norm_silu: x")
     n, c, h, w = x.shape
-    if not (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and c % native.lanes() == 0
-    ):
-        raise ValueError(
-            f"group_norm_silu: x must be float32 channels-last on the CPU with channels a "
-            f"multiple of {native.lanes()}; got {x.dtype} {tuple(x.shape)} on {x.device} "
-            f"with strides {x.stride()}"
-        )
     if c % groups:
         raise ValueError(f"{c} channels do not split into {groups} groups")
     y = torch.empty_like(x, memory_format=torch.channels_last)

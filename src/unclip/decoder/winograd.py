@@ -91,14 +91,11 @@ def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 
 def applies(x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False) -> bool:
     """Whether :func:`winograd_conv` can run ``conv`` on ``x`` (upsampled ×2 first, nearest,
-    if ``upsample``): float32 channels-last x on the
-    CPU, a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
+    if ``upsample``): x readable by the kernels (:func:`unclip.native.readable`), a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
     multiples of the kernels' vector width, enough tiles for the kernels' size
     (``MAX_KERNEL_ELEMENTS_PER_TILE``), not being compiled (dynamo traces its own
     convolutions), and the compiled kernels loaded."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.ndim != 4:
-        return False
-    if torch.compiler.is_compiling() or _kernels() is None:
+    if not native.readable(x) or torch.compiler.is_compiling() or _kernels() is None:
         return False
     n, c, h, w = x.shape
     tiles = n * ((h * (1 + upsample) + 3) // 4) * ((w * (1 + upsample) + 3) // 4)
@@ -109,8 +106,8 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False) -> b
         and tuple(conv.dilation) == (1, 1)
         and conv.groups == 1
         and conv.weight.dtype == torch.float32
-        and _channels_fit(conv.in_channels, conv.out_channels)
-        and x.is_contiguous(memory_format=torch.channels_last)
+        and c == conv.in_channels
+        and _channels_fit(conv.out_channels)
         and c * conv.out_channels <= MAX_KERNEL_ELEMENTS_PER_TILE * tiles
     )
 
@@ -119,28 +116,11 @@ def _channels_fit(*channels: int) -> bool:
     return all(c % native.lanes() == 0 for c in channels)
 
 
-def _check(x: torch.Tensor, what: str) -> None:
-    """Raise ValueError unless x is what the kernels read: dense float32 channels-last on the
-    CPU with a channel count that is a multiple of the vector width."""
-    if not (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.ndim == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and _channels_fit(x.shape[1])
-    ):
-        raise ValueError(
-            f"winograd: {what} must be float32 channels-last on the CPU with channels a "
-            f"multiple of {native.lanes()}; got {x.dtype} {tuple(x.shape)} on {x.device} "
-            f"with strides {x.stride()}"
-        )
-
-
 def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last -> V [36, T, C], the 6×6 input patch of each 4×4
     output tile as Bᵀ d B (T = N·⌈H'/4⌉·⌈W'/4⌉ tiles; zero padding 1), of x or, if
     ``upsample``, of x upsampled ×2 (nearest; H', W' = 2H, 2W), read from x as it is."""
-    _check(x, "the input")
+    native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
     up = int(upsample)
     v = torch.empty(36, n * (((h << up) + 3) // 4) * (((w << up) + 3) // 4), c)
@@ -156,7 +136,7 @@ def winograd_conv(
     ``upsample``, of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never
     made. No autograd; the caller checks :func:`applies` (what the kernels cannot read raises
     ValueError)."""
-    _check(x, "the input")
+    native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
     if u.dtype != torch.float32 or u.shape[:2] != (36, c) or not _channels_fit(u.shape[2]):
         raise ValueError(f"winograd: kernels must be float32 [36, {c}, K]; got {tuple(u.shape)}")

@@ -31,6 +31,10 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: set to "0" to run the PyTorch paths instead of the compiled kernels
 NATIVE_ENV = "UNCLIP_NATIVE"
@@ -53,10 +57,36 @@ def cpu_flags() -> tuple[list[str], int]:
     return [], 4
 
 
+@functools.cache
 def lanes() -> int:
     """float32 lanes per vector of the kernels built here: channel counts they take are
-    multiples of it."""
+    multiples of it. Asked once per process (torch's CPU capability is fixed there, and the
+    query costs tens of microseconds: too much for every kernel call)."""
     return cpu_flags()[1]
+
+
+def readable(x: torch.Tensor) -> bool:
+    """Whether the kernels read ``x`` as it is: a dense float32 channels-last [N, C, H, W]
+    tensor on the CPU whose C is a multiple of :func:`lanes`."""
+    import torch
+
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.ndim == 4
+        and x.shape[1] % lanes() == 0
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def require_readable(x: torch.Tensor, name: str) -> None:
+    """Raise ValueError naming ``name`` unless :func:`readable` (the kernels would read
+    memory that is not there, or read it wrongly)."""
+    if not readable(x):
+        raise ValueError(
+            f"{name} must be float32 channels-last on the CPU with channels a multiple of "
+            f"{lanes()}; got {x.dtype} {tuple(x.shape)} on {x.device} with strides {x.stride()}"
+        )
 
 
 def compiler() -> list[str] | None:
