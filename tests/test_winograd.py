@@ -56,6 +56,33 @@ def test_equals_the_direct_convolution(
 
 
 @compiled
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize(
+    ("n", "c", "k", "h", "w"),
+    [
+        (1, 16, 48, 4, 4),  # one tile: its output channels split among the threads
+        (2, 16, 80, 20, 20),  # 50 tiles: blocks of several sizes, rows past the last full six
+        (1, 32, 16, 3, 30),  # one vector of output channels
+    ],
+)
+def test_every_split_of_tiles_and_channels(
+    n: int, c: int, k: int, h: int, w: int, threads: int
+) -> None:
+    """The one-pass kernel splits tiles into blocks and, with fewer blocks than threads, the
+    output channels too: each split gives the convolution."""
+    g = torch.Generator().manual_seed(k * h + w)
+    x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = winograd.winograd_conv(x, winograd.kernel_transform(weight), bias)
+    finally:
+        torch.set_num_threads(before)
+    close(y, direct(x, weight, bias))
+
+
+@compiled
 @pytest.mark.parametrize(("h", "w"), [(8, 8), (5, 3), (1, 1)])
 def test_the_input_read_upsampled(h: int, w: int) -> None:
     """conv(nearest2x(x)) without the upsampled map: [N, K, 2H, 2W]."""

@@ -5,9 +5,11 @@ of a 3×3 convolution is ``Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` for the 6×6 inp
 with interpolation points 0, ±1, ±2, ∞. Summed over input channels, the element-wise product
 becomes 36 matrix products ``M[ξ] = V[ξ] · U[ξ]`` (V [T, C] the transformed input tiles,
 U [C, K] the transformed kernels, ξ = 6i + j), which is 36 multiply-adds per tile and channel
-pair where the direct convolution does 144: 4× fewer. The transforms Bᵀ·B and Aᵀ·A run in the
-compiled kernels of ``unclip/native/winograd.c`` (threads shared with torch), the products in
-``torch.bmm`` (timings against oneDNN's direct convolution: ``benchmarks/winograd_conv.py``).
+pair where the direct convolution does 144: 4× fewer. All of it runs in the compiled kernels
+of ``unclip/native/winograd.c`` (threads shared with torch): :func:`winograd_conv` in one pass,
+blocks of tiles transformed, multiplied and transformed back in a thread's cache; a training
+step's forward in three (the input transform, ``torch.bmm``, the output transform), since its
+backward needs V (timings against oneDNN's direct convolution: ``benchmarks/winograd_conv.py``).
 
 A sampling run (:mod:`unclip.decoder.packed_conv`) transforms each kernel once and calls
 :func:`winograd_conv`; a training step (:class:`~unclip.decoder.blocks.Conv3x3` where
@@ -53,6 +55,8 @@ def _kernels() -> ctypes.CDLL | None:
     lib.winograd_input.argtypes = [i, ptr, ptr, i, i, i, i, i]
     lib.winograd_output.argtypes = [i, ptr, ptr, ptr, i, i, i, i]
     lib.winograd_output_grad.argtypes = [i, ptr, ptr, i, i, i, i]
+    lib.winograd_conv.argtypes = [i, ptr, ptr, ptr, ptr, i, i, i, i, i, i]
+    lib.winograd_conv.restype = i
     return lib
 
 
@@ -140,17 +144,30 @@ def winograd_conv(
     n, c, h, w = x.shape
     if u.dtype != torch.float32 or u.shape[:2] != (36, c) or not _channels_fit(u.shape[2]):
         raise ValueError(f"winograd: kernels must be float32 [36, {c}, K]; got {tuple(u.shape)}")
-    up = int(upsample)
-    return _output(torch.bmm(input_transform(x, upsample), u), n, h << up, w << up, bias)
+    k, up = u.shape[2], int(upsample)
+    b = _bias(bias, k)
+    y = torch.empty(n, k, h << up, w << up, memory_format=torch.channels_last)
+    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(),
+                               None if b is None else b.data_ptr(), y.data_ptr(),
+                               n, h, w, c, k, up):  # fmt: skip
+        raise MemoryError("winograd: no memory for the kernels' scratch")
+    return y
+
+
+def _bias(bias: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """bias as the kernels read it (float32, dense), checked to have k elements."""
+    if bias is None:
+        return None
+    if bias.numel() != k:
+        raise ValueError(f"winograd: bias must have {k} elements; got {tuple(bias.shape)}")
+    return bias.detach().float().contiguous()
 
 
 def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) -> torch.Tensor:
     """M [36, T, K] -> y [N, K, H, W] channels-last, Aᵀ M A per tile, plus bias."""
     k = m.shape[2]
-    if bias is not None and bias.numel() != k:
-        raise ValueError(f"winograd: bias must have {k} elements; got {tuple(bias.shape)}")
+    b = _bias(bias, k)
     y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
-    b = None if bias is None else bias.detach().float().contiguous()
     _loaded().winograd_output(native.threads(), m.data_ptr(), None if b is None else b.data_ptr(),
                               y.data_ptr(), n, h, w, k)  # fmt: skip
     return y
