@@ -128,6 +128,22 @@ def test_a_large_mean_keeps_its_precision(offset: float) -> None:
 
 
 @compiled
+def test_parameters_it_cannot_read_in_place_are_copied() -> None:
+    """Strided channels (scale, bias) and another dtype (weight) give the same result as
+    dense float32 ones (the kernel reads the latter in place)."""
+    x, norm, scale, shift = case(2, 16, 4, 4, 4)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    strided = torch.stack([scale, scale], dim=2).view(2, 16, 2, 1)[:, :, :1]  # channel stride 2
+    assert strided.stride(1) == 2
+    with torch.no_grad():
+        want = fused.group_norm_silu(x, 4, w, b, 1e-5, scale.contiguous(), shift.contiguous())
+        got = fused.group_norm_silu(
+            x, 4, w.double(), torch.stack([b, b], 1)[:, 0], 1e-5, strided, shift
+        )
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@compiled
 def test_what_the_kernel_cannot_read_is_refused() -> None:
     x, norm, *_ = case(2, 16, 4, 4, 4)
     w, b = norm.weight.detach(), norm.bias.detach()

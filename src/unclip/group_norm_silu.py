@@ -30,8 +30,24 @@ def _kernels() -> ctypes.CDLL | None:
     lib = native.load("group_norm_silu")
     if lib is None:
         return None
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.group_norm_silu.argtypes = [i, p, p, i, ctypes.c_long, i, i, p, p, p, p, ctypes.c_float, i]
+    p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.group_norm_silu.argtypes = [
+        i,
+        p,
+        p,
+        i,
+        long,
+        i,
+        i,
+        p,
+        p,
+        p,
+        long,
+        p,
+        long,
+        ctypes.c_float,
+        i,
+    ]
     lib.group_norm_silu.restype = i
     return lib
 
@@ -46,21 +62,35 @@ def applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     )
 
 
-def _per_channel(t: torch.Tensor | None, shape: tuple[int, ...], name: str) -> torch.Tensor | None:
-    """t (or None) broadcast to ``shape`` ([C] for weight and bias, [N, C] for scale and
-    shift, given as [N or 1, C, 1, 1]) as a dense float32 tensor the kernel reads."""
-    if t is None:
-        return None
-    if t.ndim == 4:
-        if t.shape[2:] != (1, 1):
-            raise ValueError(f"group_norm_silu: {name} must be [N, C, 1, 1]; got {tuple(t.shape)}")
-        t = t.flatten(1)
+def _channels(t: torch.Tensor | None, c: int, name: str) -> torch.Tensor | None:
+    """weight or bias (or None) as the kernel reads it, a dense float32 [C]: ``t`` itself
+    when it is one (no copy, no dispatched op), else a broadcast copy."""
+    if t is None or (t.dtype == torch.float32 and t.shape == (c,) and t.stride() == (1,)):
+        return t
     try:
-        return t.detach().float().expand(shape).contiguous()
+        return t.detach().float().expand(c).contiguous()
     except RuntimeError:
         raise ValueError(
-            f"group_norm_silu: {name} of shape {tuple(t.shape)} does not fit {list(shape)}"
+            f"group_norm_silu: {name} of shape {tuple(t.shape)} does not fit [{c}]"
         ) from None
+
+
+def _rows(t: torch.Tensor | None, n: int, c: int, name: str) -> tuple[torch.Tensor | None, int]:
+    """scale or shift ([N or 1, C, 1, 1], or None) as the kernel reads it: (a tensor whose
+    row i starts i·stride floats in, channels dense, and that stride). A view with dense
+    channels is read in place (the halves of ``emb_out.chunk(2, dim=1)``: no copy); a single
+    row is read for every sample (stride 0)."""
+    if t is None:
+        return None, 0
+    if t.ndim != 4 or t.shape[2:] != (1, 1):
+        raise ValueError(f"group_norm_silu: {name} must be [N, C, 1, 1]; got {tuple(t.shape)}")
+    if t.shape[1] != c or t.shape[0] not in (1, n):
+        raise ValueError(
+            f"group_norm_silu: {name} of shape {tuple(t.shape)} does not fit [{n}, {c}, 1, 1]"
+        )
+    if t.dtype != torch.float32 or t.stride(1) != 1:
+        t = t.detach().float().contiguous()
+    return t, (t.stride(0) if t.shape[0] > 1 else 0)
 
 
 def group_norm_silu(
@@ -84,17 +114,16 @@ def group_norm_silu(
     if c % groups:
         raise ValueError(f"{c} channels do not split into {groups} groups")
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    args = [
-        _per_channel(weight, (c,), "weight"),
-        _per_channel(bias, (c,), "bias"),
-        _per_channel(scale, (n, c), "scale"),
-        _per_channel(shift, (n, c), "shift"),
-    ]
-    ptrs = [None if t is None else t.data_ptr() for t in args]
+    wt, bs = _channels(weight, c, "weight"), _channels(bias, c, "bias")
+    (sc, sc_stride), (sh, sh_stride) = _rows(scale, n, c, "scale"), _rows(shift, n, c, "shift")
     failed = lib.group_norm_silu(
-        native.threads(), x.data_ptr(), y.data_ptr(), n, h * w, c, groups, *ptrs, float(eps),
-        int(silu),
+        native.threads(), x.data_ptr(), y.data_ptr(), n, h * w, c, groups, _ptr(wt), _ptr(bs),
+        _ptr(sc), sc_stride, _ptr(sh), sh_stride, float(eps), int(silu),
     )  # fmt: skip
     if failed:
         raise MemoryError("group_norm_silu: no memory for its statistics")
     return y
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

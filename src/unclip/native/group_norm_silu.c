@@ -10,7 +10,9 @@
  * in double. Pass 2 is y = silu(a[n, c] (x - mean[n, g]) + d[n, c]), a and d folded from the
  * statistics, weights and modulation. Threads: `threads` of the OpenMP runtime torch runs on
  * (torch's intra-op count, passed in: OpenMP's own count is per calling thread).
- * C must be a multiple of LANES (unclip/native/__init__.py sets it); every tensor is dense.
+ * C must be a multiple of LANES (unclip/native/__init__.py sets it); x and y are dense, weight
+ * and bias dense [C], scale and shift [N, C] rows of dense channels, row n at n * its stride
+ * (a stride of 0 broadcasts one row).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -51,11 +53,13 @@ static inline vf vexp(vf v) {
 
 static inline vf vsilu(vf v) { return v / (1.0f + vexp(-v)); }
 
-/* x, y: [N, HW, C]; weight, bias: [C] or NULL (1, 0); scale, shift: [N, C] or NULL (0, 0).
- * y may be x. Returns 0, or -1 if scratch memory could not be had (y untouched). */
+/* x, y: [N, HW, C]; weight, bias: [C] or NULL (1, 0); scale, shift: [N, C] (row strides
+ * scale_stride, shift_stride) or NULL (0, 0). y may be x. Returns 0, or -1 if scratch memory
+ * could not be had (y untouched). */
 int group_norm_silu(int threads, const float *x, float *y, int N, long HW, int C, int G,
                     const float *weight, const float *bias, const float *scale,
-                    const float *shift, float eps, int apply_silu) {
+                    long scale_stride, const float *shift, long shift_stride, float eps,
+                    int apply_silu) {
   const long blocks = (HW + BLOCK - 1) / BLOCK;
   double *sums = calloc((size_t)N * blocks * 2 * C, sizeof(double));
   float *fold = malloc((size_t)N * 3 * C * sizeof(float));
@@ -106,8 +110,8 @@ int group_norm_silu(int threads, const float *x, float *y, int N, long HW, int C
       float *f = fold + (long)n * 3 * C;
       for (int c = g * cg; c < (g + 1) * cg; c++) {
         const double w = weight ? weight[c] : 1.0, b = bias ? bias[c] : 0.0;
-        const double m = scale ? 1.0 + scale[(long)n * C + c] : 1.0;
-        const double t = shift ? shift[(long)n * C + c] : 0.0;
+        const double m = scale ? 1.0 + scale[n * scale_stride + c] : 1.0;
+        const double t = shift ? shift[n * shift_stride + c] : 0.0;
         f[c] = (float)mean;
         f[C + c] = (float)(rstd * w * m);
         f[2 * C + c] = (float)(b * m + t);
