@@ -83,6 +83,25 @@ def test_every_split_of_tiles_and_channels(
 
 
 @compiled
+@pytest.mark.parametrize("upsample", [False, True])
+def test_a_residual_added_as_the_output_is_written(upsample: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, LANES, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(LANES, LANES, 3, 3, generator=g), torch.randn(LANES, generator=g)
+    size = (12, 10) if upsample else (6, 5)
+    r = torch.randn(2, LANES, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    u = winograd.kernel_transform(weight)
+    y = winograd.winograd_conv(x, u, bias, upsample, residual=r)
+    src = F.interpolate(x, scale_factor=2.0, mode="nearest") if upsample else x
+    close(y, direct(src, weight, bias) + r.double())
+    short = r[:, :, 1:].contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"residual must be \("):
+        winograd.winograd_conv(x, u, bias, upsample, residual=short)
+    with pytest.raises(ValueError, match="residual must be float32 channels-last"):
+        winograd.winograd_conv(x, u, bias, upsample, residual=r.contiguous())
+
+
+@compiled
 @pytest.mark.parametrize(("h", "w"), [(8, 8), (5, 3), (1, 1)])
 def test_the_input_read_upsampled(h: int, w: int) -> None:
     """conv(nearest2x(x)) without the upsampled map: [N, K, 2H, 2W]."""
@@ -133,14 +152,18 @@ def unet() -> UNet:
 
 @compiled
 def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[tuple[int, ...], bool]] = []
+    calls: list[tuple[tuple[int, ...], bool, bool]] = []
     real = winograd.winograd_conv
 
     def counted(
-        x: torch.Tensor, u: torch.Tensor, b: torch.Tensor, up: bool = False
+        x: torch.Tensor,
+        u: torch.Tensor,
+        b: torch.Tensor,
+        up: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        calls.append((tuple(x.shape), up))
-        return real(x, u, b, up)
+        calls.append((tuple(x.shape), up, residual is not None))
+        return real(x, u, b, up, residual)
 
     monkeypatch.setattr(winograd, "winograd_conv", counted)
     model = unet()
@@ -152,7 +175,12 @@ def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -
         with model.frozen_weights():
             got = model(x, t, image_emb=emb)
     assert len(calls) >= 4
-    assert ((2, 2 * LANES, 8, 8), True) in calls  # the upsampling ResBlock reads its input ×2
+    assert (
+        (2, 2 * LANES, 8, 8),
+        True,
+        False,
+    ) in calls  # the upsampling ResBlock reads its input ×2
+    assert any(residual for *_, residual in calls)  # ResBlocks' sums are added as they are written
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

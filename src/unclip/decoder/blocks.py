@@ -37,6 +37,14 @@ class Conv3x3(nn.Conv2d):
             return winograd.winograd_conv_autograd(x, self.weight, self.bias)
         return super().forward(x)
 
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W], residual [N, C', H, W] -> ``residual + self(x)``; within a sampling
+        run one Winograd pass that adds ``residual`` as it writes, where it applies."""
+        packed = getattr(self.__dict__.get("forward"), "plus", None)
+        if packed is not None:
+            return packed(x, residual)
+        return residual + self(x)
+
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W] -> this conv of x upsampled ×2 (nearest), [N, C', 2H, 2W]."""
         packed = getattr(self.__dict__.get("forward"), "upsampled", None)
@@ -141,7 +149,7 @@ class ResBlock(nn.Module):
             h = self.out_norm.silu(h, scale, shift)
         else:
             h = self.out_norm.silu(h + e.to(h.dtype))
-        return self.skip(x) + self.out_conv(self.dropout(h))
+        return self.out_conv.plus(self.dropout(h), self.skip(x))
 
 
 class AttentionBlock(nn.Module):

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from unclip import native
 from unclip.decoder import winograd
 from unclip.decoder.upsample_conv import (
     interleave_phases,
@@ -89,6 +90,19 @@ class _PackedForward:
             return self._winograd(x)
         return self._onednn(x, "conv", conv.weight, conv.bias, conv.padding)
 
+    def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + conv(x)``: one Winograd pass that adds ``residual`` as it writes where
+        Winograd runs and ``residual`` is float32 channels-last of the output's shape, else
+        the sum of the two."""
+        if (
+            self._runs_packed(x)
+            and self._runs_winograd(x)
+            and native.readable(residual)
+            and residual.shape == (x.shape[0], self.conv.out_channels, *x.shape[2:])
+        ):
+            return self._winograd(x, residual=residual)
+        return residual + self(x)
+
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """``conv(nearest2x(x))``: as Winograd reading x upsampled where it applies (float32),
         else by the phase convolution of :mod:`unclip.decoder.upsample_conv` with packed phase
@@ -113,13 +127,20 @@ class _PackedForward:
             self.winograd_shapes[key] = winograd.applies(x, self.conv, upsample)
         return self.winograd_shapes[key]
 
-    def _winograd(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
-        """The conv of x (upsampled ×2, nearest, if ``upsample``) as Winograd F(4×4, 3×3)
-        (:mod:`unclip.decoder.winograd`), its kernels transformed at the first call."""
+    def _winograd(
+        self, x: torch.Tensor, upsample: bool = False, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The conv of x (upsampled ×2, nearest, if ``upsample``; plus ``residual``) as
+        Winograd F(4×4, 3×3) (:mod:`unclip.decoder.winograd`), its kernels transformed at the
+        first call."""
         if "winograd" not in self.packed:
-            self.packed["winograd"] = (winograd.kernel_transform(self.conv.weight), self.conv.bias)
+            bias = self.conv.bias
+            self.packed["winograd"] = (
+                winograd.kernel_transform(self.conv.weight),
+                None if bias is None else bias.detach().float().contiguous(),
+            )
         u, b = self.packed["winograd"]
-        return winograd.winograd_conv(x, u, b, upsample)
+        return winograd.winograd_conv(x, u, b, upsample, residual)
 
     def _onednn(
         self,

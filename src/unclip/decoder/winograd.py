@@ -55,7 +55,7 @@ def _kernels() -> ctypes.CDLL | None:
     lib.winograd_input.argtypes = [i, ptr, ptr, i, i, i, i, i]
     lib.winograd_output.argtypes = [i, ptr, ptr, ptr, i, i, i, i]
     lib.winograd_output_grad.argtypes = [i, ptr, ptr, i, i, i, i]
-    lib.winograd_conv.argtypes = [i, ptr, ptr, ptr, ptr, i, i, i, i, i, i]
+    lib.winograd_conv.argtypes = [i, ptr, ptr, ptr, ptr, ptr, i, i, i, i, i, i]
     lib.winograd_conv.restype = i
     return lib
 
@@ -133,12 +133,18 @@ def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
 
 
 def winograd_conv(
-    x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, upsample: bool = False
+    x: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    upsample: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
     bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution; with
     ``upsample``, of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never
-    made. No autograd; the caller checks :func:`applies` (what the kernels cannot read raises
+    made; with ``residual`` (the output's shape, float32 channels-last), ``residual`` added
+    as each output tile is written (a residual block's sum without its own pass). No
+    autograd; the caller checks :func:`applies` (what the kernels cannot read raises
     ValueError)."""
     native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
@@ -147,20 +153,32 @@ def winograd_conv(
     k, up = u.shape[2], int(upsample)
     b = _bias(bias, k)
     y = torch.empty(n, k, h << up, w << up, memory_format=torch.channels_last)
-    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(),
-                               None if b is None else b.data_ptr(), y.data_ptr(),
-                               n, h, w, c, k, up):  # fmt: skip
+    if residual is not None:
+        native.require_readable(residual, "winograd: the residual")
+        if residual.shape != y.shape:
+            raise ValueError(
+                f"winograd: the residual must be {tuple(y.shape)}; got {tuple(residual.shape)}"
+            )
+    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(b),
+                               _ptr(residual), y.data_ptr(), n, h, w, c, k, up):  # fmt: skip
         raise MemoryError("winograd: no memory for the kernels' scratch")
     return y
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _bias(bias: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """bias as the kernels read it (float32, dense), checked to have k elements."""
-    if bias is None:
-        return None
+    """bias as the kernels read it (dense float32 [K]: itself when it is one), checked to
+    have k elements."""
+    if bias is None or (
+        bias.dtype == torch.float32 and bias.shape == (k,) and bias.stride() == (1,)
+    ):
+        return bias
     if bias.numel() != k:
         raise ValueError(f"winograd: bias must have {k} elements; got {tuple(bias.shape)}")
-    return bias.detach().float().contiguous()
+    return bias.detach().float().reshape(k).contiguous()
 
 
 def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -168,8 +186,7 @@ def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) 
     k = m.shape[2]
     b = _bias(bias, k)
     y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
-    _loaded().winograd_output(native.threads(), m.data_ptr(), None if b is None else b.data_ptr(),
-                              y.data_ptr(), n, h, w, k)  # fmt: skip
+    _loaded().winograd_output(native.threads(), m.data_ptr(), _ptr(b), y.data_ptr(), n, h, w, k)
     return y
 
 

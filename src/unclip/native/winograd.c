@@ -89,10 +89,11 @@ void winograd_input(int threads, const float *restrict x, float *restrict V, int
   for (long t = 0; t < T; t++) input_tile(x, V + t * C, T * C, t, H, W, C, up);
 }
 
-/* Output tile t of y [N, Ho, Wo, K], channels [k0, k1), from M: y_t = A^T m_t A + bias,
- * m_t[6i+j] at M + (6i+j) stride (bias may be NULL) */
+/* Output tile t of y [N, Ho, Wo, K], channels [k0, k1), from M: y_t = A^T m_t A + bias + res_t,
+ * m_t[6i+j] at M + (6i+j) stride (bias may be NULL; res, laid out as y, may be NULL) */
 static inline void output_tile(const float *restrict M, long stride, const float *restrict bias,
-                               float *restrict y, long t, int Ho, int Wo, int K, int k0, int k1) {
+                               const float *res, float *y, long t, int Ho, int Wo, int K, int k0,
+                               int k1) {
   const int tH = (Ho + 3) / 4, tW = (Wo + 3) / 4;
   const int n = t / (tH * tW), r = t % (tH * tW);
   const int y0 = (r / tW) * 4, x0 = (r % tW) * 4;
@@ -108,8 +109,10 @@ static inline void output_tile(const float *restrict M, long stride, const float
     for (int i = 0; i < 4 && y0 + i < Ho; i++) {
       vf o[4];
       output_rows(u[i], o);
-      for (int j = 0; j < 4 && x0 + j < Wo; j++)
-        STORE(y + (((long)n * Ho + y0 + i) * Wo + x0 + j) * K + k, o[j] + b);
+      for (int j = 0; j < 4 && x0 + j < Wo; j++) {
+        const long at = (((long)n * Ho + y0 + i) * Wo + x0 + j) * K + k;
+        STORE(y + at, res ? (o[j] + b) + LOAD(res + at) : o[j] + b);
+      }
     }
   }
 }
@@ -119,7 +122,7 @@ void winograd_output(int threads, const float *restrict M, const float *restrict
                      float *restrict y, int N, int Ho, int Wo, int K) {
   const long T = (long)N * ((Ho + 3) / 4) * ((Wo + 3) / 4);
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (long t = 0; t < T; t++) output_tile(M + t * K, T * K, bias, y, t, Ho, Wo, K, 0, K);
+  for (long t = 0; t < T; t++) output_tile(M + t * K, T * K, bias, NULL, y, t, Ho, Wo, K, 0, K);
 }
 
 /* The products of one block of tiles: M[ξ][r, k] = sum_c V[ξ][r, c] U[ξ][c, k] for the mr rows
@@ -171,15 +174,16 @@ static float *scratch(size_t floats) {
   return buf;
 }
 
-/* The whole convolution in one pass: y = x * w + bias, x [N, H, W, C] (read upsampled x2 when
- * up is 1), U [36, C, K] the transformed kernels, y [N, Ho, Wo, K]. Blocks of at most TILES
+/* The whole convolution in one pass: y = x * w + bias + res, x [N, H, W, C] (read upsampled x2
+ * when up is 1), U [36, C, K] the transformed kernels, y and res [N, Ho, Wo, K] (bias and res
+ * may be NULL; res may be y). Blocks of at most TILES
  * tiles are transformed into a thread's scratch, multiplied by U per ξ (products) and
  * transformed out, so V and M never leave the cache; where the blocks are fewer than the
  * threads, each block's output channels are split among several threads too. Returns 0, or -1
  * where scratch memory could not be had (nothing written then). */
 int winograd_conv(int threads, const float *restrict x, const float *restrict U,
-                  const float *restrict bias, float *restrict y, int N, int H, int W, int C, int K,
-                  int up) {
+                  const float *restrict bias, const float *res, float *y, int N, int H, int W,
+                  int C, int K, int up) {
   const int Ho = H << up, Wo = W << up;
   const long T = (long)N * ((Ho + 3) / 4) * ((Wo + 3) / 4);
   long tiles = (T + threads - 1) / threads;
@@ -210,7 +214,7 @@ int winograd_conv(int threads, const float *restrict x, const float *restrict U,
                          M + (xi * nt + r) * K + k, C, K, nt - r < MR ? nt - r : MR,
                          k1 - k >= 2 * LANES ? 2 : 1);
       for (long r = 0; r < nt; r++)
-        output_tile(M + r * K, nt * K, bias, y, t0 + r, Ho, Wo, K, k0, k1);
+        output_tile(M + r * K, nt * K, bias, res, y, t0 + r, Ho, Wo, K, k0, k1);
     }
   }
   return failed ? -1 : 0;
