@@ -9,8 +9,9 @@ call's memory format, shape and compute dtype: float32, or bfloat16 under bf16 a
 oneDNN has bf16 kernels, cast as autocast would cast it) and kept until the context exits.
 The same oneDNN convolution runs, so the outputs are those of ``F.conv2d`` to float rounding.
 A float32 3×3 convolution that :func:`unclip.decoder.winograd.applies` to runs as Winograd
-F(4×4, 3×3) instead, its kernels transformed once (4× fewer multiplies; outputs equal to
-about 1e-5 of their scale). A :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling (its ``upsampled``) runs
+F(4×4, 3×3) instead, its kernels transformed once and kept for later runs while the weights
+are unchanged (:mod:`unclip.kept`; 4× fewer multiplies; outputs equal to about 1e-5 of their
+scale). A :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling (its ``upsampled``) runs
 the phase convolution of :mod:`unclip.decoder.upsample_conv` with its four phase kernels
 made and packed once.
 
@@ -34,6 +35,7 @@ from unclip.decoder.upsample_conv import (
     phase_weights,
     upsample_conv3x3,
 )
+from unclip.kept import kept
 
 
 def _packable_dtypes() -> tuple[torch.dtype, ...]:
@@ -134,13 +136,19 @@ class _PackedForward:
         Winograd F(4×4, 3×3) (:mod:`unclip.decoder.winograd`), its kernels transformed at the
         first call."""
         if "winograd" not in self.packed:
-            bias = self.conv.bias
-            self.packed["winograd"] = (
-                winograd.kernel_transform(self.conv.weight),
-                None if bias is None else bias.detach().float().contiguous(),
+            self.packed["winograd"] = kept(
+                self.conv, "winograd", (self.conv.weight, self.conv.bias), self._transformed
             )
         u, b = self.packed["winograd"]
         return winograd.winograd_conv(x, u, b, upsample, residual)
+
+    def _transformed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Winograd's kernels U [36, C, K], the bias as a dense float32 [K] or None)."""
+        bias = self.conv.bias
+        return (
+            winograd.kernel_transform(self.conv.weight),
+            None if bias is None else bias.detach().float().contiguous(),
+        )
 
     def _onednn(
         self,

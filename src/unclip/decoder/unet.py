@@ -40,6 +40,7 @@ from unclip.decoder.blocks import (
     Upsample,
 )
 from unclip.decoder.packed_conv import packed_convolutions
+from unclip.kept import kept
 from unclip.nn import (
     TimestepEmbedder,
     apply_null,
@@ -359,16 +360,16 @@ class UNet(nn.Module):
         """Within this context the weights are taken as fixed (a sampling run): what is
         derived from them alone is built once (the ResBlocks' embedding projections stacked
         into one matrix, detached, at entry; on the CPU the convolution weights in oneDNN's
-        layout, at their first call: :mod:`unclip.decoder.packed_conv`). Do not change or
+        layout, at their first call: :mod:`unclip.decoder.packed_conv`). The stacked
+        projections and Winograd's kernels are kept for the next run while the weights are
+        unchanged (:mod:`unclip.kept`). Do not change or
         train the weights inside; nested use keeps the outer context's tensors."""
         if self._stacked_emb_proj is not None:
             yield self
             return
         projs = [b.emb_proj for b in self._res_blocks]
-        with torch.no_grad():
-            weight_t = torch.cat([p.weight for p in projs]).t().contiguous()  # [E, ΣE']
-            bias = torch.cat([p.bias for p in projs])  # [ΣE']
-        self._stacked_emb_proj = (weight_t, bias)
+        weights = [t for p in projs for t in (p.weight, p.bias)]
+        self._stacked_emb_proj = kept(self, "stacked_emb_proj", weights, lambda: _stacked(projs))
         try:
             with packed_convolutions(self):
                 yield self
@@ -582,6 +583,13 @@ class UNet(nn.Module):
             h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)  # [N, ch + skip_ch, H', W']
             h = stage(h, emb_outs, context, context_mask, ckpt)
         return self.out_conv(self.out_norm.silu(h))
+
+
+def _stacked(projs: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projections' weights stacked, transposed and detached: (Wᵀ [E, ΣE'], bias [ΣE'])."""
+    with torch.no_grad():
+        weight_t = torch.cat([p.weight for p in projs]).t().contiguous()
+        return weight_t, torch.cat([p.bias for p in projs])
 
 
 def widen_to_inpainting(model: UNet) -> UNet:
