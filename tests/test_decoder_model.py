@@ -21,9 +21,10 @@ from unclip.decoder import (
     make_low_res,
     widen_to_inpainting,
 )
-from unclip.decoder.blocks import ResBlock
+from unclip.decoder.blocks import AttentionBlock, ResBlock
 from unclip.decoder.upsampler import gaussian_kernel1d
 from unclip.hub import HubError, from_pretrained, load_weights_into, save_pretrained
+from unclip.nn import Attention
 
 CLIP_DIM, TEXT_DIM = 12, 10
 
@@ -345,6 +346,47 @@ def test_block_embeddings_and_frozen_weights():
             changed = model(x, t, **cond)
         torch.testing.assert_close(model(x, t, **cond), changed, atol=1e-4, rtol=1e-4)
     assert differs(changed, ref)
+
+
+def test_a_sampling_run_makes_the_step_free_conditioning_once(monkeypatch):
+    """Inside ``frozen_weights`` (eval, no autograd) the conditioning that does not depend on
+    the timestep (z_i/z_t projections, context tokens, each attention block's context keys
+    and values) is made once while the same tensors come back; new or changed conditioning
+    tensors are seen at the next call; outputs equal those of plain calls."""
+    model = make(seed=3)
+    x, t, cond = inputs()
+    made = {"caption": 0, "context_kv": 0}
+    caption, kv = model._caption, Attention.context_keys_values
+
+    def counted_caption(*a, **k):
+        made["caption"] += 1
+        return caption(*a, **k)
+
+    def counted_kv(self, context):
+        made["context_kv"] += 1
+        return kv(self, context)
+
+    monkeypatch.setattr(model, "_caption", counted_caption)
+    monkeypatch.setattr(Attention, "context_keys_values", counted_kv)
+    blocks = sum(isinstance(m, AttentionBlock) for m in model.modules())
+    assert blocks >= 2
+    with torch.no_grad():
+        want = [model(x, t - k, **cond) for k in range(3)]
+        other = dict(cond, text_tokens=cond["text_tokens"].flip(0))
+        want_other = model(x, t, **other)
+        made.update(caption=0, context_kv=0)
+        with model.frozen_weights():
+            got = [model(x, t - k, **cond) for k in range(3)]  # three steps of one run
+            assert made == {"caption": 1, "context_kv": blocks}
+            got_other = model(x, t, **other)  # other tensors: made again
+            assert made == {"caption": 2, "context_kv": 2 * blocks}
+            other["image_emb"].mul_(-1.0)  # changed in place: made again
+            got_changed = model(x, t, **other)
+            assert made == {"caption": 3, "context_kv": 3 * blocks}
+        want_changed = model(x, t, **other)
+    for a, b in zip([*got, got_other, got_changed], [*want, want_other, want_changed], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert differs(got_changed, got_other)
 
 
 def test_upsampler_config_and_conditioning():

@@ -27,11 +27,14 @@ T = TypeVar("T")
 _ATTR = "_unclip_kept"
 
 
-def _key(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
-    """What identifies the weights' current values, or None where a tensor has no version
+def version_key(tensors: Sequence[object]) -> tuple | None:
+    """What identifies the tensors' current values (object, address, version counter; None
+    entries stay None), or None where one is neither a tensor nor None, or has no version
     counter (an inference tensor)."""
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+        return None
     try:
-        return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)  # type: ignore[union-attr]
     except RuntimeError:
         return None
 
@@ -41,7 +44,7 @@ def kept(
 ) -> T:
     """``make()``, or what it returned at the last call with this module and name if
     ``weights`` are unchanged since (module docstring)."""
-    key = _key(weights)
+    key = version_key(weights)
     if key is None:
         return make()
     store = module.__dict__.setdefault(_ATTR, {})

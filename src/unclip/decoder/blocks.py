@@ -16,6 +16,7 @@ from torch import nn
 
 from unclip.decoder import winograd
 from unclip.decoder.upsample_conv import upsample_conv3x3
+from unclip.kept import version_key
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
 
 
@@ -166,6 +167,8 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels, groups)
         self.attn = Attention(channels, num_heads, context_dim=context_dim)
         zero_module(self.attn.proj)
+        #: set to a dict by UNet.frozen_weights: the keys, values and mask of the last context
+        self.context_memo: dict | None = None
 
     def forward(
         self,
@@ -175,14 +178,35 @@ class AttentionBlock(nn.Module):
     ) -> torch.Tensor:
         n, c, h, w = x.shape
         seq = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
+        past, mask = self._context(context, context_mask, n, h * w)
+        out = self.attn(seq, mask=mask, past=past)  # [N, HW, C]
+        return x + out.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
+
+    def _context(
+        self, context: torch.Tensor | None, context_mask: torch.Tensor | None, n: int, hw: int
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """(the context's keys and values, 2 × [N, Lc, C], or None; the key mask [N, Lc + HW]
+        or None). With :attr:`context_memo` set (a sampling run), in eval mode without
+        autograd, reused while the same context and mask come back unchanged (the UNet passes
+        the same objects at every step of a run: :func:`unclip.kept.version_key`)."""
+        memo = self.context_memo
+        key = None
+        if memo is not None and not self.training and not torch.is_grad_enabled():
+            device = "cpu" if context is None else context.device.type
+            autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+            key = (version_key([context, context_mask]), n, hw, autocast)
+            if key[0] is not None and memo.get("key") == key:
+                return memo["value"]
         past = mask = None
         if context is not None:
             past = self.attn.context_keys_values(context)  # 2 × [N, Lc, C], before the HW keys
             if context_mask is not None:  # [N, Lc + HW]: the image's own keys are all real
-                own = context_mask.new_ones(n, h * w, dtype=torch.bool)
+                own = context_mask.new_ones(n, hw, dtype=torch.bool)
                 mask = torch.cat([context_mask.bool(), own], dim=1)
-        out = self.attn(seq, mask=mask, past=past)  # [N, HW, C]
-        return x + out.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
+        if memo is not None and key is not None and key[0] is not None:
+            # the inputs are held too, so their ids stay theirs
+            memo.update(key=key, inputs=(context, context_mask), value=(past, mask))
+        return past, mask
 
 
 class UNetStage(nn.ModuleList):
