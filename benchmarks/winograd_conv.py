@@ -65,7 +65,7 @@ def layer_rows(repeat: int) -> list[str]:
         torch.manual_seed(0)
         conv = nn.Conv2d(shape[1], k, 3, padding=1).to(memory_format=torch.channels_last)
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        u = winograd.kernel_transform(conv.weight)
+        u = winograd.prepare(conv.weight)
         with torch.no_grad(), packed_convolutions(conv):
             onednn = conv.forward._onednn  # type: ignore[union-attr]
             direct = functools.partial(onednn, x, "conv", conv.weight, conv.bias, (1, 1))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compiled import compiled
+from unclip import native
 from unclip.decoder import UNet, UNetConfig, winograd
 from unclip.decoder.blocks import Conv3x3
 
@@ -50,7 +51,7 @@ def test_equals_the_direct_convolution(
     x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g)
     b = bias if with_bias else None
-    y = winograd.winograd_conv(x, winograd.kernel_transform(weight), b)
+    y = winograd.winograd_conv(x, winograd.prepare(weight), b)
     assert y.is_contiguous(memory_format=torch.channels_last)
     close(y, direct(x, weight, b))
 
@@ -76,7 +77,26 @@ def test_every_split_of_tiles_and_channels(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = winograd.winograd_conv(x, winograd.kernel_transform(weight), bias)
+        y = winograd.winograd_conv(x, winograd.prepare(weight), bias)
+    finally:
+        torch.set_num_threads(before)
+    close(y, direct(x, weight, bias))
+
+
+@compiled
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_last_panel_half_as_wide(threads: int) -> None:
+    """Three vectors of output channels: one panel of two and one of one (Kernels)."""
+    lanes = native.lanes()
+    g = torch.Generator().manual_seed(threads)
+    x = torch.randn(2, 2 * lanes, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(3 * lanes, 2 * lanes, 3, 3, generator=g), torch.randn(3 * lanes)
+    kernels = winograd.prepare(weight)
+    assert kernels.panels.shape == (36, 2 * lanes * 3 * lanes)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = winograd.winograd_conv(x, kernels, bias)
     finally:
         torch.set_num_threads(before)
     close(y, direct(x, weight, bias))
@@ -90,7 +110,7 @@ def test_a_residual_added_as_the_output_is_written(upsample: bool) -> None:
     weight, bias = torch.randn(LANES, LANES, 3, 3, generator=g), torch.randn(LANES, generator=g)
     size = (12, 10) if upsample else (6, 5)
     r = torch.randn(2, LANES, *size, generator=g).contiguous(memory_format=torch.channels_last)
-    u = winograd.kernel_transform(weight)
+    u = winograd.prepare(weight)
     y = winograd.winograd_conv(x, u, bias, upsample, residual=r)
     src = F.interpolate(x, scale_factor=2.0, mode="nearest") if upsample else x
     close(y, direct(src, weight, bias) + r.double())
@@ -111,7 +131,7 @@ def test_the_input_read_upsampled(h: int, w: int) -> None:
         torch.randn(2 * LANES, LANES, 3, 3, generator=g),
         torch.randn(2 * LANES, generator=g),
     )
-    y = winograd.winograd_conv(x, winograd.kernel_transform(weight), bias, upsample=True)
+    y = winograd.winograd_conv(x, winograd.prepare(weight), bias, upsample=True)
     close(y, direct(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias))
 
 
@@ -263,7 +283,7 @@ def test_the_weight_gradient_alone() -> None:
 
 @compiled
 def test_what_the_kernels_cannot_read_is_refused() -> None:
-    u = winograd.kernel_transform(torch.randn(LANES, LANES, 3, 3))
+    u = winograd.prepare(torch.randn(LANES, LANES, 3, 3))
     with pytest.raises(ValueError, match="channels-last"):
         winograd.winograd_conv(torch.randn(1, LANES, 4, 4), u, None)
     with pytest.raises(ValueError, match="multiple of"):

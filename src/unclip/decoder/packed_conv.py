@@ -142,11 +142,11 @@ class _PackedForward:
         u, b = self.packed["winograd"]
         return winograd.winograd_conv(x, u, b, upsample, residual)
 
-    def _transformed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Winograd's kernels U [36, C, K], the bias as a dense float32 [K] or None)."""
+    def _transformed(self) -> tuple[winograd.Kernels, torch.Tensor | None]:
+        """(Winograd's kernels, the bias as a dense float32 [K] or None)."""
         bias = self.conv.bias
         return (
-            winograd.kernel_transform(self.conv.weight),
+            winograd.prepare(self.conv.weight),
             None if bias is None else bias.detach().float().contiguous(),
         )
 

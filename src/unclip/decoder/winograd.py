@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -81,6 +82,41 @@ def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
     return (_g_kron_g(torch.float32) @ taps).view(36, c, k)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """Transformed kernels as :func:`winograd_conv` reads them (:func:`prepare`): for each ξ,
+    U[ξ] [C, K]'s columns in panels of :func:`panel_width` (the last may be half as wide),
+    each panel stored [C, its width] after the previous, so the products read U once, in
+    order. ``panels``: [36, C·K] float32."""
+
+    panels: torch.Tensor
+    in_channels: int
+    out_channels: int
+
+
+def panel_width() -> int:
+    """Output channels per panel of :class:`Kernels`: two vectors, the columns the compiled
+    products hold in registers (``winograd.c``)."""
+    return 2 * native.lanes()
+
+
+def pack(u: torch.Tensor) -> Kernels:
+    """U [36, C, K] (:func:`kernel_transform`) -> :class:`Kernels`."""
+    _, c, k = u.shape
+    p = panel_width()
+    full = k // p * p
+    parts = [u[:, :, :full].reshape(36, c, full // p, p).transpose(1, 2).reshape(36, c * full)]
+    if full < k:
+        parts.append(u[:, :, full:].reshape(36, c * (k - full)))
+    return Kernels(torch.cat(parts, dim=1).contiguous(), c, k)
+
+
+def prepare(weight: torch.Tensor) -> Kernels:
+    """weight [K, C, 3, 3] -> the kernels :func:`winograd_conv` takes (made once per sampling
+    run and kept between runs: :mod:`unclip.decoder.packed_conv`)."""
+    return pack(kernel_transform(weight))
+
+
 def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     """Whether ``conv(x)`` records autograd and :func:`winograd_conv_autograd` can run it:
     :func:`applies` and not under autocast (its compute dtype is float32)."""
@@ -134,23 +170,33 @@ def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
 
 def winograd_conv(
     x: torch.Tensor,
-    u: torch.Tensor,
+    kernels: Kernels,
     bias: torch.Tensor | None,
     upsample: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [N, C, H, W] float32 channels-last, u [36, C, K] from :func:`kernel_transform`,
-    bias [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution; with
-    ``upsample``, of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never
-    made; with ``residual`` (the output's shape, float32 channels-last), ``residual`` added
-    as each output tile is written (a residual block's sum without its own pass). No
-    autograd; the caller checks :func:`applies` (what the kernels cannot read raises
-    ValueError)."""
+    """x [N, C, H, W] float32 channels-last, ``kernels`` from :func:`prepare` (C -> K), bias
+    [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution; with ``upsample``,
+    of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never made; with
+    ``residual`` (the output's shape, float32 channels-last), ``residual`` added as each
+    output tile is written (a residual block's sum without its own pass). No autograd; the
+    caller checks :func:`applies` (what the kernels cannot read raises ValueError)."""
     native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
-    if u.dtype != torch.float32 or u.shape[:2] != (36, c) or not _channels_fit(u.shape[2]):
-        raise ValueError(f"winograd: kernels must be float32 [36, {c}, K]; got {tuple(u.shape)}")
-    k, up = u.shape[2], int(upsample)
+    k, up = kernels.out_channels, int(upsample)
+    u = kernels.panels
+    if (
+        kernels.in_channels != c
+        or u.dtype != torch.float32
+        or u.shape != (36, c * k)
+        or not u.is_contiguous()
+        or not _channels_fit(k)
+    ):
+        raise ValueError(
+            f"winograd: kernels must be float32 panels for {c} input channels and a multiple "
+            f"of {native.lanes()} output channels; got {tuple(u.shape)} for "
+            f"{kernels.in_channels} -> {k}"
+        )
     b = _bias(bias, k)
     y = torch.empty(n, k, h << up, w << up, memory_format=torch.channels_last)
     if residual is not None:
@@ -229,7 +275,7 @@ class _WinogradConv(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(2, 3).transpose(0, 1)  # [C, K, 3, 3]
-            dx = winograd_conv(dy, kernel_transform(flipped), None)
+            dx = winograd_conv(dy, prepare(flipped), None)
         if ctx.needs_input_grad[1]:
             dm = torch.empty(36, v.shape[1], k)
             _loaded().winograd_output_grad(native.threads(), dy.data_ptr(), dm.data_ptr(),

@@ -125,8 +125,8 @@ void winograd_output(int threads, const float *restrict M, const float *restrict
   for (long t = 0; t < T; t++) output_tile(M + t * K, T * K, bias, NULL, y, t, Ho, Wo, K, 0, K);
 }
 
-/* The products of one block of tiles: M[ξ][r, k] = sum_c V[ξ][r, c] U[ξ][c, k] for the mr rows
- * from r0 and the nv vectors of columns from k, accumulated in registers over c (mr x nv
+/* The products of one block of tiles: M[ξ][r, k] = sum_c V[ξ][r, c] U[ξ][c, k] for mr rows and
+ * the nv vectors of columns of one panel of U (below), accumulated in registers over c (mr x nv
  * vectors; mr and nv are constants at each call, so the loops unroll) */
 static inline __attribute__((always_inline)) void products(const float *restrict V,
                                                            const float *restrict U,
@@ -137,7 +137,7 @@ static inline __attribute__((always_inline)) void products(const float *restrict
     for (int j = 0; j < nv; j++) acc[r][j] = (vf){0};
   for (int c = 0; c < C; c++) {
     vf b[2];
-    for (int j = 0; j < nv; j++) b[j] = LOAD(U + (long)c * K + j * LANES);
+    for (int j = 0; j < nv; j++) b[j] = LOAD(U + (long)c * nv * LANES + j * LANES);
     for (int r = 0; r < mr; r++) {
       const float a = V[(long)r * C + c];
       for (int j = 0; j < nv; j++) acc[r][j] += a * b[j];
@@ -175,8 +175,10 @@ static float *scratch(size_t floats) {
 }
 
 /* The whole convolution in one pass: y = x * w + bias + res, x [N, H, W, C] (read upsampled x2
- * when up is 1), U [36, C, K] the transformed kernels, y and res [N, Ho, Wo, K] (bias and res
- * may be NULL; res may be y). Blocks of at most TILES
+ * when up is 1), y and res [N, Ho, Wo, K] (bias and res may be NULL; res may be y), U the
+ * transformed kernels [36, C, K] in panels: for each ξ, the columns in blocks of 2 LANES (the
+ * last may be LANES wide), each block stored [C, its width] after the previous, so the products
+ * read U[ξ] once, in order (unclip/decoder/winograd.py, pack). Blocks of at most TILES
  * tiles are transformed into a thread's scratch, multiplied by U per ξ (products) and
  * transformed out, so V and M never leave the cache; where the blocks are fewer than the
  * threads, each block's output channels are split among several threads too. Returns 0, or -1
@@ -210,7 +212,7 @@ int winograd_conv(int threads, const float *restrict x, const float *restrict U,
       for (int xi = 0; xi < 36; xi++)
         for (int k = k0; k < k1; k += 2 * LANES)
           for (long r = 0; r < nt; r += MR)
-            products_any(V + (xi * nt + r) * C, U + (long)xi * C * K + k,
+            products_any(V + (xi * nt + r) * C, U + (long)xi * C * K + (long)k * C,
                          M + (xi * nt + r) * K + k, C, K, nt - r < MR ? nt - r : MR,
                          k1 - k >= 2 * LANES ? 2 : 1);
       for (long r = 0; r < nt; r++)
