@@ -45,10 +45,14 @@ def test_equals_the_eager_ops(n: int, c: int, h: int, w: int, groups: int, modul
     x, norm, scale, shift = case(n, c, h, w, groups)
     sc, sh = (scale, shift) if modulated else (None, None)
     with torch.no_grad():
-        want = F.silu(norm.modulate(x.double(), sc, sh).double())
+        plain = norm.modulate(x.double(), sc, sh).double()
+        want = F.silu(plain)
         got = norm.silu(x, sc, sh)
+        got_plain = norm.modulate(x, sc, sh)  # the same kernel without its SiLU
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    assert got_plain.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got_plain.double(), plain, atol=2e-5, rtol=1e-5)
 
 
 @compiled
@@ -79,6 +83,22 @@ def test_only_where_it_applies() -> None:
         assert not fused.applies(x[:, :3].contiguous(memory_format=torch.channels_last))
     assert not fused.applies(x, norm.weight)  # the weight records autograd
     assert fused.applies(x, norm.weight.detach())
+
+
+@compiled
+def test_a_plain_norm_runs_the_kernel_without_silu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    real = fused.group_norm_silu
+
+    def counted(*args: object, silu: bool = True, **kwargs: object) -> torch.Tensor:
+        calls.append(silu)
+        return real(*args, silu=silu, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused, "group_norm_silu", counted)
+    x, norm, *_ = case(2, 16, 8, 8, 4)
+    with torch.no_grad():
+        norm(x)
+    assert calls == [False]
 
 
 @compiled

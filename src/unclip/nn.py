@@ -106,9 +106,14 @@ class GroupNorm32(nn.GroupNorm):
         self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``norm(x) * (1 + scale) + shift`` (ADM's scale-shift norm), one ``addcmul`` after
-        the norm, in float32 on the float32 path. x: [N, C, H, W]; scale, shift: [N, C, 1, 1]
-        (both or neither) -> x's shape, dtype and memory format."""
+        the norm, in float32 on the float32 path (or the compiled kernel of
+        :mod:`unclip.group_norm_silu` without its SiLU, where it applies). x: [N, C, H, W];
+        scale, shift: [N, C, 1, 1] (both or neither) -> x's shape, dtype and memory format."""
         _both_or_neither(scale, shift)
+        if group_norm_silu.applies(x, self.weight, self.bias, scale, shift):
+            return group_norm_silu.group_norm_silu(
+                x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, silu=False
+            )
         layout = _bf16_group_norm_layout(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if layout == "direct":
