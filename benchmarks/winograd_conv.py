@@ -65,11 +65,11 @@ def layer_rows(repeat: int) -> list[str]:
         torch.manual_seed(0)
         conv = nn.Conv2d(shape[1], k, 3, padding=1).to(memory_format=torch.channels_last)
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        u = winograd.prepare(conv.weight)
+        u = winograd.prepare(conv.weight, conv.bias)
         with torch.no_grad(), packed_convolutions(conv):
             onednn = conv.forward._onednn  # type: ignore[union-attr]
             direct = functools.partial(onednn, x, "conv", conv.weight, conv.bias, (1, 1))
-            fast = functools.partial(winograd.winograd_conv, x, u, conv.bias)
+            fast = functools.partial(winograd.winograd_conv, x, u)
             a, b = medians([direct, fast], repeat)
             uses = winograd.applies(x, conv)
         rows.append(

@@ -58,7 +58,9 @@ def test_packed_unet_matches_plain_forward(layout: torch.memory_format) -> None:
             again = model(x, t, **kw)  # the packed weights are reused
     assert packed_forward_count(model) == 0  # restored on exit
     assert want.abs().max() > 0.1
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # float32 rounding: oneDNN's and ATen's kernels sum in other orders (without AVX, 1.2e-5
+    # at one of 1536 outputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(again, got)
 
 
@@ -99,8 +101,9 @@ def test_upsampling_convolutions_run_at_low_resolution_packed_or_not(layout, mon
     from unclip.decoder.blocks import ResBlock, Upsample
 
     torch.manual_seed(0)
-    block, up = ResBlock(8, 4, 12, up=True, groups=4), Upsample(8, True, 12)
-    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout)
+    # 6 input channels: a multiple of no vector width, so Winograd never takes these
+    block, up = ResBlock(6, 4, 12, up=True, groups=2), Upsample(6, True, 12)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout)
     calls = []
     real = packed_conv.interleave_phases
     monkeypatch.setattr(packed_conv, "interleave_phases", lambda *a: calls.append(1) or real(*a))

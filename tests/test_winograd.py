@@ -51,7 +51,7 @@ def test_equals_the_direct_convolution(
     x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(k, c, 3, 3, generator=g), torch.randn(k, generator=g)
     b = bias if with_bias else None
-    y = winograd.winograd_conv(x, winograd.prepare(weight), b)
+    y = winograd.winograd_conv(x, winograd.prepare(weight, b))
     assert y.is_contiguous(memory_format=torch.channels_last)
     close(y, direct(x, weight, b))
 
@@ -77,7 +77,7 @@ def test_every_split_of_tiles_and_channels(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = winograd.winograd_conv(x, winograd.prepare(weight), bias)
+        y = winograd.winograd_conv(x, winograd.prepare(weight, bias))
     finally:
         torch.set_num_threads(before)
     close(y, direct(x, weight, bias))
@@ -91,12 +91,12 @@ def test_a_last_panel_half_as_wide(threads: int) -> None:
     g = torch.Generator().manual_seed(threads)
     x = torch.randn(2, 2 * lanes, 9, 6, generator=g).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(3 * lanes, 2 * lanes, 3, 3, generator=g), torch.randn(3 * lanes)
-    kernels = winograd.prepare(weight)
+    kernels = winograd.prepare(weight, bias)
     assert kernels.panels.shape == (36, 2 * lanes * 3 * lanes)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = winograd.winograd_conv(x, kernels, bias)
+        y = winograd.winograd_conv(x, kernels)
     finally:
         torch.set_num_threads(before)
     close(y, direct(x, weight, bias))
@@ -110,15 +110,15 @@ def test_a_residual_added_as_the_output_is_written(upsample: bool) -> None:
     weight, bias = torch.randn(LANES, LANES, 3, 3, generator=g), torch.randn(LANES, generator=g)
     size = (12, 10) if upsample else (6, 5)
     r = torch.randn(2, LANES, *size, generator=g).contiguous(memory_format=torch.channels_last)
-    u = winograd.prepare(weight)
-    y = winograd.winograd_conv(x, u, bias, upsample, residual=r)
+    u = winograd.prepare(weight, bias)
+    y = winograd.winograd_conv(x, u, upsample, residual=r)
     src = F.interpolate(x, scale_factor=2.0, mode="nearest") if upsample else x
     close(y, direct(src, weight, bias) + r.double())
     short = r[:, :, 1:].contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match=r"residual must be \("):
-        winograd.winograd_conv(x, u, bias, upsample, residual=short)
+        winograd.winograd_conv(x, u, upsample, residual=short)
     with pytest.raises(ValueError, match="residual must be float32 channels-last"):
-        winograd.winograd_conv(x, u, bias, upsample, residual=r.contiguous())
+        winograd.winograd_conv(x, u, upsample, residual=r.contiguous())
 
 
 @compiled
@@ -131,7 +131,7 @@ def test_the_input_read_upsampled(h: int, w: int) -> None:
         torch.randn(2 * LANES, LANES, 3, 3, generator=g),
         torch.randn(2 * LANES, generator=g),
     )
-    y = winograd.winograd_conv(x, winograd.prepare(weight), bias, upsample=True)
+    y = winograd.winograd_conv(x, winograd.prepare(weight, bias), upsample=True)
     close(y, direct(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias))
 
 
@@ -177,13 +177,12 @@ def test_a_sampling_run_convolves_by_winograd(monkeypatch: pytest.MonkeyPatch) -
 
     def counted(
         x: torch.Tensor,
-        u: torch.Tensor,
-        b: torch.Tensor,
+        kernels: winograd.Kernels,
         up: bool = False,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         calls.append((tuple(x.shape), up, residual is not None))
-        return real(x, u, b, up, residual)
+        return real(x, kernels, up, residual)
 
     monkeypatch.setattr(winograd, "winograd_conv", counted)
     model = unet()
@@ -283,15 +282,32 @@ def test_the_weight_gradient_alone() -> None:
 
 @compiled
 def test_what_the_kernels_cannot_read_is_refused() -> None:
-    u = winograd.prepare(torch.randn(LANES, LANES, 3, 3))
+    u = winograd.prepare(torch.randn(LANES, LANES, 3, 3), None)
     with pytest.raises(ValueError, match="channels-last"):
-        winograd.winograd_conv(torch.randn(1, LANES, 4, 4), u, None)
+        winograd.winograd_conv(torch.randn(1, LANES, 4, 4), u)
     with pytest.raises(ValueError, match="multiple of"):
-        winograd.winograd_conv(cl(1, LANES + 1, 4, 4), u, None)
+        winograd.winograd_conv(cl(1, LANES + 1, 4, 4), u)
     with pytest.raises(ValueError, match="kernels"):
-        winograd.winograd_conv(cl(1, 2 * LANES, 4, 4), u, None)
-    with pytest.raises(ValueError, match="bias"):
-        winograd.winograd_conv(cl(1, LANES, 4, 4), u, torch.ones(3))
+        winograd.winograd_conv(cl(1, 2 * LANES, 4, 4), u)
+    with pytest.raises(ValueError, match="residual"):  # output channels padded: no residual
+        odd = winograd.prepare(torch.randn(3, LANES, 3, 3), None)
+        winograd.winograd_conv(cl(1, LANES, 4, 4), odd, residual=cl(1, 3, 4, 4))
+
+
+@compiled
+@pytest.mark.parametrize("k", [3, 6, 2 * LANES + 5])
+def test_output_channels_padded_with_zero_kernels(k: int) -> None:
+    """A last layer's few output channels (6: ε and the variance, 3): zero kernels pad them
+    to the vector width; the result has exactly k channels, dense channels-last."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, LANES, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(k, LANES, 3, 3, generator=g), torch.randn(k, generator=g)
+    kernels = winograd.prepare(weight, bias)
+    assert kernels.out_channels == k and 0 <= kernels.padded_channels - k < native.lanes()
+    assert kernels.padded_channels % native.lanes() == 0
+    y = winograd.winograd_conv(x, kernels)
+    assert y.shape == (2, k, 7, 9) and y.is_contiguous(memory_format=torch.channels_last)
+    close(y, direct(x, weight, bias))
 
 
 @compiled

@@ -11,7 +11,8 @@ The same oneDNN convolution runs, so the outputs are those of ``F.conv2d`` to fl
 A float32 3×3 convolution that :func:`unclip.decoder.winograd.applies` to runs as Winograd
 F(4×4, 3×3) instead, its kernels transformed once and kept for later runs while the weights
 are unchanged (:mod:`unclip.kept`; 4× fewer multiplies; outputs equal to about 1e-5 of their
-scale). A :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling (its ``upsampled``) runs
+scale); output channels that are not a multiple of the vector width (a UNet's last layer)
+get zero kernels beside them. A :class:`~unclip.decoder.blocks.Conv3x3` after a ×2 upsampling (its ``upsampled``) runs
 the phase convolution of :mod:`unclip.decoder.upsample_conv` with its four phase kernels
 made and packed once.
 
@@ -94,11 +95,12 @@ class _PackedForward:
 
     def plus(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + conv(x)``: one Winograd pass that adds ``residual`` as it writes where
-        Winograd runs and ``residual`` is float32 channels-last of the output's shape, else
-        the sum of the two."""
+        Winograd runs, the output channels are a multiple of the vector width and
+        ``residual`` is float32 channels-last of the output's shape, else the sum of the two."""
         if (
             self._runs_packed(x)
             and self._runs_winograd(x)
+            and self.conv.out_channels % native.lanes() == 0
             and native.readable(residual)
             and residual.shape == (x.shape[0], self.conv.out_channels, *x.shape[2:])
         ):
@@ -126,7 +128,7 @@ class _PackedForward:
             return False
         key = (tuple(x.shape), x.stride(), upsample)
         if key not in self.winograd_shapes:
-            self.winograd_shapes[key] = winograd.applies(x, self.conv, upsample)
+            self.winograd_shapes[key] = winograd.applies(x, self.conv, upsample, padded=True)
         return self.winograd_shapes[key]
 
     def _winograd(
@@ -136,19 +138,12 @@ class _PackedForward:
         Winograd F(4×4, 3×3) (:mod:`unclip.decoder.winograd`), its kernels transformed at the
         first call."""
         if "winograd" not in self.packed:
+            conv = self.conv
             self.packed["winograd"] = kept(
-                self.conv, "winograd", (self.conv.weight, self.conv.bias), self._transformed
-            )
-        u, b = self.packed["winograd"]
-        return winograd.winograd_conv(x, u, b, upsample, residual)
-
-    def _transformed(self) -> tuple[winograd.Kernels, torch.Tensor | None]:
-        """(Winograd's kernels, the bias as a dense float32 [K] or None)."""
-        bias = self.conv.bias
-        return (
-            winograd.prepare(self.conv.weight),
-            None if bias is None else bias.detach().float().contiguous(),
-        )
+                conv, "winograd", (conv.weight, conv.bias),
+                lambda: winograd.prepare(conv.weight, conv.bias),
+            )  # fmt: skip
+        return winograd.winograd_conv(x, self.packed["winograd"], upsample, residual)
 
     def _onednn(
         self,

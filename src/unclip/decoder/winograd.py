@@ -84,14 +84,23 @@ def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Kernels:
-    """Transformed kernels as :func:`winograd_conv` reads them (:func:`prepare`): for each ξ,
-    U[ξ] [C, K]'s columns in panels of :func:`panel_width` (the last may be half as wide),
-    each panel stored [C, its width] after the previous, so the products read U once, in
-    order. ``panels``: [36, C·K] float32."""
+    """A convolution's weights as :func:`winograd_conv` reads them (:func:`prepare`).
+
+    ``panels`` [36, C·K'] float32: for each ξ, U[ξ] [C, K']'s columns in panels of
+    :func:`panel_width` (the last may be half as wide), each panel stored [C, its width]
+    after the previous, so the products read U once, in order. K' is ``out_channels``
+    rounded up to a multiple of the vector width (zero kernels past it). ``bias``: [K']
+    float32 (zeros past ``out_channels``) or None."""
 
     panels: torch.Tensor
+    bias: torch.Tensor | None
     in_channels: int
     out_channels: int
+
+    @property
+    def padded_channels(self) -> int:
+        """K': the output channels the kernels compute (``out_channels`` and the zero ones)."""
+        return self.panels.shape[1] // self.in_channels
 
 
 def panel_width() -> int:
@@ -100,21 +109,24 @@ def panel_width() -> int:
     return 2 * native.lanes()
 
 
-def pack(u: torch.Tensor) -> Kernels:
-    """U [36, C, K] (:func:`kernel_transform`) -> :class:`Kernels`."""
-    _, c, k = u.shape
+def prepare(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:
+    """weight [K, C, 3, 3], bias [K] or None -> :class:`Kernels` (made once per sampling run
+    and kept between runs: :mod:`unclip.decoder.packed_conv`); K need not be a multiple of the
+    vector width (zero kernels pad it)."""
+    k, c = weight.shape[:2]
+    padded = -(-k // native.lanes()) * native.lanes()
+    u = kernel_transform(weight)  # [36, C, K]
+    b = None if bias is None else bias.detach().float().reshape(k)
+    if padded != k:
+        u = torch.cat([u, u.new_zeros(36, c, padded - k)], dim=2)
+        b = None if b is None else torch.cat([b, b.new_zeros(padded - k)])
     p = panel_width()
-    full = k // p * p
+    full = padded // p * p
     parts = [u[:, :, :full].reshape(36, c, full // p, p).transpose(1, 2).reshape(36, c * full)]
-    if full < k:
-        parts.append(u[:, :, full:].reshape(36, c * (k - full)))
-    return Kernels(torch.cat(parts, dim=1).contiguous(), c, k)
-
-
-def prepare(weight: torch.Tensor) -> Kernels:
-    """weight [K, C, 3, 3] -> the kernels :func:`winograd_conv` takes (made once per sampling
-    run and kept between runs: :mod:`unclip.decoder.packed_conv`)."""
-    return pack(kernel_transform(weight))
+    if full < padded:
+        parts.append(u[:, :, full:].reshape(36, c * (padded - full)))
+    panels = torch.cat(parts, dim=1).contiguous()
+    return Kernels(panels, None if b is None else b.contiguous(), c, k)
 
 
 def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
@@ -129,10 +141,14 @@ def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     )
 
 
-def applies(x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False) -> bool:
+def applies(
+    x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False, padded: bool = False
+) -> bool:
     """Whether :func:`winograd_conv` can run ``conv`` on ``x`` (upsampled ×2 first, nearest,
-    if ``upsample``): x readable by the kernels (:func:`unclip.native.readable`), a 3×3 kernel with stride 1, padding 1, no dilation or groups, channel counts that are
-    multiples of the kernels' vector width, enough tiles for the kernels' size
+    if ``upsample``): x readable by the kernels (:func:`unclip.native.readable`), a 3×3
+    kernel with stride 1, padding 1, no dilation or groups, output channels a multiple of the
+    kernels' vector width (any count if ``padded``: :func:`prepare` pads them, training's
+    :func:`winograd_conv_autograd` does not), enough tiles for the kernels' size
     (``MAX_KERNEL_ELEMENTS_PER_TILE``), not being compiled (dynamo traces its own
     convolutions), and the compiled kernels loaded."""
     if not native.readable(x) or torch.compiler.is_compiling() or _kernels() is None:
@@ -147,7 +163,7 @@ def applies(x: torch.Tensor, conv: torch.nn.Conv2d, upsample: bool = False) -> b
         and conv.groups == 1
         and conv.weight.dtype == torch.float32
         and c == conv.in_channels
-        and _channels_fit(conv.out_channels)
+        and (padded or _channels_fit(conv.out_channels))
         and c * conv.out_channels <= MAX_KERNEL_ELEMENTS_PER_TILE * tiles
     )
 
@@ -171,44 +187,37 @@ def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
 def winograd_conv(
     x: torch.Tensor,
     kernels: Kernels,
-    bias: torch.Tensor | None,
     upsample: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [N, C, H, W] float32 channels-last, ``kernels`` from :func:`prepare` (C -> K), bias
-    [K] or None -> [N, K, H, W] channels-last, the padding-1 convolution; with ``upsample``,
-    of x upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never made; with
-    ``residual`` (the output's shape, float32 channels-last), ``residual`` added as each
-    output tile is written (a residual block's sum without its own pass). No autograd; the
-    caller checks :func:`applies` (what the kernels cannot read raises ValueError)."""
+    """x [N, C, H, W] float32 channels-last, ``kernels`` from :func:`prepare` (C -> K) ->
+    [N, K, H, W] channels-last, the padding-1 convolution plus bias; with ``upsample``, of x
+    upsampled ×2 (nearest) -> [N, K, 2H, 2W], the upsampled map never made; with
+    ``residual`` (the output's shape, float32 channels-last; K a multiple of the vector
+    width), ``residual`` added as each output tile is written (a residual block's sum
+    without its own pass). No autograd; the caller checks :func:`applies` (what the kernels
+    cannot read raises ValueError)."""
     native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
-    k, up = kernels.out_channels, int(upsample)
+    k, kp, up = kernels.out_channels, kernels.padded_channels, int(upsample)
     u = kernels.panels
-    if (
-        kernels.in_channels != c
-        or u.dtype != torch.float32
-        or u.shape != (36, c * k)
-        or not u.is_contiguous()
-        or not _channels_fit(k)
-    ):
+    if kernels.in_channels != c or u.dtype != torch.float32 or not _channels_fit(kp):
         raise ValueError(
-            f"winograd: kernels must be float32 panels for {c} input channels and a multiple "
-            f"of {native.lanes()} output channels; got {tuple(u.shape)} for "
-            f"{kernels.in_channels} -> {k}"
+            f"winograd: kernels must be float32 panels for {c} input channels; got "
+            f"{tuple(u.shape)} for {kernels.in_channels} -> {k}"
         )
-    b = _bias(bias, k)
-    y = torch.empty(n, k, h << up, w << up, memory_format=torch.channels_last)
+    y = torch.empty(n, kp, h << up, w << up, memory_format=torch.channels_last)
     if residual is not None:
         native.require_readable(residual, "winograd: the residual")
-        if residual.shape != y.shape:
+        if residual.shape != (n, k, h << up, w << up) or kp != k:
             raise ValueError(
-                f"winograd: the residual must be {tuple(y.shape)}; got {tuple(residual.shape)}"
+                f"winograd: the residual must be {tuple(y.shape)}, with output channels a "
+                f"multiple of {native.lanes()}; got {tuple(residual.shape)}"
             )
-    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(b),
-                               _ptr(residual), y.data_ptr(), n, h, w, c, k, up):  # fmt: skip
+    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(kernels.bias),
+                               _ptr(residual), y.data_ptr(), n, h, w, c, kp, up):  # fmt: skip
         raise MemoryError("winograd: no memory for the kernels' scratch")
-    return y
+    return y if kp == k else y[:, :k].contiguous(memory_format=torch.channels_last)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -275,7 +284,7 @@ class _WinogradConv(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(2, 3).transpose(0, 1)  # [C, K, 3, 3]
-            dx = winograd_conv(dy, prepare(flipped), None)
+            dx = winograd_conv(dy, prepare(flipped, None))
         if ctx.needs_input_grad[1]:
             dm = torch.empty(36, v.shape[1], k)
             _loaded().winograd_output_grad(native.threads(), dy.data_ptr(), dm.data_ptr(),
