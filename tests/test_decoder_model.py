@@ -448,3 +448,53 @@ def test_bsr_degrade_and_make_low_res():
         x[..., :8, :8], cfg.replace(augment="bsr"), torch.Generator().manual_seed(0)
     )
     assert crop.shape == (3, 3, 4, 4)  # quarter-size crops get a quarter-size condition
+
+
+def test_threads_sampling_one_model_at_once_each_get_their_own_results():
+    """Two threads in frozen_weights at once (a server's workers), with other conditioning:
+    each gets what it gets alone; the context is undone only when the last one leaves."""
+    import threading
+
+    model = make(seed=5)
+    x, t, cond = inputs()
+    other = dict(cond, image_emb=-cond["image_emb"], text_tokens=cond["text_tokens"].flip(0))
+    with torch.no_grad(), model.frozen_weights():
+        want = [[model(x, t - k, **c) for k in range(4)] for c in (cond, other)]
+    got: list[list[torch.Tensor]] = [[], []]
+    start = threading.Barrier(2)
+
+    def run(i: int, c: dict) -> None:
+        with torch.no_grad(), model.frozen_weights():
+            start.wait()
+            for k in range(4):
+                got[i].append(model(x, t - k, **c))
+            start.wait()  # both still inside: neither has undone the other's context
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate((cond, other))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert model._frozen_users == 0 and model._stacked_emb_proj is None
+    for a, b in zip(got, want, strict=True):
+        assert len(a) == 4
+        for g, w in zip(a, b, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert differs(want[0][0], want[1][0])
+
+
+def test_the_frozen_context_lasts_until_its_last_user_leaves():
+    """Contexts left in another order than entered (two threads' runs overlapping): the
+    first to leave does not undo the context the other still runs in."""
+    from unclip.decoder.packed_conv import packed_forward_count
+
+    model = make(seed=5)
+    first, second = model.frozen_weights(), model.frozen_weights()
+    first.__enter__()
+    packed = packed_forward_count(model)
+    assert packed > 0
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert packed_forward_count(model) == packed and model._stacked_emb_proj is not None
+    second.__exit__(None, None, None)
+    assert packed_forward_count(model) == 0 and model._stacked_emb_proj is None

@@ -502,24 +502,36 @@ def test_compile_wraps_every_sampling_network_once(pipeline_dir):
 
 
 def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, monkeypatch):
-    from unclip.pipeline.stages import DTYPE_ENV, default_dtype, native_bf16
+    from unclip.pipeline.stages import (
+        DTYPE_ENV,
+        compiled_float32_faster,
+        default_dtype,
+        native_bf16,
+    )
 
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     cpu = torch.device("cpu")
-    expected = torch.bfloat16 if native_bf16(cpu) else torch.float32
+    bf16 = native_bf16(cpu) and not compiled_float32_faster(cpu)
+    expected = torch.bfloat16 if bf16 else torch.float32
     assert default_dtype(cpu) == expected
     assert load_pipeline(pipeline_dir, device="cpu").dtype == expected
     assert load_pipeline(pipeline_dir, device="cpu", dtype="auto").dtype == expected
     assert load_pipeline(pipeline_dir, device="cpu", dtype="float32").dtype == torch.float32
-    # the CPU probes both ways: AVX-512 BF16 or AMX -> bf16; neither (bf16 emulated, slower
-    # than float32, as on an AVX2-only CPU) -> float32
-    for avx512_bf16, amx, native in ((False, False, False), (True, False, True),
-                                     (False, True, True)):  # fmt: skip
+    # the CPU probes every way: AVX-512 BF16 or AMX -> bf16 is native; neither (bf16
+    # emulated, slower than float32, as on an AVX2-only CPU) -> float32; native bf16 without
+    # AMX where the compiled float32 kernels run -> float32 (they are faster there)
+    for avx512_bf16, amx, kernels, native, want in (
+        (False, False, True, False, torch.float32),
+        (True, False, False, True, torch.bfloat16),
+        (True, False, True, True, torch.float32),
+        (False, True, True, True, torch.bfloat16),
+    ):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v,
                             raising=False)  # fmt: skip
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(winograd, "available", lambda v=kernels: v)
         assert native_bf16(cpu) is native
-        assert default_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+        assert default_dtype(cpu) == want
     with pytest.raises(
         ValueError, match="dtype must be auto, float32, float16, bfloat16; got 'fp8'"
     ):
@@ -540,6 +552,7 @@ def test_auto_dtype_choice_both_ways_and_the_environment_override(pipeline_dir, 
 
     cpu = torch.device("cpu")
     monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setattr(stages, "compiled_float32_faster", lambda device: False)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(stages, "native_bf16", lambda device, v=native: v)
         assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == expected

@@ -23,6 +23,7 @@ def add_dtype_argument(
         choices=choices,
         default="auto",
         help="precision the sampling networks run in (default auto, as load_pipeline: "
+        "float32 on a CPU where unclip's compiled kernels run and bf16 has no AMX, else "
         "bfloat16 on a CPU with AVX-512 BF16 or AMX or a GPU with bf16, else float32; "
         "CLIP and the sampler state stay float32; UNCLIP_DTYPE in the environment overrides auto)",
     )

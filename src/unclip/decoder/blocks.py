@@ -8,6 +8,7 @@ checkpoint keys: keep them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -187,16 +188,18 @@ class AttentionBlock(nn.Module):
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """(the context's keys and values, 2 × [N, Lc, C], or None; the key mask [N, Lc + HW]
         or None). With :attr:`context_memo` set (a sampling run), in eval mode without
-        autograd, reused while the same context and mask come back unchanged (the UNet passes
-        the same objects at every step of a run: :func:`unclip.kept.version_key`)."""
+        autograd, reused while the same context and mask come back unchanged to the same
+        thread (the UNet passes the same objects at every step of a run:
+        :func:`unclip.kept.version_key`)."""
         memo = self.context_memo
         key = None
         if memo is not None and not self.training and not torch.is_grad_enabled():
             device = "cpu" if context is None else context.device.type
             autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             key = (version_key([context, context_mask]), n, hw, autocast)
-            if key[0] is not None and memo.get("key") == key:
-                return memo["value"]
+            last = memo.get(threading.get_ident())  # (key, inputs, value): one per thread
+            if key[0] is not None and last is not None and last[0] == key:
+                return last[2]
         past = mask = None
         if context is not None:
             past = self.attn.context_keys_values(context)  # 2 × [N, Lc, C], before the HW keys
@@ -205,7 +208,7 @@ class AttentionBlock(nn.Module):
                 mask = torch.cat([context_mask.bool(), own], dim=1)
         if memo is not None and key is not None and key[0] is not None:
             # the inputs are held too, so their ids stay theirs
-            memo.update(key=key, inputs=(context, context_mask), value=(past, mask))
+            memo[threading.get_ident()] = (key, (context, context_mask), (past, mask))
         return past, mask
 
 

@@ -185,14 +185,26 @@ def packed_convolutions(model: nn.Module) -> Iterator[nn.Module]:
     """Within this context ``model``'s ``nn.Conv2d`` layers run with weights reordered once
     for oneDNN (see the module docstring); a no-op where :func:`packing_available` is false.
     The weights must not change inside. Nested use keeps the outer context's packing."""
-    convs = [m for m in model.modules() if _packable(m)] if packing_available(model) else []
-    for conv in convs:
-        conv.forward = _PackedForward(conv)  # type: ignore[method-assign]
+    convs = pack_convolutions(model)
     try:
         yield model
     finally:
-        for conv in convs:
-            conv.__dict__.pop("forward", None)
+        unpack_convolutions(convs)
+
+
+def pack_convolutions(model: nn.Module) -> list[nn.Module]:
+    """:func:`packed_convolutions`' entry: the convolutions it packed (none that already run
+    packed), for :func:`unpack_convolutions`."""
+    convs = [m for m in model.modules() if _packable(m)] if packing_available(model) else []
+    for conv in convs:
+        conv.forward = _PackedForward(conv)  # type: ignore[method-assign]
+    return convs
+
+
+def unpack_convolutions(convs: list[nn.Module]) -> None:
+    """Give ``convs`` (from :func:`pack_convolutions`) their own forward back."""
+    for conv in convs:
+        conv.__dict__.pop("forward", None)
 
 
 def packed_forward_count(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ and the upsamplers (``low_res_cond=True``; see :mod:`unclip.decoder.upsampler`).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from unclip.decoder.blocks import (
     UNetStage,
     Upsample,
 )
-from unclip.decoder.packed_conv import packed_convolutions
+from unclip.decoder.packed_conv import pack_convolutions, unpack_convolutions
 from unclip.kept import kept, version_key
 from unclip.nn import (
     TimestepEmbedder,
@@ -344,6 +345,8 @@ class UNet(nn.Module):
         ]
         self._stacked_emb_proj: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_memo: dict | None = None  # a sampling run's step-free conditioning
+        self._frozen_users = 0  # frozen_weights contexts open (nested or in other threads)
+        self._packed: list[nn.Module] = []  # the convolutions frozen_weights packed
 
     def null_parameters(self) -> list[nn.Parameter]:
         """The learned null-condition parameters (trained only on dropped rows)."""
@@ -366,24 +369,40 @@ class UNet(nn.Module):
         unchanged (:mod:`unclip.kept`). In eval mode without autograd, what the conditioning
         gives independently of the timestep (the z_i and z_t projections, the context tokens
         and each attention block's keys and values of them) is made once per set of
-        conditioning tensors. Do not change or
-        train the weights inside; nested use keeps the outer context's tensors."""
-        if self._stacked_emb_proj is not None:
+        conditioning tensors and thread. Do not change or train the weights inside. Nested
+        use, and use by several threads at once (a server's workers sharing a pipeline),
+        share one context: it is set up by the first to enter and undone by the last to
+        leave, so every run inside computes alike."""
+        with _FROZEN_LOCK:
+            if self._frozen_users == 0:
+                self._freeze()
+            self._frozen_users += 1
+        try:
             yield self
-            return
+        finally:
+            with _FROZEN_LOCK:
+                self._frozen_users -= 1
+                if self._frozen_users == 0:
+                    self._thaw()
+
+    def _freeze(self) -> None:
+        """Set up :meth:`frozen_weights`."""
         projs = [b.emb_proj for b in self._res_blocks]
         weights = [t for p in projs for t in (p.weight, p.bias)]
         self._stacked_emb_proj = kept(self, "stacked_emb_proj", weights, lambda: _stacked(projs))
-        attention = [m for m in self.modules() if isinstance(m, AttentionBlock)]
         self._step_memo = {}
-        for block in attention:
-            block.context_memo = {}
-        try:
-            with packed_convolutions(self):
-                yield self
-        finally:
-            self._stacked_emb_proj = self._step_memo = None
-            for block in attention:
+        for block in self.modules():
+            if isinstance(block, AttentionBlock):
+                block.context_memo = {}
+        self._packed = pack_convolutions(self)
+
+    def _thaw(self) -> None:
+        """Undo :meth:`_freeze`."""
+        unpack_convolutions(self._packed)
+        self._stacked_emb_proj = self._step_memo = None
+        self._packed = []
+        for block in self.modules():
+            if isinstance(block, AttentionBlock):
                 block.context_memo = None
 
     def block_embeddings(self, emb: torch.Tensor) -> list[torch.Tensor]:
@@ -444,11 +463,16 @@ class UNet(nn.Module):
             return self._condition_parts(n, device, **cond)
         autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
         key = (n, device, autocast, version_key(list(cond.values())))
-        if key[3] is None or memo.get("key") != key:
-            parts = self._condition_parts(n, device, **cond)
-            # the tensors themselves are held too, so their ids stay theirs
-            memo.update(key=key, inputs=list(cond.values()), parts=parts)
-        return memo["parts"]
+        if key[3] is None:
+            return self._condition_parts(n, device, **cond)
+        thread = threading.get_ident()
+        last = memo.get(thread)  # (key, inputs, parts): one entry per thread
+        if last is not None and last[0] == key:
+            return last[2]
+        parts = self._condition_parts(n, device, **cond)
+        # the inputs are held too, so their ids stay theirs
+        memo[thread] = (key, list(cond.values()), parts)
+        return parts
 
     def _condition_parts(
         self,
@@ -632,6 +656,10 @@ class UNet(nn.Module):
             h = torch.cat([h, hs.pop().to(h.dtype)], dim=1)  # [N, ch + skip_ch, H', W']
             h = stage(h, emb_outs, context, context_mask, ckpt)
         return self.out_conv(self.out_norm.silu(h))
+
+
+#: guards the count of open frozen_weights contexts of every UNet
+_FROZEN_LOCK = threading.Lock()
 
 
 def _stacked(projs: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:

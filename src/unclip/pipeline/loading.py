@@ -68,9 +68,10 @@ def load_pipeline(
     ``dtype`` is the compute precision of the sampling networks (prior, decoders,
     upsamplers): float32, or float16/bfloat16 run under ``torch.autocast`` with float32
     weights and float32 sampler state, so every network is used as it was trained (with
-    bf16 autocast). None or "auto": :func:`default_dtype` (bfloat16 on a CPU with AVX-512 BF16
-    or AMX, or a GPU with bf16; float32 elsewhere; the ``UNCLIP_DTYPE`` environment variable
-    overrides it). CLIP always runs in float32, so
+    bf16 autocast). None or "auto": :func:`default_dtype` (float32 on a CPU where unclip's
+    compiled kernels run and bf16 has no AMX, as they are faster; else bfloat16 on a CPU with
+    AVX-512 BF16 or AMX, or a GPU with bf16; float32 elsewhere; the ``UNCLIP_DTYPE``
+    environment variable overrides it). CLIP always runs in float32, so
     embeddings and scores do not depend on it. The convolutional stages are kept in the
     channels-last memory format, which oneDNN and cuDNN run faster.
 

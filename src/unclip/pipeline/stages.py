@@ -128,6 +128,24 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def _amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
+def compiled_float32_faster(device: torch.device) -> bool:
+    """Whether float32 samples faster than bfloat16 would on ``device``: a CPU where unclip's
+    compiled float32 kernels run (Winograd convolutions: :mod:`unclip.decoder.winograd`) and
+    bf16 has no AMX tiles. On an AVX-512 BF16 CPU without AMX, float32 with those kernels
+    beats oneDNN's bf16 convolutions (docs/benchmarks.md); AMX's bf16 matrix units are not
+    measured here, so a CPU with them keeps bf16."""
+    if device.type != "cpu" or _amx():
+        return False
+    from unclip.decoder import winograd  # builds the kernels at the first call (cached)
+
+    return winograd.available()
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: environment variable that overrides what "auto" picks (float32, float16 or bfloat16), e.g.
 #: ``UNCLIP_DTYPE=float32`` to sample as a CPU without bf16 does; unset or "auto": per device
@@ -136,13 +154,16 @@ DTYPE_ENV = "UNCLIP_DTYPE"
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """The sampling precision ``load_pipeline`` picks for "auto": :data:`DTYPE_ENV` when set,
-    else bfloat16 where :func:`native_bf16`, else float32."""
+    else bfloat16 where :func:`native_bf16` unless :func:`compiled_float32_faster`, else
+    float32."""
     forced = os.environ.get(DTYPE_ENV, "").strip()
     if forced and forced != "auto":
         if forced not in DTYPES:
             raise ValueError(f"{DTYPE_ENV} must be auto, {', '.join(DTYPES)}; got {forced!r}")
         return DTYPES[forced]
-    return torch.bfloat16 if native_bf16(device) else torch.float32
+    if native_bf16(device) and not compiled_float32_faster(device):
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
