@@ -8,7 +8,7 @@ from torch import nn
 
 from compiled import compiled
 from unclip.decoder import UNet, UNetConfig, winograd
-from unclip.kept import forget, kept
+from unclip.kept import forget, kept, version_key
 
 
 def test_kept_while_the_weights_are_unchanged() -> None:
@@ -98,3 +98,14 @@ def test_a_second_sampling_run_reuses_winograds_kernels(monkeypatch: pytest.Monk
     assert len(calls) == 3 * once
     assert not torch.allclose(got, first)
     torch.testing.assert_close(got, want)  # float32 closeness: MKL may round by alignment
+
+
+def test_fake_and_meta_tensors_are_not_keyed() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert version_key([torch.zeros(2), None]) is not None
+    assert version_key([torch.zeros(2, device="meta")]) is None
+    with FakeTensorMode():
+        fake = torch.zeros(2)
+    assert version_key([fake]) is None
+    assert version_key([[1, 2]]) is None

@@ -55,7 +55,7 @@ def _kernels() -> ctypes.CDLL | None:
 def applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether :func:`group_norm_silu` can run on ``x`` [N, C, H, W] with these parameters
     (weight, bias, scale, shift; any may be None): see the module docstring."""
-    if not native.readable(x) or torch.compiler.is_compiling() or _kernels() is None:
+    if torch.compiler.is_compiling() or not native.readable(x) or _kernels() is None:
         return False
     return not (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))

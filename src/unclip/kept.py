@@ -25,13 +25,18 @@ from torch import nn
 T = TypeVar("T")
 
 _ATTR = "_unclip_kept"
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def version_key(tensors: Sequence[object]) -> tuple | None:
     """What identifies the tensors' current values (object, address, version counter; None
-    entries stay None), or None where one is neither a tensor nor None, or has no version
-    counter (an inference tensor)."""
-    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+    entries stay None), or None where one is neither a plain tensor (or parameter) nor None
+    (a fake or traced tensor subclass), sits on the meta device, or has no version counter
+    (an inference tensor), or while torch.compile traces."""
+    if torch.compiler.is_compiling() or not all(
+        t is None or (type(t) in _PLAIN and t.device.type != "meta")  # type: ignore[union-attr]
+        for t in tensors
+    ):
         return None
     try:
         return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)  # type: ignore[union-attr]

@@ -193,7 +193,12 @@ class AttentionBlock(nn.Module):
         :func:`unclip.kept.version_key`)."""
         memo = self.context_memo
         key = None
-        if memo is not None and not self.training and not torch.is_grad_enabled():
+        if (
+            memo is not None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
             device = "cpu" if context is None else context.device.type
             autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             key = (version_key([context, context_mask]), n, hw, autocast)

@@ -459,7 +459,12 @@ class UNet(nn.Module):
         :meth:`frozen_weights` in eval mode it is made once per set of conditioning tensors
         (the same objects, unchanged: a sampler passes them at every step) and reused."""
         memo = self._step_memo
-        if memo is None or self.training or torch.is_grad_enabled():
+        if (
+            memo is None
+            or self.training
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
             return self._condition_parts(n, device, **cond)
         autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
         key = (n, device, autocast, version_key(list(cond.values())))

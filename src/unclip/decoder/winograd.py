@@ -151,7 +151,7 @@ def applies(
     :func:`winograd_conv_autograd` does not), enough tiles for the kernels' size
     (``MAX_KERNEL_ELEMENTS_PER_TILE``), not being compiled (dynamo traces its own
     convolutions), and the compiled kernels loaded."""
-    if not native.readable(x) or torch.compiler.is_compiling() or _kernels() is None:
+    if torch.compiler.is_compiling() or not native.readable(x) or _kernels() is None:
         return False
     n, c, h, w = x.shape
     tiles = n * ((h * (1 + upsample) + 3) // 4) * ((w * (1 + upsample) + 3) // 4)
