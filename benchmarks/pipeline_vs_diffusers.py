@@ -34,11 +34,13 @@ unclip's under ``--diffusers-keep-freed-memory``. Each side times its own runs; 
 asks the worker for one run after each of its own. Parameters and FLOPs are counted here.
 
 Precision: each side samples as it does by default unless told otherwise: unclip in its
-``load_pipeline`` default ("auto": bf16 autocast where the CPU has AVX-512 BF16 or AMX, with
-channels-last convolutions), diffusers in float32 (its default; ``--diffusers-dtype bfloat16``
-runs it under the same bf16 autocast). ``--dtype X`` sets both. The training step follows
-the same rule: unclip under bf16 autocast (``TrainConfig.bf16``, its default) when its dtype
-resolved to bf16, diffusers in float32 (its training scripts' default) unless told otherwise.
+``load_pipeline`` default ("auto": float32 with its compiled kernels where they run and bf16
+has no AMX, else bf16 autocast where the CPU has AVX-512 BF16 or AMX; channels-last
+convolutions), diffusers in float32 (its default; ``--diffusers-dtype bfloat16`` runs it
+under the same bf16 autocast). ``--dtype X`` sets both. Each side's training step follows its
+trainer's default: unclip under bf16 autocast (``TrainConfig.bf16``) where bf16 is native
+unless float32 is asked for (``--unclip-dtype``, or ``UNCLIP_DTYPE`` as the AVX2 stand-in
+sets it), diffusers in float32 (its training scripts' default) unless told otherwise.
 
 usage: python benchmarks/pipeline_vs_diffusers.py [--quick] [--configs configs/emoji-small]
        [--batch 1 --batch 4] [--repeat 3] [--dtype auto|float32|bfloat16]
@@ -112,6 +114,16 @@ def cpu_info() -> dict[str, Any]:
         "flags": [x for x in CPU_FLAGS if x in flags],
         "env": {k: os.environ[k] for k in CPU_ENV if k in os.environ},
     }
+
+
+def unclip_trains_bf16(args: argparse.Namespace) -> bool:
+    """Whether unclip's training step runs under bf16 autocast here (see compare)."""
+    from unclip.pipeline.stages import DTYPE_ENV, native_bf16
+
+    asked = args.unclip_dtype if args.unclip_dtype != "auto" else os.environ.get(DTYPE_ENV, "")
+    if asked.strip() in ("float32", "bfloat16"):
+        return asked.strip() == "bfloat16"
+    return native_bf16(torch.device("cpu"))
 
 
 def section_name(r: dict[str, Any]) -> str:
@@ -826,9 +838,11 @@ def compare(args: argparse.Namespace, setup: Setup, worker: DiffusersWorker) -> 
         })  # fmt: skip
     timer.close()
 
-    # each side trains as it samples: unclip's TrainConfig default is bf16 autocast, used here
-    # when its sampling dtype resolved to bf16; diffusers' training scripts default to float32
-    train_bf16 = (pipe.dtype == torch.bfloat16, args.diffusers_dtype == "bfloat16")
+    # each side trains as its trainer does by default: unclip under bf16 autocast
+    # (TrainConfig.bf16) where bf16 is native, unless float32 is asked for (--unclip-dtype, or
+    # UNCLIP_DTYPE as the AVX2 stand-in sets it, which samples and trains as an AVX2-only CPU
+    # would); diffusers' training scripts default to float32
+    train_bf16 = (unclip_trains_bf16(args), args.diffusers_dtype == "bfloat16")
     inputs = training_inputs(sc, setup.train_batch)
     step_ours = unclip_training_step(pipe, inputs, train_bf16[0], compile=args.compile)
     # diffusers' step needs a few steps to settle: TRAIN_WARMUP untimed steps per side
