@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 from unclip.allocator import keep_freed_memory
 from unclip.commands import bench, bench_measure, bench_report, random_pipelines
+from unclip.pipeline.stages import DTYPE_ENV, native_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,8 +269,12 @@ def test_pipeline_vs_diffusers_quick(tmp_path: Path) -> None:
     training = r["decoder_training_step"]
     assert training["ratio"] > 0
     assert len(training["ratio_per_step"]) == training["repeat"]
-    # each side trains in its own default precision, as it samples
-    unclip_bf16 = r["dtype"]["unclip"] == "bfloat16"
+    # each side trains in its trainer's default precision: unclip in bf16 where it is native
+    # (unless float32 is asked for), diffusers in float32
+    unclip_bf16 = script.unclip_trains_bf16(script.parse_args(["--quick"]))
+    asked = os.environ.get(DTYPE_ENV, "").strip()
+    native = native_bf16(torch.device("cpu"))
+    assert unclip_bf16 == {"float32": False, "bfloat16": True}.get(asked, native)
     assert training["precision"] == {
         "unclip": "bf16 autocast" if unclip_bf16 else "float32",
         "diffusers": "float32",
