@@ -37,10 +37,11 @@ Precision: each side samples as it does by default unless told otherwise: unclip
 ``load_pipeline`` default ("auto": float32 with its compiled kernels where they run and bf16
 has no AMX, else bf16 autocast where the CPU has AVX-512 BF16 or AMX; channels-last
 convolutions), diffusers in float32 (its default; ``--diffusers-dtype bfloat16`` runs it
-under the same bf16 autocast). ``--dtype X`` sets both. Each side's training step follows its
-trainer's default: unclip under bf16 autocast (``TrainConfig.bf16``) where bf16 is native
-unless float32 is asked for (``--unclip-dtype``, or ``UNCLIP_DTYPE`` as the AVX2 stand-in
-sets it), diffusers in float32 (its training scripts' default) unless told otherwise.
+under the same bf16 autocast). ``--dtype X`` sets both. The training step: unclip under bf16
+autocast (``TrainConfig.bf16``, its default) where bf16 is native, in float32 where it is not
+or float32 is asked for (``--unclip-dtype``, or ``UNCLIP_DTYPE`` as the AVX2 stand-in sets
+it: on an AVX2-only CPU bf16 is emulated and slower, so its users train with ``bf16: false``),
+diffusers in float32 (its training scripts' default) unless told otherwise.
 
 usage: python benchmarks/pipeline_vs_diffusers.py [--quick] [--configs configs/emoji-small]
        [--batch 1 --batch 4] [--repeat 3] [--dtype auto|float32|bfloat16]
@@ -117,7 +118,8 @@ def cpu_info() -> dict[str, Any]:
 
 
 def unclip_trains_bf16(args: argparse.Namespace) -> bool:
-    """Whether unclip's training step runs under bf16 autocast here (see compare)."""
+    """Whether unclip's training step runs under bf16 autocast here: asked for by
+    ``--unclip-dtype`` or ``UNCLIP_DTYPE``, else where bf16 is native (module docstring)."""
     from unclip.pipeline.stages import DTYPE_ENV, native_bf16
 
     asked = args.unclip_dtype if args.unclip_dtype != "auto" else os.environ.get(DTYPE_ENV, "")
@@ -838,10 +840,8 @@ def compare(args: argparse.Namespace, setup: Setup, worker: DiffusersWorker) -> 
         })  # fmt: skip
     timer.close()
 
-    # each side trains as its trainer does by default: unclip under bf16 autocast
-    # (TrainConfig.bf16) where bf16 is native, unless float32 is asked for (--unclip-dtype, or
-    # UNCLIP_DTYPE as the AVX2 stand-in sets it, which samples and trains as an AVX2-only CPU
-    # would); diffusers' training scripts default to float32
+    # unclip under bf16 autocast (TrainConfig.bf16) where bf16 is native, else or when float32
+    # is asked for in float32 (module docstring); diffusers' training scripts default to float32
     train_bf16 = (unclip_trains_bf16(args), args.diffusers_dtype == "bfloat16")
     inputs = training_inputs(sc, setup.train_batch)
     step_ours = unclip_training_step(pipe, inputs, train_bf16[0], compile=args.compile)

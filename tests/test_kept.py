@@ -48,6 +48,26 @@ def test_an_optimizer_step_and_other_names_make_again() -> None:
     assert second is not first and not torch.equal(first, second)
 
 
+def test_copies_share_nothing_and_a_swapped_storage_is_seen() -> None:
+    import copy
+
+    lin = nn.Linear(4, 3)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(1)
+        return len(made)
+
+    kept(lin, "n", [lin.weight], make)
+    twin = copy.deepcopy(lin)  # the entries live beside the module: none is copied
+    assert "_unclip_kept" not in twin.__dict__
+    assert kept(twin, "n", [twin.weight], make) == 2
+    for _ in range(3):  # each new storage is seen, even where the allocator reuses addresses
+        lin.weight.data = torch.randn(3, 4)
+        kept(lin, "n", [lin.weight], make)
+    assert len(made) == 5
+
+
 def test_inference_tensors_are_not_kept() -> None:
     with torch.inference_mode():
         w = torch.randn(3)

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unclip import nn as nn_module
 from unclip.nn import (
     Attention,
     GroupNorm32,
@@ -240,18 +239,3 @@ def test_maybe_checkpoint_same_gradients():
         maybe_checkpoint(layer, x, enabled=enabled).square().sum().backward()
         grads.append([p.grad.clone() for p in layer.parameters()])
     assert all(torch.allclose(a, b) for a, b in zip(*grads, strict=True))
-
-
-def test_attention_mask_is_made_once_for_the_same_arguments():
-    """Every layer of a forward passes the same key mask: the mask is made once; a key mask
-    changed in place, or other arguments, give a new one."""
-    key_mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
-    first = attention_mask(2, 3, 4, key_mask=key_mask, causal=True)
-    assert attention_mask(2, 3, 4, key_mask=key_mask, causal=True) is first
-    other = attention_mask(2, 3, 4, key_mask=key_mask, causal=False)
-    assert other is not first and not torch.equal(other, first)
-    key_mask[0, 2] = True  # in place: its version counter moves
-    changed = attention_mask(2, 3, 4, key_mask=key_mask, causal=True)
-    assert changed is not first
-    torch.testing.assert_close(changed, nn_module._attention_mask(2, 3, 4, key_mask, True, None))
-    assert changed[0, 0, :, 2].any() and not first[0, 0, :, 2].any()

@@ -125,3 +125,18 @@ def test_upsampling_convolutions_run_at_low_resolution_packed_or_not(layout, mon
     with torch.no_grad():
         want = up.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
         torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_residual_that_records_autograd_is_added_outside_the_kernels() -> None:
+    """Conv3x3.plus inside a packing context with grad on and a residual that needs it: the
+    eager sum, so the residual's gradient is kept."""
+    from unclip.decoder.blocks import Conv3x3
+
+    conv = Conv3x3(16, 16).requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    residual.requires_grad_()
+    with packed_convolutions(conv):
+        y = conv.plus(x, residual)
+    y.sum().backward()
+    assert residual.grad is not None and torch.equal(residual.grad, torch.ones_like(residual))

@@ -295,6 +295,30 @@ def test_what_the_kernels_cannot_read_is_refused() -> None:
 
 
 @compiled
+def test_an_empty_input_gives_an_empty_output() -> None:
+    kernels = winograd.prepare(torch.randn(6, LANES, 3, 3), torch.randn(6))
+    for shape in ((0, LANES, 4, 4), (1, LANES, 0, 4)):
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        y = winograd.winograd_conv(x, kernels)
+        assert y.shape == (shape[0], 6, *shape[2:])
+
+
+@compiled
+def test_kernels_made_elsewhere_are_checked() -> None:
+    import dataclasses
+
+    kernels = winograd.prepare(torch.randn(LANES, LANES, 3, 3), torch.randn(LANES))
+    x = cl(1, LANES, 4, 4)
+    for bad in (
+        dataclasses.replace(kernels, bias=torch.randn(LANES - 1)),
+        dataclasses.replace(kernels, panels=kernels.panels[:, :-LANES]),
+        dataclasses.replace(kernels, panels=kernels.panels.t().contiguous().t()),
+    ):
+        with pytest.raises(ValueError, match="kernels must be"):
+            winograd.winograd_conv(x, bad)
+
+
+@compiled
 @pytest.mark.parametrize("k", [3, 6, 2 * LANES + 5])
 def test_output_channels_padded_with_zero_kernels(k: int) -> None:
     """A last layer's few output channels (6: ε and the variance, 3): zero kernels pad them

@@ -6,16 +6,23 @@ the ResBlocks' stacked embedding projections); without this the next run of the 
 would make them again (about 20 ms of a one-image emoji-small ``generate`` on 2 CPU cores).
 :func:`kept` returns what ``make`` built at the last call for the same module, name and
 weights. "The same weights" means the same tensor objects, at the same addresses, with the same
-version counters: every in-place change (an optimizer step, ``load_state_dict``, ``copy_``)
-bumps the counter, and ``.to()`` or assigning ``.data`` gives another tensor or address. Tensors
-made under ``torch.inference_mode`` have no version counter; for them nothing is kept.
+version counters: every in-place change through the tensors themselves (an optimizer step,
+``load_state_dict``, ``copy_``) bumps the counter, and ``.to()`` or assigning ``.data`` gives
+another tensor or address (the entry holds the weights' storage, so an address cannot be
+reused while it stands). Writes through ``.data`` (``p.data.copy_(w)``) bypass the version
+counter and are not seen: call :func:`forget` after them. Only weights on the CPU are kept
+for (a run that moves its networks to a GPU and back would otherwise hold device memory), and
+nothing for tensors without a version counter (made under ``torch.inference_mode``), fake or
+meta tensors, or while torch.compile traces.
 
-What is kept lives in the module's ``__dict__`` (not in its state dict) until :func:`forget`
-or the module's end, so it costs memory beside the weights (4× the 3×3 kernels for Winograd).
+The entries live beside the module, not in it (a ``weakref`` map: copying or pickling the
+module copies none of them), until :func:`forget` or the module's end; they cost memory beside
+the weights (4× the 3×3 kernels for Winograd).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -24,8 +31,9 @@ from torch import nn
 
 T = TypeVar("T")
 
-_ATTR = "_unclip_kept"
 _PLAIN = (torch.Tensor, nn.Parameter)
+#: module -> {name: (key, value, the weights' detached aliases)}
+_STORE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
 
 
 def version_key(tensors: Sequence[object]) -> tuple | None:
@@ -50,18 +58,18 @@ def kept(
     """``make()``, or what it returned at the last call with this module and name if
     ``weights`` are unchanged since (module docstring)."""
     key = version_key(weights)
-    if key is None:
+    if key is None or any(w is not None and w.device.type != "cpu" for w in weights):
         return make()
-    store = module.__dict__.setdefault(_ATTR, {})
+    store = _STORE.setdefault(module, {})
     hit = store.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
     value = make()
-    store[name] = (key, value)
+    store[name] = (key, value, [None if w is None else w.detach() for w in weights])
     return value
 
 
 def forget(module: nn.Module) -> None:
     """Drop what :func:`kept` holds for ``module`` and its submodules."""
     for m in module.modules():
-        m.__dict__.pop(_ATTR, None)
+        _STORE.pop(m, None)

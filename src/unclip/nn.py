@@ -5,7 +5,7 @@ Timestep embedding, multi-head attention on :func:`torch.nn.functional.scaled_do
 classifier-free-guidance condition dropout and optional activation checkpointing.
 
 Of the rest of the package it imports only the compiled group-norm kernel
-(:mod:`unclip.group_norm_silu`) and :func:`unclip.kept.version_key`.
+(:mod:`unclip.group_norm_silu`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unclip import group_norm_silu
-from unclip.kept import version_key
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -180,39 +179,10 @@ def attention_mask(
     A query whose keys are all masked would produce NaNs; it falls back to the keys the causal
     rule allows (all keys when not causal). Its output is then meaningless but finite and, as
     its own key is masked, never read by another token.
-    Returns: [N, 1, Lq, Lk] bool (broadcast over heads). The last mask made is kept and given
-    again while the same arguments come back (the same key_mask, unchanged: every layer of a
-    forward passes it), except while being compiled.
+    Returns: [N, 1, Lq, Lk] bool (broadcast over heads).
     """
     if key_mask is None and not causal:
         return None
-    global _last_mask
-    key = None
-    if not torch.compiler.is_compiling():
-        key = (n, lq, lk, causal, None if key_mask is None else key_mask.device, device,
-               version_key([key_mask]))  # fmt: skip
-        last = _last_mask  # one read: another thread may replace it
-        if key[-1] is not None and last is not None and last[0] == key:
-            return last[1]
-    mask = _attention_mask(n, lq, lk, key_mask, causal, device)
-    if key is not None and key[-1] is not None:
-        _last_mask = (key, mask, key_mask)  # key_mask held, so its id stays its own
-    return mask
-
-
-#: (arguments, mask, key_mask) of the last mask :func:`attention_mask` made
-_last_mask: tuple | None = None
-
-
-def _attention_mask(
-    n: int,
-    lq: int,
-    lk: int,
-    key_mask: torch.Tensor | None,
-    causal: bool,
-    device: torch.device | None,
-) -> torch.Tensor:
-    """:func:`attention_mask` made afresh."""
     if lk < lq and causal:
         raise ValueError(f"a causal mask needs at least as many keys ({lk}) as queries ({lq})")
     if key_mask is not None:

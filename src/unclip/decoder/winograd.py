@@ -200,11 +200,20 @@ def winograd_conv(
     native.require_readable(x, "winograd: the input")
     n, c, h, w = x.shape
     k, kp, up = kernels.out_channels, kernels.padded_channels, int(upsample)
-    u = kernels.panels
-    if kernels.in_channels != c or u.dtype != torch.float32 or not _channels_fit(kp):
+    u, b = kernels.panels, kernels.bias
+    if (
+        kernels.in_channels != c
+        or u.dtype != torch.float32
+        or u.shape != (36, c * kp)
+        or not u.is_contiguous()
+        or not _channels_fit(kp)
+        or not 0 <= kp - k < native.lanes()
+        or (b is not None and (b.dtype != torch.float32 or b.shape != (kp,) or b.stride() != (1,)))
+    ):
         raise ValueError(
-            f"winograd: kernels must be float32 panels for {c} input channels; got "
-            f"{tuple(u.shape)} for {kernels.in_channels} -> {k}"
+            f"winograd: kernels must be float32 panels (prepare) for {c} input channels; got "
+            f"{tuple(u.shape)} for {kernels.in_channels} -> {k}, bias "
+            f"{None if b is None else tuple(b.shape)}"
         )
     y = torch.empty(n, kp, h << up, w << up, memory_format=torch.channels_last)
     if residual is not None:
@@ -214,7 +223,9 @@ def winograd_conv(
                 f"winograd: the residual must be {tuple(y.shape)}, with output channels a "
                 f"multiple of {native.lanes()}; got {tuple(residual.shape)}"
             )
-    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(kernels.bias),
+    if y.numel() == 0:
+        return y[:, :k]
+    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(b),
                                _ptr(residual), y.data_ptr(), n, h, w, c, kp, up):  # fmt: skip
         raise MemoryError("winograd: no memory for the kernels' scratch")
     return y if kp == k else y[:, :k].contiguous(memory_format=torch.channels_last)

@@ -175,19 +175,21 @@ static float *scratch(size_t floats) {
 }
 
 /* The whole convolution in one pass: y = x * w + bias + res, x [N, H, W, C] (read upsampled x2
- * when up is 1), y and res [N, Ho, Wo, K] (bias and res may be NULL; res may be y), U the
+ * when up is 1), y and res [N, Ho, Wo, K] (bias and res may be NULL), U the
  * transformed kernels [36, C, K] in panels: for each ξ, the columns in blocks of 2 LANES (the
  * last may be LANES wide), each block stored [C, its width] after the previous, so the products
  * read U[ξ] once, in order (unclip/decoder/winograd.py, pack). Blocks of at most TILES
  * tiles are transformed into a thread's scratch, multiplied by U per ξ (products) and
  * transformed out, so V and M never leave the cache; where the blocks are fewer than the
  * threads, each block's output channels are split among several threads too. Returns 0, or -1
- * where scratch memory could not be had (nothing written then). */
+ * where a thread's scratch memory could not be had (y then holds only the other threads'
+ * blocks: the caller discards it). */
 int winograd_conv(int threads, const float *restrict x, const float *restrict U,
                   const float *restrict bias, const float *res, float *y, int N, int H, int W,
                   int C, int K, int up) {
   const int Ho = H << up, Wo = W << up;
   const long T = (long)N * ((Ho + 3) / 4) * ((Wo + 3) / 4);
+  if (T == 0) return 0; /* an empty input: nothing to write */
   long tiles = (T + threads - 1) / threads;
   tiles = tiles < TILES ? tiles : TILES;
   const long blocks = (T + tiles - 1) / tiles;
