@@ -520,12 +520,15 @@ def test_dtype_auto_follows_native_bf16_and_bad_names_are_refused(pipeline_dir, 
     # the CPU probes every way: AVX-512 BF16 or AMX -> bf16 is native; neither (bf16
     # emulated, slower than float32, as on an AVX2-only CPU) -> float32; native bf16 without
     # AMX where the compiled float32 kernels run -> float32 (they are faster there)
-    for avx512_bf16, amx, kernels, native, want in (
-        (False, False, True, False, torch.float32),
-        (True, False, False, True, torch.bfloat16),
-        (True, False, True, True, torch.float32),
-        (False, True, True, True, torch.bfloat16),
+    # torch's kernels capped at AVX2 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2): emulated
+    for avx512_bf16, amx, kernels, native, want, capability in (
+        (False, False, True, False, torch.float32, "AVX512"),
+        (True, False, False, True, torch.bfloat16, "AVX512"),
+        (True, False, True, True, torch.float32, "AVX512"),
+        (False, True, True, True, torch.bfloat16, "AVX512"),
+        (True, True, False, False, torch.float32, "AVX2"),
     ):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v,
                             raising=False)  # fmt: skip
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)

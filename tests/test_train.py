@@ -226,7 +226,10 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[-1] >= 0.1 and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
-def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, monkeypatch):
+    from unclip.train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)  # also where it is emulated
     seen = []
 
     def loss_fn(model, batch):
@@ -408,3 +411,24 @@ def test_resumed_moments_take_their_parameters_layout():
     step(a, opt_a, 1)
     step(b, opt_b, 1)
     assert torch.equal(a.weight, b.weight)
+
+
+def test_bf16_where_it_is_not_native_trains_in_float32(tmp_path, monkeypatch):
+    """config.bf16 on a CPU without native bf16 (an AVX2-only CPU, where bf16 is emulated and
+    25× slower): a warning, and the steps run in float32."""
+    from unclip.train import loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    cfg = TrainConfig(steps=2, batch_size=8, checkpoint_every=2, bf16=True)
+    with pytest.warns(UserWarning, match="no native bf16; training in float32"):
+        trainer = Trainer(ToyModel(ToyConfig()), toy_loss, ToyData(), cfg, tmp_path,
+                          progress=False)  # fmt: skip
+    assert not trainer.bf16
+    with loop.autocast_context(trainer.device, True):
+        assert not torch.is_autocast_enabled("cpu")
+    trainer.fit()
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    with loop.autocast_context(torch.device("cpu"), True):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled(
+            "cpu"
+        )

@@ -279,7 +279,9 @@ class TrainConfig(Config):
     model's forward and backward through ``torch.compile`` (minutes of compiling at the start,
     faster steps after; not with FSDP). ``channels_last``: the memory format of the model's 4-d
     weights and activations; None picks by device and model
-    (:func:`unclip.train.loop.channels_last_pays`), true/false force it.
+    (:func:`unclip.train.loop.channels_last_pays`), true/false force it. ``bf16``: train
+    under bf16 autocast where the device has native bf16 (:func:`unclip.precision.native_bf16`;
+    elsewhere, where it would be emulated and far slower, in float32 with a warning).
     """
 
     steps: int = 1000

@@ -141,6 +141,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from unclip.allocator import keep_freed_memory
+    from unclip.precision import native_bf16
 
     keep_freed_memory()  # as the pipeline's runs and the trainer do
     if args.pipeline == TRAIN:
@@ -201,7 +202,8 @@ def _bench(args: argparse.Namespace) -> int:
             pipe, batch=batch, steps=args.train_steps, bf16=not args.train_fp32,
             crop_size=sc.crop_size if sc is not None else 0, peaks=peaks,
         )  # fmt: skip
-        result["training_precision"] = "float32" if args.train_fp32 else "bf16 autocast"
+        bf16 = not args.train_fp32 and native_bf16(pipe.device)  # as autocast_context decides
+        result["training_precision"] = "bf16 autocast" if bf16 else "float32"
     if args.doc:
         write_doc_section(args.doc, "unclip-bench", format_markdown(result))
     if args.json:

@@ -364,7 +364,7 @@ def profile(
         head = {"stage": stage, "config": str(config), "device": str(dev), "batch": n,
                 "data": "real" if real_data else "synthetic", "steps": steps,
                 "threads": torch.get_num_threads(),
-                "precision": "bf16 autocast" if train.bf16 else "float32"}  # fmt: skip
+                "precision": "bf16 autocast" if trainer.bf16 else "float32"}  # fmt: skip
         if loss_only:
             with torch.no_grad(), autocast_context(dev, trainer.bf16):
                 s["loss"](net, move_to(next(batches), dev))
@@ -387,8 +387,8 @@ def profile(
         parts = {k: 1000 * v / steps for k, v in clock.parts.items()}
         step_s = clock.wall / steps
         loss_ms = loss_outside_network(trainer, s["loss"], batches, spec[-1], steps)
-    dtype = torch.bfloat16 if train.bf16 else torch.float32
-    known = (peaks_gflops or {}).get("bf16" if train.bf16 else "fp32")
+    dtype = torch.bfloat16 if trainer.bf16 else torch.float32
+    known = (peaks_gflops or {}).get("bf16" if trainer.bf16 else "fp32")
     peak = known * 1e9 if known else measure_peak(dev, dtype)
     overhead = sum(v for k, v in parts.items() if k not in MODEL_PARTS)
     return {

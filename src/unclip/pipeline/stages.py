@@ -18,6 +18,7 @@ from torch import nn
 
 from unclip.config import DIFFUSION_FILE, DiffusionConfig
 from unclip.diffusion import GaussianDiffusion
+from unclip.precision import native_bf16
 
 
 class PipelineError(ValueError):
@@ -112,20 +113,6 @@ def load_stage(folder: Path, what: str, device: torch.device) -> Stage:
         ):
             raise PipelineError(f"{folder / LAST_STEP_FOLDER}: not a network of the same kind")
     return Stage(model, diffusion, last)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU with bf16 support, or a CPU
-    with AVX-512 BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            return True
-    return False
 
 
 def _amx() -> bool:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from unclip.allocator import keep_freed_memory
 from unclip.config import Config, TrainConfig, write_text_atomic
+from unclip.precision import native_bf16
 from unclip.train import distributed
 from unclip.train import fsdp as sharding
 from unclip.train.batches import BatchSource, EpochBatches
@@ -92,10 +93,9 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 
 def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU or CUDA; a no-op when disabled or unsupported."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """bf16 autocast on CPU or CUDA; a no-op when disabled or where the device has no native
+    bf16 (:func:`unclip.precision.native_bf16`: emulated bf16 is far slower than float32)."""
+    if not enabled or not native_bf16(device):
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -210,6 +210,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         keep_freed_memory()  # each step reuses the last one's activations (unclip.allocator)
         self.device = torch.device(device) if device is not None else default_device()
+        #: training under bf16 autocast: config.bf16 where the device has native bf16
+        self.bf16 = config.bf16 and native_bf16(self.device)
+        if config.bf16 and not self.bf16:
+            what = "GPU" if self.device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"
+            warnings.warn(f"this {what} has no native bf16; training in float32", stacklevel=2)
         self.dist = distributed.setup(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -222,9 +227,7 @@ class Trainer:
         else:
             self.model = model.to(
                 self.device,
-                memory_format=training_layout(
-                    model, self.device, config.channels_last, config.bf16
-                ),
+                memory_format=training_layout(model, self.device, config.channels_last, self.bf16),
             )
         self.loss_fn = loss_fn
         per_rank = config.batch_size // config.grad_accum
@@ -268,10 +271,6 @@ class Trainer:
         self.progress = progress
         self.extra_state = extra_state or {}
         self.step = 0
-        self.bf16 = config.bf16
-        if self.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            warnings.warn("this GPU has no bf16; training in float32", stacklevel=2)
-            self.bf16 = False
 
     # --- FSDP: sharding and whole state dicts (collectives under FSDP) ---------------------
 
