@@ -117,13 +117,9 @@ def group_norm_silu(
     wt, bs = _channels(weight, c, "weight"), _channels(bias, c, "bias")
     (sc, sc_stride), (sh, sh_stride) = _rows(scale, n, c, "scale"), _rows(shift, n, c, "shift")
     failed = lib.group_norm_silu(
-        native.threads(), x.data_ptr(), y.data_ptr(), n, h * w, c, groups, _ptr(wt), _ptr(bs),
-        _ptr(sc), sc_stride, _ptr(sh), sh_stride, float(eps), int(silu),
+        native.threads(), x.data_ptr(), y.data_ptr(), n, h * w, c, groups, native.ptr(wt), native.ptr(bs),
+        native.ptr(sc), sc_stride, native.ptr(sh), sh_stride, float(eps), int(silu),
     )  # fmt: skip
     if failed:
         raise MemoryError("group_norm_silu: no memory for its statistics")
     return y
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()

@@ -18,10 +18,14 @@ meta tensors, or while torch.compile traces.
 The entries live beside the module, not in it (a ``weakref`` map: copying or pickling the
 module copies none of them), until :func:`forget` or the module's end; they cost memory beside
 the weights (4× the 3×3 kernels for Winograd).
+
+:func:`memoised` is the same idea within one sampling run, for what its steps derive from
+unchanged inputs (the conditioning a sampler passes at every step).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -73,3 +77,32 @@ def forget(module: nn.Module) -> None:
     """Drop what :func:`kept` holds for ``module`` and its submodules."""
     for m in module.modules():
         _STORE.pop(m, None)
+
+
+def memoised(
+    memo: dict | None,
+    module: nn.Module,
+    inputs: Sequence[object],
+    device: torch.device | str,
+    make: Callable[[], T],
+    extra: tuple = (),
+) -> T:
+    """``make()``, or what it returned at this thread's last call with the same ``memo``, the
+    same ``inputs``, unchanged (:func:`version_key`), the same ``extra`` (other arguments,
+    compared by value) and the same autocast state of ``device``'s type. Only where ``memo`` is a dict (a sampling run's), ``module`` is in
+    eval mode, autograd is off and nothing is being compiled; elsewhere ``make()``. One entry
+    per thread, holding its inputs, so their ids stay theirs."""
+    if memo is None or module.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return make()
+    tensors = version_key(inputs)
+    if tensors is None:
+        return make()
+    kind = torch.device(device).type
+    key = (tensors, extra, kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+    thread = threading.get_ident()
+    last = memo.get(thread)  # (key, inputs, value)
+    if last is not None and last[0] == key:
+        return last[2]
+    value = make()
+    memo[thread] = (key, list(inputs), value)
+    return value

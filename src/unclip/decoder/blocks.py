@@ -8,7 +8,6 @@ checkpoint keys: keep them.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from unclip.decoder import winograd
 from unclip.decoder.upsample_conv import upsample_conv3x3
-from unclip.kept import version_key
+from unclip.kept import memoised
 from unclip.nn import Attention, maybe_checkpoint, normalization, zero_module
 
 
@@ -190,30 +189,23 @@ class AttentionBlock(nn.Module):
         or None). With :attr:`context_memo` set (a sampling run), in eval mode without
         autograd, reused while the same context and mask come back unchanged to the same
         thread (the UNet passes the same objects at every step of a run:
-        :func:`unclip.kept.version_key`)."""
-        memo = self.context_memo
-        key = None
-        if (
-            memo is not None
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
-            device = "cpu" if context is None else context.device.type
-            autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-            key = (version_key([context, context_mask]), n, hw, autocast)
-            last = memo.get(threading.get_ident())  # (key, inputs, value): one per thread
-            if key[0] is not None and last is not None and last[0] == key:
-                return last[2]
+        :func:`unclip.kept.memoised`)."""
+        device = "cpu" if context is None else context.device
+        return memoised(
+            self.context_memo, self, [context, context_mask], device,
+            lambda: self._context_keys(context, context_mask, n, hw), extra=(n, hw),
+        )  # fmt: skip
+
+    def _context_keys(
+        self, context: torch.Tensor | None, context_mask: torch.Tensor | None, n: int, hw: int
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """:meth:`_context`, made afresh."""
         past = mask = None
         if context is not None:
             past = self.attn.context_keys_values(context)  # 2 × [N, Lc, C], before the HW keys
             if context_mask is not None:  # [N, Lc + HW]: the image's own keys are all real
                 own = context_mask.new_ones(n, hw, dtype=torch.bool)
                 mask = torch.cat([context_mask.bool(), own], dim=1)
-        if memo is not None and key is not None and key[0] is not None:
-            # the inputs are held too, so their ids stay theirs
-            memo[threading.get_ident()] = (key, (context, context_mask), (past, mask))
         return past, mask
 
 

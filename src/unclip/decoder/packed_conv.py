@@ -100,7 +100,7 @@ class _PackedForward:
         if (
             self._runs_packed(x)
             and self._runs_winograd(x)
-            and self.conv.out_channels % native.lanes() == 0
+            and winograd.fits(self.conv.out_channels)
             and not (torch.is_grad_enabled() and residual.requires_grad)
             and native.readable(residual)
             and residual.shape == (x.shape[0], self.conv.out_channels, *x.shape[2:])

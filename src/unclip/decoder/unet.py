@@ -41,7 +41,7 @@ from unclip.decoder.blocks import (
     Upsample,
 )
 from unclip.decoder.packed_conv import pack_convolutions, unpack_convolutions
-from unclip.kept import kept, version_key
+from unclip.kept import kept, memoised
 from unclip.nn import (
     TimestepEmbedder,
     apply_null,
@@ -458,26 +458,10 @@ class UNet(nn.Module):
         z_t projections summed [N, E] or None, context, context_mask). Within
         :meth:`frozen_weights` in eval mode it is made once per set of conditioning tensors
         (the same objects, unchanged: a sampler passes them at every step) and reused."""
-        memo = self._step_memo
-        if (
-            memo is None
-            or self.training
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-        ):
-            return self._condition_parts(n, device, **cond)
-        autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
-        key = (n, device, autocast, version_key(list(cond.values())))
-        if key[3] is None:
-            return self._condition_parts(n, device, **cond)
-        thread = threading.get_ident()
-        last = memo.get(thread)  # (key, inputs, parts): one entry per thread
-        if last is not None and last[0] == key:
-            return last[2]
-        parts = self._condition_parts(n, device, **cond)
-        # the inputs are held too, so their ids stay theirs
-        memo[thread] = (key, list(cond.values()), parts)
-        return parts
+        return memoised(
+            self._step_memo, self, list(cond.values()), device,
+            lambda: self._condition_parts(n, device, **cond), extra=(n,),
+        )  # fmt: skip
 
     def _condition_parts(
         self,

@@ -67,9 +67,10 @@ def available() -> bool:
 
 
 @functools.cache
-def _g_kron_g(dtype: torch.dtype) -> torch.Tensor:
-    """G ⊗ G [36, 9]: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j], so vec(G g Gᵀ) = (G ⊗ G) vec(g)."""
-    g = torch.tensor(_G, dtype=dtype)
+def _g_kron_g() -> torch.Tensor:
+    """G ⊗ G [36, 9] float32: (G ⊗ G)[6a+b, 3i+j] = G[a, i] G[b, j], so vec(G g Gᵀ) =
+    (G ⊗ G) vec(g)."""
+    g = torch.tensor(_G, dtype=torch.float32)
     return torch.kron(g, g)
 
 
@@ -79,7 +80,7 @@ def kernel_transform(weight: torch.Tensor) -> torch.Tensor:
     its own layout with no transposing copy."""
     k, c = weight.shape[:2]
     taps = weight.detach().float().permute(2, 3, 1, 0).reshape(9, c * k)  # [(i, j), (c, k)]
-    return (_g_kron_g(torch.float32) @ taps).view(36, c, k)
+    return (_g_kron_g() @ taps).view(36, c, k)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def prepare(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernels:
     k, c = weight.shape[:2]
     padded = -(-k // native.lanes()) * native.lanes()
     u = kernel_transform(weight)  # [36, C, K]
-    b = None if bias is None else bias.detach().float().reshape(k)
+    b = None if bias is None else _bias(bias, k).detach()
     if padded != k:
         u = torch.cat([u, u.new_zeros(36, c, padded - k)], dim=2)
         b = None if b is None else torch.cat([b, b.new_zeros(padded - k)])
@@ -163,13 +164,14 @@ def applies(
         and conv.groups == 1
         and conv.weight.dtype == torch.float32
         and c == conv.in_channels
-        and (padded or _channels_fit(conv.out_channels))
+        and (padded or fits(conv.out_channels))
         and c * conv.out_channels <= MAX_KERNEL_ELEMENTS_PER_TILE * tiles
     )
 
 
-def _channels_fit(*channels: int) -> bool:
-    return all(c % native.lanes() == 0 for c in channels)
+def fits(channels: int) -> bool:
+    """Whether the kernels take ``channels`` as they are: a multiple of the vector width."""
+    return channels % native.lanes() == 0
 
 
 def input_transform(x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
@@ -206,7 +208,7 @@ def winograd_conv(
         or u.dtype != torch.float32
         or u.shape != (36, c * kp)
         or not u.is_contiguous()
-        or not _channels_fit(kp)
+        or not fits(kp)
         or not 0 <= kp - k < native.lanes()
         or (b is not None and (b.dtype != torch.float32 or b.shape != (kp,) or b.stride() != (1,)))
     ):
@@ -225,14 +227,10 @@ def winograd_conv(
             )
     if y.numel() == 0:
         return y[:, :k]
-    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), _ptr(b),
-                               _ptr(residual), y.data_ptr(), n, h, w, c, kp, up):  # fmt: skip
+    if _loaded().winograd_conv(native.threads(), x.data_ptr(), u.data_ptr(), native.ptr(b),
+                               native.ptr(residual), y.data_ptr(), n, h, w, c, kp, up):  # fmt: skip
         raise MemoryError("winograd: no memory for the kernels' scratch")
     return y if kp == k else y[:, :k].contiguous(memory_format=torch.channels_last)
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _bias(bias: torch.Tensor | None, k: int) -> torch.Tensor | None:
@@ -252,7 +250,9 @@ def _output(m: torch.Tensor, n: int, h: int, w: int, bias: torch.Tensor | None) 
     k = m.shape[2]
     b = _bias(bias, k)
     y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
-    _loaded().winograd_output(native.threads(), m.data_ptr(), _ptr(b), y.data_ptr(), n, h, w, k)
+    _loaded().winograd_output(
+        native.threads(), m.data_ptr(), native.ptr(b), y.data_ptr(), n, h, w, k
+    )
     return y
 
 
@@ -301,7 +301,7 @@ class _WinogradConv(torch.autograd.Function):
             _loaded().winograd_output_grad(native.threads(), dy.data_ptr(), dm.data_ptr(),
                                            n, h, w, k)  # fmt: skip
             du = torch.bmm(v.transpose(1, 2), dm)  # [36, C, K]
-            g9 = _g_kron_g(torch.float32).t() @ du.view(36, c * k)  # [9, C·K]
+            g9 = _g_kron_g().t() @ du.view(36, c * k)  # [9, C·K]
             dw = torch.empty_like(weight).copy_(g9.view(3, 3, c, k).permute(3, 2, 0, 1))
         if ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))

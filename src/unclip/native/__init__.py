@@ -89,6 +89,11 @@ def require_readable(x: torch.Tensor, name: str) -> None:
         )
 
 
+def ptr(t: torch.Tensor | None) -> int | None:
+    """The address a kernel gets for ``t`` (None for a missing optional tensor)."""
+    return None if t is None else t.data_ptr()
+
+
 def compiler() -> list[str] | None:
     """The C compiler's command (``$CC`` split as a shell would, else ``cc``), or None where it
     is not on PATH."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from unclip.config import DIFFUSION_FILE, DiffusionConfig
 from unclip.diffusion import GaussianDiffusion
-from unclip.precision import native_bf16
+from unclip.precision import compiled_float32_faster, native_bf16
 
 
 class PipelineError(ValueError):
@@ -113,24 +113,6 @@ def load_stage(folder: Path, what: str, device: torch.device) -> Stage:
         ):
             raise PipelineError(f"{folder / LAST_STEP_FOLDER}: not a network of the same kind")
     return Stage(model, diffusion, last)
-
-
-def _amx() -> bool:
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check is not None and check())
-
-
-def compiled_float32_faster(device: torch.device) -> bool:
-    """Whether float32 samples faster than bfloat16 would on ``device``: a CPU where unclip's
-    compiled float32 kernels run (Winograd convolutions: :mod:`unclip.decoder.winograd`) and
-    bf16 has no AMX tiles. On an AVX-512 BF16 CPU without AMX, float32 with those kernels
-    beats oneDNN's bf16 convolutions (docs/benchmarks.md); AMX's bf16 matrix units are not
-    measured here, so a CPU with them keeps bf16."""
-    if device.type != "cpu" or _amx():
-        return False
-    from unclip.decoder import winograd  # builds the kernels at the first call (cached)
-
-    return winograd.available()
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -213,7 +213,8 @@ class Trainer:
         #: training under bf16 autocast: config.bf16 where the device has native bf16
         self.bf16 = config.bf16 and native_bf16(self.device)
         if config.bf16 and not self.bf16:
-            what = "GPU" if self.device.type == "cuda" else "CPU (no AVX-512 BF16 or AMX)"
+            kinds = {"cuda": "GPU", "cpu": "CPU (no AVX-512 BF16 or AMX)"}
+            what = kinds.get(self.device.type, f"{self.device.type} device")
             warnings.warn(f"this {what} has no native bf16; training in float32", stacklevel=2)
         self.dist = distributed.setup(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
